@@ -1,0 +1,89 @@
+"""Shared pieces of the objectives: input checks, masked aggregation, the KL-to-reference penalty."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from disa.estimators import check_finite
+
+Tensor = torch.Tensor
+
+# The aggregation names follow veRL's ``loss_agg_mode`` (TRL's ``loss_type`` maps onto them):
+#   seq_mean_token_mean      mean over each sequence's tokens, then over sequences (GRPO paper, TRL "grpo")
+#   token_mean               one mean over every response token in the batch (DAPO, TRL "bnpo"/"dapo")
+#   seq_mean_token_sum       sum over tokens, mean over sequences
+#   seq_mean_token_sum_norm  sum over tokens / a constant max length, mean over sequences (Dr. GRPO)
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+
+def check_token_inputs(mask: Tensor, **tensors: Optional[Tensor]) -> None:
+    """Every ``(B, T)`` input has the mask's shape and is finite where the mask is set."""
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape (B, T), got {tuple(mask.shape)}")
+    if mask.shape[0] == 0:
+        raise ValueError("mask has an empty batch (B = 0)")
+    empty = mask.sum(dim=1) == 0
+    if bool(empty.any()):
+        raise ValueError(f"rollout(s) {torch.nonzero(empty).flatten().tolist()} have no response tokens in mask")
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.shape != mask.shape:
+            raise ValueError(f"{name} must have the shape of mask {tuple(mask.shape)}, got {tuple(t.shape)}")
+        check_finite(name, t.detach(), mask)
+
+
+def check_per_rollout(batch_size: int, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.shape != (batch_size,):
+            raise ValueError(f"{name} must have shape ({batch_size},), got {tuple(t.shape)}")
+        check_finite(name, t.detach())
+
+
+def aggregate(token_loss: Tensor, mask: Tensor, mode: str = "seq_mean_token_mean", max_len: Optional[int] = None) -> Tensor:
+    """Reduce a ``(B, T)`` per-token loss to a scalar under ``mode`` (see ``AGGREGATIONS``)."""
+    mask = mask.to(token_loss.dtype)
+    masked = token_loss * mask
+    if mode == "seq_mean_token_mean":
+        return (masked.sum(dim=1) / mask.sum(dim=1)).mean()
+    if mode == "token_mean":
+        return masked.sum() / mask.sum()
+    if mode == "seq_mean_token_sum":
+        return masked.sum(dim=1).mean()
+    if mode == "seq_mean_token_sum_norm":
+        norm = max_len if max_len is not None else mask.shape[1]
+        return (masked.sum(dim=1) / norm).mean()
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum()
+
+
+def kl_to_reference(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref): ``exp(d) - d - 1`` with ``d = ref - logp`` (>= 0).
+
+    The unbiased, low-variance estimator used by GRPO (TRL, veRL ``low_var_kl`` without its clamp).
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def add_kl_penalty(
+    token_loss: Tensor, logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, kl_coef: float, metrics: dict
+) -> Tensor:
+    """``token_loss + kl_coef * KL_k3`` per token; records the masked mean KL in ``metrics['kl_ref']``."""
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef == 0:
+        return token_loss
+    if ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp")
+    kl = kl_to_reference(logp, ref_logp)
+    metrics["kl_ref"] = float(masked_mean(kl.detach(), mask))
+    return token_loss + kl_coef * kl

@@ -61,16 +61,20 @@ def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- estimators
-def log_importance_weights(logp_ref: Tensor, logp_q: Tensor, rewards: Tensor, beta: float) -> Tensor:
+def log_importance_weights(
+    logp_ref: Tensor, logp_q: Tensor, rewards: Tensor, beta: float, mask: Optional[Tensor] = None
+) -> Tensor:
     """``log w_i = log pi_ref(y_i|x) - log q(y_i|x) + beta * r~(x, y_i)`` (SPEC stage 1), shape ``(P, N)``.
 
-    ``rewards`` is the already-transformed reward ``r~``. Raises on NaN/inf inputs and ``beta <= 0``.
+    ``rewards`` is the already-transformed reward ``r~``. Raises on NaN/inf inputs (where ``mask`` is set)
+    and ``beta <= 0``. Padded positions (``mask`` False) may hold anything; they come out as 0.
     """
     check_beta(beta)
-    _check_same_shape(logp_ref=logp_ref, logp_q=logp_q, rewards=rewards)
+    _check_same_shape(logp_ref=logp_ref, logp_q=logp_q, rewards=rewards, mask=mask)
     for name, t in (("logp_ref", logp_ref), ("logp_q", logp_q), ("rewards", rewards)):
-        check_finite(name, t)
-    return logp_ref - logp_q + beta * rewards
+        check_finite(name, t, mask)
+    log_w = logp_ref - logp_q + beta * rewards
+    return log_w if mask is None else log_w.masked_fill(~mask.bool(), 0.0)
 
 
 def log_z_lse(log_w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -87,7 +91,7 @@ def log_z_geometric(log_w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Geometric-mean label ``(1/N) sum_i log w_i`` (SPEC stage 1): its bias ``-KL(q||pi*)`` does not shrink with N."""
     mask = _prepare_mask(log_w, mask)
     n = mask.sum(dim=1).to(log_w.dtype)
-    return (log_w * mask).sum(dim=1) / n
+    return log_w.masked_fill(~mask, 0.0).sum(dim=1) / n
 
 
 def effective_sample_size(log_w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -107,7 +111,7 @@ def reward_rate(rewards: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Mean raw reward per prompt under the proposal (the fraction correct for a binary reward)."""
     mask = _prepare_mask(torch.zeros_like(rewards, dtype=torch.float64), mask)
     check_finite("rewards", rewards, mask)
-    return (rewards * mask).sum(dim=1) / mask.sum(dim=1)
+    return rewards.masked_fill(~mask, 0.0).sum(dim=1) / mask.sum(dim=1)
 
 
 def label_prompts(
@@ -124,7 +128,7 @@ def label_prompts(
     Returns a dict of ``(P,)`` tensors: ``log_z``, ``log_z_geometric``, ``ess``, ``max_weight``,
     ``reward_rate``, ``n``.
     """
-    log_w = log_importance_weights(logp_ref, logp_q, rewards, beta)
+    log_w = log_importance_weights(logp_ref, logp_q, rewards, beta, mask)
     mask = _prepare_mask(log_w, mask)
     return {
         "log_z": log_z_lse(log_w, mask),
@@ -149,6 +153,7 @@ def group_normalize(
         raise ValueError(f"rewards must have shape (P, G), got {tuple(rewards.shape)}")
     mask = _prepare_mask(torch.zeros_like(rewards, dtype=torch.float64), mask).to(rewards.dtype)
     check_finite("rewards", rewards, mask.bool())
+    rewards = rewards.masked_fill(~mask.bool(), 0.0)  # padding may hold NaN; NaN * 0 would still be NaN
     n = mask.sum(dim=1, keepdim=True)
     mean = (rewards * mask).sum(dim=1, keepdim=True) / n
     centred = (rewards - mean) * mask
@@ -187,6 +192,7 @@ def fit_affine_transform(
         raise ValueError(f"rewards must have shape (P, N), got {tuple(rewards.shape)}")
     maskf = _prepare_mask(torch.zeros_like(rewards, dtype=torch.float64), mask).to(rewards.dtype)
     check_finite("rewards", rewards, maskf.bool())
+    rewards = rewards.masked_fill(~maskf.bool(), 0.0)  # padding may hold NaN; NaN * 0 would still be NaN
     n = maskf.sum(dim=1)
     mean = (rewards * maskf).sum(dim=1) / n
     denom = (n - 1).clamp(min=1) if unbiased else n

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean
+from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
 
 
 def aspo_token_loss(
@@ -71,6 +71,7 @@ def aspo_loss(
             "need 0 < clip_eps < 1, clip_eps_high > 0 and dual clips > 1, got "
             f"clip_eps={clip_eps}, clip_eps_high={clip_eps_high}, dual_clip_neg={dual_clip_neg}, dual_clip_pos={dual_clip_pos}"
         )
+    logp, old_logp, ref_logp = zero_padding(mask, logp, old_logp, ref_logp)
     token_loss, dual = aspo_token_loss(logp, old_logp, advantages, clip_eps, clip_eps_high, dual_clip_neg, dual_clip_pos)
     metrics: dict = {}
     token_loss = add_kl_penalty(token_loss, logp, ref_logp, mask, kl_coef, metrics)

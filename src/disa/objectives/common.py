@@ -35,6 +35,17 @@ def check_token_inputs(mask: Tensor, **tensors: Optional[Tensor]) -> None:
         check_finite(name, t.detach(), mask)
 
 
+def zero_padding(mask: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Each ``(B, T)`` tensor with its padded positions (``mask`` False) set to 0; ``None`` passes through.
+
+    ``check_token_inputs`` lets padding hold anything (NaN, inf, 1e3), but ``x * mask`` keeps a NaN and
+    ``exp`` of a large padded value overflows, so every objective zeroes padding before any arithmetic.
+    ``torch.where`` sends a zero gradient to the padded entries.
+    """
+    keep = mask.bool()
+    return tuple(None if t is None else torch.where(keep, t, torch.zeros_like(t)) for t in tensors)
+
+
 def check_per_rollout(batch_size: int, **tensors: Optional[Tensor]) -> None:
     for name, t in tensors.items():
         if t is None:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean
+from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
 
 
 def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float) -> tuple[Tensor, Tensor]:
@@ -49,6 +49,7 @@ def grpo_loss(
     check_token_inputs(mask, logp=logp, old_logp=old_logp, ref_logp=ref_logp)
     check_per_rollout(mask.shape[0], advantages=advantages)
     low, high = _check_clip(clip_eps, clip_eps_high)
+    logp, old_logp, ref_logp = zero_padding(mask, logp, old_logp, ref_logp)
     ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     token_loss, was_clipped = clipped_surrogate(ratio, advantages, low, high)
     metrics: dict = {}

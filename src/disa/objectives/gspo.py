@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean
+from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
 from .grpo import _check_clip, clipped_surrogate
 
 
@@ -40,6 +40,7 @@ def gspo_loss(
     check_token_inputs(mask, logp=logp, old_logp=old_logp, ref_logp=ref_logp)
     check_per_rollout(mask.shape[0], advantages=advantages)
     low, high = _check_clip(clip_eps, clip_eps_high)
+    logp, old_logp, ref_logp = zero_padding(mask, logp, old_logp, ref_logp)
     s = sequence_ratio(logp, old_logp, mask)
     token_ratio = s.detach()[:, None] * torch.exp(logp - logp.detach())
     token_loss, was_clipped = clipped_surrogate(token_ratio, advantages, low, high)

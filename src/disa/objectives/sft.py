@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .common import Tensor, aggregate, check_token_inputs
+from .common import Tensor, aggregate, check_token_inputs, zero_padding
 
 
 def sft_loss(
@@ -12,5 +12,6 @@ def sft_loss(
 ) -> tuple[Tensor, dict]:
     """Negative log-likelihood of the response tokens, ``(B, T)`` in, scalar out."""
     check_token_inputs(mask, logp=logp)
+    (logp,) = zero_padding(mask, logp)
     loss = aggregate(-logp, mask, aggregation, max_len)
     return loss, {"nll": float(loss.detach())}

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .common import Tensor, check_per_rollout, check_token_inputs
+from .common import Tensor, check_per_rollout, check_token_inputs, zero_padding
 
 ROLLOUT_WEIGHTS = ("on_policy", "clipped_is")
 
@@ -73,6 +73,7 @@ def trajectory_balance_loss(
     check_beta(beta)
     check_token_inputs(mask, logp=logp, ref_logp=ref_logp, old_logp=old_logp)
     check_per_rollout(mask.shape[0], rewards=rewards, log_z=log_z)
+    logp, ref_logp, old_logp = zero_padding(mask, logp, ref_logp, old_logp)
     mask = mask.to(logp.dtype)
     if freeze_log_z:
         log_z = log_z.detach()

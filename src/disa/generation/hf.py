@@ -1,0 +1,225 @@
+"""The default back-end: batched ``transformers`` ``model.generate`` with exact response log-probs.
+
+How the log-prob is obtained without keeping ``(rows, T, V)`` logits in memory: a logits processor placed
+*first* sees the raw logits of every step, keeps their log-softmax for one step, and at the next step reads
+the log-prob of the token that was actually appended (``input_ids[:, -1]``). Temperature and top-p are
+applied after it, as our own warpers, and the model's ``generation_config`` is swapped for a neutral one
+during the call, so no checkpoint default (``top_k=20``, ``repetition_penalty=1.05``...) sneaks in before
+the recorder or changes the sampling distribution behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor
+
+from disa.generation import Generator, Sample, check_generation_args, encode_prompt, finalize_sample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model_and_tokenizer(path: str, *, device="auto", dtype="float32"):
+    """Load a local causal LM folder and its tokenizer, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's ``generation_config.eos_token_id``
+    (chat models often list several, e.g. ``<|im_end|>`` and ``<|endoftext|>``)."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos is not None:
+        ids.update(int(i) for i in gen_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows for generation: ``input_ids (B, L)`` and ``attention_mask (B, L)``."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        attention_mask[i, width - len(r):] = 1
+    return input_ids, attention_mask
+
+
+class RawLogprobRecorder(LogitsProcessor):
+    """Logits processor that records ``log softmax(raw logits)[chosen token]`` per step, shape ``(rows, T)``.
+
+    Must run before any processor that changes the scores; it returns them untouched.
+    """
+
+    def __init__(self):
+        self._previous: Optional[torch.Tensor] = None  # (rows, V) log-softmax of the last step
+        self._steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._previous is not None:
+            self._steps.append(self._previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self._previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor, num_generated: int) -> torch.Tensor:
+        """Per-token log-probs ``(rows, num_generated)`` of the generated part of ``sequences``."""
+        if num_generated == 0:
+            return torch.zeros((sequences.shape[0], 0))
+        steps = self._steps + [self._previous.gather(-1, sequences[:, -1:]).squeeze(-1)]
+        if len(steps) != num_generated:
+            raise RuntimeError(f"recorded {len(steps)} steps for {num_generated} generated tokens")
+        return torch.stack(steps, dim=1).cpu()
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model):
+    """Swap ``model.generation_config`` for an empty one while generating (restored afterwards)."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+class HFGenerator(Generator):
+    """Sample with ``transformers``. ``model_or_path``: a loaded causal LM or a local folder.
+
+    ``batch_size`` counts prompts per ``generate`` call (each expanded to ``n`` rows). Prompts are sorted by
+    length before batching to keep left padding small; results come back in the caller's order.
+    """
+
+    def __init__(
+        self,
+        model_or_path,
+        tokenizer=None,
+        *,
+        batch_size: int = 8,
+        device: Optional[str] = "auto",
+        dtype="float32",
+        progress: bool = True,
+    ):
+        if isinstance(model_or_path, str):
+            model, loaded_tok = load_model_and_tokenizer(model_or_path, device=device, dtype=dtype)
+            tokenizer = tokenizer or loaded_tok
+        else:
+            model = model_or_path.eval()
+            if device not in (None, "auto"):
+                model = model.to(resolve_device(device))
+            if tokenizer is None:
+                raise ValueError("tokenizer is required when model_or_path is a model object")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        if not self.eos_ids:
+            raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(
+        self,
+        prompts: list[str],
+        n: int,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+    ) -> list[list[Sample]]:
+        stop = check_generation_args(prompts, n, max_new_tokens, temperature, top_p, stop)
+        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+        results: dict[int, list[Sample]] = {}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            starts = range(0, len(order), self.batch_size)
+            for start in tqdm(starts, desc="generate", unit="batch", disable=None if self.progress else True):
+                idx = order[start : start + self.batch_size]
+                batch = self._generate_batch([prompt_ids[i] for i in idx], n, max_new_tokens, temperature, top_p, stop)
+                for j, i in enumerate(idx):
+                    results[i] = batch[j * n : (j + 1) * n]
+        return [results[i] for i in range(len(prompts))]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompt_rows, n, max_new_tokens, temperature, top_p, stop) -> list[Sample]:
+        from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        rows = [p for p in prompt_rows for _ in range(n)]  # each prompt repeated n times, adjacent
+        input_ids, attention_mask = left_pad(rows, self.pad_id)
+        greedy = temperature == 0
+        recorder = RawLogprobRecorder()
+        processors = [recorder]
+        if not greedy and temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(float(temperature)))
+        if not greedy and top_p < 1.0:
+            processors.append(TopPLogitsWarper(float(top_p)))
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0, top_p=1.0, top_k=0,
+            num_beams=1, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            stop_strings=list(stop) or None,
+        )
+        # the stop-string criterion needs the tokenizer to map strings onto token pieces
+        extra = {"tokenizer": self.tokenizer} if stop else {}
+        with _neutral_generation_config(self.model):
+            sequences = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                generation_config=config, logits_processor=LogitsProcessorList(processors), **extra,
+            )
+        generated = sequences[:, input_ids.shape[1]:].cpu()
+        token_lp = recorder.finish(sequences, generated.shape[1])
+
+        samples, to_rescore = [], []
+        for r, prompt in enumerate(rows):
+            sample, rescore = finalize_sample(
+                self.tokenizer, list(prompt), generated[r].tolist(), token_lp[r].tolist(),
+                eos_ids=self.eos_ids, stop=stop,
+            )
+            samples.append(sample)
+            if rescore:
+                to_rescore.append(sample)
+        if to_rescore:
+            from disa.scoring import score_responses
+
+            scores = score_responses(
+                self.model, [s.prompt_ids for s in to_rescore], [s.response_ids for s in to_rescore],
+                pad_id=self.pad_id, batch_size=max(1, self.batch_size * n),
+            )
+            for s, lp in zip(to_rescore, scores):
+                s.logprob = lp
+        return samples

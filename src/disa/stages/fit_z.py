@@ -1,0 +1,209 @@
+"""Stage 2 orchestration: labels.parquet + prompts -> embeddings -> fitted, frozen ``log Z`` regressor.
+
+``run_fit_z`` joins the Stage 1 labels (``prompt_id``, ``log_z``) to the rendered prompt texts, embeds them,
+fits ``Z_psi`` by least squares (SPEC eq. 9) and writes ``out_dir/{model.safetensors, config.json,
+report.json}``. ``FrozenLogZ`` is what Stage 3 calls: texts -> ``sg[Z_psi*(x)]`` (eq. 10), computed under
+``torch.no_grad`` by a module whose parameters never require grad.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from disa.embeddings import PromptEmbedder, embed_with_cache
+from disa.regressor import FitReport, LogZRegressor, fit_regressor, load_regressor, save_regressor
+
+__all__ = ["run_fit_z", "read_labels", "prompt_texts_by_id", "format_fit_table", "FrozenLogZ"]
+
+LABEL_COLUMNS = ("prompt_id", "log_z")
+
+
+def read_labels(labels_path: Union[str, os.PathLike]) -> tuple[list[str], torch.Tensor]:
+    """Read ``prompt_id`` and ``log_z`` from a Stage 1 labels Parquet file -> (ids as str, (P,) float32).
+
+    Missing columns, duplicate ids and non-finite labels raise, naming the file and the offending ids.
+    """
+    import pyarrow.parquet as pq
+
+    labels_path = Path(labels_path)
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"labels_path: {str(labels_path)!r} does not exist")
+    schema_names = pq.read_schema(str(labels_path)).names
+    missing = [c for c in LABEL_COLUMNS if c not in schema_names]
+    if missing:
+        raise ValueError(f"{labels_path}: missing column(s) {missing}; has {schema_names}")
+    table = pq.read_table(str(labels_path), columns=list(LABEL_COLUMNS))
+    ids = [str(v) for v in table.column("prompt_id").to_pylist()]
+    values = table.column("log_z").to_pylist()
+    if not ids:
+        raise ValueError(f"{labels_path}: no rows")
+    duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"{labels_path}: duplicate prompt_id {duplicates[:10]}")
+    bad = [ids[row] for row, v in enumerate(values) if v is None or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{labels_path}: log_z is missing or non-finite for prompt_id {bad[:10]} ({len(bad)} rows)")
+    return ids, torch.tensor(values, dtype=torch.float32)
+
+
+def _field(record, name: str):
+    if isinstance(record, Mapping):
+        return record.get(name)
+    return getattr(record, name, None)
+
+
+def prompt_texts_by_id(prompts, render: Optional[Callable[[object], str]] = None) -> dict[str, str]:
+    """Normalise ``prompts`` to ``{str(id): rendered text}``.
+
+    prompts: a dict id -> text, or a sequence of records (objects or dicts) with ``id`` and ``text``
+    (the rendered prompt string, exactly what the policy is conditioned on in Stage 3). With ``render``,
+    the text is ``render(record)`` instead (e.g. ``lambda r: render_prompt(r, tokenizer)``).
+    """
+    if isinstance(prompts, Mapping):
+        out = {}
+        for key, text in prompts.items():
+            if not isinstance(text, str):
+                raise TypeError(f"prompts[{key!r}]: expected the rendered prompt str, got {type(text).__name__}")
+            out[str(key)] = text
+        return out
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts: expected a dict id -> text or a list of records, got {type(prompts).__name__}")
+    out = {}
+    for index, record in enumerate(prompts):
+        prompt_id = _field(record, "id")
+        if prompt_id is None:
+            raise ValueError(f"prompts[{index}]: no 'id' field")
+        text = render(record) if render is not None else _field(record, "text")
+        if not isinstance(text, str):
+            raise ValueError(
+                f"prompts[{index}] (id {prompt_id!r}): no rendered 'text' str; pass a dict id -> text or render=..."
+            )
+        key = str(prompt_id)
+        if key in out:
+            raise ValueError(f"prompts[{index}]: duplicate id {prompt_id!r}")
+        out[key] = text
+    return out
+
+
+def format_fit_table(report: FitReport) -> str:
+    """A small fixed-width summary of a ``FitReport``."""
+    r2 = "n/a" if not math.isfinite(report.val_r2) else f"{report.val_r2:.4f}"
+    rows = [
+        ("prompts (train / val)", f"{report.n_train} / {report.n_val}"),
+        ("train MSE", f"{report.train_mse:.6g}"),
+        ("val MSE", f"{report.val_mse:.6g}"),
+        ("val MSE, train-mean baseline", f"{report.baseline_val_mse:.6g}"),
+        ("val R^2", r2),
+        ("epochs (best)", f"{report.epochs} ({report.best_epoch})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run_fit_z(
+    labels_path: Union[str, os.PathLike],
+    prompts,
+    embedder: PromptEmbedder,
+    out_dir: Union[str, os.PathLike],
+    *,
+    render: Optional[Callable[[object], str]] = None,
+    cache_path: Optional[Union[str, os.PathLike]] = None,
+    verbose: bool = True,
+    **fit_kw,
+) -> FitReport:
+    """Stage 2: fit the frozen ``log Z`` regressor and save it to ``out_dir``.
+
+    labels_path: Parquet with ``prompt_id`` and ``log_z`` (Stage 1 output). prompts: see
+    ``prompt_texts_by_id``; every labelled id must be present (prompts without a label are ignored).
+    embedder: a ``PromptEmbedder``; its fingerprint is stored so Stage 3 can check it uses the same one.
+    cache_path: optional ``.safetensors`` embedding cache (see ``embed_with_cache``).
+    fit_kw: forwarded to ``fit_regressor`` (hidden, lr, max_epochs, patience, val_fraction, seed, ...).
+
+    Writes ``model.safetensors`` + ``config.json`` (``load_regressor`` reads them) and ``report.json``
+    (the ``FitReport`` plus the held-out prompt ids). Returns the ``FitReport``.
+    """
+    ids, labels = read_labels(labels_path)
+    texts_by_id = prompt_texts_by_id(prompts, render=render)
+    missing = [i for i in ids if i not in texts_by_id]
+    if missing:
+        raise ValueError(
+            f"prompts: {len(missing)} prompt_id(s) from {labels_path} have no prompt text: {missing[:20]}"
+        )
+    texts = [texts_by_id[i] for i in ids]
+    embeddings = embed_with_cache(embedder, ids, texts, cache_path)
+    model, report = fit_regressor(embeddings, labels, **fit_kw)
+
+    out_dir = Path(out_dir)
+    meta = {
+        "embedder": embedder.fingerprint,
+        "embedding_dim": int(embeddings.shape[1]),
+        "labels_path": str(Path(labels_path).resolve()),
+        "n_prompts": len(ids),
+        "fit": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in fit_kw.items()},
+    }
+    save_regressor(model, out_dir, meta)
+    payload = report.to_dict()
+    payload["val_prompt_ids"] = [ids[i] for i in report.val_indices]
+    payload["embedder"] = embedder.fingerprint
+    (out_dir / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if verbose:
+        print(f"log Z regressor -> {out_dir}\n{format_fit_table(report)}")
+    return report
+
+
+class FrozenLogZ:
+    """Stage 3's ``log_z_fn``: rendered prompt texts -> ``Z_psi*(x)`` (P,), never differentiable.
+
+    source: a directory written by ``run_fit_z`` / ``save_regressor``, or a ``LogZRegressor``.
+    embedder: the same kind of embedder used to fit (its ``dim`` must match; a different fingerprint warns).
+    Predictions are computed under ``torch.no_grad`` by a regressor whose parameters have
+    ``requires_grad=False``, so no gradient and no optimizer step can ever reach ``psi*`` (eq. 10's ``sg``).
+    When ``ids`` are given, values are memoised per id (and re-computed if that id's text changes), since
+    Stage 3 revisits the same prompts every epoch.
+    """
+
+    def __init__(self, source: Union[str, os.PathLike, LogZRegressor], embedder: PromptEmbedder):
+        regressor = source if isinstance(source, LogZRegressor) else load_regressor(source)
+        regressor.eval().requires_grad_(False)
+        if embedder.dim != regressor.input_dim:
+            raise ValueError(
+                f"embedder: produces {embedder.dim}-d embeddings but the regressor expects {regressor.input_dim}-d"
+            )
+        fitted_with = getattr(regressor, "meta", {}).get("embedder")
+        if fitted_with is not None and fitted_with != embedder.fingerprint:
+            warnings.warn(
+                f"FrozenLogZ: regressor was fitted on embedder {fitted_with!r} "
+                f"but is read with {embedder.fingerprint!r}",
+                stacklevel=2,
+            )
+        self.regressor = regressor
+        self.embedder = embedder
+        self._memo: dict[str, tuple[str, float]] = {}
+
+    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """embeddings (P, D) -> (P,) float32, detached, even if ``embeddings`` requires grad."""
+        with torch.no_grad():
+            return self.regressor(embeddings.detach()).detach()
+
+    def __call__(self, texts: Sequence[str], ids: Optional[Sequence] = None) -> torch.Tensor:
+        """texts: P rendered prompts; ids: optional prompt ids (enables memoisation). Returns (P,) on the CPU."""
+        if ids is None:
+            return self.predict(self.embedder.embed(list(texts)))
+        keys = [str(i) for i in ids]
+        if len(keys) != len(texts):
+            raise ValueError(f"ids: {len(keys)} ids for {len(texts)} texts")
+        todo = [n for n, (k, t) in enumerate(zip(keys, texts)) if k not in self._memo or self._memo[k][0] != t]
+        if todo:
+            fresh = self.predict(self.embedder.embed([texts[n] for n in todo]))
+            for n, value in zip(todo, fresh.tolist()):
+                self._memo[keys[n]] = (texts[n], value)
+        return torch.tensor([self._memo[k][1] for k in keys], dtype=torch.float32)

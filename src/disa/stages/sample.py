@@ -1,0 +1,312 @@
+"""Stage 1a: draw ``N`` proposal responses per prompt, score them, write resumable Parquet shards.
+
+Output layout (``out_dir``)::
+
+    meta.json                      generation settings + a hash of the prompt ids (guards resumes)
+    samples/shard-00000.parquet    prompts [0, shard_size), every one with its n samples
+    samples/shard-00001.parquet    ...
+
+Columns: ``prompt_id, sample_idx, prompt, response, reward, logp_ref, logp_q, prompt_len, response_len,
+finish_reason``. ``prompt`` is the text the proposal was conditioned on (its chat template applied);
+``logp_ref = log pi_ref(y|x)`` and ``logp_q = log q(y|x)`` are sequence log-probs (sums over response
+tokens, EOS included when the response ended with it); ``prompt_len`` / ``response_len`` count pi_ref's
+tokens, the ones the policy will see in Stage 3.
+
+Resuming: a shard covers a fixed slice of the prompt list and is written to a temporary file then moved
+into place with ``os.replace`` (atomic on POSIX), so a shard file either holds all its rows or does not
+exist. A re-run skips existing shards and redoes the rest; each shard draws with seed ``seed + shard index``,
+so a redone shard is the same draw on the same hardware. ``meta.json`` refuses a resume with different
+settings or prompts, which would otherwise mix two experiments in one folder.
+
+Different tokenizers: when pi_ref and q share a vocabulary and render the prompt to the same text, pi_ref
+scores the proposal's own token ids. Otherwise the text is carried over: the prompt is rendered with
+pi_ref's chat template and the response text re-tokenised with pi_ref's tokenizer (plus pi_ref's EOS if
+the response ended with EOS), i.e. ``log pi_ref`` is of the same *string*, the only meaning the importance
+weight ``pi_ref(y|x) / q(y|x)`` can have across vocabularies.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from disa.data import PromptRecord, render_prompt
+from disa.generation import Generator, Sample, encode_prompt, encode_response
+from disa.scoring import score_responses
+
+SAMPLES_SUBDIR = "samples"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("reward", pa.float64()),
+        ("logp_ref", pa.float64()),
+        ("logp_q", pa.float64()),
+        ("prompt_len", pa.int32()),
+        ("response_len", pa.int32()),
+        ("finish_reason", pa.string()),
+    ]
+)
+# settings that must match between a run and its resume
+RESUME_KEYS = (
+    "format_version", "n", "shard_size", "max_new_tokens", "temperature", "top_p", "stop", "seed", "verifier",
+    "num_prompts", "prompt_ids_sha256",
+)
+
+
+def shard_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, SAMPLES_SUBDIR, f"shard-{index:05d}.parquet")
+
+
+def list_shards(samples_dir: str) -> list[str]:
+    """Finished shard files in ``samples_dir`` (a run's ``out_dir`` or its ``samples/`` folder), sorted."""
+    if os.path.isdir(os.path.join(samples_dir, SAMPLES_SUBDIR)):
+        samples_dir = os.path.join(samples_dir, SAMPLES_SUBDIR)
+    return sorted(glob.glob(os.path.join(samples_dir, "shard-*.parquet")))
+
+
+def prompt_ids_digest(records: Sequence[PromptRecord]) -> str:
+    return hashlib.sha256("\n".join(r.id for r in records).encode("utf-8")).hexdigest()
+
+
+def _write_atomically(table: pa.Table, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _check_or_write_meta(out_dir: str, meta: dict) -> None:
+    path = os.path.join(out_dir, META_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        diff = [k for k in RESUME_KEYS if old.get(k) != meta.get(k)]
+        if diff:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"{path} was written with different settings ({details}); use a new out_dir or delete it"
+            )
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _resolve_verifier(verifier: Union[str, Callable]) -> tuple[Callable, str]:
+    if callable(verifier):
+        return verifier, getattr(verifier, "__name__", "custom")
+    from disa.verifiers import get_verifier
+
+    return get_verifier(verifier), verifier
+
+
+def _verifier_columns(records: Sequence[PromptRecord], n: int) -> dict[str, list]:
+    """Per-completion columns (each record's value repeated ``n`` times) in TRL's keyword convention."""
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r.verifier_columns() if k not in keys]
+    return {k: [r.verifier_columns().get(k) for r in records for _ in range(n)] for k in keys}
+
+
+def _same_tokenization(tok_a, tok_b) -> bool:
+    return tok_a is tok_b or (
+        type(tok_a) is type(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
+        and getattr(tok_a, "chat_template", None) == getattr(tok_b, "chat_template", None)
+        and tok_a.bos_token == tok_b.bos_token and tok_a.eos_token_id == tok_b.eos_token_id
+    )
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+
+
+def _check_rewards(rewards: Any, expected: int, name: str) -> list[float]:
+    rewards = list(rewards)
+    if len(rewards) != expected:
+        raise ValueError(f"verifier {name!r} returned {len(rewards)} rewards for {expected} completions")
+    out = []
+    for i, r in enumerate(rewards):
+        if r is None or not math.isfinite(float(r)):
+            raise ValueError(f"verifier {name!r} returned a non-finite reward {r!r} for completion {i}")
+        out.append(float(r))
+    return out
+
+
+def sample_shard(
+    records: Sequence[PromptRecord],
+    *,
+    generator: Generator,
+    n: int,
+    verifier_fn: Callable,
+    verifier_name: str,
+    ref_model,
+    ref_tokenizer,
+    proposal_model=None,
+    proposal_tokenizer=None,
+    gen_kwargs: dict,
+    seed: int,
+    score_batch_size: int = 8,
+    verifier_kwargs: Optional[dict] = None,
+) -> pa.Table:
+    """Generate, verify and score one shard's prompts; returns its rows as a table (``SAMPLE_SCHEMA``)."""
+    proposal_tokenizer = proposal_tokenizer or generator.tokenizer
+    prompts_q = [render_prompt(r, proposal_tokenizer) for r in records]
+    groups = generator.generate(prompts_q, n, seed=seed, **gen_kwargs)
+    flat: list[Sample] = [s for g in groups for s in g]
+    if any(len(g) != n for g in groups):
+        raise RuntimeError(f"generator returned {[len(g) for g in groups]} samples per prompt, expected {n}")
+    prompts_flat = [p for p in prompts_q for _ in range(n)]
+    texts = [s.text for s in flat]
+
+    rewards = _check_rewards(
+        verifier_fn(prompts_flat, texts, **_verifier_columns(records, n), **(verifier_kwargs or {})),
+        len(flat), verifier_name,
+    )
+
+    if proposal_model is not None:
+        logp_q = score_responses(
+            proposal_model, [s.prompt_ids for s in flat], [s.response_ids for s in flat],
+            pad_id=_pad_id(proposal_tokenizer), batch_size=score_batch_size,
+        )
+    else:
+        logp_q = [float(s.logprob) for s in flat]
+
+    if _same_tokenization(ref_tokenizer, proposal_tokenizer):
+        ref_prompt_ids = [s.prompt_ids for s in flat]
+        ref_response_ids = [s.response_ids for s in flat]
+    else:
+        rendered = [encode_prompt(ref_tokenizer, render_prompt(r, ref_tokenizer)) for r in records]
+        ref_prompt_ids = [rendered[i // n] for i in range(len(flat))]
+        ref_response_ids = [
+            encode_response(ref_tokenizer, s.text, ends_with_eos=s.finish_reason == "eos") for s in flat
+        ]
+    logp_ref = score_responses(
+        ref_model, ref_prompt_ids, ref_response_ids, pad_id=_pad_id(ref_tokenizer), batch_size=score_batch_size
+    )
+
+    columns = {
+        "prompt_id": [r.id for r in records for _ in range(n)],
+        "sample_idx": [j for _ in records for j in range(n)],
+        "prompt": prompts_flat,
+        "response": texts,
+        "reward": rewards,
+        "logp_ref": logp_ref,
+        "logp_q": logp_q,
+        "prompt_len": [len(p) for p in ref_prompt_ids],
+        "response_len": [len(r) for r in ref_response_ids],
+        "finish_reason": [s.finish_reason for s in flat],
+    }
+    return pa.table(columns, schema=SAMPLE_SCHEMA)
+
+
+def _load_if_path(model, tokenizer):
+    if isinstance(model, str):
+        from disa.generation.hf import load_model_and_tokenizer
+
+        loaded, loaded_tok = load_model_and_tokenizer(model)
+        return loaded, tokenizer or loaded_tok
+    return model, tokenizer
+
+
+def run_sampling(
+    prompts: Sequence[PromptRecord],
+    *,
+    generator: Generator,
+    n: int,
+    out_dir: str,
+    verifier: Union[str, Callable],
+    ref_model,
+    ref_tokenizer=None,
+    proposal_model=None,
+    proposal_tokenizer=None,
+    shard_size: int = 64,
+    max_new_tokens: int = 512,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    score_batch_size: int = 8,
+    verifier_kwargs: Optional[dict] = None,
+    progress: bool = True,
+) -> dict:
+    """Stage 1 sampling job (see the module docstring for the files and the resume rules).
+
+    ``generator`` draws from the proposal q. ``proposal_model`` (optional) re-scores ``log q`` with
+    transformers; without it ``log q`` is the generator's own ``Sample.logprob`` (the same number for the
+    ``hf`` back-end). ``ref_model`` / ``proposal_model`` may be local paths. ``verifier`` is a registry name
+    or a reward function with TRL's signature. Returns ``{"shards", "written", "skipped", "rows"}``.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    seen: dict[str, int] = {}
+    for i, r in enumerate(prompts):
+        if r.id in seen:
+            raise ValueError(f"duplicate prompt id {r.id!r} at positions {seen[r.id]} and {i}")
+        seen[r.id] = i
+    ref_model, ref_tokenizer = _load_if_path(ref_model, ref_tokenizer)
+    if ref_tokenizer is None:
+        raise ValueError("ref_tokenizer is required when ref_model is a model object")
+    proposal_model, proposal_tokenizer = _load_if_path(proposal_model, proposal_tokenizer)
+    verifier_fn, verifier_name = _resolve_verifier(verifier)
+
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+    meta = {
+        "format_version": FORMAT_VERSION, "n": n, "shard_size": shard_size, "seed": seed, "verifier": verifier_name,
+        "num_prompts": len(prompts), "prompt_ids_sha256": prompt_ids_digest(prompts),
+        "generator": type(generator).__name__, **gen_kwargs,
+        "ref_model": getattr(getattr(ref_model, "config", None), "_name_or_path", None),
+        "proposal_model": getattr(getattr(proposal_model, "config", None), "_name_or_path", None),
+    }
+    os.makedirs(os.path.join(out_dir, SAMPLES_SUBDIR), exist_ok=True)
+    _check_or_write_meta(out_dir, meta)
+    for stale in glob.glob(os.path.join(out_dir, SAMPLES_SUBDIR, "*.tmp*")):
+        os.remove(stale)  # a shard that a killed run left half-written
+
+    num_shards = math.ceil(len(prompts) / shard_size)
+    written = skipped = rows = 0
+    bar = tqdm(range(num_shards), desc="sample shards", unit="shard", disable=None if progress else True)
+    for k in bar:
+        records = prompts[k * shard_size : (k + 1) * shard_size]
+        path = shard_path(out_dir, k)
+        if os.path.exists(path):
+            existing = pq.read_metadata(path).num_rows
+            if existing != len(records) * n:
+                raise ValueError(f"{path} holds {existing} rows, expected {len(records) * n}; delete it to redo")
+            skipped += 1
+            rows += existing
+            continue
+        table = sample_shard(
+            records, generator=generator, n=n, verifier_fn=verifier_fn, verifier_name=verifier_name,
+            ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_model=proposal_model,
+            proposal_tokenizer=proposal_tokenizer, gen_kwargs=gen_kwargs, seed=seed + k,
+            score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
+        )
+        _write_atomically(table, path)
+        written += 1
+        rows += table.num_rows
+    return {"shards": num_shards, "written": written, "skipped": skipped, "rows": rows}

@@ -1,0 +1,55 @@
+"""The ``countdown`` verifier: binary reward for the exact testbed's task (:mod:`disa.testbed.task`).
+
+TRL signature: ``fn(prompts, completions, **columns) -> list[float]``. The numbers and target come from the
+``numbers`` and ``target`` columns when given, else they are parsed from the prompt text
+(``"3 5 7 2 -> 26 ="``). A completion is scored as is: it must be the canonical expression with nothing
+around it (the generation stage strips EOS), because the correct set must stay the enumerable one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from disa.testbed.task import Prompt, is_correct, parse_prompt
+from disa.verifiers import register_verifier
+
+
+def _completion_text(completion, row: int) -> str:
+    """Plain text of a completion; TRL's conversational form ``[{"role":..., "content":...}]`` is accepted."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict) and "content" in completion[-1]:
+        return str(completion[-1]["content"])
+    raise TypeError(f"completions[{row}] must be a str or a list of chat messages, got {type(completion).__name__}")
+
+
+def _row_prompt(prompts: Sequence, numbers, target, row: int) -> Prompt:
+    if numbers is not None and target is not None:
+        nums, tgt = numbers[row], target[row]
+        try:
+            return Prompt(tuple(int(v) for v in nums), int(tgt))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"row {row}: bad numbers {nums!r} or target {tgt!r}: {err}") from None
+    prompt = prompts[row] if prompts is not None else None
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        prompt = prompt[-1].get("content")
+    try:
+        return parse_prompt(prompt)
+    except ValueError as err:
+        raise ValueError(f"row {row}: no numbers/target columns and {err}") from None
+
+
+@register_verifier("countdown")
+def countdown_reward(prompts, completions, numbers=None, target=None, **_columns) -> list[float]:
+    """1.0 for a correct canonical expression (see :func:`disa.testbed.task.is_correct`), else 0.0."""
+    n = len(completions)
+    for name, column in (("prompts", prompts), ("numbers", numbers), ("target", target)):
+        if column is not None and len(column) != n:
+            raise ValueError(f"column {name!r} has {len(column)} rows but there are {n} completions")
+    if (numbers is None) != (target is None):
+        raise ValueError("pass both 'numbers' and 'target' columns, or neither (then they are parsed from prompts)")
+    rewards = []
+    for row in range(n):
+        prompt = _row_prompt(prompts, numbers, target, row)
+        rewards.append(1.0 if is_correct(prompt, _completion_text(completions[row], row)) else 0.0)
+    return rewards

@@ -1,0 +1,456 @@
+"""``disa demo``: the whole method and every baseline on the exact testbed, scored against ground truth.
+
+One run, top to bottom (``run_demo``):
+
+1. build or reuse the testbed (:mod:`disa.testbed`): tiny GPT-2 ``pi_ref`` and a stronger proposal ``q``;
+2. ground truth: every correct response of every prompt scored under ``pi_ref`` gives the exact ``log Z``
+   and ``pi*`` (raw binary reward, the testbed's default transform, ``beta`` below);
+3. Stage 1 with the real stage code (``run_sampling`` -> Parquet shards -> ``run_labelling``), once with the
+   strong proposal and once with ``pi_ref`` as the weak one; each label (LSE eq. 8 and geometric) is compared
+   with the exact ``log Z``;
+4. Stage 2: the regressor on ``pi_ref``'s pooled prompt states, fitted to the strong labels; its held-out MSE
+   against the labels and its error against the exact ``log Z``;
+5. Stage 3: DISA, FlowRL (learned ``log Z`` head), FlowRL without ``log Z``, GRPO, GSPO, ASPO and LoRA-SFT on
+   the proposal's reward-1 samples, each from ``pi_ref`` with one budget and seed;
+6. every final policy scored exactly on the prompts it was trained on (where ``pi*`` is the objective's
+   target): accuracy, KL(pi*||pi) on the coarse partition {each correct answer, all wrong answers}, total
+   variation to ``pi*``, expected distinct correct answers and strategies in ``k`` samples; and its accuracy
+   on held-out prompts. (The testbed's knowledge is per prompt, memorised, so held-out prompts show little
+   transfer: they are a check that nothing broke, not the target.)
+
+Writes ``results.json``, ``results.md`` and ``plots/*.png`` to ``out_dir`` and prints the tables. With
+several seeds, Stages 1-3 are redone per seed (the testbed stays fixed) and tables give mean +- std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from disa.data import PromptRecord
+from disa.embeddings import ModelPoolEmbedder
+from disa.generation.hf import HFGenerator
+from disa.regressor import fit_regressor
+from disa.sft import SFTConfig, train_sft
+from disa.stages.fit_z import FrozenLogZ
+from disa.stages.label import run_labelling
+from disa.stages.sample import run_sampling
+from disa.testbed import build_testbed, correct_logprobs, exact_metrics, log_z_from_logprobs, strategies
+from disa.trainer import RLTrainer, TrainConfig
+from disa.verifiers import get_verifier
+
+METHODS = ("disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft")
+TRAJECTORY_BALANCE = ("disa", "flowrl", "flowrl_no_logz")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's budget; one object so that every method gets the same one."""
+
+    beta: float = 3.0  # pi* = pi_ref * exp(beta * r) / Z on the raw binary reward
+    n_samples: int = 8  # Stage 1 proposal samples per prompt, N (paper: 8)
+    group_size: int = 8  # Stage 3 rollouts per prompt, G (paper: 8)
+    prompts_per_step: int = 8
+    num_steps: int = 60
+    lr: float = 1e-3  # policy AdamW rate, the same for every RL objective
+    logz_lr: float = 1e-2  # FlowRL's head: larger than the policy's, as in FlowRL
+    micro_batch_size: int = 32  # two optimiser steps per rollout batch of 64
+    max_new_tokens: int = 16  # the longest correct answer is 11 characters + EOS
+    k: int = 8  # distinct answers / strategies among k samples
+    sft_epochs: int = 3
+    sft_lr: float = 3e-3  # LoRA adapters take larger rates than full fine-tuning
+    fit_epochs: int = 300
+
+
+FULL_SETTINGS = DemoSettings()
+QUICK_SETTINGS = DemoSettings(num_steps=8, prompts_per_step=4, fit_epochs=100, sft_epochs=2)
+
+
+# ==================================================================================================
+# ground truth
+# ==================================================================================================
+@dataclass
+class PromptTruth:
+    """Everything exact about one prompt: its correct answers, their strategies, ``log pi_ref`` of each."""
+
+    id: str
+    text: str
+    responses: list[str]
+    strategy_labels: list[str]
+    ref_logp: np.ndarray  # (K,) float64
+
+    def log_z(self, beta: float, reward_values=(0.0, 1.0)) -> float:
+        return log_z_from_logprobs(self.ref_logp, beta, reward_values)
+
+
+def prompt_truths(prompts, ref_model, tokenizer, id_prefix: str) -> list[PromptTruth]:
+    out = []
+    for i, p in enumerate(prompts):
+        table = strategies(p)
+        responses = list(table)
+        out.append(PromptTruth(f"{id_prefix}{i}", p.text, responses, [table[r] for r in responses],
+                               correct_logprobs(ref_model, tokenizer, p, responses)))
+    return out
+
+
+def exact_policy_metrics(policy, tokenizer, truths: Sequence[PromptTruth], beta: float, k: int) -> dict[str, float]:
+    """Mean over prompts of :func:`disa.testbed.exact_metrics` (the policy scored on every correct answer)."""
+    rows = []
+    policy.eval()
+    with torch.inference_mode():
+        for t in truths:
+            logp = correct_logprobs(policy, tokenizer, t.text, t.responses)
+            rows.append(exact_metrics(logp, t.ref_logp, t.strategy_labels, beta, k=k))
+    return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+
+
+# ==================================================================================================
+# Stage 1 and 2
+# ==================================================================================================
+def label_errors(labels: np.ndarray, exact: np.ndarray) -> dict[str, float]:
+    """RMSE and mean signed error (bias) of labels against the exact ``log Z``, both ``(P,)``."""
+    err = np.asarray(labels, dtype=np.float64) - np.asarray(exact, dtype=np.float64)
+    return {"rmse": float(np.sqrt(np.mean(err**2))), "bias": float(np.mean(err))}
+
+
+def run_stage1(model, ref_model, tokenizer, truths, settings: DemoSettings, out_dir: Path, seed: int) -> dict:
+    """Sample N per prompt from ``model``, verify and re-score (Parquet shards), label; returns the label
+    table as numpy columns, in ``truths`` order, plus the reward-1 (prompt, response) pairs."""
+    import pyarrow.parquet as pq
+
+    records = [PromptRecord(id=t.id, prompt=t.text) for t in truths]
+    generator = HFGenerator(model, tokenizer, batch_size=32, device=None, progress=False)
+    run_sampling(records, generator=generator, n=settings.n_samples, out_dir=str(out_dir), verifier="countdown",
+                 ref_model=ref_model, ref_tokenizer=tokenizer, proposal_model=model, proposal_tokenizer=tokenizer,
+                 shard_size=64, max_new_tokens=settings.max_new_tokens, seed=seed, score_batch_size=64,
+                 progress=False)
+    table = run_labelling(str(out_dir / "samples"), beta=settings.beta, reward_transform="raw").to_pydict()
+    index = {pid: i for i, pid in enumerate(table["prompt_id"])}
+    order = [index[t.id] for t in truths]
+    labels = {k: np.asarray(v)[order] for k, v in table.items() if k != "prompt_id"}
+    samples = pq.read_table(out_dir / "samples").to_pydict()
+    labels["correct_pairs"] = [(p, r) for p, r, w in zip(samples["prompt"], samples["response"], samples["reward"]) if w == 1.0]
+    return labels
+
+
+def stage1_rows(labels: dict, exact: np.ndarray, proposal: str) -> list[dict]:
+    common = {"proposal": proposal, "mean_ess": float(np.mean(labels["ess"])),
+              "reward_rate": float(np.mean(labels["reward_rate"])),
+              "mean_max_weight": float(np.mean(labels["max_weight"]))}
+    return [
+        {**common, "label": "lse", **label_errors(labels["log_z"], exact)},
+        {**common, "label": "geometric", **label_errors(labels["log_z_geometric"], exact)},
+    ]
+
+
+def run_stage2(ref_model, tokenizer, truths, labels: np.ndarray, settings: DemoSettings, seed: int):
+    """Fit the regressor to the labels; returns ``(FrozenLogZ, FitReport, predictions (P,))``."""
+    embedder = ModelPoolEmbedder(ref_model, tokenizer, batch_size=64)
+    embeddings = embedder.embed([t.text for t in truths], progress=False)
+    regressor, report = fit_regressor(embeddings, torch.as_tensor(labels, dtype=torch.float32), hidden=128,
+                                      max_epochs=settings.fit_epochs, patience=30, seed=seed, progress=False)
+    frozen = FrozenLogZ(regressor, embedder)
+    return frozen, report, frozen.predict(embeddings).double().numpy()
+
+
+# ==================================================================================================
+# Stage 3
+# ==================================================================================================
+def train_config(method: str, settings: DemoSettings, seed: int, output_dir: Path) -> TrainConfig:
+    """One budget for every RL objective; the trajectory-balance ones target the exact pi* (raw reward,
+    trajectory-level log-probs, on-policy weights), the reward maximisers use their usual defaults."""
+    kwargs = {"beta": settings.beta, "length_normalize": False} if method in TRAJECTORY_BALANCE else {}
+    return TrainConfig(
+        objective=method, objective_kwargs=kwargs, group_size=settings.group_size,
+        prompts_per_step=settings.prompts_per_step, num_steps=settings.num_steps, updates_per_batch=1,
+        micro_batch_size=settings.micro_batch_size, lr=settings.lr, logz_lr=settings.logz_lr,
+        max_new_tokens=settings.max_new_tokens, generation_batch_size=settings.prompts_per_step,
+        reward_transform="raw", output_dir=str(output_dir), save_every=0, keep_checkpoints=1, seed=seed,
+    )
+
+
+def train_method(method: str, load_policy, ref_model, tokenizer, truths, settings: DemoSettings, seed: int,
+                 out_dir: Path, log_z_fn=None, sft_pairs=None):
+    """Train one method from a fresh copy of pi_ref; returns ``(policy, history)``."""
+    policy = load_policy()
+    if method == "sft":
+        config = SFTConfig(num_epochs=settings.sft_epochs, lr=settings.sft_lr, micro_batch_size=32, seed=seed,
+                           output_dir=str(out_dir))
+        return train_sft(policy, tokenizer, sft_pairs, config)
+    prompts = [{"id": t.id, "text": t.text} for t in truths]
+    trainer = RLTrainer(policy, ref_model, tokenizer, prompts, get_verifier("countdown"),
+                        train_config(method, settings, seed, out_dir),
+                        log_z_fn=log_z_fn if method == "disa" else None)
+    history = trainer.train()
+    return trainer.policy, history
+
+
+# ==================================================================================================
+# the run
+# ==================================================================================================
+def run_demo(
+    out_dir: str = "runs/demo",
+    quick: bool = False,
+    seeds: int = 1,
+    methods: Optional[Sequence[str]] = None,
+    cache_dir: Optional[str] = None,
+    settings: Optional[DemoSettings] = None,
+) -> dict:
+    """Run the demo (module docstring); returns the results dict also written to ``out_dir/results.json``."""
+    methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    settings = settings or (QUICK_SETTINGS if quick else FULL_SETTINGS)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    _say(f"testbed ({'quick' if quick else 'full'}): building or loading the cached models")
+    tb = build_testbed(cache_dir, quick=quick)
+    tokenizer = tb.tokenizer
+    ref = tb.load_ref().requires_grad_(False)
+    proposal = tb.load_proposal().requires_grad_(False)
+    train_truth = prompt_truths(tb.train_prompts, ref, tokenizer, "train-")
+    eval_truth = prompt_truths(tb.eval_prompts, ref, tokenizer, "eval-")
+    exact_train = np.array([t.log_z(settings.beta) for t in train_truth])
+    _say(f"ground truth: {len(train_truth)} train / {len(eval_truth)} held-out prompts, "
+         f"{np.mean([len(t.responses) for t in train_truth]):.0f} correct answers per prompt on average")
+
+    reference_rows = {
+        name: {**exact_policy_metrics(model, tokenizer, train_truth, settings.beta, settings.k),
+               "heldout_p_correct": exact_policy_metrics(model, tokenizer, eval_truth, settings.beta, settings.k)["p_correct"]}
+        for name, model in (("pi_ref", ref), ("proposal q", proposal))
+    }
+    runs: list[dict] = []
+    for seed in range(seeds):
+        seed_dir = out / f"seed{seed}"
+        run = {"seed": seed, "stage1": [], "methods": {}}
+        t0 = time.perf_counter()
+        strong = run_stage1(proposal, ref, tokenizer, train_truth, settings, seed_dir / "stage1_strong", seed)
+        weak = run_stage1(ref, ref, tokenizer, train_truth, settings, seed_dir / "stage1_weak", seed)
+        run["stage1"] = stage1_rows(strong, exact_train, "strong q") + stage1_rows(weak, exact_train, "weak (pi_ref)")
+        run["stage1_seconds"] = time.perf_counter() - t0
+        _say(f"seed {seed} stage 1: " + "; ".join(
+            f"{r['proposal']} {r['label']} RMSE {r['rmse']:.3f} bias {r['bias']:+.3f}" for r in run["stage1"]))
+
+        frozen, report, predicted = run_stage2(ref, tokenizer, train_truth, strong["log_z"], settings, seed)
+        run["stage2"] = {"val_mse": report.val_mse, "val_r2": report.val_r2,
+                         "baseline_val_mse": report.baseline_val_mse, "train_mse": report.train_mse,
+                         **{f"exact_{k}": v for k, v in label_errors(predicted, exact_train).items()}}
+        _say(f"seed {seed} stage 2: held-out MSE {report.val_mse:.4f} (predict-the-mean {report.baseline_val_mse:.4f}), "
+             f"RMSE vs exact log Z {run['stage2']['exact_rmse']:.3f}")
+        run["curves"] = {}
+        for method in methods:
+            t0 = time.perf_counter()
+            policy, history = train_method(
+                method, tb.load_ref, ref, tokenizer, train_truth, settings, seed, seed_dir / method,
+                log_z_fn=frozen, sft_pairs=strong["correct_pairs"])
+            seconds = time.perf_counter() - t0
+            metrics = exact_policy_metrics(policy, tokenizer, train_truth, settings.beta, settings.k)
+            metrics["heldout_p_correct"] = exact_policy_metrics(policy, tokenizer, eval_truth, settings.beta, settings.k)["p_correct"]
+            metrics["wall_s"] = seconds
+            run["methods"][method] = metrics
+            run["curves"][method] = [float(r.get("reward_mean", math.nan)) for r in history]
+            _say(f"seed {seed} {method:15s} acc {metrics['p_correct']:.3f}  KL {metrics['kl_target_policy']:.3f}  "
+                 f"TV {metrics['tv']:.3f}  distinct@{settings.k} {metrics[f'distinct_correct@{settings.k}']:.2f}  "
+                 f"{seconds:.0f}s")
+            del policy
+        runs.append(run)
+
+    results = {
+        "settings": dataclasses.asdict(settings), "quick": quick, "seeds": seeds, "methods": methods,
+        "testbed": {"root": str(tb.root), "n_train_prompts": len(train_truth), "n_eval_prompts": len(eval_truth),
+                    "mean_correct_answers": float(np.mean([len(t.responses) for t in train_truth]))},
+        "reference": reference_rows, "runs": runs, "summary": summarize(runs, methods),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+        "wall_s": time.perf_counter() - started,
+    }
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+    markdown = results_markdown(results)
+    (out / "results.md").write_text(markdown)
+    try:
+        write_plots(results, out / "plots")
+    except Exception as e:  # plots are a convenience: never lose the numbers over them
+        _say(f"plots skipped: {e}")
+    print(markdown)
+    _say(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'} in {results['wall_s']:.0f}s")
+    return results
+
+
+# ==================================================================================================
+# reporting
+# ==================================================================================================
+METRIC_COLUMNS = (
+    ("p_correct", "accuracy"),
+    ("kl_target_policy", "KL(pi*||pi)"),
+    ("tv", "TV to pi*"),
+    ("correct_entropy", "entropy on correct"),
+    ("distinct_correct@{k}", "distinct correct@{k}"),
+    ("distinct_strategies@{k}", "strategies@{k}"),
+    ("heldout_p_correct", "held-out accuracy"),
+    ("wall_s", "wall s"),
+)
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
+
+
+def summarize(runs: list[dict], methods: Sequence[str]) -> dict:
+    """Mean and spread over seeds of every number in the per-seed runs."""
+    stage1 = {}
+    for i, row in enumerate(runs[0]["stage1"]):
+        key = f"{row['proposal']} / {row['label']}"
+        stage1[key] = {m: _mean_std([r["stage1"][i][m] for r in runs])
+                       for m in ("rmse", "bias", "mean_ess", "reward_rate", "mean_max_weight")}
+    return {
+        "stage1": stage1,
+        "stage2": {m: _mean_std([r["stage2"][m] for r in runs]) for m in runs[0]["stage2"]},
+        "methods": {meth: {m: _mean_std([r["methods"][meth][m] for r in runs]) for m in runs[0]["methods"][meth]}
+                    for meth in methods},
+    }
+
+
+def _fmt(stat: dict, digits: int = 3) -> str:
+    if stat["n"] > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def results_markdown(results: dict) -> str:
+    s, summary, k = results["settings"], results["summary"], results["settings"]["k"]
+    lines = [
+        f"# disa demo: exact testbed ({'quick' if results['quick'] else 'full'}), {results['seeds']} seed(s)",
+        "",
+        f"beta = {s['beta']} on the raw binary reward; N = {s['n_samples']} proposal samples per prompt; "
+        f"{s['num_steps']} RL steps of {s['prompts_per_step']} prompts x G = {s['group_size']} rollouts, lr {s['lr']}; "
+        f"metrics on the {results['testbed']['n_train_prompts']} training prompts ({results['testbed']['mean_correct_answers']:.0f} "
+        f"correct answers each on average), held-out accuracy on {results['testbed']['n_eval_prompts']} more. "
+        "Values are mean ± std over seeds.",
+        "",
+        "## Stage 3: every method against the exact target pi*",
+        "",
+        "| method | " + " | ".join(name.format(k=k) for _, name in METRIC_COLUMNS) + " |",
+        "|---|" + "---:|" * len(METRIC_COLUMNS),
+    ]
+    for name, row in results["reference"].items():
+        cells = [f"{row[key.format(k=k)]:.3f}" if key.format(k=k) in row else "" for key, _ in METRIC_COLUMNS]
+        lines.append(f"| {name} (no training) | " + " | ".join(cells) + " |")
+    target = results["reference"]["pi_ref"]
+    target_cells = [f"{target[key.format(k=k) + '_target']:.3f}" if key.format(k=k) + "_target" in target else ""
+                    for key, _ in METRIC_COLUMNS]
+    target_cells[1] = target_cells[2] = "0"
+    lines.append("| pi* (target) | " + " | ".join(target_cells) + " |")
+    for method, stats in summary["methods"].items():
+        digits = {"wall_s": 0}
+        lines.append(f"| **{method}** | " + " | ".join(
+            _fmt(stats[key.format(k=k)], digits.get(key, 3)) for key, _ in METRIC_COLUMNS) + " |")
+    lines += [
+        "",
+        "## Stage 1: label error against the exact log Z (training prompts)",
+        "",
+        "| proposal / label | RMSE | bias | mean ESS | reward rate | mean max weight |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, stats in summary["stage1"].items():
+        lines.append(f"| {key} | " + " | ".join(
+            _fmt(stats[m]) for m in ("rmse", "bias", "mean_ess", "reward_rate", "mean_max_weight")) + " |")
+    st2 = summary["stage2"]
+    lines += [
+        "",
+        "## Stage 2: the frozen regressor (fitted to the strong-proposal LSE labels)",
+        "",
+        "| held-out MSE vs labels | predict-the-mean MSE | held-out R² | RMSE vs exact log Z (all training prompts) | bias vs exact |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {_fmt(st2['val_mse'], 4)} | {_fmt(st2['baseline_val_mse'], 4)} | {_fmt(st2['val_r2'])} | "
+        f"{_fmt(st2['exact_rmse'])} | {_fmt(st2['exact_bias'])} |",
+        "",
+        f"Wall time {results['wall_s']:.0f} s (Python {results['machine']['python']}, torch {results['machine']['torch']}, "
+        f"{results['machine']['threads']} thread(s)).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_plots(results: dict, plot_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    k = results["settings"]["k"]
+    methods = list(results["summary"]["methods"])
+    panels = [("p_correct", "accuracy"), ("kl_target_policy", "KL(pi* || pi)"), ("tv", "TV to pi*"),
+              (f"distinct_correct@{k}", f"distinct correct @{k}")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        stats = [results["summary"]["methods"][m][key] for m in methods]
+        ax.bar(methods, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3, color="tab:blue")
+        ref = results["reference"]["pi_ref"]
+        if key in ref:
+            ax.axhline(ref[key], color="gray", ls="--", lw=1, label="pi_ref")
+        if key + "_target" in ref:
+            ax.axhline(ref[key + "_target"], color="tab:green", ls=":", lw=1.5, label="pi*")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=60)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "methods.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method in methods:
+        curves = [r["curves"][method] for r in results["runs"] if r["curves"].get(method)]
+        if curves and not all(math.isnan(v) for v in curves[0]):
+            ax.plot(np.nanmean(np.array(curves), axis=0), label=method)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean rollout reward")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "reward_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    keys = list(results["summary"]["stage1"])
+    stats = [results["summary"]["stage1"][key] for key in keys]
+    x = np.arange(len(keys))
+    ax.bar(x - 0.2, [s["rmse"]["mean"] for s in stats], 0.4, yerr=[s["rmse"]["std"] for s in stats], label="RMSE")
+    ax.bar(x + 0.2, [s["bias"]["mean"] for s in stats], 0.4, yerr=[s["bias"]["std"] for s in stats], label="bias")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, keys, rotation=20, fontsize=8)
+    ax.set_title("Stage 1 labels vs exact log Z")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "stage1_labels.png", dpi=120)
+    plt.close(fig)
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _json_safe(value.item())
+    return value
+
+
+def _say(message: str) -> None:
+    print(f"[disa demo] {message}", flush=True)

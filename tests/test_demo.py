@@ -1,0 +1,93 @@
+"""``disa demo`` on the quick testbed: its numbers are recomputed here from the files it wrote."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from disa.demo import QUICK_SETTINGS, label_errors, results_markdown, run_demo, summarize
+from disa.estimators import label_prompts
+from disa.testbed import build_testbed, correct_logprobs, log_z_from_logprobs
+
+torch.set_num_threads(1)
+
+
+def test_label_errors_by_hand():
+    out = label_errors(np.array([1.0, 2.0, 4.0]), np.array([1.5, 2.0, 3.0]))
+    assert out["bias"] == pytest.approx((-0.5 + 0 + 1) / 3)
+    assert out["rmse"] == pytest.approx(math.sqrt((0.25 + 0 + 1) / 3))
+
+
+def test_summarize_mean_and_sample_std():
+    def run(acc, rmse):
+        return {"stage1": [{"proposal": "q", "label": "lse", "rmse": rmse, "bias": 0.0, "mean_ess": 1.0,
+                            "reward_rate": 0.5, "mean_max_weight": 1.0}],
+                "stage2": {"val_mse": 0.1}, "methods": {"disa": {"p_correct": acc}}}
+
+    s = summarize([run(0.2, 1.0), run(0.4, 3.0)], ["disa"])
+    assert s["methods"]["disa"]["p_correct"] == {"mean": pytest.approx(0.3), "std": pytest.approx(math.sqrt(0.02)), "n": 2}
+    assert s["stage1"]["q / lse"]["rmse"]["mean"] == pytest.approx(2.0)
+    assert s["stage2"]["val_mse"]["std"] == 0.0
+
+
+def test_run_demo_quick_numbers_match_its_own_artefacts(tmp_path):
+    settings = dataclasses.replace(QUICK_SETTINGS, num_steps=2, fit_epochs=20, sft_epochs=1)
+    out = tmp_path / "demo"
+    results = run_demo(str(out), quick=True, seeds=1, methods=["disa", "grpo", "sft"],
+                       cache_dir=str(tmp_path / "cache"), settings=settings)
+
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["methods"] == ["disa", "grpo", "sft"]
+    markdown = (out / "results.md").read_text()
+    for row in ("| **disa** |", "| **grpo** |", "| **sft** |", "| pi* (target) |", "strong q / lse", "weak (pi_ref) / geometric"):
+        assert row in markdown
+    for plot in ("methods.png", "reward_curves.png", "stage1_labels.png"):
+        assert (out / "plots" / plot).stat().st_size > 1000
+
+    # Stage 1: the label RMSE is recomputed from the shards the demo wrote and the exact log Z
+    tb = build_testbed(str(tmp_path / "cache"), quick=True)
+    ref = tb.load_ref()
+    exact = np.array([log_z_from_logprobs(correct_logprobs(ref, tb.tokenizer, p), settings.beta) for p in tb.train_prompts])
+    samples = pq.read_table(out / "seed0" / "stage1_strong" / "samples").to_pandas()
+    assert len(samples) == len(tb.train_prompts) * settings.n_samples
+    samples["order"] = samples["prompt_id"].str.removeprefix("train-").astype(int)
+    samples = samples.sort_values(["order", "sample_idx"])
+    shape = (len(tb.train_prompts), settings.n_samples)
+    as_tensor = lambda col: torch.tensor(samples[col].to_numpy(), dtype=torch.float64).view(shape)  # noqa: E731
+    labels = label_prompts(as_tensor("logp_ref"), as_tensor("logp_q"), as_tensor("reward"), settings.beta)
+    err = labels["log_z"].numpy() - exact
+    lse_row = results["runs"][0]["stage1"][0]
+    assert (lse_row["proposal"], lse_row["label"]) == ("strong q", "lse")
+    assert lse_row["rmse"] == pytest.approx(float(np.sqrt(np.mean(err**2))), rel=1e-6)
+    assert lse_row["bias"] == pytest.approx(float(err.mean()), rel=1e-6, abs=1e-9)
+
+    # Stage 3: the untrained reference row is exact; every method has every metric, in range
+    ref_row = results["reference"]["pi_ref"]
+    assert ref_row["log_z"] == pytest.approx(float(exact.mean()), rel=1e-6)
+    assert ref_row["p_correct_target"] > ref_row["p_correct"]  # beta > 0 tilts towards correct answers
+    for method in ("disa", "grpo", "sft"):
+        m = results["runs"][0]["methods"][method]
+        assert 0 <= m["p_correct"] <= 1 and 0 <= m["tv"] <= 1 and m["kl_target_policy"] >= 0
+        assert 0 <= m["heldout_p_correct"] <= 1 and m["wall_s"] > 0
+    assert len(results["runs"][0]["curves"]["grpo"]) == settings.num_steps
+    assert results_markdown(on_disk) == markdown
+
+
+def test_run_demo_rejects_unknown_methods(tmp_path):
+    with pytest.raises(ValueError, match="methods: unknown"):
+        run_demo(str(tmp_path), quick=True, methods=["disa", "ppo"])
+
+
+@pytest.mark.slow
+def test_cli_demo_quick(tmp_path):
+    from disa.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]) == 0
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert set(results["summary"]["methods"]) == {"disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft"}

@@ -50,7 +50,7 @@ class SampleConfig:
     max_new_tokens: int = _f(512, "Longest response.")
     temperature: float = _f(1.0, "Sampling temperature, shared by proposal and evaluation (paper).")
     top_p: float = _f(1.0, "Nucleus sampling; shared by proposal and evaluation (paper).")
-    stop: list = _f([], "Stop strings: the response is cut after the first one.")
+    stop: list = _f([], "Stop strings: the response is cut after the first one (also for Stage 3 rollouts and eval).")
     backend: str = _f("hf", "Generation backend: hf (transformers generate) or vllm (if installed).")
     batch_size: int = _f(8, "Prompts per generation / re-scoring batch.")
     shard_size: int = _f(64, "Prompts per Parquet shard: the unit of resume after a crash.")
@@ -100,6 +100,8 @@ class TrainSection:
     save_every: int = _f(50, "Checkpoint period in steps (and at the end).")
     log_with: str = _f("csv", "csv or tensorboard.")
     seed: int = _f(0, "Training seed.")
+    sft_epochs: int = _f(3, "Objective sft only: passes over the reward-1 Stage 1 samples (group_size, num_steps "
+                         "and the rollout fields do not apply; set lora for the paper's LoRA-SFT baseline).")
 
 
 @dataclass
@@ -137,7 +139,7 @@ POSITIVE = {
     "sample.n", "sample.max_new_tokens", "sample.batch_size", "sample.shard_size", "label.beta", "fit_z.hidden",
     "fit_z.lr", "fit_z.max_epochs", "train.group_size", "train.prompts_per_step", "train.num_steps",
     "train.updates_per_batch", "train.micro_batch_size", "train.gradient_accumulation", "train.lr",
-    "train.max_new_tokens", "train.save_every", "eval.k", "eval.max_new_tokens", "eval.batch_size",
+    "train.max_new_tokens", "train.save_every", "train.sft_epochs", "eval.k", "eval.max_new_tokens", "eval.batch_size",
     "sample.temperature", "train.temperature",
 }
 

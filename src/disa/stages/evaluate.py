@@ -1,0 +1,256 @@
+"""Evaluation: ``k`` samples per prompt from a policy, verified; Mean@k, unbiased pass@k, distinct correct answers.
+
+Orchestration and I/O only: every number comes from :mod:`disa.metrics`. A sample counts as *correct* when its
+reward is at least ``correct_threshold`` (1.0: the verifiers are binary, and the code verifier's partial credit
+reaches 1 only when every test passes). Writes into ``out_dir``:
+
+    eval.json              {"summary": {...}, "prompts": [one row per prompt]}
+    eval.md                the summary and the per-prompt rows as markdown tables
+    eval_samples.parquet   one row per sample (``EVAL_SCHEMA``): what every number above is computed from
+
+Sampling: prompts are rendered with the policy's tokenizer (its chat template, as in Stages 1 and 3) and drawn in
+batches of ``batch_size`` prompts; batch ``b`` uses seed ``seed + b``, so a rerun on the same hardware draws the same
+samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from disa import metrics
+from disa.data import PromptRecord, render_prompt
+from disa.generation import Generator
+
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+EVAL_SAMPLES = "eval_samples.parquet"
+
+EVAL_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("reward", pa.float64()),
+        ("correct", pa.bool_()),
+        ("logprob", pa.float64()),
+        ("response_len", pa.int32()),
+        ("finish_reason", pa.string()),
+    ]
+)
+
+__all__ = ["run_evaluation", "summarize", "format_markdown", "EVAL_JSON", "EVAL_MD", "EVAL_SAMPLES", "EVAL_SCHEMA"]
+
+
+def _resolve_verifier(verifier: Union[str, Callable]) -> tuple[Callable, str]:
+    if callable(verifier):
+        return verifier, getattr(verifier, "__name__", "custom")
+    from disa.verifiers import get_verifier
+
+    return get_verifier(verifier), verifier
+
+
+def _columns(records: Sequence[PromptRecord], k: int) -> dict[str, list]:
+    """Per-completion verifier columns (each record's value repeated ``k`` times), TRL's keyword convention."""
+    keys: list[str] = []
+    for r in records:
+        keys += [key for key in r.verifier_columns() if key not in keys]
+    return {key: [r.verifier_columns().get(key) for r in records for _ in range(k)] for key in keys}
+
+
+def _rewards(values: Any, expected: int, name: str) -> list[float]:
+    values = list(values)
+    if len(values) != expected:
+        raise ValueError(f"verifier {name!r} returned {len(values)} rewards for {expected} completions")
+    out = []
+    for i, v in enumerate(values):
+        if v is None or not math.isfinite(float(v)):
+            raise ValueError(f"verifier {name!r} returned a non-finite reward {v!r} for completion {i}")
+        out.append(float(v))
+    return out
+
+
+def summarize(
+    prompt_ids: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    rewards: Sequence[Sequence[float]],
+    k: int,
+    pass_at: Sequence[int],
+    correct_threshold: float = 1.0,
+) -> tuple[dict, list[dict]]:
+    """Summary dict and per-prompt rows from each prompt's ``k`` responses and rewards (in sampling order).
+
+    Summary keys: ``prompts``, ``k``, ``mean_at_k`` (Mean@k), ``pass_at`` (``{"1": pass@1, ...}``, unbiased),
+    ``distinct_correct`` (mean number of distinct correct responses per prompt), ``mean_reward``.
+    """
+    if not prompt_ids:
+        raise ValueError("no prompts to evaluate")
+    correct = [[r >= correct_threshold for r in row] for row in rewards]
+    num_correct = [sum(row) for row in correct]
+    num_samples = [len(row) for row in correct]
+    per_mean = metrics.mean_at_k_per_problem([[float(c) for c in row] for row in correct], k)
+    distinct = [metrics.distinct_correct(list(texts), row) for texts, row in zip(responses, correct)]
+    rows = []
+    for i, pid in enumerate(prompt_ids):
+        rows.append({
+            "prompt_id": pid,
+            "num_samples": num_samples[i],
+            "num_correct": num_correct[i],
+            "mean_at_k": float(per_mean[i]),
+            "pass_at": {str(kk): metrics.pass_at_k(num_samples[i], num_correct[i], kk) for kk in pass_at},
+            "distinct_correct": distinct[i],
+            "mean_reward": float(sum(rewards[i]) / len(rewards[i])),
+        })
+    summary = {
+        "prompts": len(prompt_ids),
+        "k": k,
+        "mean_at_k": metrics.mean_at_k([[float(c) for c in row] for row in correct], k),
+        "pass_at": {str(kk): metrics.mean_pass_at_k(num_samples, num_correct, kk) for kk in pass_at},
+        "distinct_correct": float(sum(distinct) / len(distinct)),
+        "mean_reward": float(sum(sum(r) for r in rewards) / sum(num_samples)),
+        "correct_threshold": correct_threshold,
+    }
+    return summary, rows
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def format_markdown(summary: dict, rows: list[dict]) -> str:
+    """``eval.md``: a summary table and a per-prompt table."""
+    k = summary["k"]
+    pass_keys = list(summary["pass_at"])
+    lines = ["# Evaluation", ""]
+    info = [f"policy `{summary.get('policy', '?')}`", f"{summary['prompts']} prompts", f"k = {k} samples per prompt"]
+    if "temperature" in summary:
+        info.append(f"temperature {summary['temperature']}, top-p {summary['top_p']}, seed {summary['seed']}")
+    lines += [", ".join(info), "", "| metric | value |", "|---|---|", f"| Mean@{k} | {summary['mean_at_k']:.4f} |"]
+    lines += [f"| pass@{kk} | {summary['pass_at'][kk]:.4f} |" for kk in pass_keys]
+    lines += [
+        f"| distinct correct answers per prompt | {summary['distinct_correct']:.3f} |",
+        f"| mean reward | {summary['mean_reward']:.4f} |",
+    ]
+    if "truncated_frac" in summary:
+        lines.append(f"| truncated responses | {summary['truncated_frac']:.3f} |")
+    lines += ["", "## Per prompt", ""]
+    header = ["prompt", "correct", f"Mean@{k}"] + [f"pass@{kk}" for kk in pass_keys] + ["distinct correct"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [_md_cell(row["prompt_id"]), f"{row['num_correct']}/{row['num_samples']}", f"{row['mean_at_k']:.3f}"]
+        cells += [f"{row['pass_at'][kk]:.3f}" for kk in pass_keys] + [str(row["distinct_correct"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_evaluation(
+    prompts: Sequence[PromptRecord],
+    *,
+    generator: Generator,
+    verifier: Union[str, Callable],
+    out_dir: Union[str, os.PathLike],
+    k: int,
+    pass_at: Sequence[int] = (1,),
+    max_new_tokens: int = 512,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    tokenizer=None,
+    verifier_kwargs: Optional[dict] = None,
+    correct_threshold: float = 1.0,
+    policy: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
+    """Draw ``k`` samples per prompt with ``generator``, verify them, write ``eval.json`` / ``eval.md`` /
+    ``eval_samples.parquet`` into ``out_dir`` and return the summary (see :func:`summarize`).
+
+    ``tokenizer`` renders the prompts (default: the generator's). ``verifier``: a registry name or a reward
+    function with TRL's signature. ``policy``: a label for the report (e.g. the checkpoint folder).
+    """
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    bad = [kk for kk in pass_at if not (isinstance(kk, int) and 1 <= kk <= k)]
+    if bad:
+        raise ValueError(f"pass_at: every k must be an integer in [1, k={k}], got {list(pass_at)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    verifier_fn, verifier_name = _resolve_verifier(verifier)
+    tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    texts = [render_prompt(r, tokenizer) for r in prompts]
+
+    columns: dict[str, list] = {name: [] for name in EVAL_SCHEMA.names}
+    responses: list[list[str]] = []
+    rewards: list[list[float]] = []
+    bar = tqdm(total=len(prompts), desc="eval", unit="prompt", disable=None if progress else True)
+    try:
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            records, chunk = prompts[start : start + batch_size], texts[start : start + batch_size]
+            groups = generator.generate(
+                chunk, k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed + b
+            )
+            if len(groups) != len(chunk) or any(len(g) != k for g in groups):
+                raise RuntimeError(f"generator returned {[len(g) for g in groups]} samples per prompt, expected {k}")
+            flat = [s for g in groups for s in g]
+            values = _rewards(
+                verifier_fn([t for t in chunk for _ in range(k)], [s.text for s in flat], **_columns(records, k),
+                            **(verifier_kwargs or {})),
+                len(flat), verifier_name,
+            )
+            for i, record in enumerate(records):
+                group, group_rewards = groups[i], values[i * k : (i + 1) * k]
+                responses.append([s.text for s in group])
+                rewards.append(group_rewards)
+                for j, (s, r) in enumerate(zip(group, group_rewards)):
+                    for name, value in (
+                        ("prompt_id", record.id), ("sample_idx", j), ("prompt", chunk[i]), ("response", s.text),
+                        ("reward", r), ("correct", r >= correct_threshold), ("logprob", float(s.logprob)),
+                        ("response_len", len(s.response_ids)), ("finish_reason", s.finish_reason),
+                    ):
+                        columns[name].append(value)
+            bar.update(len(records))
+            bar.set_postfix(correct=f"{sum(columns['correct']) / max(1, len(columns['correct'])):.3f}")
+    finally:
+        bar.close()
+
+    summary, rows = summarize([r.id for r in prompts], responses, rewards, k, list(pass_at), correct_threshold)
+    n = len(columns["finish_reason"])
+    summary.update({
+        "samples": n,
+        "truncated_frac": columns["finish_reason"].count("length") / n,
+        "response_length_mean": sum(columns["response_len"]) / n,
+        "policy": policy,
+        "verifier": verifier_name,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    })
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pa.table(columns, schema=EVAL_SCHEMA)
+    tmp = out_dir / (EVAL_SAMPLES + ".tmp")
+    pq.write_table(table, str(tmp))
+    os.replace(tmp, out_dir / EVAL_SAMPLES)
+    _write_text(out_dir / EVAL_JSON, json.dumps({"summary": summary, "prompts": rows}, indent=2) + "\n")
+    _write_text(out_dir / EVAL_MD, format_markdown(summary, rows))
+    return summary

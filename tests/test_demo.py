@@ -39,13 +39,15 @@ def test_summarize_mean_and_sample_std():
 def test_run_demo_quick_numbers_match_its_own_artefacts(tmp_path):
     settings = dataclasses.replace(QUICK_SETTINGS, num_steps=2, fit_epochs=20, sft_epochs=1)
     out = tmp_path / "demo"
-    results = run_demo(str(out), quick=True, seeds=1, methods=["disa", "grpo", "sft"],
-                       cache_dir=str(tmp_path / "cache"), settings=settings)
+    methods = ["disa", "grpo", "sft", "disa_affine"]
+    results = run_demo(str(out), quick=True, seeds=1, methods=methods, cache_dir=str(tmp_path / "cache"),
+                       settings=settings)
 
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["methods"] == ["disa", "grpo", "sft"]
+    assert on_disk["methods"] == methods
     markdown = (out / "results.md").read_text()
-    for row in ("| **disa** |", "| **grpo** |", "| **sft** |", "| pi* (target) |", "strong q / lse", "weak (pi_ref) / geometric"):
+    for row in ("| **disa** |", "| **grpo** |", "| **sft** |", "| pi* (target) |", "strong q / lse", "weak (pi_ref) / geometric",
+                "| **disa_affine** |", "| pi* (frozen affine r~) |"):
         assert row in markdown
     for plot in ("methods.png", "reward_curves.png", "stage1_labels.png"):
         assert (out / "plots" / plot).stat().st_size > 1000
@@ -67,11 +69,23 @@ def test_run_demo_quick_numbers_match_its_own_artefacts(tmp_path):
     assert lse_row["rmse"] == pytest.approx(float(np.sqrt(np.mean(err**2))), rel=1e-6)
     assert lse_row["bias"] == pytest.approx(float(err.mean()), rel=1e-6, abs=1e-9)
 
+    # the affine row is scored against the exact Z of the (a, b) frozen in labels_affine.parquet
+    affine = pq.read_table(out / "seed0" / "stage1_strong" / "labels_affine.parquet").to_pandas()
+    affine = affine.set_index("prompt_id").loc[[f"train-{i}" for i in range(len(tb.train_prompts))]]
+    exact_affine = np.array([
+        log_z_from_logprobs(correct_logprobs(ref, tb.tokenizer, p), settings.beta, (b, a + b))
+        for p, a, b in zip(tb.train_prompts, affine["reward_scale"], affine["reward_shift"])
+    ])
+    affine_row = results["runs"][0]["stage1"][2]
+    assert (affine_row["proposal"], affine_row["label"]) == ("strong q", "lse, affine r~")
+    assert affine_row["bias"] == pytest.approx(float(np.mean(affine["log_z"].to_numpy() - exact_affine)), rel=1e-6)
+    assert results["runs"][0]["methods"]["disa_affine"]["log_z"] == pytest.approx(float(exact_affine.mean()), rel=1e-6)
+
     # Stage 3: the untrained reference row is exact; every method has every metric, in range
     ref_row = results["reference"]["pi_ref"]
     assert ref_row["log_z"] == pytest.approx(float(exact.mean()), rel=1e-6)
     assert ref_row["p_correct_target"] > ref_row["p_correct"]  # beta > 0 tilts towards correct answers
-    for method in ("disa", "grpo", "sft"):
+    for method in methods:
         m = results["runs"][0]["methods"][method]
         assert 0 <= m["p_correct"] <= 1 and 0 <= m["tv"] <= 1 and m["kl_target_policy"] >= 0
         assert 0 <= m["heldout_p_correct"] <= 1 and m["wall_s"] > 0

@@ -49,7 +49,15 @@ from disa.trainer import RLTrainer, TrainConfig
 from disa.verifiers import get_verifier
 
 METHODS = ("disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft")
-TRAJECTORY_BALANCE = ("disa", "flowrl", "flowrl_no_logz")
+# DISA with its log Z read from elsewhere, to tell Stage 1's error from Stage 2's: the Stage 1 labels
+# themselves (no regressor), and the exact log Z (an oracle only a testbed has). Not run unless asked.
+ABLATIONS = ("disa_labels", "disa_exact")
+# The reward transform study: r~ = a(x) r + b(x) with (a, b) frozen from the proposal's group (Stage 1 and
+# Stage 3 agree, so the exact Z exists) vs the group plug-in recomputed on each policy group (FlowRL, the
+# paper). Both read log Z from the Stage 1 labels under the frozen transform and are scored against the
+# pi* of that transform.
+TRANSFORM_STUDY = {"disa_affine": "affine", "disa_group": "group"}
+TRAJECTORY_BALANCE = ("disa", "disa_labels", "disa_exact", *TRANSFORM_STUDY, "flowrl", "flowrl_no_logz")
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,7 @@ class PromptTruth:
     ref_logp: np.ndarray  # (K,) float64
 
     def log_z(self, beta: float, reward_values=(0.0, 1.0)) -> float:
+        """Exact log Z; ``reward_values`` = (r~ of a wrong answer, r~ of a right one)."""
         return log_z_from_logprobs(self.ref_logp, beta, reward_values)
 
 
@@ -102,14 +111,19 @@ def prompt_truths(prompts, ref_model, tokenizer, id_prefix: str) -> list[PromptT
     return out
 
 
-def exact_policy_metrics(policy, tokenizer, truths: Sequence[PromptTruth], beta: float, k: int) -> dict[str, float]:
-    """Mean over prompts of :func:`disa.testbed.exact_metrics` (the policy scored on every correct answer)."""
+def exact_policy_metrics(
+    policy, tokenizer, truths: Sequence[PromptTruth], beta: float, k: int, reward_values: Optional[list] = None
+) -> dict[str, float]:
+    """Mean over prompts of :func:`disa.testbed.exact_metrics` (the policy scored on every correct answer).
+
+    ``reward_values``: per prompt (r~ wrong, r~ right) defining pi*; default the raw reward (0, 1)."""
     rows = []
     policy.eval()
     with torch.inference_mode():
-        for t in truths:
+        for i, t in enumerate(truths):
             logp = correct_logprobs(policy, tokenizer, t.text, t.responses)
-            rows.append(exact_metrics(logp, t.ref_logp, t.strategy_labels, beta, k=k))
+            values = reward_values[i] if reward_values is not None else (0.0, 1.0)
+            rows.append(exact_metrics(logp, t.ref_logp, t.strategy_labels, beta, values, k=k))
     return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
 
@@ -133,22 +147,38 @@ def run_stage1(model, ref_model, tokenizer, truths, settings: DemoSettings, out_
                  ref_model=ref_model, ref_tokenizer=tokenizer, proposal_model=model, proposal_tokenizer=tokenizer,
                  shard_size=64, max_new_tokens=settings.max_new_tokens, seed=seed, score_batch_size=64,
                  progress=False)
-    table = run_labelling(str(out_dir / "samples"), beta=settings.beta, reward_transform="raw").to_pydict()
-    index = {pid: i for i, pid in enumerate(table["prompt_id"])}
-    order = [index[t.id] for t in truths]
-    labels = {k: np.asarray(v)[order] for k, v in table.items() if k != "prompt_id"}
+    labels = {}
+    for transform, suffix in (("raw", ""), ("affine", "_affine")):
+        table = run_labelling(str(out_dir / "samples"), beta=settings.beta, reward_transform=transform,
+                              out_path=str(out_dir / f"labels{suffix}.parquet")).to_pydict()
+        index = {pid: i for i, pid in enumerate(table["prompt_id"])}
+        order = [index[t.id] for t in truths]
+        labels.update({k + suffix: np.asarray(v)[order] for k, v in table.items() if k != "prompt_id"})
     samples = pq.read_table(out_dir / "samples").to_pydict()
     labels["correct_pairs"] = [(p, r) for p, r, w in zip(samples["prompt"], samples["response"], samples["reward"]) if w == 1.0]
     return labels
 
 
-def stage1_rows(labels: dict, exact: np.ndarray, proposal: str) -> list[dict]:
-    common = {"proposal": proposal, "mean_ess": float(np.mean(labels["ess"])),
-              "reward_rate": float(np.mean(labels["reward_rate"])),
-              "mean_max_weight": float(np.mean(labels["max_weight"]))}
+def affine_reward_values(labels: dict) -> list[tuple[float, float]]:
+    """Per prompt (r~ wrong, r~ right) = (b, a + b) of the frozen affine transform in the labels."""
+    return [(float(b), float(a + b)) for a, b in zip(labels["reward_scale_affine"], labels["reward_shift_affine"])]
+
+
+def stage1_rows(labels: dict, truths: Sequence[PromptTruth], beta: float, proposal: str) -> list[dict]:
+    """Label errors against the exact log Z: raw reward (LSE, geometric), and the frozen affine r~ of this
+    proposal's own groups (whose exact Z exists because (a, b) are fixed)."""
+    exact = np.array([t.log_z(beta) for t in truths])
+    exact_affine = np.array([t.log_z(beta, v) for t, v in zip(truths, affine_reward_values(labels))])
+
+    def diagnostics(suffix: str) -> dict:
+        return {"proposal": proposal, "mean_ess": float(np.mean(labels["ess" + suffix])),
+                "reward_rate": float(np.mean(labels["reward_rate" + suffix])),
+                "mean_max_weight": float(np.mean(labels["max_weight" + suffix]))}
+
     return [
-        {**common, "label": "lse", **label_errors(labels["log_z"], exact)},
-        {**common, "label": "geometric", **label_errors(labels["log_z_geometric"], exact)},
+        {**diagnostics(""), "label": "lse", **label_errors(labels["log_z"], exact)},
+        {**diagnostics(""), "label": "geometric", **label_errors(labels["log_z_geometric"], exact)},
+        {**diagnostics("_affine"), "label": "lse, affine r~", **label_errors(labels["log_z_affine"], exact_affine)},
     ]
 
 
@@ -165,21 +195,31 @@ def run_stage2(ref_model, tokenizer, truths, labels: np.ndarray, settings: DemoS
 # ==================================================================================================
 # Stage 3
 # ==================================================================================================
+class LookupLogZ:
+    """A frozen ``log_z_fn`` that reads a fixed value per prompt id (Stage 1 labels, or the exact log Z)."""
+
+    def __init__(self, values: dict[str, float]):
+        self.values = dict(values)
+
+    def __call__(self, texts: Sequence[str], ids: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self.values[i] for i in ids], dtype=torch.float32)
+
+
 def train_config(method: str, settings: DemoSettings, seed: int, output_dir: Path) -> TrainConfig:
     """One budget for every RL objective; the trajectory-balance ones target the exact pi* (raw reward,
     trajectory-level log-probs, on-policy weights), the reward maximisers use their usual defaults."""
     kwargs = {"beta": settings.beta, "length_normalize": False} if method in TRAJECTORY_BALANCE else {}
     return TrainConfig(
-        objective=method, objective_kwargs=kwargs, group_size=settings.group_size,
+        objective="disa" if method.startswith("disa") else method, objective_kwargs=kwargs, group_size=settings.group_size,
         prompts_per_step=settings.prompts_per_step, num_steps=settings.num_steps, updates_per_batch=1,
         micro_batch_size=settings.micro_batch_size, lr=settings.lr, logz_lr=settings.logz_lr,
         max_new_tokens=settings.max_new_tokens, generation_batch_size=settings.prompts_per_step,
-        reward_transform="raw", output_dir=str(output_dir), save_every=0, keep_checkpoints=1, seed=seed,
+        reward_transform=TRANSFORM_STUDY.get(method, "raw"), output_dir=str(output_dir), save_every=0, keep_checkpoints=1, seed=seed,
     )
 
 
 def train_method(method: str, load_policy, ref_model, tokenizer, truths, settings: DemoSettings, seed: int,
-                 out_dir: Path, log_z_fn=None, sft_pairs=None):
+                 out_dir: Path, log_z_fn=None, sft_pairs=None, affine=None):
     """Train one method from a fresh copy of pi_ref; returns ``(policy, history)``."""
     policy = load_policy()
     if method == "sft":
@@ -189,7 +229,8 @@ def train_method(method: str, load_policy, ref_model, tokenizer, truths, setting
     prompts = [{"id": t.id, "text": t.text} for t in truths]
     trainer = RLTrainer(policy, ref_model, tokenizer, prompts, get_verifier("countdown"),
                         train_config(method, settings, seed, out_dir),
-                        log_z_fn=log_z_fn if method == "disa" else None)
+                        log_z_fn=log_z_fn if method.startswith("disa") else None,
+                        affine=affine if method == "disa_affine" else None)
     history = trainer.train()
     return trainer.policy, history
 
@@ -207,9 +248,10 @@ def run_demo(
 ) -> dict:
     """Run the demo (module docstring); returns the results dict also written to ``out_dir/results.json``."""
     methods = list(methods or METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    known = METHODS + ABLATIONS + tuple(TRANSFORM_STUDY)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
+        raise ValueError(f"methods: unknown {unknown}; choose from {list(known)}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     settings = settings or (QUICK_SETTINGS if quick else FULL_SETTINGS)
@@ -240,7 +282,8 @@ def run_demo(
         t0 = time.perf_counter()
         strong = run_stage1(proposal, ref, tokenizer, train_truth, settings, seed_dir / "stage1_strong", seed)
         weak = run_stage1(ref, ref, tokenizer, train_truth, settings, seed_dir / "stage1_weak", seed)
-        run["stage1"] = stage1_rows(strong, exact_train, "strong q") + stage1_rows(weak, exact_train, "weak (pi_ref)")
+        run["stage1"] = [row for labels, name in ((strong, "strong q"), (weak, "weak (pi_ref)"))
+                         for row in stage1_rows(labels, train_truth, settings.beta, name)]
         run["stage1_seconds"] = time.perf_counter() - t0
         _say(f"seed {seed} stage 1: " + "; ".join(
             f"{r['proposal']} {r['label']} RMSE {r['rmse']:.3f} bias {r['bias']:+.3f}" for r in run["stage1"]))
@@ -252,13 +295,22 @@ def run_demo(
         _say(f"seed {seed} stage 2: held-out MSE {report.val_mse:.4f} (predict-the-mean {report.baseline_val_mse:.4f}), "
              f"RMSE vs exact log Z {run['stage2']['exact_rmse']:.3f}")
         run["curves"] = {}
+        log_z_sources = {
+            "disa": frozen,
+            "disa_labels": LookupLogZ({t.id: float(v) for t, v in zip(train_truth, strong["log_z"])}),
+            "disa_exact": LookupLogZ({t.id: float(v) for t, v in zip(train_truth, exact_train)}),
+            **dict.fromkeys(TRANSFORM_STUDY, LookupLogZ({t.id: float(v) for t, v in zip(train_truth, strong["log_z_affine"])})),
+        }
+        affine_values = affine_reward_values(strong)  # the strong proposal's frozen (a, b): they define pi*_affine
+        affine = {t.id: (v[1] - v[0], v[0]) for t, v in zip(train_truth, affine_values)}
         for method in methods:
             t0 = time.perf_counter()
             policy, history = train_method(
                 method, tb.load_ref, ref, tokenizer, train_truth, settings, seed, seed_dir / method,
-                log_z_fn=frozen, sft_pairs=strong["correct_pairs"])
+                log_z_fn=log_z_sources.get(method), sft_pairs=strong["correct_pairs"], affine=affine)
             seconds = time.perf_counter() - t0
-            metrics = exact_policy_metrics(policy, tokenizer, train_truth, settings.beta, settings.k)
+            target = affine_values if method in TRANSFORM_STUDY else None
+            metrics = exact_policy_metrics(policy, tokenizer, train_truth, settings.beta, settings.k, target)
             metrics["heldout_p_correct"] = exact_policy_metrics(policy, tokenizer, eval_truth, settings.beta, settings.k)["p_correct"]
             metrics["wall_s"] = seconds
             run["methods"][method] = metrics
@@ -350,15 +402,24 @@ def results_markdown(results: dict) -> str:
     for name, row in results["reference"].items():
         cells = [f"{row[key.format(k=k)]:.3f}" if key.format(k=k) in row else "" for key, _ in METRIC_COLUMNS]
         lines.append(f"| {name} (no training) | " + " | ".join(cells) + " |")
-    target = results["reference"]["pi_ref"]
-    target_cells = [f"{target[key.format(k=k) + '_target']:.3f}" if key.format(k=k) + "_target" in target else ""
-                    for key, _ in METRIC_COLUMNS]
-    target_cells[1] = target_cells[2] = "0"
-    lines.append("| pi* (target) | " + " | ".join(target_cells) + " |")
-    for method, stats in summary["methods"].items():
-        digits = {"wall_s": 0}
-        lines.append(f"| **{method}** | " + " | ".join(
-            _fmt(stats[key.format(k=k)], digits.get(key, 3)) for key, _ in METRIC_COLUMNS) + " |")
+    lines.append(_target_row("pi* (target)", {key: v for key, v in results["reference"]["pi_ref"].items()}, k))
+    lines += [_method_row(m, stats, k) for m, stats in summary["methods"].items() if m not in TRANSFORM_STUDY]
+    study = [m for m in summary["methods"] if m in TRANSFORM_STUDY]
+    if study:
+        first = summary["methods"][study[0]]
+        lines += [
+            "",
+            "## Reward transform: frozen affine r~ vs the group plug-in (against pi* of the frozen affine r~)",
+            "",
+            "Both read log Z from the strong proposal's Stage 1 labels under r~ = a(x) r + b(x), with (a, b) the "
+            "proposal group's normalisation frozen per prompt; `disa_affine` uses that r~ in Stage 3 too, "
+            "`disa_group` recomputes the normalisation on each policy group, as FlowRL does.",
+            "",
+            "| method | " + " | ".join(name.format(k=k) for _, name in METRIC_COLUMNS) + " |",
+            "|---|" + "---:|" * len(METRIC_COLUMNS),
+            _target_row("pi* (frozen affine r~)", {key: v["mean"] for key, v in first.items()}, k),
+            *[_method_row(m, summary["methods"][m], k) for m in study],
+        ]
     lines += [
         "",
         "## Stage 1: label error against the exact log Z (training prompts)",
@@ -386,6 +447,24 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _method_row(method: str, stats: dict, k: int) -> str:
+    digits = {"wall_s": 0}
+    return f"| **{method}** | " + " | ".join(
+        _fmt(stats[key.format(k=k)], digits.get(key, 3)) for key, _ in METRIC_COLUMNS) + " |"
+
+
+def _target_row(name: str, metrics: dict, k: int) -> str:
+    """The target's own numbers, read from the ``*_target`` entries of an exact-metrics dict."""
+    cells = []
+    for key, _ in METRIC_COLUMNS:
+        key = key.format(k=k)
+        if key in ("kl_target_policy", "tv"):
+            cells.append("0")
+        else:
+            cells.append(f"{metrics[key + '_target']:.3f}" if key + "_target" in metrics else "")
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def write_plots(results: dict, plot_dir: Path) -> None:
     import matplotlib
 
@@ -394,7 +473,7 @@ def write_plots(results: dict, plot_dir: Path) -> None:
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     k = results["settings"]["k"]
-    methods = list(results["summary"]["methods"])
+    methods = [m for m in results["summary"]["methods"] if m not in TRANSFORM_STUDY]  # other target
     panels = [("p_correct", "accuracy"), ("kl_target_policy", "KL(pi* || pi)"), ("tv", "TV to pi*"),
               (f"distinct_correct@{k}", f"distinct correct @{k}")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))

@@ -95,20 +95,22 @@ class TestbedConfig:
 
     __test__ = False  # not a pytest class, despite the name
 
-    n_train_prompts: int = 256
-    n_eval_prompts: int = 64
+    # few prompts, seen often: the models memorise per-prompt answers, and with 256 prompts neither pi_ref nor
+    # q got past ~7% correct in 2000 steps (measured); with 96, q is right about twice as often as pi_ref
+    n_train_prompts: int = 96
+    n_eval_prompts: int = 32
     n_embd: int = 64  # model width
     n_layer: int = 4
     n_head: int = 4
     n_positions: int = 40  # longest prompt (15) + longest response (11) + EOS fits with room
     ref_steps: int = 2000  # optimizer steps for pi_ref
-    proposal_steps: int = 500  # extra fine-tuning steps for q, starting from pi_ref
+    proposal_steps: int = 1500  # extra fine-tuning steps for q, starting from pi_ref
     batch_size: int = 64
     lr: float = 3e-3
     familiarity_levels: tuple[float, ...] = (0.0, 0.1, 0.3, 0.6)  # per-prompt P(show a correct answer)
     strategy_skew: float = 0.3  # weight of the k-th ranked strategy in pi_ref's correct answers: skew**k
     proposal_correct_frac: float = 0.85  # share of q's fine-tuning data that is correct
-    proposal_lr_scale: float = 0.3  # q's fine-tuning learning rate, relative to lr
+    proposal_lr_scale: float = 1.0  # q's fine-tuning learning rate, relative to lr
     seed: int = 0
 
     def __post_init__(self):
@@ -145,6 +147,7 @@ QUICK_CONFIG = TestbedConfig(
     batch_size=32,
     lr=1e-2,
     familiarity_levels=(0.3, 0.6),
+    proposal_lr_scale=0.3,
 )
 
 

@@ -313,3 +313,77 @@ def test_bad_beta(beta):
         log_importance_weights(z, z, z, beta)
     with pytest.raises(ValueError, match="beta"):
         label_prompts(z, z, z, beta)
+
+
+# --------------------------------------------------------------------------- gaps found in the audit
+@pytest.mark.parametrize("kind", ["raw", "affine", "group"])
+def test_all_zero_reward_prompt_with_a_different_proposal_and_extreme_ratios(kind):
+    """Every sample of prompt 0 has reward 0 and log pi_ref - log q spans +-1e4: the transformed reward is 0 for
+    every transform (zero-variance group), so the label is the plain IS estimate of sum pi_ref/q, finite."""
+    logp_ref = t([[-1.0, -5.0, -1e4, -2.0], [-1.0, -2.0, -3.0, -4.0]])
+    logp_q = t([[-1e4, -2.0, -3.0, -2.0], [-2.0, -2.0, -2.0, -2.0]])
+    raw = t([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    scale, shift = fit_affine_transform(raw)
+    r_tilde = transform_rewards(kind, raw, scale=scale, shift=shift)
+    assert torch.equal(r_tilde[0], torch.zeros(4, dtype=F64))
+    labels = label_prompts(logp_ref, logp_q, r_tilde, beta=15.0, raw_rewards=raw)
+    for key in ("log_z", "log_z_geometric", "ess", "max_weight", "reward_rate"):
+        assert bool(torch.isfinite(labels[key]).all()), key
+    log_w = [-1.0 + 1e4, -3.0, -1e4 + 3.0, 0.0]  # log pi_ref - log q
+    top = max(log_w)
+    expected = top + math.log(sum(math.exp(v - top) for v in log_w)) - math.log(4)
+    assert float(labels["log_z"][0]) == pytest.approx(expected, rel=1e-15)
+    assert float(labels["log_z_geometric"][0]) == pytest.approx(sum(log_w) / 4, abs=1e-9)
+    assert float(labels["ess"][0]) == pytest.approx(1.0, rel=1e-12)
+    assert float(labels["max_weight"][0]) == pytest.approx(1.0, rel=1e-12)
+    assert float(labels["reward_rate"][0]) == 0.0 and float(labels["reward_rate"][1]) == 0.5
+
+
+def test_every_sample_reward_zero_and_q_equals_ref_gives_log_z_zero_for_every_beta():
+    logp = t([[-3.0, -1e4, -0.5], [-7.0, -2.0, -1.0]])
+    for beta in (0.1, 15.0, 1e3):
+        labels = label_prompts(logp, logp.clone(), torch.zeros(2, 3, dtype=F64), beta=beta)
+        assert torch.equal(labels["log_z"], torch.zeros(2, dtype=F64))  # Z = 1 exactly when r~ = 0 everywhere
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_reward_transforms_reject_non_finite_rewards(bad):
+    rewards = t([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    rewards[1, 1] = bad
+    scale, shift = t([1.0, 1.0]), t([0.0, 0.0])
+    with pytest.raises(ValueError, match=r"rewards has a non-finite value .* at index \(1, 1\)"):
+        affine_transform(rewards, scale, shift)
+    with pytest.raises(ValueError, match=r"rewards has a non-finite value .* at index \(1, 1\)"):
+        fit_affine_transform(rewards)
+    with pytest.raises(ValueError, match=r"rewards has a non-finite value .* at index \(1, 1\)"):
+        group_normalize(rewards)
+    with pytest.raises(ValueError, match=r"rewards has a non-finite value .* at index \(1, 1\)"):
+        reward_rate(rewards)
+    for kind in ("affine", "group"):
+        with pytest.raises(ValueError, match="rewards has a non-finite value"):
+            transform_rewards(kind, rewards, scale=scale, shift=shift)
+
+
+def test_reward_transform_shape_and_empty_group_errors():
+    with pytest.raises(ValueError, match=r"rewards must have shape \(P, N\)"):
+        fit_affine_transform(torch.zeros(3, dtype=F64))
+    with pytest.raises(ValueError, match=r"rewards must have shape \(P, N\)"):
+        affine_transform(torch.zeros(3, dtype=F64), t([1.0]), t([0.0]))
+    with pytest.raises(ValueError, match=r"shape mismatch.*mask"):
+        fit_affine_transform(torch.zeros(2, 3, dtype=F64), mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[0\] have no samples"):
+        fit_affine_transform(torch.zeros(2, 3, dtype=F64), mask=torch.tensor([[0, 0, 0], [1, 1, 0]], dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] have no samples"):
+        reward_rate(torch.zeros(2, 3, dtype=F64), mask=torch.tensor([[1, 0, 0], [0, 0, 0]], dtype=torch.bool))
+
+
+@pytest.mark.parametrize("fn", [effective_sample_size, max_weight_share, log_z_geometric])
+def test_diagnostics_reject_non_finite_log_w(fn):
+    with pytest.raises(ValueError, match=r"log_w has a non-finite value inf at index \(0, 1\)"):
+        fn(t([[0.0, math.inf]]))
+
+
+def test_beta_bool_is_rejected():
+    z = torch.zeros(1, 2, dtype=F64)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        log_importance_weights(z, z, z, True)

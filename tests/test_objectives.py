@@ -438,3 +438,187 @@ def test_bad_token_inputs(batch):
         grpo_loss(**base, ref_logp=inp["ref_logp"], kl_coef=-0.1)
     with pytest.raises(ValueError, match=r"mask must have shape \(B, T\)"):
         sft_loss(logp=inp["logp"], mask=inp["mask"][0])
+
+
+# --------------------------------------------------------------------------- every aggregation / KL, GSPO and ASPO
+def np_gspo_token_loss(b, low, high):
+    s = np.exp(seq(b["logp"] - b["old_logp"], normalize=True))
+    a = b["advantages"]
+    per_rollout = -np.minimum(s * a, np.clip(s, 1 - low, 1 + high) * a)
+    return np.repeat(per_rollout[:, None], MASK.shape[1], axis=1)  # every token carries its rollout's value
+
+
+def np_aspo_token_loss(b, low=0.2, high=0.28, c_neg=3.0, c_pos=3.0):
+    rho = np.exp(b["logp"] - b["old_logp"])
+    a = b["advantages"][:, None] * np.ones_like(rho)
+    rho_neg = np.maximum(rho, 1 - low)
+    neg = np.where(rho_neg > c_neg, -a * c_neg * b["logp"], -a * rho_neg)
+    rho_pos = np.minimum(rho, 1 + high)
+    pos = np.where(1 / rho_pos > c_pos, -a * c_pos * b["logp"], -a / rho_pos)
+    return np.where(a < 0, neg, np.where(a > 0, pos, 0.0))
+
+
+def np_k3(b):
+    d = b["ref_logp"] - b["logp"]
+    return np.exp(d) - d - 1
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.07])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("name", ["grpo", "gspo", "aspo"])
+def test_policy_gradient_losses_each_aggregation_and_kl(batch, name, aggregation, kl_coef):
+    b = dict(batch)
+    if name == "gspo":  # sequence ratios near 1, inside a clip range wide enough to leave some unclipped
+        b["old_logp"] = b["logp"] - np.array([[0.02, -0.01, 0.05, 0], [-0.03, -0.02, 0.01, 0.0], [0.04, 0, 0, 0]])
+    inp = torch_inputs(b)
+    hp = {"clip_eps": 0.03, "clip_eps_high": 0.03} if name == "gspo" else {}
+    loss, metrics = get_objective(name)(
+        logp=inp["logp"], old_logp=inp["old_logp"], advantages=inp["advantages"], mask=inp["mask"],
+        ref_logp=inp["ref_logp"], kl_coef=kl_coef, aggregation=aggregation, max_len=6, **hp,
+    )
+    if name == "grpo":
+        token_loss = np_grpo_token_loss(b["logp"], b["old_logp"], b["advantages"], 0.2, 0.2)
+    elif name == "gspo":
+        token_loss = np_gspo_token_loss(b, 0.03, 0.03)
+    else:
+        token_loss = np_aspo_token_loss(b)
+    token_loss = token_loss + kl_coef * np_k3(b)
+    assert float(loss.detach()) == pytest.approx(np_aggregate(token_loss, aggregation, max_len=6), rel=1e-12)
+    if kl_coef:
+        assert metrics["kl_ref"] == pytest.approx(np_k3(b)[MASK].mean(), rel=1e-12)
+    else:
+        assert "kl_ref" not in metrics
+
+
+def test_policy_gradient_kl_gradient_is_k3s_for_gspo_and_aspo(batch):
+    """The KL term adds kl_coef * (1 - exp(ref - logp)) per token (token_mean), whatever the surrogate."""
+    kl_coef = 0.3
+    for name in ("gspo", "aspo"):
+        grads = []
+        for coef in (kl_coef, 0.0):
+            inp = torch_inputs(batch)
+            loss, _ = get_objective(name)(logp=inp["logp"], old_logp=inp["old_logp"], advantages=inp["advantages"],
+                                          mask=inp["mask"], ref_logp=inp["ref_logp"], kl_coef=coef,
+                                          aggregation="token_mean")
+            loss.backward()
+            grads.append(inp["logp"].grad.numpy())
+        d = batch["ref_logp"] - batch["logp"]
+        expected = np.where(MASK, kl_coef * (1 - np.exp(d)) / MASK.sum(), 0.0)
+        np.testing.assert_allclose(grads[0] - grads[1], expected, rtol=1e-10, atol=1e-15, err_msg=name)
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+@pytest.mark.parametrize("weight_mode", ["on_policy", "clipped_is"])
+def test_frozen_log_z_gets_no_gradient_in_every_mode(batch, length_normalize, weight_mode):
+    inp = torch_inputs(batch)
+    log_z = torch.tensor(batch["log_z"], dtype=F64, requires_grad=True)
+    for fn, kw in ((disa_loss, {}), (trajectory_balance_loss, {"freeze_log_z": True})):
+        loss, _ = fn(logp=inp["logp"], ref_logp=inp["ref_logp"], old_logp=inp["old_logp"], mask=inp["mask"],
+                     rewards=inp["rewards"], log_z=log_z, beta=2.0, length_normalize=length_normalize,
+                     rollout_weight_mode=weight_mode, **kw)
+        assert loss.grad_fn is not None
+        (grad,) = torch.autograd.grad(loss, [log_z], allow_unused=True)
+        assert grad is None  # no path from the loss to log Z at all, not merely a zero gradient
+    loss, _ = trajectory_balance_loss(logp=inp["logp"], ref_logp=inp["ref_logp"], old_logp=inp["old_logp"],
+                                      mask=inp["mask"], rewards=inp["rewards"], log_z=log_z, beta=2.0,
+                                      freeze_log_z=False, length_normalize=length_normalize,
+                                      rollout_weight_mode=weight_mode)
+    (grad,) = torch.autograd.grad(loss, [log_z])  # the trainable (FlowRL) switch does reach it
+    assert float(grad.abs().sum()) > 0
+
+
+# --------------------------------------------------------------------------- bad input, every objective
+ALL_OBJECTIVES = ("disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft")
+TB_HPARAMS = {"disa": {"beta": 1.0}, "flowrl": {"beta": 1.0}, "flowrl_no_logz": {"beta": 1.0}}
+USES = {  # the inputs each objective reads (grpo/gspo/aspo read ref_logp only with kl_coef > 0)
+    "disa": {"logp", "old_logp", "ref_logp", "rewards", "log_z"},
+    "flowrl": {"logp", "old_logp", "ref_logp", "rewards", "log_z"},
+    "flowrl_no_logz": {"logp", "old_logp", "ref_logp", "rewards"},
+    "grpo": {"logp", "old_logp", "ref_logp", "advantages"},
+    "gspo": {"logp", "old_logp", "ref_logp", "advantages"},
+    "aspo": {"logp", "old_logp", "ref_logp", "advantages"},
+    "sft": {"logp"},
+}
+
+
+def _objective_inputs(batch):
+    inp = torch_inputs(batch, requires_grad=False)
+    inp["log_z"] = torch.tensor(batch["log_z"], dtype=F64)
+    return inp
+
+
+def _call(name, inputs, **extra):
+    hp = dict(TB_HPARAMS.get(name, {}))
+    if name in ("grpo", "gspo", "aspo"):
+        hp["kl_coef"] = 0.1
+    hp.update(extra)
+    return compute_objective(name, inputs=inputs, **hp)
+
+
+@pytest.mark.parametrize("name", ALL_OBJECTIVES)
+def test_every_objective_rejects_bad_token_inputs_naming_them(batch, name):
+    inp = _objective_inputs(batch)
+    assert math.isfinite(float(_call(name, inp)[0]))  # the unmodified batch is fine
+    for arg in sorted(USES[name] & {"logp", "old_logp", "ref_logp"}):
+        with pytest.raises(ValueError, match=rf"{arg} must have the shape of mask \(3, 4\), got \(3, 3\)"):
+            _call(name, {**inp, arg: inp[arg][:, :3]})
+        for bad in (math.nan, math.inf, -math.inf):
+            broken = inp[arg].clone()
+            broken[1, 3] = bad
+            with pytest.raises(ValueError, match=rf"{arg} has a non-finite value .* at index \(1, 3\)"):
+                _call(name, {**inp, arg: broken})
+    for arg in sorted(USES[name] & {"rewards", "advantages", "log_z"}):
+        with pytest.raises(ValueError, match=rf"{arg} must have shape \(3,\), got \(2,\)"):
+            _call(name, {**inp, arg: inp[arg][:2]})
+        broken = inp[arg].clone()
+        broken[0] = math.nan
+        with pytest.raises(ValueError, match=rf"{arg} has a non-finite value nan"):
+            _call(name, {**inp, arg: broken})
+    empty = inp["mask"].clone()
+    empty[1] = False
+    with pytest.raises(ValueError, match=r"rollout\(s\) \[1\] have no response tokens"):
+        _call(name, {**inp, "mask": empty})
+    with pytest.raises(ValueError, match=r"mask has an empty batch"):
+        _call(name, {k: v[:0] for k, v in inp.items()})
+    with pytest.raises(ValueError, match=r"mask must be boolean or 0/1"):
+        _call(name, {**inp, "mask": inp["mask"].long() * 2})
+    # a 0/1 float mask is the same as the boolean one
+    as_float = _call(name, {**inp, "mask": inp["mask"].to(F64)})[0]
+    assert float(as_float) == pytest.approx(float(_call(name, inp)[0]), rel=1e-14)
+
+
+@pytest.mark.parametrize(
+    "name, hparams, match",
+    [
+        ("disa", {"beta": math.nan}, "beta must be a finite number > 0"),
+        ("disa", {"beta": -1.0}, "beta must be a finite number > 0"),
+        ("disa", {"beta": True}, "beta must be a finite number > 0"),
+        ("flowrl", {"beta": 0.0}, "beta must be a finite number > 0"),
+        ("flowrl_no_logz", {"beta": math.inf}, "beta must be a finite number > 0"),
+        ("disa", {"beta": 1.0, "weight_clip": math.nan}, "weight_clip must be > 0"),
+        ("flowrl", {"beta": 1.0, "weight_clip": -1.0}, "weight_clip must be > 0"),
+        ("grpo", {"kl_coef": math.nan}, "kl_coef must be >= 0"),
+        ("gspo", {"kl_coef": math.inf}, "kl_coef must be >= 0"),
+        ("aspo", {"kl_coef": -0.1}, "kl_coef must be >= 0"),
+        ("grpo", {"clip_eps_high": math.nan}, "clip_eps_high > 0"),
+        ("gspo", {"clip_eps": math.nan}, "clip_eps must be in"),
+        ("aspo", {"clip_eps_high": math.nan}, "clip_eps_high=nan"),
+        ("aspo", {"dual_clip_neg": math.nan}, "dual_clip_neg=nan"),
+        ("aspo", {"dual_clip_pos": 0.5}, "dual_clip_pos=0.5"),
+        ("grpo", {"aggregation": "sum"}, "unknown aggregation 'sum'"),
+        ("sft", {"aggregation": "seq_mean"}, "unknown aggregation 'seq_mean'"),
+    ],
+)
+def test_bad_hyperparameters_raise_naming_them(batch, name, hparams, match):
+    inp = _objective_inputs(batch)
+    inp["ref_logp"] = torch_inputs(batch)["ref_logp"]
+    with pytest.raises(ValueError, match=match):
+        compute_objective(name, inputs=inp, **hparams)
+
+
+@pytest.mark.parametrize("max_len", [0, -3, math.nan, True])
+def test_bad_max_len_raises(batch, max_len):
+    inp = torch_inputs(batch)
+    with pytest.raises(ValueError, match="max_len must be None or a number > 0"):
+        grpo_loss(logp=inp["logp"], old_logp=inp["old_logp"], advantages=inp["advantages"], mask=inp["mask"],
+                  aggregation="seq_mean_token_sum_norm", max_len=max_len)

@@ -73,8 +73,14 @@ def hidden_size(model_path: str) -> int:
     return config.get("hidden_size") or config["n_embd"]
 
 
-def check_eval_against_samples(out: Path, k: int, pass_at: list[int]) -> dict:
-    """eval.json's numbers, recomputed by hand from eval_samples.parquet."""
+def check_eval_against_samples(out: Path, k: int, pass_at: list[int], name: str | None = None) -> dict:
+    """eval.json's numbers, recomputed by hand from eval_samples.parquet: in ``out/eval/<name>/`` when ``name`` is
+    given (checking that ``out``'s top-level files are the same, latest, evaluation), else in ``out``."""
+    if name is not None:
+        folder = out / "eval" / name
+        for file in ("eval.json", "eval.md", "eval_samples.parquet"):
+            assert (folder / file).read_bytes() == (out / file).read_bytes(), file
+        out = folder
     report = json.loads((out / "eval.json").read_text())
     summary = report["summary"]
     samples = pq.read_table(out / "eval_samples.parquet").to_pydict()
@@ -134,7 +140,7 @@ def test_run_end_to_end_disa_on_gpt2(tiny_gpt2_path, tmp_path, capsys):
     assert train_config["objective"] == "disa" and train_config["objective_kwargs"] == {"beta": 2.0}
     assert train_config["reward_transform"] == "affine"
 
-    summary = check_eval_against_samples(out, K, [1, K])
+    summary = check_eval_against_samples(out, K, [1, K], name=f"checkpoint-{STEPS}")
     assert summary["policy"].endswith(f"checkpoint-{STEPS}/policy")
 
     # train resumes from the newest checkpoint: one more step, not three
@@ -174,14 +180,17 @@ def test_each_verb_alone_grpo_lora_on_llama(tiny_llama_path, tmp_path, capsys):
     assert train_config["objective"] == "grpo" and train_config["lora"]["r"] == 2
 
     assert cli.main(["eval", "-c", config, *sets]) == 0  # the adapter checkpoint, applied to pi_ref
-    adapter_summary = check_eval_against_samples(out, K, [1, K])
+    adapter_summary = check_eval_against_samples(out, K, [1, K], name=f"checkpoint-{STEPS}")
     assert adapter_summary["policy"] == str(policy)
 
     assert cli.main(["eval", "-c", config, *sets, "--set", "eval.k=2", "--set", "eval.pass_at=[2]",
                      "--checkpoint", tiny_llama_path]) == 0  # any model folder, e.g. the reference itself
-    summary = check_eval_against_samples(out, 2, [2])
+    summary = check_eval_against_samples(out, 2, [2], name=Path(tiny_llama_path).name)
     assert summary["policy"] == tiny_llama_path and summary["k"] == 2
     assert "Mean@2" in capsys.readouterr().out
+    # the first evaluation is still there, untouched: two checkpoints' numbers side by side
+    assert check_eval_against_samples(out / "eval" / f"checkpoint-{STEPS}", K, [1, K]) == adapter_summary
+    assert sorted(p.name for p in (out / "eval").iterdir()) == sorted([f"checkpoint-{STEPS}", Path(tiny_llama_path).name])
 
 
 # ---------------------------------------------------------------------------------------------- 3. sft
@@ -254,3 +263,34 @@ def test_config_errors_name_the_field(tmp_path, capsys):
     assert "data.verifier: unknown verifier 'nonesuch'" in capsys.readouterr().err
     assert cli.main(["train", "-c", config, "--set", "train.objective_kwargs={beta: 3.0}"]) == 2
     assert "train.objective_kwargs.beta" in capsys.readouterr().err
+
+
+def test_eval_folder_names_keep_checkpoints_apart(tmp_path):
+    from disa.config import config_from_dict
+    from disa.pipeline import eval_name, paths
+
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run")})
+    ckpts = paths(cfg)["checkpoints"]
+    assert paths(cfg)["eval"] == tmp_path / "run" / "eval" and paths(cfg)["eval_latest"] == tmp_path / "run"
+    assert eval_name(cfg, ckpts / "checkpoint-100" / "policy") == "checkpoint-100"
+    assert eval_name(cfg, ckpts / "checkpoint-200" / "policy") == "checkpoint-200"
+    # another run's checkpoint-100 must not land on this run's eval/checkpoint-100/
+    assert eval_name(cfg, tmp_path / "other" / "checkpoints" / "checkpoint-100" / "policy") == "other-checkpoint-100"
+    assert eval_name(cfg, tmp_path / "trainer-run" / "checkpoint-7" / "policy") == "trainer-run-checkpoint-7"
+    assert eval_name(cfg, tmp_path / "Qwen2.5-0.5B-Instruct") == "Qwen2.5-0.5B-Instruct"
+    assert eval_name(cfg, tmp_path / "my model (v2)") == "my_model__v2_"
+
+
+def test_train_knobs_reach_the_trainer_end_to_end(tiny_gpt2_path, tmp_path):
+    """flowrl needs neither labels nor log_z/ (group r~): `disa train` alone, with every new train.* knob set."""
+    knobs = {"objective": "flowrl", "weight_decay": 0.1, "warmup_steps": 1, "gradient_checkpointing": True,
+             "generation_batch_size": 1, "keep_checkpoints": 1, "logz_head_layers": 1, "disable_dropout": False,
+             "save_every": 1}
+    config = write_config(tmp_path, tiny_gpt2_path, label={"reward_transform": "group"}, train=knobs)
+    assert cli.main(["train", "-c", config]) == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]  # keep_checkpoints=1
+    saved = json.loads((ckpts / f"checkpoint-{STEPS}" / "train_config.json").read_text())
+    for name, value in knobs.items():
+        assert saved[name] == value, name
+    assert len(metrics_rows(tmp_path / "run")) == STEPS

@@ -310,3 +310,25 @@ def test_format_fit_table_shows_na_for_undefined_r2():
     report.val_r2 = float("nan")
     assert "n/a" in format_fit_table(report)
     assert report.to_dict()["val_r2"] is None
+
+
+@pytest.mark.parametrize("num_prompts, value", [(15, 7.3), (35, 7.3), (30, 0.3), (20, -1234.567)])
+def test_r2_is_nan_for_constant_validation_labels(num_prompts, value):
+    """Identical float32 labels: their mean can be off by an ulp, so SS_tot is ~1e-13, not 0; R^2 must still be NaN
+    (a plain ``SS_tot > 0`` check gave 0.0 for 15 and 35 prompts of 7.3)."""
+    embeddings = torch.randn(num_prompts, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.full((num_prompts,), value)
+    _, report = fit_regressor(embeddings, labels, hidden=4, max_epochs=3, progress=False)
+    assert math.isnan(report.val_r2), report.val_r2
+    assert report.val_mse < 1e-8 and report.to_dict()["val_r2"] is None
+
+
+def test_r2_is_defined_for_a_small_but_real_label_spread():
+    embeddings = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    labels = 7.3 + 1e-3 * torch.arange(40, dtype=torch.float32) % 3  # spread ~1e-3: well above the 1e-6 tolerance
+    model, report = fit_regressor(embeddings, labels, hidden=4, max_epochs=3, progress=False)
+    assert math.isfinite(report.val_r2)
+    val_idx = torch.tensor(report.val_indices)
+    y = labels[val_idx].double()
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    assert report.val_r2 == pytest.approx(1.0 - report.val_mse * len(val_idx) / ss_tot, rel=1e-9, abs=1e-9)

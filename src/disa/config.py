@@ -90,14 +90,28 @@ class TrainSection:
     micro_batch_size: int = _f(8, "Rollouts per forward/backward.")
     gradient_accumulation: int = _f(1, "Micro-batches per optimiser step.")
     lr: float = _f(1e-6, "Policy learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the policy (never on FlowRL's log Z head); RL fine-tuning "
+                             "usually uses none, so the policy stays close to pi_ref only through the objective.")
+    warmup_steps: int = _f(0, "Linear learning-rate warm-up over this many rollout steps (sft: optimiser steps), "
+                           "then constant; 0 = none. Softens the first updates, when the ratios are least reliable.")
     logz_lr: float = _f(1e-3, "FlowRL's log Z head learning rate.")
+    logz_head_layers: int = _f(2, "FlowRL log Z head depth: 1 = Linear(hidden, 1); 2+ adds Linear-GELU-LayerNorm "
+                               "blocks (FlowRL's proj_z). Unused by disa, whose log Z is the frozen Stage 2 regressor.")
     max_grad_norm: float = _f(1.0, "Gradient clipping.")
     max_new_tokens: int = _f(512, "Longest rollout.")
     temperature: float = _f(1.0, "Rollout temperature.")
     top_p: float = _f(1.0, "Rollout nucleus sampling.")
+    generation_batch_size: int = _f(8, "Prompts per rollout generate call (each expands to group_size sequences): "
+                                    "bounds generation memory independently of prompts_per_step.")
     lora: Optional[dict] = _f(None, "LoRA via PEFT, e.g. {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}.")
     mixed_precision: str = _f("no", "no, bf16 or fp16 (where the device supports it).")
-    save_every: int = _f(50, "Checkpoint period in steps (and at the end).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: trades compute for memory, what "
+                                      "makes a real model's backward fit on one GPU.")
+    disable_dropout: bool = _f(True, "Set every dropout probability of the policy to 0, so old_logp (no grad) and the "
+                               "training forward are the same function and the first ratio / IS weight is exactly 1.")
+    save_every: int = _f(50, "Checkpoint every this many steps; 0 = only at the end. The last step is always saved.")
+    keep_checkpoints: int = _f(0, "Keep only the newest k checkpoints (0 = keep all): a long run's checkpoints of a "
+                               "real model fill a disk quickly.")
     log_with: str = _f("csv", "csv or tensorboard.")
     seed: int = _f(0, "Training seed.")
     sft_epochs: int = _f(3, "Objective sft only: passes over the reward-1 Stage 1 samples (group_size, num_steps "
@@ -139,9 +153,11 @@ POSITIVE = {
     "sample.n", "sample.max_new_tokens", "sample.batch_size", "sample.shard_size", "label.beta", "fit_z.hidden",
     "fit_z.lr", "fit_z.max_epochs", "train.group_size", "train.prompts_per_step", "train.num_steps",
     "train.updates_per_batch", "train.micro_batch_size", "train.gradient_accumulation", "train.lr",
-    "train.max_new_tokens", "train.save_every", "train.sft_epochs", "eval.k", "eval.max_new_tokens", "eval.batch_size",
+    "train.logz_lr", "train.logz_head_layers", "train.generation_batch_size",
+    "train.max_new_tokens", "train.sft_epochs", "eval.k", "eval.max_new_tokens", "eval.batch_size",
     "sample.temperature", "train.temperature",
 }
+NON_NEGATIVE = {"train.weight_decay", "train.warmup_steps", "train.save_every", "train.keep_checkpoints"}
 
 
 def _check_type(path: str, value: Any, tp: Any) -> Any:
@@ -195,6 +211,10 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         value = _get(cfg, fpath)
         if not value > 0:
             raise ConfigError(f"{fpath}: must be > 0, got {value!r}")
+    for fpath in NON_NEGATIVE:
+        value = _get(cfg, fpath)
+        if not value >= 0:
+            raise ConfigError(f"{fpath}: must be >= 0, got {value!r}")
     for fpath in ("sample.top_p", "train.top_p"):
         if not 0 < _get(cfg, fpath) <= 1:
             raise ConfigError(f"{fpath}: must be in (0, 1], got {_get(cfg, fpath)!r}")

@@ -29,7 +29,7 @@ def check_finite(name: str, x: Tensor, mask: Optional[Tensor] = None) -> None:
 
 
 def check_beta(beta: float) -> None:
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
@@ -170,6 +170,7 @@ def affine_transform(rewards: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must have shape (P, N), got {tuple(rewards.shape)}")
+    check_finite("rewards", rewards)
     for name, t in (("scale", scale), ("shift", shift)):
         if t.shape != rewards.shape[:1]:
             raise ValueError(f"{name} must have shape ({rewards.shape[0]},), got {tuple(t.shape)}")

@@ -11,8 +11,10 @@ the config), so any verb can be re-run alone:
                                              disa fit-z
       checkpoints/checkpoint-<step>/, checkpoints/metrics.csv
                                              disa train    (resumes from the newest checkpoint)
-      eval.json, eval.md, eval_samples.parquet
-                                             disa eval
+      eval/<checkpoint>/{eval.json, eval.md, eval_samples.parquet}
+                                             disa eval     (one folder per evaluated checkpoint or model,
+      eval.json, eval.md, eval_samples.parquet             e.g. eval/checkpoint-100/; the top-level copies
+                                                           are the latest evaluation)
 
 A missing input raises ``ConfigError`` naming the file and the verb that writes it (the CLI exits with code 2).
 Models load from local folders only (``models.*``); ``models.device: auto`` picks CUDA when available.
@@ -20,15 +22,22 @@ Models load from local folders only (``models.*``); ``models.device: auto`` pick
 Field mapping worth knowing: ``sample.temperature`` / ``sample.top_p`` are shared by the proposal and evaluation
 (the paper); ``sample.stop`` applies to Stage 1, Stage 3 rollouts and evaluation; ``label.beta`` and
 ``label.reward_transform`` are the ``beta`` and ``r~`` of Stage 3's trajectory-balance objectives (``affine`` reads
-the per-prompt map frozen in ``labels.parquet``). Objective ``sft`` fine-tunes on the reward-1 Stage 1 samples
-with ``disa.sft.train_sft`` for ``train.sft_epochs`` epochs.
+the per-prompt map frozen in ``labels.parquet``). Every other ``train.*`` field reaches ``disa.trainer.TrainConfig``
+(and ``disa.sft.SFTConfig``) by name (``_from_train_section``); ``TRAIN_CONFIG_FROM_ELSEWHERE`` lists the rest.
+Objective ``sft`` fine-tunes on the reward-1 Stage 1 samples with ``disa.sft.train_sft`` for ``train.sft_epochs``
+epochs.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import json
 import math
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +49,7 @@ SAMPLES_DIR = "samples"
 LABELS_FILE = "labels.parquet"
 LOG_Z_DIR = "log_z"
 CHECKPOINTS_DIR = "checkpoints"
+EVAL_DIR = "eval"
 EMBED_CACHE = "embeddings.safetensors"
 TB_OBJECTIVES = ("disa", "flowrl", "flowrl_no_logz")
 # TrainConfig / SFTConfig fields that may change between a run and its resume
@@ -60,7 +70,8 @@ def paths(cfg: PipelineConfig) -> dict[str, Path]:
         "labels": out / LABELS_FILE,
         "log_z": out / LOG_Z_DIR,
         "checkpoints": out / CHECKPOINTS_DIR,
-        "eval": out,
+        "eval": out / EVAL_DIR,  # eval/<checkpoint name>/ per evaluated policy
+        "eval_latest": out,  # eval.json / eval.md / eval_samples.parquet of the latest `disa eval`
     }
 
 
@@ -385,17 +396,32 @@ def _train_config(cfg: PipelineConfig, train_dir: Path):
     else:
         reward_transform = "raw"  # GRPO/GSPO/ASPO read group advantages of the raw reward, never r~
     try:
-        return TrainConfig(
-            objective=t.objective, objective_kwargs=kwargs, group_size=t.group_size,
-            prompts_per_step=t.prompts_per_step, num_steps=t.num_steps, updates_per_batch=t.updates_per_batch,
-            micro_batch_size=t.micro_batch_size, gradient_accumulation=t.gradient_accumulation, lr=t.lr,
-            logz_lr=t.logz_lr, max_grad_norm=t.max_grad_norm, max_new_tokens=t.max_new_tokens,
-            temperature=t.temperature, top_p=t.top_p, stop=list(cfg.sample.stop), seed=t.seed,
-            reward_transform=reward_transform, lora=t.lora, mixed_precision=t.mixed_precision,
-            output_dir=str(train_dir), save_every=t.save_every, log_with=t.log_with,
+        return _from_train_section(
+            t, TrainConfig, objective_kwargs=kwargs, stop=list(cfg.sample.stop), reward_transform=reward_transform,
+            output_dir=str(train_dir),
         )
     except ValueError as e:
         raise ConfigError(str(e).replace("TrainConfig.", "train.")) from None
+
+
+# TrainConfig fields that do not come from a same-named ``train.*`` field, and where they come from instead.
+TRAIN_CONFIG_FROM_ELSEWHERE = {
+    "objective_kwargs": "train.objective_kwargs, with beta = label.beta for the trajectory-balance objectives",
+    "stop": "sample.stop (shared by Stage 1, Stage 3 rollouts and eval)",
+    "reward_transform": "label.reward_transform (raw for grpo/gspo/aspo)",
+    "output_dir": "output_dir/checkpoints",
+    "eval_every": "left at 0: disa train evaluates with `disa eval` on the checkpoints instead",
+}
+
+
+def _from_train_section(section, config_cls, **supplied):
+    """``config_cls(**kwargs)``: every ``train.*`` field with the same name as a ``config_cls`` field, then
+    ``supplied`` (the fields filled from elsewhere). The field names are the single source of truth: a knob added to
+    both ``TrainSection`` and ``TrainConfig`` / ``SFTConfig`` reaches the trainer without a line here."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs = {f.name: copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(section) if f.name in names}
+    kwargs.update(supplied)
+    return config_cls(**kwargs)
 
 
 def _sft_examples(cfg: PipelineConfig, p, records, tokenizer) -> list[tuple[str, str]]:
@@ -424,12 +450,11 @@ def _sft_examples(cfg: PipelineConfig, p, records, tokenizer) -> list[tuple[str,
 def _stage_sft(cfg: PipelineConfig, p, records) -> dict:
     from disa import sft
 
-    t = cfg.train
-    config = sft.SFTConfig(
-        num_epochs=t.sft_epochs, micro_batch_size=t.micro_batch_size, gradient_accumulation=t.gradient_accumulation,
-        lr=t.lr, max_grad_norm=t.max_grad_norm, lora=t.lora, mixed_precision=t.mixed_precision, seed=t.seed,
-        output_dir=str(p["checkpoints"]), save_every=t.save_every, log_with=t.log_with,
-    )
+    try:
+        config = _from_train_section(cfg.train, sft.SFTConfig, num_epochs=cfg.train.sft_epochs,
+                                     output_dir=str(p["checkpoints"]))
+    except ValueError as e:
+        raise ConfigError(str(e).replace("SFTConfig.", "train.")) from None
     ckpt = _existing_checkpoint(p["checkpoints"])
     if ckpt is not None:
         _check_resume(ckpt, config.to_dict(), key="sft")
@@ -537,14 +562,41 @@ def _load_eval_policy(cfg: PipelineConfig, folder: Path):
     return _load(cfg, str(folder))
 
 
+def eval_name(cfg: PipelineConfig, folder: Path) -> str:
+    """The ``eval/<name>/`` folder of an evaluated policy folder: ``checkpoint-<step>`` for a checkpoint of this
+    run, ``<run>-checkpoint-<step>`` for another run's checkpoint, else the model folder's name."""
+    from disa.trainer import CHECKPOINT_PREFIX
+
+    folder = Path(folder).expanduser().resolve()
+    name = folder.name
+    if name == "policy" and folder.parent.name.startswith(CHECKPOINT_PREFIX):
+        ckpt = folder.parent
+        name = ckpt.name
+        if ckpt.parent != paths(cfg)["checkpoints"].expanduser().resolve():
+            run = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS_DIR else ckpt.parent
+            name = f"{run.name}-{name}"
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".")
+    return name or "model"
+
+
+def _copy_latest(src_dir: Path, dst_dir: Path, names) -> None:
+    for name in names:
+        tmp = dst_dir / (name + ".tmp")
+        shutil.copyfile(src_dir / name, tmp)
+        os.replace(tmp, dst_dir / name)
+
+
 @_stage
 def stage_eval(cfg: PipelineConfig, checkpoint: Optional[str] = None) -> dict:
-    """``disa eval``: ``eval.k`` samples per eval prompt -> Mean@k, pass@k, distinct correct -> ``eval.json``/``.md``."""
+    """``disa eval``: ``eval.k`` samples per eval prompt -> Mean@k, pass@k, distinct correct -> ``eval.json``/``.md``
+    and ``eval_samples.parquet`` in ``eval/<checkpoint name>/`` (so evaluating another checkpoint keeps this one),
+    copied to ``output_dir`` as the latest evaluation."""
     from disa.generation import make_generator
-    from disa.stages.evaluate import EVAL_JSON, EVAL_MD, run_evaluation
+    from disa.stages.evaluate import EVAL_JSON, EVAL_MD, EVAL_SAMPLES, run_evaluation
 
     p = paths(cfg)
     folder = _policy_folder(cfg, checkpoint)
+    out_dir = p["eval"] / eval_name(cfg, folder)
     records = _prompts(cfg, "eval_prompts")
     _verifier(cfg)
     if cfg.sample.backend == "vllm" and not (folder / "adapter_config.json").is_file():
@@ -555,7 +607,7 @@ def stage_eval(cfg: PipelineConfig, checkpoint: Optional[str] = None) -> dict:
         generator = make_generator("hf", model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size, device=None, progress=False)
     try:
         summary = run_evaluation(
-            records, generator=generator, verifier=cfg.data.verifier, out_dir=p["eval"], k=cfg.eval.k,
+            records, generator=generator, verifier=cfg.data.verifier, out_dir=out_dir, k=cfg.eval.k,
             pass_at=list(cfg.eval.pass_at), max_new_tokens=cfg.eval.max_new_tokens,
             temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, stop=cfg.sample.stop, seed=cfg.eval.seed,
             batch_size=cfg.eval.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, policy=str(folder),
@@ -563,11 +615,13 @@ def stage_eval(cfg: PipelineConfig, checkpoint: Optional[str] = None) -> dict:
     finally:
         del generator, model
         _free()
+    _copy_latest(out_dir, p["eval_latest"], (EVAL_SAMPLES, EVAL_JSON, EVAL_MD))
     k = cfg.eval.k
     passes = ", ".join(f"pass@{kk} {v:.4f}" for kk, v in summary["pass_at"].items())
     _say("eval", f"{summary['prompts']} prompts x k={k} from {folder}: Mean@{k} {summary['mean_at_k']:.4f}, {passes}, "
-         f"distinct correct {summary['distinct_correct']:.3f} per prompt -> {p['eval'] / EVAL_JSON}, {p['eval'] / EVAL_MD}")
-    return summary
+         f"distinct correct {summary['distinct_correct']:.3f} per prompt -> {out_dir / EVAL_JSON}, {out_dir / EVAL_MD} "
+         f"(latest also in {p['eval_latest'] / EVAL_JSON})")
+    return {**summary, "eval_dir": str(out_dir)}
 
 
 # ==================================================================================================

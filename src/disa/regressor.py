@@ -152,6 +152,22 @@ def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(((model(x) - y) ** 2).mean())
 
 
+def _r2(mse: float, y: torch.Tensor) -> float:
+    """``1 - SS_res / SS_tot`` on ``y``'s own mean; NaN when the labels are constant.
+
+    "Constant" is relative, as in ``set_normalization``: a spread (population std) of at most ``_MIN_STD`` times
+    the labels' scale ``max(1, rms(y))``. A plain ``SS_tot > 0`` is not enough: the mean of identical float
+    labels can be off by an ulp, leaving ``SS_tot ~ 1e-13`` and an arbitrary R^2 (e.g. 0 or -7.6) instead of NaN.
+    """
+    y = y.detach().to(torch.float64)
+    n = y.numel()
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    scale2 = max(1.0, float((y**2).mean()))
+    if ss_tot <= n * _MIN_STD**2 * scale2:
+        return float("nan")
+    return 1.0 - mse * n / ss_tot
+
+
 def fit_regressor(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -233,12 +249,10 @@ def fit_regressor(
     model.to("cpu").eval().requires_grad_(False)
     x_train, y_train, x_val, y_val = x_train.cpu(), y_train.cpu(), x_val.cpu(), y_val.cpu()
     val_mse = _mse(model, x_val, y_val)
-    ss_tot = float(((y_val - y_val.mean()) ** 2).sum())
-    ss_res = val_mse * y_val.numel()
     report = FitReport(
         train_mse=_mse(model, x_train, y_train),
         val_mse=val_mse,
-        val_r2=1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+        val_r2=_r2(val_mse, y_val),
         baseline_val_mse=float(((y_val - y_train.mean()) ** 2).mean()),
         epochs=epochs_run,
         best_epoch=best_epoch,

@@ -66,7 +66,7 @@ def aspo_loss(
     """ASPO policy loss over a batch; shapes as in ``grpo_loss``. Default aggregation follows the Archer code."""
     check_token_inputs(mask, logp=logp, old_logp=old_logp, ref_logp=ref_logp)
     check_per_rollout(mask.shape[0], advantages=advantages)
-    if not (0 < clip_eps < 1) or clip_eps_high <= 0 or dual_clip_neg <= 1 or dual_clip_pos <= 1:
+    if not (0 < clip_eps < 1 and clip_eps_high > 0 and dual_clip_neg > 1 and dual_clip_pos > 1):  # NaN fails too
         raise ValueError(
             "need 0 < clip_eps < 1, clip_eps_high > 0 and dual clips > 1, got "
             f"clip_eps={clip_eps}, clip_eps_high={clip_eps_high}, dual_clip_neg={dual_clip_neg}, dual_clip_pos={dual_clip_pos}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -24,6 +25,9 @@ def check_token_inputs(mask: Tensor, **tensors: Optional[Tensor]) -> None:
         raise ValueError(f"mask must have shape (B, T), got {tuple(mask.shape)}")
     if mask.shape[0] == 0:
         raise ValueError("mask has an empty batch (B = 0)")
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        # the losses multiply by the mask: a 2 would count a token twice, a 0.5 half
+        raise ValueError(f"mask must be boolean or 0/1, got values {sorted(set(mask.unique().tolist()))[:5]}")
     empty = mask.sum(dim=1) == 0
     if bool(empty.any()):
         raise ValueError(f"rollout(s) {torch.nonzero(empty).flatten().tolist()} have no response tokens in mask")
@@ -57,6 +61,12 @@ def check_per_rollout(batch_size: int, **tensors: Optional[Tensor]) -> None:
 
 def aggregate(token_loss: Tensor, mask: Tensor, mode: str = "seq_mean_token_mean", max_len: Optional[int] = None) -> Tensor:
     """Reduce a ``(B, T)`` per-token loss to a scalar under ``mode`` (see ``AGGREGATIONS``)."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+    if max_len is not None and (
+        isinstance(max_len, bool) or not isinstance(max_len, (int, float)) or not (0 < max_len < math.inf)
+    ):
+        raise ValueError(f"max_len must be None or a number > 0, got {max_len!r}")
     mask = mask.to(token_loss.dtype)
     masked = token_loss * mask
     if mode == "seq_mean_token_mean":
@@ -89,8 +99,8 @@ def add_kl_penalty(
     token_loss: Tensor, logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, kl_coef: float, metrics: dict
 ) -> Tensor:
     """``token_loss + kl_coef * KL_k3`` per token; records the masked mean KL in ``metrics['kl_ref']``."""
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef) and kl_coef >= 0):
+        raise ValueError(f"kl_coef must be >= 0 and finite, got {kl_coef!r}")
     if kl_coef == 0:
         return token_loss
     if ref_logp is None:

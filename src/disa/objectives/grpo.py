@@ -23,7 +23,7 @@ def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_low: float, clip_h
 
 def _check_clip(clip_eps: float, clip_eps_high: Optional[float]) -> tuple[float, float]:
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    if not (0 < clip_eps < 1) or high <= 0:
+    if not (0 < clip_eps < 1) or not high > 0:  # written so that NaN fails too
         raise ValueError(f"clip_eps must be in (0, 1) and clip_eps_high > 0, got {clip_eps}, {clip_eps_high}")
     return clip_eps, high
 

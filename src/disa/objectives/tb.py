@@ -40,7 +40,7 @@ def rollout_weight(
     if mode == "clipped_is":
         if old_logp is None:
             raise ValueError("rollout_weight='clipped_is' needs old_logp")
-        if clip <= 0:
+        if not clip > 0:  # NaN fails too; inf means no clip
             raise ValueError(f"weight_clip must be > 0, got {clip}")
         log_ratio = ((logp.detach() - old_logp) * mask).sum(dim=1)
         return torch.exp(torch.clamp(log_ratio, max=torch.log(torch.tensor(clip, dtype=logp.dtype)).item()))

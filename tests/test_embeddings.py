@@ -212,3 +212,13 @@ def test_sentence_embedder_offline_unit_vectors_and_similarity(minilm, monkeypat
     assert minilm.fingerprint.startswith("sentence:") and minilm.fingerprint.endswith("model")
     # batching does not change vectors (3 texts, batch_size=2 -> a short last batch)
     assert torch.allclose(torch.cat([minilm.embed([t]) for t in texts]), emb, atol=1e-5)
+
+
+def test_log_z_table_reads_values_by_id_and_names_missing_ids():
+    from disa.stages.fit_z import LogZTable
+
+    table = LogZTable({"a": 1.5, 7: -2.0})
+    out = table(["text a", "text 7", "text a"], ["a", 7, "a"])
+    assert out.dtype == torch.float32 and out.tolist() == [1.5, -2.0, 1.5]
+    with pytest.raises(KeyError, match="'b'"):
+        table(["x"], ["b"])

@@ -41,7 +41,7 @@ from disa.embeddings import ModelPoolEmbedder
 from disa.generation.hf import HFGenerator
 from disa.regressor import fit_regressor
 from disa.sft import SFTConfig, train_sft
-from disa.stages.fit_z import FrozenLogZ
+from disa.stages.fit_z import FrozenLogZ, LogZTable
 from disa.stages.label import run_labelling
 from disa.stages.sample import run_sampling
 from disa.testbed import build_testbed, correct_logprobs, exact_metrics, log_z_from_logprobs, strategies
@@ -195,16 +195,6 @@ def run_stage2(ref_model, tokenizer, truths, labels: np.ndarray, settings: DemoS
 # ==================================================================================================
 # Stage 3
 # ==================================================================================================
-class LookupLogZ:
-    """A frozen ``log_z_fn`` that reads a fixed value per prompt id (Stage 1 labels, or the exact log Z)."""
-
-    def __init__(self, values: dict[str, float]):
-        self.values = dict(values)
-
-    def __call__(self, texts: Sequence[str], ids: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([self.values[i] for i in ids], dtype=torch.float32)
-
-
 def train_config(method: str, settings: DemoSettings, seed: int, output_dir: Path) -> TrainConfig:
     """One budget for every RL objective; the trajectory-balance ones target the exact pi* (raw reward,
     trajectory-level log-probs, on-policy weights), the reward maximisers use their usual defaults."""
@@ -297,9 +287,9 @@ def run_demo(
         run["curves"] = {}
         log_z_sources = {
             "disa": frozen,
-            "disa_labels": LookupLogZ({t.id: float(v) for t, v in zip(train_truth, strong["log_z"])}),
-            "disa_exact": LookupLogZ({t.id: float(v) for t, v in zip(train_truth, exact_train)}),
-            **dict.fromkeys(TRANSFORM_STUDY, LookupLogZ({t.id: float(v) for t, v in zip(train_truth, strong["log_z_affine"])})),
+            "disa_labels": LogZTable({t.id: float(v) for t, v in zip(train_truth, strong["log_z"])}),
+            "disa_exact": LogZTable({t.id: float(v) for t, v in zip(train_truth, exact_train)}),
+            **dict.fromkeys(TRANSFORM_STUDY, LogZTable({t.id: float(v) for t, v in zip(train_truth, strong["log_z_affine"])})),
         }
         affine_values = affine_reward_values(strong)  # the strong proposal's frozen (a, b): they define pi*_affine
         affine = {t.id: (v[1] - v[0], v[0]) for t, v in zip(train_truth, affine_values)}

@@ -313,18 +313,8 @@ def stage_fit_z(cfg: PipelineConfig) -> dict:
 # ==================================================================================================
 # Stage 3
 # ==================================================================================================
-class _LogZTable:
-    """Stage 3's ``log_z_fn``: the frozen regressor's predictions, computed once per prompt id (no parameters)."""
-
-    def __init__(self, values: dict[str, float]):
-        self.values = values
-
-    def __call__(self, texts, ids) -> torch.Tensor:
-        return torch.tensor([self.values[str(i)] for i in ids], dtype=torch.float32)
-
-
-def _frozen_log_z(cfg: PipelineConfig, records, p) -> _LogZTable:
-    from disa.stages.fit_z import FrozenLogZ
+def _frozen_log_z(cfg: PipelineConfig, records, p) -> "LogZTable":
+    from disa.stages.fit_z import FrozenLogZ, LogZTable
 
     for name in ("model.safetensors", "config.json"):
         if not (p["log_z"] / name).is_file():
@@ -340,7 +330,7 @@ def _frozen_log_z(cfg: PipelineConfig, records, p) -> _LogZTable:
     finally:
         del embedder
         _free()
-    return _LogZTable(dict(zip(ids, values.tolist())))
+    return LogZTable(dict(zip(ids, values.tolist())))
 
 
 def _affine_map(p, records) -> dict[str, tuple[float, float]]:

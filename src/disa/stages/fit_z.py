@@ -207,3 +207,18 @@ class FrozenLogZ:
             for n, value in zip(todo, fresh.tolist()):
                 self._memo[keys[n]] = (texts[n], value)
         return torch.tensor([self._memo[k][1] for k in keys], dtype=torch.float32)
+
+
+class LogZTable:
+    """A frozen ``log_z_fn`` that reads one fixed value per prompt id: the regressor's predictions computed
+    once (the pipeline), or Stage 1 labels / an exact log Z used directly (the demo's ablations). It has no
+    parameters, so nothing can train it."""
+
+    def __init__(self, values: dict):
+        self.values = {str(k): float(v) for k, v in values.items()}
+
+    def __call__(self, texts: Sequence[str], ids: Sequence) -> torch.Tensor:
+        missing = [i for i in ids if str(i) not in self.values]
+        if missing:
+            raise KeyError(f"LogZTable: no log Z for prompt id(s) {missing[:5]}")
+        return torch.tensor([self.values[str(i)] for i in ids], dtype=torch.float32)

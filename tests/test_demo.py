@@ -69,6 +69,14 @@ def test_run_demo_quick_numbers_match_its_own_artefacts(tmp_path):
     assert lse_row["rmse"] == pytest.approx(float(np.sqrt(np.mean(err**2))), rel=1e-6)
     assert lse_row["bias"] == pytest.approx(float(err.mean()), rel=1e-6, abs=1e-9)
 
+    # the beta sweep at the demo's own beta and N is the same label, computed by another path
+    sweep = [r for r in results["runs"][0]["sweeps"] if r["study"] == "beta_sweep" and r["proposal"] == "strong q"
+             and r["beta"] == settings.beta]
+    assert len(sweep) == 1 and sweep[0]["rmse"] == pytest.approx(lse_row["rmse"], rel=1e-6)
+    n_rows = [r for r in results["runs"][0]["sweeps"] if r["study"] == "n_sweep" and r["proposal"] == "strong q"]
+    assert [r["n"] for r in n_rows] == [1, 2, 4, 8, 16] and [r["batches"] for r in n_rows] == [16, 8, 4, 2, 1]
+    assert "## Stage 1 label error vs the budget N" in markdown and (out / "plots" / "stage1_sweeps.png").exists()
+
     # the affine row is scored against the exact Z of the (a, b) frozen in labels_affine.parquet
     affine = pq.read_table(out / "seed0" / "stage1_strong" / "labels_affine.parquet").to_pandas()
     affine = affine.set_index("prompt_id").loc[[f"train-{i}" for i in range(len(tb.train_prompts))]]

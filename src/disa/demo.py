@@ -38,6 +38,7 @@ import torch
 
 from disa.data import PromptRecord
 from disa.embeddings import ModelPoolEmbedder
+from disa.estimators import label_prompts
 from disa.generation.hf import HFGenerator
 from disa.regressor import fit_regressor
 from disa.sft import SFTConfig, train_sft
@@ -77,10 +78,12 @@ class DemoSettings:
     sft_epochs: int = 3
     sft_lr: float = 3e-3  # LoRA adapters take larger rates than full fine-tuning
     fit_epochs: int = 300
+    sweep_betas: tuple = (1.0, 2.0, 3.0, 5.0, 8.0)  # Stage 1 label error vs beta, from the same N samples
+    sweep_n_max: int = 32  # the N-budget study draws this many per prompt and splits them into batches of N
 
 
 FULL_SETTINGS = DemoSettings()
-QUICK_SETTINGS = DemoSettings(num_steps=8, prompts_per_step=4, fit_epochs=100, sft_epochs=2)
+QUICK_SETTINGS = DemoSettings(num_steps=8, prompts_per_step=4, fit_epochs=100, sft_epochs=2, sweep_n_max=16)
 
 
 # ==================================================================================================
@@ -136,17 +139,48 @@ def label_errors(labels: np.ndarray, exact: np.ndarray) -> dict[str, float]:
     return {"rmse": float(np.sqrt(np.mean(err**2))), "bias": float(np.mean(err))}
 
 
-def run_stage1(model, ref_model, tokenizer, truths, settings: DemoSettings, out_dir: Path, seed: int) -> dict:
-    """Sample N per prompt from ``model``, verify and re-score (Parquet shards), label; returns the label
-    table as numpy columns, in ``truths`` order, plus the reward-1 (prompt, response) pairs."""
+def sample_and_score(model, ref_model, tokenizer, truths, n: int, max_new_tokens: int, out_dir: Path, seed: int) -> dict:
+    """Stage 1 sampling with the real stage code (Parquet shards in ``out_dir``); returns the samples as
+    ``(P, n)`` float64 arrays ``logp_ref``, ``logp_q``, ``reward`` in ``truths`` order, and the columns."""
     import pyarrow.parquet as pq
 
     records = [PromptRecord(id=t.id, prompt=t.text) for t in truths]
     generator = HFGenerator(model, tokenizer, batch_size=32, device=None, progress=False)
-    run_sampling(records, generator=generator, n=settings.n_samples, out_dir=str(out_dir), verifier="countdown",
+    run_sampling(records, generator=generator, n=n, out_dir=str(out_dir), verifier="countdown",
                  ref_model=ref_model, ref_tokenizer=tokenizer, proposal_model=model, proposal_tokenizer=tokenizer,
-                 shard_size=64, max_new_tokens=settings.max_new_tokens, seed=seed, score_batch_size=64,
-                 progress=False)
+                 shard_size=64, max_new_tokens=max_new_tokens, seed=seed, score_batch_size=64, progress=False)
+    columns = pq.read_table(out_dir / "samples").to_pydict()
+    row = {t.id: i for i, t in enumerate(truths)}
+    arrays = {name: np.zeros((len(truths), n)) for name in ("logp_ref", "logp_q", "reward")}
+    for j, (pid, idx) in enumerate(zip(columns["prompt_id"], columns["sample_idx"])):
+        for name, a in arrays.items():
+            a[row[pid], idx] = columns[name][j]
+    return {**arrays, "columns": columns}
+
+
+def sweep_rows(samples: dict, truths: Sequence[PromptTruth], betas: Sequence[float], ns: Sequence[int]) -> list[dict]:
+    """LSE label error against the exact log Z for every (beta, N): the ``(P, N_max)`` samples are split into
+    ``N_max // N`` disjoint batches of N, each batch labels every prompt, and errors are averaged over batches."""
+    rows = []
+    as_t = {k: torch.as_tensor(samples[k], dtype=torch.float64) for k in ("logp_ref", "logp_q", "reward")}
+    n_max = as_t["reward"].shape[1]
+    for beta in betas:
+        exact = np.array([t.log_z(beta) for t in truths])
+        for n in ns:
+            errs = [label_errors(label_prompts(*(as_t[k][:, b * n:(b + 1) * n] for k in ("logp_ref", "logp_q", "reward")),
+                                               beta)["log_z"].numpy(), exact)
+                    for b in range(n_max // n)]
+            rows.append({"beta": beta, "n": n, "batches": len(errs),
+                         "rmse": float(np.mean([e["rmse"] for e in errs])), "bias": float(np.mean([e["bias"] for e in errs]))})
+    return rows
+
+
+def run_stage1(model, ref_model, tokenizer, truths, settings: DemoSettings, out_dir: Path, seed: int) -> dict:
+    """Sample N per prompt from ``model``, verify and re-score (Parquet shards), label with ``run_labelling``;
+    returns the label table as numpy columns in ``truths`` order, the reward-1 (prompt, response) pairs, and
+    the beta and N sweeps of the label error."""
+    samples = sample_and_score(model, ref_model, tokenizer, truths, settings.n_samples, settings.max_new_tokens,
+                               out_dir, seed)
     labels = {}
     for transform, suffix in (("raw", ""), ("affine", "_affine")):
         table = run_labelling(str(out_dir / "samples"), beta=settings.beta, reward_transform=transform,
@@ -154,8 +188,13 @@ def run_stage1(model, ref_model, tokenizer, truths, settings: DemoSettings, out_
         index = {pid: i for i, pid in enumerate(table["prompt_id"])}
         order = [index[t.id] for t in truths]
         labels.update({k + suffix: np.asarray(v)[order] for k, v in table.items() if k != "prompt_id"})
-    samples = pq.read_table(out_dir / "samples").to_pydict()
-    labels["correct_pairs"] = [(p, r) for p, r, w in zip(samples["prompt"], samples["response"], samples["reward"]) if w == 1.0]
+    columns = samples["columns"]
+    labels["correct_pairs"] = [(p, r) for p, r, w in zip(columns["prompt"], columns["response"], columns["reward"]) if w == 1.0]
+    labels["beta_sweep"] = sweep_rows(samples, truths, settings.sweep_betas, [settings.n_samples])
+    big = sample_and_score(model, ref_model, tokenizer, truths, settings.sweep_n_max, settings.max_new_tokens,
+                           out_dir / "n_sweep", seed + 10_000)
+    ns = [2**i for i in range(int(math.log2(settings.sweep_n_max)) + 1)]
+    labels["n_sweep"] = sweep_rows(big, truths, [settings.beta], ns)
     return labels
 
 
@@ -274,6 +313,9 @@ def run_demo(
         weak = run_stage1(ref, ref, tokenizer, train_truth, settings, seed_dir / "stage1_weak", seed)
         run["stage1"] = [row for labels, name in ((strong, "strong q"), (weak, "weak (pi_ref)"))
                          for row in stage1_rows(labels, train_truth, settings.beta, name)]
+        run["sweeps"] = [{**row, "proposal": name, "study": study}
+                         for labels, name in ((strong, "strong q"), (weak, "weak (pi_ref)"))
+                         for study in ("beta_sweep", "n_sweep") for row in labels[study]]
         run["stage1_seconds"] = time.perf_counter() - t0
         _say(f"seed {seed} stage 1: " + "; ".join(
             f"{r['proposal']} {r['label']} RMSE {r['rmse']:.3f} bias {r['bias']:+.3f}" for r in run["stage1"]))
@@ -359,8 +401,12 @@ def summarize(runs: list[dict], methods: Sequence[str]) -> dict:
         key = f"{row['proposal']} / {row['label']}"
         stage1[key] = {m: _mean_std([r["stage1"][i][m] for r in runs])
                        for m in ("rmse", "bias", "mean_ess", "reward_rate", "mean_max_weight")}
+    sweeps = [{**{k: row[k] for k in ("study", "proposal", "beta", "n")},
+               **{m: _mean_std([r["sweeps"][i][m] for r in runs]) for m in ("rmse", "bias")}}
+              for i, row in enumerate(runs[0].get("sweeps", []))]
     return {
         "stage1": stage1,
+        "sweeps": sweeps,
         "stage2": {m: _mean_std([r["stage2"][m] for r in runs]) for m in runs[0]["stage2"]},
         "methods": {meth: {m: _mean_std([r["methods"][meth][m] for r in runs]) for m in runs[0]["methods"][meth]}
                     for meth in methods},
@@ -420,6 +466,7 @@ def results_markdown(results: dict) -> str:
     for key, stats in summary["stage1"].items():
         lines.append(f"| {key} | " + " | ".join(
             _fmt(stats[m]) for m in ("rmse", "bias", "mean_ess", "reward_rate", "mean_max_weight")) + " |")
+    lines += _sweep_tables(summary.get("sweeps", []))
     st2 = summary["stage2"]
     lines += [
         "",
@@ -435,6 +482,27 @@ def results_markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _sweep_tables(sweeps: list[dict]) -> list[str]:
+    """The beta sweep (rows beta) and the N-budget study (rows N): LSE label RMSE and bias per proposal."""
+    lines = []
+    proposals = list(dict.fromkeys(row["proposal"] for row in sweeps))
+    for study, key, title in (("beta_sweep", "beta", "Stage 1 label error vs beta (N fixed)"),
+                              ("n_sweep", "n", "Stage 1 label error vs the budget N (beta fixed; disjoint batches of N)")):
+        rows = [row for row in sweeps if row["study"] == study]
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "",
+                  f"| {key} | " + " | ".join(f"{p} RMSE | {p} bias" for p in proposals) + " |",
+                  "|---:|" + "---:|---:|" * len(proposals)]
+        for value in dict.fromkeys(row[key] for row in rows):
+            cells = []
+            for p in proposals:
+                row = next(r for r in rows if r["proposal"] == p and r[key] == value)
+                cells += [_fmt(row["rmse"]), _fmt(row["bias"])]
+            lines.append(f"| {value:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _method_row(method: str, stats: dict, k: int) -> str:
@@ -507,6 +575,26 @@ def write_plots(results: dict, plot_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(plot_dir / "stage1_labels.png", dpi=120)
     plt.close(fig)
+
+    sweeps = results["summary"].get("sweeps", [])
+    if sweeps:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for ax, (study, key, xlabel) in zip(axes, (("beta_sweep", "beta", "beta"), ("n_sweep", "n", "N (log scale)"))):
+            for proposal in dict.fromkeys(r["proposal"] for r in sweeps):
+                rows = [r for r in sweeps if r["study"] == study and r["proposal"] == proposal]
+                x = [r[key] for r in rows]
+                ax.errorbar(x, [r["rmse"]["mean"] for r in rows], yerr=[r["rmse"]["std"] for r in rows],
+                            marker="o", label=f"{proposal} RMSE")
+                ax.plot(x, [r["bias"]["mean"] for r in rows], ls="--", marker="x", label=f"{proposal} bias")
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xlabel(xlabel)
+            if key == "n":
+                ax.set_xscale("log", base=2)
+        axes[0].set_ylabel("LSE label - exact log Z")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot_dir / "stage1_sweeps.png", dpi=120)
+        plt.close(fig)
 
 
 def _json_safe(value):

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="smaller budget (under 3 minutes on 2 CPU cores)")
     demo.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and spread are reported)")
     demo.add_argument("--out", default="runs/demo", help="output folder: results.json, results.md, plots/")
-    demo.add_argument("--methods", default=None, help="comma-separated methods (default: disa and every baseline; "
-                      "the ablations disa_labels and disa_exact read log Z from the Stage 1 labels / the exact value)")
+    demo.add_argument("--methods", default=None, help="comma-separated subset (default: all): disa, flowrl, flowrl_no_logz, "
+                      "grpo, gspo, aspo, sft; ablations disa_labels, disa_exact (log Z from the Stage 1 labels / the "
+                      "exact value); transform study disa_affine, disa_group")
     demo.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
 
     for verb, help_text in [

@@ -393,7 +393,7 @@ def _load_model(path: Path):
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int):
+def torch_threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -450,7 +450,7 @@ def build_testbed(
     root_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root_parent))
     try:
-        with _torch_threads(threads):
+        with torch_threads(threads):
             _build_into(staging, cfg)
         try:
             staging.rename(root)

@@ -16,7 +16,6 @@ samples.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from disa import metrics
 from disa.data import PromptRecord, render_prompt
 from disa.generation import Generator
+from disa.verifiers import check_rewards, repeat_columns, resolve_verifier
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
@@ -48,34 +48,6 @@ EVAL_SCHEMA = pa.schema(
 )
 
 __all__ = ["run_evaluation", "summarize", "format_markdown", "EVAL_JSON", "EVAL_MD", "EVAL_SAMPLES", "EVAL_SCHEMA"]
-
-
-def _resolve_verifier(verifier: Union[str, Callable]) -> tuple[Callable, str]:
-    if callable(verifier):
-        return verifier, getattr(verifier, "__name__", "custom")
-    from disa.verifiers import get_verifier
-
-    return get_verifier(verifier), verifier
-
-
-def _columns(records: Sequence[PromptRecord], k: int) -> dict[str, list]:
-    """Per-completion verifier columns (each record's value repeated ``k`` times), TRL's keyword convention."""
-    keys: list[str] = []
-    for r in records:
-        keys += [key for key in r.verifier_columns() if key not in keys]
-    return {key: [r.verifier_columns().get(key) for r in records for _ in range(k)] for key in keys}
-
-
-def _rewards(values: Any, expected: int, name: str) -> list[float]:
-    values = list(values)
-    if len(values) != expected:
-        raise ValueError(f"verifier {name!r} returned {len(values)} rewards for {expected} completions")
-    out = []
-    for i, v in enumerate(values):
-        if v is None or not math.isfinite(float(v)):
-            raise ValueError(f"verifier {name!r} returned a non-finite reward {v!r} for completion {i}")
-        out.append(float(v))
-    return out
 
 
 def summarize(
@@ -192,7 +164,7 @@ def run_evaluation(
         raise ValueError(f"pass_at: every k must be an integer in [1, k={k}], got {list(pass_at)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    verifier_fn, verifier_name = _resolve_verifier(verifier)
+    verifier_fn, verifier_name = resolve_verifier(verifier)
     tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     texts = [render_prompt(r, tokenizer) for r in prompts]
@@ -210,8 +182,8 @@ def run_evaluation(
             if len(groups) != len(chunk) or any(len(g) != k for g in groups):
                 raise RuntimeError(f"generator returned {[len(g) for g in groups]} samples per prompt, expected {k}")
             flat = [s for g in groups for s in g]
-            values = _rewards(
-                verifier_fn([t for t in chunk for _ in range(k)], [s.text for s in flat], **_columns(records, k),
+            values = check_rewards(
+                verifier_fn([t for t in chunk for _ in range(k)], [s.text for s in flat], **repeat_columns(records, k),
                             **(verifier_kwargs or {})),
                 len(flat), verifier_name,
             )

@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from disa.data import PromptRecord, render_prompt
 from disa.generation import Generator, Sample, encode_prompt, encode_response
 from disa.scoring import score_responses
+from disa.verifiers import check_rewards, repeat_columns, resolve_verifier
 
 SAMPLES_SUBDIR = "samples"
 META_FILE = "meta.json"
@@ -108,22 +109,6 @@ def _check_or_write_meta(out_dir: str, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def _resolve_verifier(verifier: Union[str, Callable]) -> tuple[Callable, str]:
-    if callable(verifier):
-        return verifier, getattr(verifier, "__name__", "custom")
-    from disa.verifiers import get_verifier
-
-    return get_verifier(verifier), verifier
-
-
-def _verifier_columns(records: Sequence[PromptRecord], n: int) -> dict[str, list]:
-    """Per-completion columns (each record's value repeated ``n`` times) in TRL's keyword convention."""
-    keys: list[str] = []
-    for r in records:
-        keys += [k for k in r.verifier_columns() if k not in keys]
-    return {k: [r.verifier_columns().get(k) for r in records for _ in range(n)] for k in keys}
-
-
 def _same_tokenization(tok_a, tok_b) -> bool:
     return tok_a is tok_b or (
         type(tok_a) is type(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
@@ -138,18 +123,6 @@ def _pad_id(tokenizer) -> int:
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)
     raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-
-
-def _check_rewards(rewards: Any, expected: int, name: str) -> list[float]:
-    rewards = list(rewards)
-    if len(rewards) != expected:
-        raise ValueError(f"verifier {name!r} returned {len(rewards)} rewards for {expected} completions")
-    out = []
-    for i, r in enumerate(rewards):
-        if r is None or not math.isfinite(float(r)):
-            raise ValueError(f"verifier {name!r} returned a non-finite reward {r!r} for completion {i}")
-        out.append(float(r))
-    return out
 
 
 def sample_shard(
@@ -178,8 +151,8 @@ def sample_shard(
     prompts_flat = [p for p in prompts_q for _ in range(n)]
     texts = [s.text for s in flat]
 
-    rewards = _check_rewards(
-        verifier_fn(prompts_flat, texts, **_verifier_columns(records, n), **(verifier_kwargs or {})),
+    rewards = check_rewards(
+        verifier_fn(prompts_flat, texts, **repeat_columns(records, n), **(verifier_kwargs or {})),
         len(flat), verifier_name,
     )
 
@@ -271,7 +244,7 @@ def run_sampling(
     if ref_tokenizer is None:
         raise ValueError("ref_tokenizer is required when ref_model is a model object")
     proposal_model, proposal_tokenizer = _load_if_path(proposal_model, proposal_tokenizer)
-    verifier_fn, verifier_name = _resolve_verifier(verifier)
+    verifier_fn, verifier_name = resolve_verifier(verifier)
 
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)

@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from disa.verifiers import register_verifier
+from disa.verifiers import completion_text, register_verifier
 
 STATUSES = ("ok", "wrong_answer", "timeout", "memory", "runtime_error", "refused", "output_limit", "sandbox_error")
 
@@ -726,14 +726,6 @@ def run_tests_batch(
         return list(tqdm(iterator, total=len(programs), desc="code tests", disable=disable))
 
 
-def _completion_text(completion) -> str:
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    raise TypeError(f"completion must be a str or a list of chat messages, got {type(completion).__name__}")
-
-
 @register_verifier("code")
 def code_verifier(
     prompts: list,
@@ -751,7 +743,7 @@ def code_verifier(
     sandbox_keys = {"timeout_s", "cpu_s", "memory_mb", "max_output_bytes", "max_file_bytes",
                     "max_processes", "python_executable"}
     sandbox_options = {k: v for k, v in columns.items() if k in sandbox_keys}
-    programs = [extract_program(_completion_text(c)) for c in completions]
+    programs = [extract_program(completion_text(c)) for c in completions]
     for row, cell in enumerate(tests):
         try:
             parse_tests(cell)

@@ -11,16 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from disa.testbed.task import Prompt, is_correct, parse_prompt
-from disa.verifiers import register_verifier
-
-
-def _completion_text(completion, row: int) -> str:
-    """Plain text of a completion; TRL's conversational form ``[{"role":..., "content":...}]`` is accepted."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict) and "content" in completion[-1]:
-        return str(completion[-1]["content"])
-    raise TypeError(f"completions[{row}] must be a str or a list of chat messages, got {type(completion).__name__}")
+from disa.verifiers import completion_text, register_verifier
 
 
 def _row_prompt(prompts: Sequence, numbers, target, row: int) -> Prompt:
@@ -51,5 +42,5 @@ def countdown_reward(prompts, completions, numbers=None, target=None, **_columns
     rewards = []
     for row in range(n):
         prompt = _row_prompt(prompts, numbers, target, row)
-        rewards.append(1.0 if is_correct(prompt, _completion_text(completions[row], row)) else 0.0)
+        rewards.append(1.0 if is_correct(prompt, completion_text(completions[row], row)) else 0.0)
     return rewards

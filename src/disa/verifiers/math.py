@@ -24,9 +24,9 @@ import logging
 import re
 import signal
 import threading
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, TypeVar
 
-from disa.verifiers import register_verifier
+from disa.verifiers import completion_text, register_verifier
 
 T = TypeVar("T")
 
@@ -235,15 +235,6 @@ def math_reward(
         return 0.0
 
 
-def _completion_text(completion) -> str:
-    """TRL passes either strings or chat messages ``[{"role": ..., "content": ...}]``."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    raise TypeError(f"completion must be a str or a list of chat messages, got {type(completion).__name__}")
-
-
 @register_verifier("math")
 def math_verifier(
     prompts: list,
@@ -263,5 +254,5 @@ def math_verifier(
     for row, (completion, gold) in enumerate(zip(completions, answer)):
         if gold is None:
             raise ValueError(f"column 'answer' is empty (None) at row {row}")
-        rewards.append(math_reward(_completion_text(completion), gold, timeout_s=timeout_s, pattern=pattern))
+        rewards.append(math_reward(completion_text(completion), gold, timeout_s=timeout_s, pattern=pattern))
     return rewards

@@ -87,7 +87,7 @@ class DemoSettings:
 
 
 FULL_SETTINGS = DemoSettings()
-QUICK_SETTINGS = DemoSettings(num_steps=8, prompts_per_step=4, fit_epochs=100, sft_epochs=2, sweep_n_max=16)
+QUICK_SETTINGS = DemoSettings(num_steps=40, fit_epochs=100, sweep_n_max=16)
 
 
 # ==================================================================================================

@@ -101,6 +101,20 @@ def test_run_demo_quick_numbers_match_its_own_artefacts(tmp_path):
     assert results_markdown(on_disk) == markdown
 
 
+def test_run_demo_resumes_finished_methods_and_redoes_them_when_settings_change(tmp_path, capsys):
+    settings = dataclasses.replace(QUICK_SETTINGS, num_steps=2, fit_epochs=5, sweep_n_max=2)
+    kw = dict(out_dir=str(tmp_path / "d"), quick=True, methods=["grpo"], cache_dir=str(tmp_path / "c"))
+    first = run_demo(settings=settings, **kw)
+    done = tmp_path / "d" / "seed0" / "grpo" / "demo_result.json"
+    stamp = done.stat().st_mtime_ns
+    capsys.readouterr()
+    again = run_demo(settings=settings, **kw)
+    assert "grpo            reused" in capsys.readouterr().out and done.stat().st_mtime_ns == stamp
+    assert again["runs"][0]["methods"]["grpo"] == pytest.approx(first["runs"][0]["methods"]["grpo"])
+    changed = run_demo(settings=dataclasses.replace(settings, num_steps=3), **kw)
+    assert len(changed["runs"][0]["curves"]["grpo"]) == 3 and done.stat().st_mtime_ns != stamp
+
+
 def test_run_demo_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="methods: unknown"):
         run_demo(str(tmp_path), quick=True, methods=["disa", "ppo"])

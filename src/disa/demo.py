@@ -20,6 +20,8 @@ One run, top to bottom (``run_demo``):
 
 Writes ``results.json``, ``results.md`` and ``plots/*.png`` to ``out_dir`` and prints the tables. With
 several seeds, Stages 1-3 are redone per seed (the testbed stays fixed) and tables give mean +- std.
+Interrupted and run again with the same ``out_dir`` and settings, it resumes: Stage 1's finished shards and
+every finished method (``<out_dir>/seed<k>/<method>/demo_result.json``) are reused.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -348,6 +351,14 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
         affine_values = affine_reward_values(strong)  # the strong proposal's frozen (a, b): they define pi*_affine
         affine = {t.id: (v[1] - v[0], v[0]) for t, v in zip(train_truth, affine_values)}
         for method in methods:
+            done_file = seed_dir / method / "demo_result.json"
+            run_key = {"settings": dataclasses.asdict(settings), "testbed": tb.root.name, "seed": seed}
+            if done_file.exists() and json.loads(done_file.read_text())["key"] == _json_safe(run_key):
+                # a finished method of an interrupted demo: its numbers are kept, not recomputed
+                done = json.loads(done_file.read_text())
+                run["methods"][method], run["curves"][method] = done["metrics"], done["curve"]
+                _say(f"seed {seed} {method:15s} reused {done_file}")
+                continue
             t0 = time.perf_counter()
             policy, history = train_method(
                 method, tb.load_ref, ref, tokenizer, train_truth, settings, seed, seed_dir / method,
@@ -359,6 +370,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
             metrics["wall_s"] = seconds
             run["methods"][method] = metrics
             run["curves"][method] = [float(r.get("reward_mean", math.nan)) for r in history]
+            _write_json(done_file, {"key": run_key, "metrics": metrics, "curve": run["curves"][method]})
             _say(f"seed {seed} {method:15s} acc {metrics['p_correct']:.3f}  KL {metrics['kl_target_policy']:.3f}  "
                  f"TV {metrics['tv']:.3f}  distinct@{settings.k} {metrics[f'distinct_correct@{settings.k}']:.2f}  "
                  f"{seconds:.0f}s")
@@ -374,7 +386,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
                     "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
         "wall_s": time.perf_counter() - started,
     }
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+    _write_json(out / "results.json", results)
     markdown = results_markdown(results)
     (out / "results.md").write_text(markdown)
     try:
@@ -607,6 +619,14 @@ def write_plots(results: dict, plot_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(plot_dir / "stage1_sweeps.png", dpi=120)
         plt.close(fig)
+
+
+def _write_json(path: Path, value) -> None:
+    """Write atomically (a temporary file, then ``os.replace``), so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(value), indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _json_safe(value):

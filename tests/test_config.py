@@ -34,6 +34,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"train": {"top_p": 1.5}}, r"train\.top_p"),
         ({"eval": {"k": 4, "pass_at": [1, 8]}}, r"eval\.pass_at"),
         ({"fit_z": 3}, r"fit_z: expected a mapping"),
+        ({"models": {"cpu_threads": 0}}, r"models\.cpu_threads: must be >= 1"),
+        ({"models": {"cpu_threads": "all"}}, r"models\.cpu_threads: expected int"),
     ],
 )
 def test_bad_fields_are_named(data, match):

@@ -42,6 +42,8 @@ class ModelsConfig:
     policy: Optional[str] = _f(None, "Local path to start the policy from (default: the reference).")
     device: str = _f("auto", "cpu, cuda, cuda:1 or auto.")
     dtype: str = _f("float32", "Model weights dtype: float32, bfloat16 or float16.")
+    cpu_threads: Optional[int] = _f(None, "torch intra-op threads on the CPU (None: torch's default, every core). "
+                                    "Set 1 for tiny models or a shared machine, where extra threads mostly wait.")
 
 
 @dataclass
@@ -211,6 +213,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         value = _get(cfg, fpath)
         if not value > 0:
             raise ConfigError(f"{fpath}: must be > 0, got {value!r}")
+    if cfg.models.cpu_threads is not None and cfg.models.cpu_threads < 1:
+        raise ConfigError(f"models.cpu_threads: must be >= 1 or null, got {cfg.models.cpu_threads!r}")
     for fpath in NON_NEGATIVE:
         value = _get(cfg, fpath)
         if not value >= 0:

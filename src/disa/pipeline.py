@@ -76,15 +76,18 @@ def paths(cfg: PipelineConfig) -> dict[str, Path]:
 
 
 def _stage(fn):
-    """A prompt that cannot be rendered for a model (``DataError``) is reported like a config error."""
+    """Every stage: applies ``models.cpu_threads``; a prompt that cannot be rendered for a model
+    (``DataError``) is reported like a config error."""
     import functools
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(cfg, *args, **kwargs):
         from disa.data import DataError
 
+        if cfg.models.cpu_threads is not None:
+            torch.set_num_threads(cfg.models.cpu_threads)
         try:
-            return fn(*args, **kwargs)
+            return fn(cfg, *args, **kwargs)
         except DataError as e:
             raise ConfigError(f"data: {e}") from None
 

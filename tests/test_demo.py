@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from disa.demo import DEFAULT_METHODS, QUICK_SETTINGS, label_errors, results_markdown, run_demo, summarize
+from disa.demo import (
+    DEFAULT_METHODS, QUICK_SETTINGS, label_errors, results_markdown, run_demo, settings_with, summarize,
+)
 from disa.estimators import label_prompts
 from disa.testbed import build_testbed, correct_logprobs, log_z_from_logprobs
 
@@ -113,6 +115,23 @@ def test_run_demo_resumes_finished_methods_and_redoes_them_when_settings_change(
     assert again["runs"][0]["methods"]["grpo"] == pytest.approx(first["runs"][0]["methods"]["grpo"])
     changed = run_demo(settings=dataclasses.replace(settings, num_steps=3), **kw)
     assert len(changed["runs"][0]["curves"]["grpo"]) == 3 and done.stat().st_mtime_ns != stamp
+
+
+def test_settings_overrides_parse_types_and_name_bad_fields():
+    s = settings_with(QUICK_SETTINGS, ["num_steps=300", "lr=1", "rollout_weight=clipped_is", "sweep_betas=[1, 2]"])
+    assert (s.num_steps, s.lr, s.rollout_weight, s.sweep_betas) == (300, 1.0, "clipped_is", (1, 2))
+    assert s.beta == QUICK_SETTINGS.beta
+    with pytest.raises(ValueError, match="FIELD one of"):
+        settings_with(QUICK_SETTINGS, ["num_stepz=3"])
+    with pytest.raises(ValueError, match="num_steps: expected int"):
+        settings_with(QUICK_SETTINGS, ["num_steps=many"])
+
+
+def test_cli_demo_rejects_a_bad_override(capsys):
+    from disa.cli import main
+
+    assert main(["demo", "--quick", "--set", "length_normalize=maybe"]) == 2
+    assert "length_normalize: expected bool" in capsys.readouterr().err
 
 
 def test_run_demo_rejects_unknown_methods(tmp_path):

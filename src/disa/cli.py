@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "grpo, gspo, aspo, sft; ablations disa_labels, disa_exact (log Z from the Stage 1 labels / the "
                       "exact value); transform study disa_affine, disa_group")
     demo.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                      help="change one budget field of disa.demo.DemoSettings (repeatable), e.g. --set num_steps=300 "
+                           "--set updates_per_batch=2 --set rollout_weight=clipped_is")
 
     for verb, help_text in [
         ("sample", "Stage 1: draw N proposal samples per prompt, verify, re-score under pi_ref and q"),
@@ -61,10 +64,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.verb == "demo":
-            from disa.demo import run_demo
+            from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, run_demo, settings_with
 
             methods = args.methods.split(",") if args.methods else None
-            run_demo(out_dir=args.out, quick=args.quick, seeds=args.seeds, methods=methods, cache_dir=args.cache_dir)
+            try:
+                settings = settings_with(QUICK_SETTINGS if args.quick else FULL_SETTINGS, args.overrides)
+            except ValueError as e:
+                print(f"disa demo: {e}", file=sys.stderr)
+                return 2
+            run_demo(out_dir=args.out, quick=args.quick, seeds=args.seeds, methods=methods, cache_dir=args.cache_dir,
+                     settings=settings)
             return 0
         if args.verb == "config":
             from disa.config import describe

@@ -80,6 +80,9 @@ class DemoSettings:
     lr: float = 3e-4
     logz_lr: float = 1e-2  # FlowRL's head: larger than the policy's, as in FlowRL
     micro_batch_size: int = 32  # two optimiser steps per rollout batch of 64
+    updates_per_batch: int = 1  # passes over each rollout batch; > 1 makes later passes off-policy
+    rollout_weight: str = "on_policy"  # trajectory balance's w: on_policy (1) or clipped_is (FlowRL's code)
+    length_normalize: bool = False  # trajectory balance on token-mean log-probs (FlowRL's code) vs sums (eq. 10)
     max_new_tokens: int = 16  # the longest correct answer is 11 characters + EOS
     k: int = 8  # distinct answers / strategies among k samples
     sft_epochs: int = 3
@@ -140,6 +143,29 @@ def exact_policy_metrics(
 # ==================================================================================================
 # Stage 1 and 2
 # ==================================================================================================
+def settings_with(base: DemoSettings, overrides: Sequence[str]) -> DemoSettings:
+    """``base`` with ``field=value`` overrides (``disa demo --set num_steps=300``), values parsed as YAML;
+    an unknown field or a value of the wrong type is an error naming the field."""
+    import yaml
+
+    fields = {f.name: f for f in dataclasses.fields(DemoSettings)}
+    changes = {}
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        value = yaml.safe_load(raw)
+        expected = type(getattr(base, name))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is tuple and isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"--set {name}: expected {expected.__name__}, got {value!r}")
+        changes[name] = value
+    return dataclasses.replace(base, **changes)
+
+
 def label_errors(labels: np.ndarray, exact: np.ndarray) -> dict[str, float]:
     """RMSE and mean signed error (bias) of labels against the exact ``log Z``, both ``(P,)``."""
     err = np.asarray(labels, dtype=np.float64) - np.asarray(exact, dtype=np.float64)
@@ -244,10 +270,12 @@ def run_stage2(ref_model, tokenizer, truths, labels: np.ndarray, settings: DemoS
 def train_config(method: str, settings: DemoSettings, seed: int, output_dir: Path) -> TrainConfig:
     """One budget for every RL objective; the trajectory-balance ones target the exact pi* (raw reward,
     trajectory-level log-probs, on-policy weights), the reward maximisers use their usual defaults."""
-    kwargs = {"beta": settings.beta, "length_normalize": False} if method in TRAJECTORY_BALANCE else {}
+    kwargs = ({"beta": settings.beta, "length_normalize": settings.length_normalize,
+               "rollout_weight_mode": settings.rollout_weight} if method in TRAJECTORY_BALANCE else {})
     return TrainConfig(
         objective="disa" if method.startswith("disa") else method, objective_kwargs=kwargs, group_size=settings.group_size,
-        prompts_per_step=settings.prompts_per_step, num_steps=settings.num_steps, updates_per_batch=1,
+        prompts_per_step=settings.prompts_per_step, num_steps=settings.num_steps,
+        updates_per_batch=settings.updates_per_batch,
         micro_batch_size=settings.micro_batch_size, lr=settings.lr, logz_lr=settings.logz_lr,
         max_new_tokens=settings.max_new_tokens, generation_batch_size=settings.prompts_per_step,
         reward_transform=TRANSFORM_STUDY.get(method, "raw"), output_dir=str(output_dir), save_every=0, keep_checkpoints=1, seed=seed,
@@ -449,7 +477,9 @@ def results_markdown(results: dict) -> str:
         f"# disa demo: exact testbed ({'quick' if results['quick'] else 'full'}), {results['seeds']} seed(s)",
         "",
         f"beta = {s['beta']} on the raw binary reward; N = {s['n_samples']} proposal samples per prompt; "
-        f"{s['num_steps']} RL steps of {s['prompts_per_step']} prompts x G = {s['group_size']} rollouts, lr {s['lr']}; "
+        f"{s['num_steps']} RL steps of {s['prompts_per_step']} prompts x G = {s['group_size']} rollouts, lr {s['lr']}, "
+        f"{s['updates_per_batch']} pass(es) per batch; trajectory balance with {s['rollout_weight']} weights"
+        f"{', length-normalised' if s['length_normalize'] else ''}; "
         f"metrics on the {results['testbed']['n_train_prompts']} training prompts ({results['testbed']['mean_correct_answers']:.0f} "
         f"correct answers each on average), held-out accuracy on {results['testbed']['n_eval_prompts']} more. "
         "Values are mean ± std over seeds.",

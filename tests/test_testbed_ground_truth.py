@@ -28,6 +28,7 @@ from disa.testbed import (
     strategy_probs,
     target_logprobs,
     total_variation_to_target,
+    correct_set_tv,
 )
 
 
@@ -89,6 +90,20 @@ def test_kl_and_tv_of_reference_against_target_by_hand():
     assert coarse_kl_to_target(always, ref, beta) == math.inf
     expected_tv = 0.5 * ((1 - 0.2 / 1.4) + 0.4 / 1.4 + 0.2 / 1.4 + 0.6 / 1.4)
     assert total_variation_to_target(always, ref, beta) == pytest.approx(expected_tv, abs=1e-12)
+
+
+def test_correct_set_tv_by_hand():
+    ref = np.log([0.1, 0.2, 0.1])  # pi*(. | correct) = (0.25, 0.5, 0.25) for any beta
+    beta = math.log(2)
+    # a policy with the same shape at any accuracy has distance 0; the coarse TV would not
+    assert correct_set_tv(np.log([0.2, 0.4, 0.2]), ref, beta) == pytest.approx(0.0, abs=1e-12)
+    # collapse onto the first answer: |1 - 0.25| + 0.5 + 0.25, halved
+    assert correct_set_tv(np.array([math.log(0.9), -np.inf, -np.inf]), ref, beta) == pytest.approx(0.75)
+    # (0.3, 0.1, 0.1) -> (0.6, 0.2, 0.2): |0.6-0.25| + |0.2-0.5| + |0.2-0.25| = 0.7, halved
+    assert correct_set_tv(np.log([0.3, 0.1, 0.1]), ref, beta) == pytest.approx(0.35)
+    assert correct_set_tv(np.full(3, -np.inf), ref, beta) == 1.0
+    with pytest.raises(ValueError, match="must align"):
+        correct_set_tv(np.log([0.5, 0.5]), ref, beta)
 
 
 def test_entropy_and_distinct_counts_by_hand():

@@ -62,6 +62,7 @@ ABLATIONS = ("disa_labels", "disa_exact")
 # paper). Both read log Z from the Stage 1 labels under the frozen transform and are scored against the
 # pi* of that transform.
 TRANSFORM_STUDY = {"disa_affine": "affine", "disa_group": "group"}
+METRICS_VERSION = 2  # bump when exact_metrics gains a metric, so a resumed demo recomputes old results
 DEFAULT_METHODS = METHODS + ABLATIONS + tuple(TRANSFORM_STUDY)
 TRAJECTORY_BALANCE = ("disa", "disa_labels", "disa_exact", *TRANSFORM_STUDY, "flowrl", "flowrl_no_logz")
 
@@ -380,7 +381,8 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
         affine = {t.id: (v[1] - v[0], v[0]) for t, v in zip(train_truth, affine_values)}
         for method in methods:
             done_file = seed_dir / method / "demo_result.json"
-            run_key = {"settings": dataclasses.asdict(settings), "testbed": tb.root.name, "seed": seed}
+            run_key = {"settings": dataclasses.asdict(settings), "testbed": tb.root.name, "seed": seed,
+                       "metrics_version": METRICS_VERSION}
             if done_file.exists() and json.loads(done_file.read_text())["key"] == _json_safe(run_key):
                 # a finished method of an interrupted demo: its numbers are kept, not recomputed
                 done = json.loads(done_file.read_text())
@@ -433,6 +435,7 @@ METRIC_COLUMNS = (
     ("p_correct", "accuracy"),
     ("kl_target_policy", "KL(pi*||pi)"),
     ("tv", "TV to pi*"),
+    ("tv_correct", "TV on correct set"),
     ("correct_entropy", "entropy on correct"),
     ("distinct_correct@{k}", "distinct correct@{k}"),
     ("distinct_strategies@{k}", "strategies@{k}"),
@@ -570,7 +573,7 @@ def _target_row(name: str, metrics: dict, k: int) -> str:
     cells = []
     for key, _ in METRIC_COLUMNS:
         key = key.format(k=k)
-        if key in ("kl_target_policy", "tv"):
+        if key in ("kl_target_policy", "tv", "tv_correct"):
             cells.append("0")
         else:
             cells.append(f"{metrics[key + '_target']:.3f}" if key + "_target" in metrics else "")
@@ -587,7 +590,7 @@ def write_plots(results: dict, plot_dir: Path) -> None:
     k = results["settings"]["k"]
     methods = [m for m in results["summary"]["methods"] if m not in TRANSFORM_STUDY]  # other target
     panels = [("p_correct", "accuracy"), ("kl_target_policy", "KL(pi* || pi)"), ("tv", "TV to pi*"),
-              (f"distinct_correct@{k}", f"distinct correct @{k}")]
+              ("tv_correct", "TV on the correct set"), (f"distinct_correct@{k}", f"distinct correct @{k}")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):
         stats = [results["summary"]["methods"][m][key] for m in methods]

@@ -177,6 +177,25 @@ def total_variation_to_target(
     return float(0.5 * diff)
 
 
+def correct_set_tv(
+    policy_logp_correct, ref_logp_correct, beta: float, reward_values: RewardValues = BINARY_REWARD
+) -> float:
+    """Total variation between ``pi_theta(. | correct)`` and ``pi*(. | correct)``: how differently the two
+    spread their mass over the correct answers, whatever their accuracy (a collapse onto one answer shows here
+    even at high accuracy). For a binary reward ``pi*(. | correct) = pi_ref(. | correct)``. In [0, 1]; 1 if
+    the policy has no correct mass."""
+    theta = _as_logp(policy_logp_correct, "policy_logp_correct")
+    star, _ = target_logprobs(ref_logp_correct, beta, reward_values)
+    if theta.shape != star.shape:
+        raise ValueError(f"policy_logp_correct {theta.shape} and ref_logp_correct {star.shape} must align")
+    if theta.size == 0:
+        return 0.0
+    log_mass = _logsumexp(theta)
+    if log_mass == -math.inf:
+        return 1.0
+    return float(0.5 * np.abs(np.exp(theta - log_mass) - np.exp(star - _logsumexp(star))).sum())
+
+
 def normalized_correct_entropy(logp_correct) -> float:
     """Entropy of ``pi(. | correct)`` divided by ``log K``: 1 = uniform over the K correct strings, 0 = one
     string. Defined as 0 when K <= 1 or the policy has no correct mass."""
@@ -238,6 +257,7 @@ def exact_metrics(
         "p_correct_target": prob_correct(star),
         "kl_target_policy": coarse_kl_to_target(policy_logp_correct, ref_logp_correct, beta, reward_values),
         "tv": total_variation_to_target(policy_logp_correct, ref_logp_correct, beta, reward_values),
+        "tv_correct": correct_set_tv(policy_logp_correct, ref_logp_correct, beta, reward_values),
         "correct_entropy": normalized_correct_entropy(policy_logp_correct),
         "correct_entropy_target": normalized_correct_entropy(star),
         f"distinct_correct@{k}": expected_distinct_correct(policy_logp_correct, k),

@@ -7,13 +7,12 @@ plain maximum likelihood on the proposal trajectories the verifier accepted, wit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from disa.generation import encode_prompt
 from disa.objectives import AGGREGATIONS, compute_objective
 from disa.trainer import (
     LOG_BACKENDS,
+    DictConfig,
     MIXED_PRECISION,
     MetricsLogger,
     _f,
@@ -42,7 +42,7 @@ DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-li
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(DictConfig):
     """Hyperparameters of the SFT baseline; each field says why it exists."""
 
     num_epochs: int = _f(3, "Passes over the examples.")
@@ -87,17 +87,6 @@ class SFTConfig:
         if self.log_with not in LOG_BACKENDS:
             bad("log_with", f"must be one of {list(LOG_BACKENDS)}")
         check_lora_config(self.lora, "SFTConfig.lora")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SFTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"SFTConfig.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
-        return cls(**data)
 
 
 def tokenize_examples(

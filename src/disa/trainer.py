@@ -66,8 +66,24 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+class DictConfig:
+    """``to_dict`` / ``from_dict`` for the config dataclasses (saved beside checkpoints, read on resume);
+    ``from_dict`` names an unknown field instead of failing in ``__init__``."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+        return cls(**data)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Every knob of Stage 3 in one place; each field says why it exists (``dataclasses.fields(...).metadata``)."""
 
     objective: str = _f("disa", "Loss name in disa.objectives.OBJECTIVES (disa, flowrl, flowrl_no_logz, tb, grpo, gspo, aspo); "
@@ -118,17 +134,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _validate_train_config(self)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"TrainConfig.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
-        return cls(**data)
 
 
 def _validate_train_config(cfg: TrainConfig) -> None:

@@ -433,7 +433,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
 # ==================================================================================================
 METRIC_COLUMNS = (
     ("p_correct", "accuracy"),
-    ("kl_target_policy", "KL(pi*||pi)"),
+    ("kl_target_policy", "KL(pi*‖pi)"),
     ("tv", "TV to pi*"),
     ("tv_correct", "TV on correct set"),
     ("correct_entropy", "entropy on correct"),

@@ -380,3 +380,15 @@ def test_sft_input_errors(tiny_gpt2_path, tmp_path):
         train_sft(policy, tok, [("a", "b"), ("c", "")], cfg)
     with pytest.raises(ValueError, match="SFTConfig.aggregation"):
         SFTConfig(aggregation="sum")
+
+
+def test_warmup_scales_the_logged_learning_rate_linearly(tiny_gpt2_path, tmp_path):
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "grpo", num_steps=3, warmup_steps=2, lr=1e-3))
+    history = trainer.train()
+    assert [row["lr"] for row in history] == pytest.approx([0.5e-3, 1e-3, 1e-3])
+
+
+def test_weight_decay_reaches_the_policy_group_but_not_the_flowrl_head(tiny_gpt2_path, tmp_path):
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "flowrl", weight_decay=0.1))
+    decay = {g["name"]: g["weight_decay"] for g in trainer.optimizer.param_groups}
+    assert decay == {"policy": 0.1, "logz_head": 0.0}

@@ -46,16 +46,77 @@ def pad_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Shifted per-token log-probs ``(B, L-1)`` of ``input_ids`` under ``model`` (gradient kept if enabled).
 
     Computed as ``logits.gather - logsumexp(logits)`` in float32, which avoids materialising the full
     ``(B, L, V)`` log-softmax a second time.
+
+    With ``response_mask`` (``(B, L-1)``, as :func:`pad_batch` returns it) only the masked positions are
+    computed and every other entry is ``0``: the LM head (``hidden x vocab``, the largest single matmul of a
+    small model) and the float32 ``logsumexp`` over its logits (for a bf16 model also a float32 copy of
+    them) then run on the response positions alone, not on prompt and padding. The log-probs, and their
+    gradients, are those of the full-logits path (see :func:`_logits_at` for models it cannot restrict).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    picked = torch.gather(logits, -1, targets).squeeze(-1)
+    if response_mask is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return _gather_logprobs(logits[:, :-1, :], input_ids[:, 1:])
+    keep = response_mask[:, : input_ids.shape[1] - 1].to(device=input_ids.device, dtype=torch.bool)
+    logits, selected = _logits_at(model, input_ids, attention_mask, keep)
+    if not selected:  # the model's head could not be restricted: full logits, same numbers
+        return _gather_logprobs(logits[:, :-1, :], input_ids[:, 1:]).masked_fill(~keep, 0.0)
+    picked = _gather_logprobs(logits, input_ids[:, 1:][keep])  # (N,)
+    return picked.new_zeros(keep.shape).masked_scatter(keep, picked)
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[target]`` in float32 over the last axis; ``targets`` has ``logits``' other axes."""
+    logits = logits.float()
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _logits_at(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """One forward pass whose LM head sees only the hidden states at the ``keep`` positions ``(B, L-1)``.
+
+    A forward pre-hook on ``model.get_output_embeddings()`` (the LM head, also found through PEFT/LoRA
+    wrappers) swaps the head's input ``(B, L, H)`` for the ``N`` kept rows ``(1, N, H)``, so whatever the
+    model does after its head (logit scaling, soft-capping, a cast to float32) is applied as usual.
+    Returns ``(logits (N, V), True)``; or ``(logits (B, L, V), False)`` for a model whose head could not be
+    restricted (no ``get_output_embeddings``, a head called on other shapes or more than once), whose
+    logits are then exactly those of the plain call.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Module):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits, False
+    calls = {"seen": 0, "selected": 0}
+
+    def select(module, args):
+        calls["seen"] += 1
+        hidden = args[0] if args else None
+        if calls["seen"] == 1 and isinstance(hidden, torch.Tensor) and hidden.shape[:2] == input_ids.shape:
+            calls["selected"] += 1
+            # hidden position t predicts token t+1, i.e. shifted position t
+            return (hidden[:, :-1][keep].unsqueeze(0), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        handle.remove()
+    if calls["selected"] == 0:
+        return logits, False  # untouched forward: the full logits
+    n = int(keep.sum())
+    if calls["seen"] == 1 and logits.dim() == 3 and logits.shape[:2] == (1, n):
+        return logits[0], True
+    # the head was restricted but the output is not the (1, N, V) it should then be: redo the plain call
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits, False
 
 
 def _model_device(model) -> torch.device:
@@ -83,8 +144,10 @@ def score_token_logprobs(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = pad_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id)
-        lp = token_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
         mask = batch["response_mask"].bool()
+        lp = token_logprobs(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask.to(device)
+        ).cpu()
         for row, i in enumerate(idx):
             results[i] = lp[row][mask[row]]
     for i in range(len(prompt_ids)):

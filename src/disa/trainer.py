@@ -304,6 +304,11 @@ class _KeepLastHidden:
         self.last_hidden = out.hidden_states[-1]
         return out
 
+    def get_output_embeddings(self):
+        """The wrapped model's LM head, so that ``token_logprobs`` can restrict it to response positions."""
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        return get_head() if callable(get_head) else None
+
 
 def response_logprobs(
     model: nn.Module,
@@ -321,7 +326,10 @@ def response_logprobs(
     device = model_device(model)
     batch = pad_batch(prompt_ids, response_ids, pad_id)
     caller = _KeepLastHidden(model) if keep_hidden else model
-    full = token_logprobs(caller, batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, L-1)
+    # (B, L-1), computed (LM head included) at response positions only, 0 elsewhere
+    full = token_logprobs(
+        caller, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["response_mask"].to(device)
+    )
     prompt_len = torch.tensor([len(p) for p in prompt_ids], device=device)
     resp_len = torch.tensor([len(r) for r in response_ids], device=device)
     width = int(resp_len.max())

@@ -21,15 +21,13 @@ from tqdm.auto import tqdm
 from disa.generation import encode_prompt
 from disa.objectives import AGGREGATIONS, compute_objective
 from disa.trainer import (
-    LOG_BACKENDS,
     DictConfig,
-    MIXED_PRECISION,
     MetricsLogger,
     _f,
     apply_lora,
     autocast,
-    check_lora_config,
     check_mixed_precision,
+    check_shared_run_fields,
     enable_gradient_checkpointing,
     find_checkpoint,
     load_training_checkpoint,
@@ -82,11 +80,7 @@ class SFTConfig(DictConfig):
             bad("max_response_tokens", "must be None or > 0")
         if self.aggregation not in AGGREGATIONS:
             bad("aggregation", f"must be one of {list(AGGREGATIONS)}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            bad("mixed_precision", f"must be one of {list(MIXED_PRECISION)}")
-        if self.log_with not in LOG_BACKENDS:
-            bad("log_with", f"must be one of {list(LOG_BACKENDS)}")
-        check_lora_config(self.lora, "SFTConfig.lora")
+        check_shared_run_fields(self, bad)
 
 
 def tokenize_examples(

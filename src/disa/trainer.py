@@ -160,10 +160,7 @@ def _validate_train_config(cfg: TrainConfig) -> None:
         bad("weight_decay", "must be >= 0")
     if cfg.reward_transform not in REWARD_TRANSFORMS:
         bad("reward_transform", f"must be one of {list(REWARD_TRANSFORMS)}")
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        bad("mixed_precision", f"must be one of {list(MIXED_PRECISION)}")
-    if cfg.log_with not in LOG_BACKENDS:
-        bad("log_with", f"must be one of {list(LOG_BACKENDS)}")
+    check_shared_run_fields(cfg, bad)
     if not isinstance(cfg.objective_kwargs, dict):
         bad("objective_kwargs", "must be a dict")
     accepted = objective_hyperparameters(cfg.objective)
@@ -175,7 +172,15 @@ def _validate_train_config(cfg: TrainConfig) -> None:
         )
     if cfg.objective in DISTRIBUTION_MATCHING and "beta" not in cfg.objective_kwargs:
         raise ValueError(f"TrainConfig.objective_kwargs: objective {cfg.objective!r} needs beta (FlowRL and the paper use 15)")
-    check_lora_config(cfg.lora, "TrainConfig.lora")
+
+
+def check_shared_run_fields(cfg, bad: Callable[[str, str], None]) -> None:
+    """The fields ``TrainConfig`` and ``SFTConfig`` share: mixed precision, logger, LoRA."""
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        bad("mixed_precision", f"must be one of {list(MIXED_PRECISION)}")
+    if cfg.log_with not in LOG_BACKENDS:
+        bad("log_with", f"must be one of {list(LOG_BACKENDS)}")
+    check_lora_config(cfg.lora, f"{type(cfg).__name__}.lora")
 
 
 # Inputs the trainer supplies itself: never hyperparameters.

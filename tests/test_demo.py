@@ -125,6 +125,8 @@ def test_settings_overrides_parse_types_and_name_bad_fields():
         settings_with(QUICK_SETTINGS, ["num_stepz=3"])
     with pytest.raises(ValueError, match="num_steps: expected int"):
         settings_with(QUICK_SETTINGS, ["num_steps=many"])
+    with pytest.raises(ValueError, match="sweep_betas: expected tuple"):
+        settings_with(QUICK_SETTINGS, ["sweep_betas=3"])
 
 
 def test_cli_demo_rejects_a_bad_override(capsys):

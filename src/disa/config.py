@@ -162,17 +162,19 @@ POSITIVE = {
 NON_NEGATIVE = {"train.weight_decay", "train.warmup_steps", "train.save_every", "train.keep_checkpoints"}
 
 
-def _check_type(path: str, value: Any, tp: Any) -> Any:
+def check_field_type(path: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints widen to float, bools are not ints, ``Optional``
+    allows None); raises ``ConfigError`` naming ``path``. Shared by the YAML loader and ``disa demo --set``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _check_type(path, value, args[0])
+        return check_field_type(path, value, args[0])
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = origin or tp
-    if expected in (list, dict, str, int, float, bool) and not (
+    if expected in (list, tuple, dict, str, int, float, bool) and not (
         isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     ):
         raise ConfigError(f"{path}: expected {expected.__name__}, got {type(value).__name__} ({value!r})")
@@ -197,7 +199,7 @@ def _build(cls, data: Any, path: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, fpath)
         else:
-            kwargs[name] = _check_type(fpath, value, tp)
+            kwargs[name] = check_field_type(fpath, value, tp)
     return cls(**kwargs)
 
 

@@ -147,23 +147,22 @@ def exact_policy_metrics(
 def settings_with(base: DemoSettings, overrides: Sequence[str]) -> DemoSettings:
     """``base`` with ``field=value`` overrides (``disa demo --set num_steps=300``), values parsed as YAML;
     an unknown field or a value of the wrong type is an error naming the field."""
+    import typing
+
     import yaml
 
-    fields = {f.name: f for f in dataclasses.fields(DemoSettings)}
+    from disa.config import check_field_type
+
+    fields = typing.get_type_hints(DemoSettings)
     changes = {}
     for item in overrides:
         name, sep, raw = item.partition("=")
         if not sep or name not in fields:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
         value = yaml.safe_load(raw)
-        expected = type(getattr(base, name))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if expected is tuple and isinstance(value, list):
+        if fields[name] is tuple and isinstance(value, list):  # YAML has lists, the frozen settings tuples
             value = tuple(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"--set {name}: expected {expected.__name__}, got {value!r}")
-        changes[name] = value
+        changes[name] = check_field_type(f"--set {name}", value, fields[name])
     return dataclasses.replace(base, **changes)
 
 

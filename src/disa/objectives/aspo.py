@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
+from .registry import register_objective
 
 
 def aspo_token_loss(
@@ -48,6 +49,7 @@ def aspo_token_loss(
     return loss, dual.to(logp.dtype)
 
 
+@register_objective("aspo", family="policy_gradient")
 def aspo_loss(
     *,
     logp: Tensor,

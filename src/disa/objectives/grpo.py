@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
+from .registry import register_objective
 
 
 def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float) -> tuple[Tensor, Tensor]:
@@ -28,6 +29,7 @@ def _check_clip(clip_eps: float, clip_eps_high: Optional[float]) -> tuple[float,
     return clip_eps, high
 
 
+@register_objective("grpo", family="policy_gradient")
 def grpo_loss(
     *,
     logp: Tensor,

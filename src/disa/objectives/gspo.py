@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
+from .registry import register_objective
 from .grpo import _check_clip, clipped_surrogate
 
 
@@ -17,6 +18,7 @@ def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     return torch.exp(torch.clamp(log_s, -20.0, 20.0))
 
 
+@register_objective("gspo", family="policy_gradient")
 def gspo_loss(
     *,
     logp: Tensor,

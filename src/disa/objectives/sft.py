@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 from .common import Tensor, aggregate, check_token_inputs, zero_padding
+from .registry import register_objective
 
 
+@register_objective("sft", family="supervised")
 def sft_loss(
     *, logp: Tensor, mask: Tensor, aggregation: str = "token_mean", max_len: Optional[int] = None
 ) -> tuple[Tensor, dict]:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .common import Tensor, check_per_rollout, check_token_inputs, zero_padding
+from .registry import register_objective
 
 ROLLOUT_WEIGHTS = ("on_policy", "clipped_is")
 
@@ -47,6 +48,7 @@ def rollout_weight(
     raise ValueError(f"unknown rollout_weight {mode!r}; choose one of {ROLLOUT_WEIGHTS}")
 
 
+@register_objective("tb", family="trajectory_balance", log_z="frozen")
 def trajectory_balance_loss(
     *,
     logp: Tensor,
@@ -91,6 +93,7 @@ def trajectory_balance_loss(
     return loss, metrics
 
 
+@register_objective("disa", family="trajectory_balance", log_z="frozen", extends=trajectory_balance_loss)
 def disa_loss(*, log_z: Tensor, rollout_weight_mode: str = "clipped_is", **kw) -> tuple[Tensor, dict]:
     """DISA (eq. 10): trajectory balance with the frozen offline ``log Z``; no gradient ever reaches it.
 
@@ -100,6 +103,7 @@ def disa_loss(*, log_z: Tensor, rollout_weight_mode: str = "clipped_is", **kw) -
     return trajectory_balance_loss(log_z=log_z, freeze_log_z=True, rollout_weight_mode=rollout_weight_mode, **kw)
 
 
+@register_objective("flowrl", family="trajectory_balance", log_z="learned", extends=trajectory_balance_loss)
 def flowrl_loss(*, log_z: Tensor, length_normalize: bool = True, rollout_weight_mode: str = "clipped_is", **kw):
     """FlowRL: trajectory balance with a ``log Z`` learned jointly (its gradient flows into ``log_z``).
 
@@ -110,6 +114,7 @@ def flowrl_loss(*, log_z: Tensor, length_normalize: bool = True, rollout_weight_
     )
 
 
+@register_objective("flowrl_no_logz", family="trajectory_balance", log_z="zero", extends=trajectory_balance_loss)
 def flowrl_no_logz_loss(*, mask: Tensor, log_z: Optional[Tensor] = None, length_normalize: bool = True,
                         rollout_weight_mode: str = "clipped_is", **kw):
     """The later FlowRL variant with ``log Z`` dropped (fixed at 0): an ablation of where ``log Z`` comes from."""

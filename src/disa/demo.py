@@ -39,18 +39,20 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from disa.config import SFTConfig, TargetConfig, TrainConfig
 from disa.data import PromptRecord
+from disa.io import atomic_write_json, json_safe
 from disa.embeddings import ModelPoolEmbedder
 from disa.estimators import label_prompts
 from disa.generation.hf import HFGenerator
 from disa.regressor import fit_regressor
-from disa.sft import SFTConfig, train_sft
 from disa.stages.fit_z import FrozenLogZ, LogZTable
 from disa.stages.label import run_labelling
 from disa.stages.sample import run_sampling
+from disa.stages.train import train_policy
 from disa.testbed.models import torch_threads
+from disa.demo_report import TRANSFORM_STUDY, results_markdown, summarize, write_plots  # noqa: F401  (re-exported)
 from disa.testbed import build_testbed, correct_logprobs, exact_metrics, log_z_from_logprobs, strategies
-from disa.trainer import RLTrainer, TrainConfig
 from disa.verifiers import get_verifier
 
 METHODS = ("disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft")
@@ -61,7 +63,6 @@ ABLATIONS = ("disa_labels", "disa_exact")
 # Stage 3 agree, so the exact Z exists) vs the group plug-in recomputed on each policy group (FlowRL, the
 # paper). Both read log Z from the Stage 1 labels under the frozen transform and are scored against the
 # pi* of that transform.
-TRANSFORM_STUDY = {"disa_affine": "affine", "disa_group": "group"}
 METRICS_VERSION = 2  # bump when exact_metrics gains a metric, so a resumed demo recomputes old results
 DEFAULT_METHODS = METHODS + ABLATIONS + tuple(TRANSFORM_STUDY)
 TRAJECTORY_BALANCE = ("disa", "disa_labels", "disa_exact", *TRANSFORM_STUDY, "flowrl", "flowrl_no_logz")
@@ -267,36 +268,46 @@ def run_stage2(ref_model, tokenizer, truths, labels: np.ndarray, settings: DemoS
 # ==================================================================================================
 # Stage 3
 # ==================================================================================================
-def train_config(method: str, settings: DemoSettings, seed: int, output_dir: Path) -> TrainConfig:
-    """One budget for every RL objective; the trajectory-balance ones target the exact pi* (raw reward,
+# Each method is a config: (train.objective, train.log_z, target.reward_transform). The ablations differ from
+# ``disa`` only in where log Z comes from (``log_z_table`` below), the transform study only in r~.
+METHOD_CONFIGS = {
+    "disa": ("disa", "regressor", "raw"),
+    "disa_labels": ("disa", "labels", "raw"),
+    "disa_exact": ("disa", "table", "raw"),
+    "disa_affine": ("disa", "labels", "affine"),
+    "disa_group": ("disa", "labels", "group"),
+    **{m: (m, "auto", "raw") for m in ("flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft")},
+}
+
+
+def method_config(method: str, settings: DemoSettings, seed: int) -> tuple[TrainConfig, TargetConfig]:
+    """One budget for every objective; the trajectory-balance ones target the exact pi* (raw reward,
     trajectory-level log-probs, on-policy weights), the reward maximisers use their usual defaults."""
-    kwargs = ({"beta": settings.beta, "length_normalize": settings.length_normalize,
-               "rollout_weight_mode": settings.rollout_weight} if method in TRAJECTORY_BALANCE else {})
-    return TrainConfig(
-        objective="disa" if method.startswith("disa") else method, objective_kwargs=kwargs, group_size=settings.group_size,
+    objective, log_z, transform = METHOD_CONFIGS[method]
+    kwargs = ({"length_normalize": settings.length_normalize, "rollout_weight_mode": settings.rollout_weight}
+              if method in TRAJECTORY_BALANCE else {})
+    train = TrainConfig(
+        objective=objective, objective_kwargs=kwargs, log_z=log_z, group_size=settings.group_size,
         prompts_per_step=settings.prompts_per_step, num_steps=settings.num_steps,
-        updates_per_batch=settings.updates_per_batch,
-        micro_batch_size=settings.micro_batch_size, lr=settings.lr, logz_lr=settings.logz_lr,
-        max_new_tokens=settings.max_new_tokens, generation_batch_size=settings.prompts_per_step,
-        reward_transform=TRANSFORM_STUDY.get(method, "raw"), output_dir=str(output_dir), save_every=0, keep_checkpoints=1, seed=seed,
+        updates_per_batch=settings.updates_per_batch, micro_batch_size=settings.micro_batch_size, lr=settings.lr,
+        logz_lr=settings.logz_lr, max_new_tokens=settings.max_new_tokens,
+        generation_batch_size=settings.prompts_per_step, save_every=0, keep_checkpoints=1, seed=seed,
+        sft=SFTConfig(num_epochs=settings.sft_epochs, lr=settings.sft_lr, micro_batch_size=32, seed=seed),
     )
+    return train, TargetConfig(beta=settings.beta, reward_transform=transform)
 
 
 def train_method(method: str, load_policy, ref_model, tokenizer, truths, settings: DemoSettings, seed: int,
-                 out_dir: Path, log_z_fn=None, sft_pairs=None, affine=None):
-    """Train one method from a fresh copy of pi_ref; returns ``(policy, history)``."""
-    policy = load_policy()
-    if method == "sft":
-        config = SFTConfig(num_epochs=settings.sft_epochs, lr=settings.sft_lr, micro_batch_size=32, seed=seed,
-                           output_dir=str(out_dir))
-        return train_sft(policy, tokenizer, sft_pairs, config)
+                 out_dir: Path, log_z_sources: dict, sft_pairs=None, affine=None):
+    """Train one method from a fresh copy of pi_ref with the pipeline's ``train_policy``; returns
+    ``(policy, history)``."""
+    train, target = method_config(method, settings, seed)
     prompts = [{"id": t.id, "text": t.text} for t in truths]
-    trainer = RLTrainer(policy, ref_model, tokenizer, prompts, get_verifier("countdown"),
-                        train_config(method, settings, seed, out_dir),
-                        log_z_fn=log_z_fn if method.startswith("disa") else None,
-                        affine=affine if method == "disa_affine" else None)
-    history = trainer.train()
-    return trainer.policy, history
+    return train_policy(
+        load_policy(), ref_model, tokenizer, prompts, get_verifier("countdown"), train, target, output_dir=str(out_dir),
+        log_z_fn=log_z_sources.get(train.log_z) if train.objective == "disa" else None,
+        affine=affine if target.reward_transform == "affine" else None, sft_examples=sft_pairs,
+    )
 
 
 # ==================================================================================================
@@ -370,19 +381,17 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
         _say(f"seed {seed} stage 2: held-out MSE {report.val_mse:.4f} (predict-the-mean {report.baseline_val_mse:.4f}), "
              f"RMSE vs exact log Z {run['stage2']['exact_rmse']:.3f}")
         run["curves"] = {}
-        log_z_sources = {
-            "disa": frozen,
-            "disa_labels": LogZTable({t.id: float(v) for t, v in zip(train_truth, strong["log_z"])}),
-            "disa_exact": LogZTable({t.id: float(v) for t, v in zip(train_truth, exact_train)}),
-            **dict.fromkeys(TRANSFORM_STUDY, LogZTable({t.id: float(v) for t, v in zip(train_truth, strong["log_z_affine"])})),
-        }
+        labels_table = lambda key: LogZTable({t.id: float(v) for t, v in zip(train_truth, strong[key])})  # noqa: E731
+        log_z_sources = {"regressor": frozen, "labels": labels_table("log_z"),
+                         "table": LogZTable({t.id: float(v) for t, v in zip(train_truth, exact_train)})}
+        affine_sources = {**log_z_sources, "labels": labels_table("log_z_affine")}
         affine_values = affine_reward_values(strong)  # the strong proposal's frozen (a, b): they define pi*_affine
         affine = {t.id: (v[1] - v[0], v[0]) for t, v in zip(train_truth, affine_values)}
         for method in methods:
             done_file = seed_dir / method / "demo_result.json"
             run_key = {"settings": dataclasses.asdict(settings), "testbed": tb.root.name, "seed": seed,
                        "metrics_version": METRICS_VERSION}
-            if done_file.exists() and json.loads(done_file.read_text())["key"] == _json_safe(run_key):
+            if done_file.exists() and json.loads(done_file.read_text())["key"] == json_safe(run_key):
                 # a finished method of an interrupted demo: its numbers are kept, not recomputed
                 done = json.loads(done_file.read_text())
                 run["methods"][method], run["curves"][method] = done["metrics"], done["curve"]
@@ -391,7 +400,8 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
             t0 = time.perf_counter()
             policy, history = train_method(
                 method, tb.load_ref, ref, tokenizer, train_truth, settings, seed, seed_dir / method,
-                log_z_fn=log_z_sources.get(method), sft_pairs=strong["correct_pairs"], affine=affine)
+                affine_sources if method in TRANSFORM_STUDY else log_z_sources, sft_pairs=strong["correct_pairs"],
+                affine=affine)
             seconds = time.perf_counter() - t0
             target = affine_values if method in TRANSFORM_STUDY else None
             metrics = exact_policy_metrics(policy, tokenizer, train_truth, settings.beta, settings.k, target)
@@ -399,7 +409,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
             metrics["wall_s"] = seconds
             run["methods"][method] = metrics
             run["curves"][method] = [float(r.get("reward_mean", math.nan)) for r in history]
-            _write_json(done_file, {"key": run_key, "metrics": metrics, "curve": run["curves"][method]})
+            atomic_write_json(done_file, {"key": run_key, "metrics": metrics, "curve": run["curves"][method]})
             _say(f"seed {seed} {method:15s} acc {metrics['p_correct']:.3f}  KL {metrics['kl_target_policy']:.3f}  "
                  f"TV {metrics['tv']:.3f}  distinct@{settings.k} {metrics[f'distinct_correct@{settings.k}']:.2f}  "
                  f"{seconds:.0f}s")
@@ -415,7 +425,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
                     "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
         "wall_s": time.perf_counter() - started,
     }
-    _write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     markdown = results_markdown(results)
     (out / "results.md").write_text(markdown)
     try:
@@ -425,252 +435,6 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
     print(markdown)
     _say(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'} in {results['wall_s']:.0f}s")
     return results
-
-
-# ==================================================================================================
-# reporting
-# ==================================================================================================
-METRIC_COLUMNS = (
-    ("p_correct", "accuracy"),
-    ("kl_target_policy", "KL(pi*‖pi)"),
-    ("tv", "TV to pi*"),
-    ("tv_correct", "TV on correct set"),
-    ("correct_entropy", "entropy on correct"),
-    ("distinct_correct@{k}", "distinct correct@{k}"),
-    ("distinct_strategies@{k}", "strategies@{k}"),
-    ("heldout_p_correct", "held-out accuracy"),
-    ("wall_s", "wall s"),
-)
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
-
-
-def summarize(runs: list[dict], methods: Sequence[str]) -> dict:
-    """Mean and spread over seeds of every number in the per-seed runs."""
-    stage1 = {}
-    for i, row in enumerate(runs[0]["stage1"]):
-        key = f"{row['proposal']} / {row['label']}"
-        stage1[key] = {m: _mean_std([r["stage1"][i][m] for r in runs])
-                       for m in ("rmse", "bias", "mean_ess", "reward_rate", "mean_max_weight")}
-    sweeps = [{**{k: row[k] for k in ("study", "proposal", "beta", "n")},
-               **{m: _mean_std([r["sweeps"][i][m] for r in runs]) for m in ("rmse", "bias")}}
-              for i, row in enumerate(runs[0].get("sweeps", []))]
-    return {
-        "stage1": stage1,
-        "sweeps": sweeps,
-        "stage2": {m: _mean_std([r["stage2"][m] for r in runs]) for m in runs[0]["stage2"]},
-        "methods": {meth: {m: _mean_std([r["methods"][meth][m] for r in runs]) for m in runs[0]["methods"][meth]}
-                    for meth in methods},
-    }
-
-
-def _fmt(stat: dict, digits: int = 3) -> str:
-    if stat["n"] > 1:
-        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}"
-
-
-def results_markdown(results: dict) -> str:
-    s, summary, k = results["settings"], results["summary"], results["settings"]["k"]
-    lines = [
-        f"# disa demo: exact testbed ({'quick' if results['quick'] else 'full'}), {results['seeds']} seed(s)",
-        "",
-        f"beta = {s['beta']} on the raw binary reward; N = {s['n_samples']} proposal samples per prompt; "
-        f"{s['num_steps']} RL steps of {s['prompts_per_step']} prompts x G = {s['group_size']} rollouts, lr {s['lr']}, "
-        f"{s['updates_per_batch']} pass(es) per batch; trajectory balance with {s['rollout_weight']} weights"
-        f"{', length-normalised' if s['length_normalize'] else ''}; "
-        f"metrics on the {results['testbed']['n_train_prompts']} training prompts ({results['testbed']['mean_correct_answers']:.0f} "
-        f"correct answers each on average), held-out accuracy on {results['testbed']['n_eval_prompts']} more. "
-        "Values are mean ± std over seeds.",
-        "",
-        "## Stage 3: every method against the exact target pi*",
-        "",
-        "| method | " + " | ".join(name.format(k=k) for _, name in METRIC_COLUMNS) + " |",
-        "|---|" + "---:|" * len(METRIC_COLUMNS),
-    ]
-    for name, row in results["reference"].items():
-        cells = [f"{row[key.format(k=k)]:.3f}" if key.format(k=k) in row else "" for key, _ in METRIC_COLUMNS]
-        lines.append(f"| {name} (no training) | " + " | ".join(cells) + " |")
-    lines.append(_target_row("pi* (target)", {key: v for key, v in results["reference"]["pi_ref"].items()}, k))
-    lines += [_method_row(m, stats, k) for m, stats in summary["methods"].items() if m not in TRANSFORM_STUDY]
-    study = [m for m in summary["methods"] if m in TRANSFORM_STUDY]
-    if study:
-        first = summary["methods"][study[0]]
-        lines += [
-            "",
-            "## Reward transform: frozen affine r~ vs the group plug-in (against pi* of the frozen affine r~)",
-            "",
-            "Both read log Z from the strong proposal's Stage 1 labels under r~ = a(x) r + b(x), with (a, b) the "
-            "proposal group's normalisation frozen per prompt; `disa_affine` uses that r~ in Stage 3 too, "
-            "`disa_group` recomputes the normalisation on each policy group, as FlowRL does.",
-            "",
-            "| method | " + " | ".join(name.format(k=k) for _, name in METRIC_COLUMNS) + " |",
-            "|---|" + "---:|" * len(METRIC_COLUMNS),
-            _target_row("pi* (frozen affine r~)", {key: v["mean"] for key, v in first.items()}, k),
-            *[_method_row(m, summary["methods"][m], k) for m in study],
-        ]
-    lines += [
-        "",
-        "## Stage 1: label error against the exact log Z (training prompts)",
-        "",
-        "| proposal / label | RMSE | bias | mean ESS | reward rate | mean max weight |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for key, stats in summary["stage1"].items():
-        lines.append(f"| {key} | " + " | ".join(
-            _fmt(stats[m]) for m in ("rmse", "bias", "mean_ess", "reward_rate", "mean_max_weight")) + " |")
-    lines += _sweep_tables(summary.get("sweeps", []))
-    st2 = summary["stage2"]
-    lines += [
-        "",
-        "## Stage 2: the frozen regressor (fitted to the strong-proposal LSE labels)",
-        "",
-        "| held-out MSE vs labels | predict-the-mean MSE | held-out R² | RMSE vs exact log Z (all training prompts) | bias vs exact |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {_fmt(st2['val_mse'], 4)} | {_fmt(st2['baseline_val_mse'], 4)} | {_fmt(st2['val_r2'])} | "
-        f"{_fmt(st2['exact_rmse'])} | {_fmt(st2['exact_bias'])} |",
-        "",
-        f"Wall time {results['wall_s']:.0f} s (Python {results['machine']['python']}, torch {results['machine']['torch']}, "
-        f"{results['machine']['threads']} thread(s)).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _sweep_tables(sweeps: list[dict]) -> list[str]:
-    """The beta sweep (rows beta) and the N-budget study (rows N): LSE label RMSE and bias per proposal."""
-    lines = []
-    proposals = list(dict.fromkeys(row["proposal"] for row in sweeps))
-    for study, key, title in (("beta_sweep", "beta", "Stage 1 label error vs beta (N fixed)"),
-                              ("n_sweep", "n", "Stage 1 label error vs the budget N (beta fixed; disjoint batches of N)")):
-        rows = [row for row in sweeps if row["study"] == study]
-        if not rows:
-            continue
-        lines += ["", f"## {title}", "",
-                  f"| {key} | " + " | ".join(f"{p} RMSE | {p} bias" for p in proposals) + " |",
-                  "|---:|" + "---:|---:|" * len(proposals)]
-        for value in dict.fromkeys(row[key] for row in rows):
-            cells = []
-            for p in proposals:
-                row = next(r for r in rows if r["proposal"] == p and r[key] == value)
-                cells += [_fmt(row["rmse"]), _fmt(row["bias"])]
-            lines.append(f"| {value:g} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _method_row(method: str, stats: dict, k: int) -> str:
-    digits = {"wall_s": 0}
-    return f"| **{method}** | " + " | ".join(
-        _fmt(stats[key.format(k=k)], digits.get(key, 3)) for key, _ in METRIC_COLUMNS) + " |"
-
-
-def _target_row(name: str, metrics: dict, k: int) -> str:
-    """The target's own numbers, read from the ``*_target`` entries of an exact-metrics dict."""
-    cells = []
-    for key, _ in METRIC_COLUMNS:
-        key = key.format(k=k)
-        if key in ("kl_target_policy", "tv", "tv_correct"):
-            cells.append("0")
-        else:
-            cells.append(f"{metrics[key + '_target']:.3f}" if key + "_target" in metrics else "")
-    return f"| {name} | " + " | ".join(cells) + " |"
-
-
-def write_plots(results: dict, plot_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    k = results["settings"]["k"]
-    methods = [m for m in results["summary"]["methods"] if m not in TRANSFORM_STUDY]  # other target
-    panels = [("p_correct", "accuracy"), ("kl_target_policy", "KL(pi* || pi)"), ("tv", "TV to pi*"),
-              ("tv_correct", "TV on the correct set"), (f"distinct_correct@{k}", f"distinct correct @{k}")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
-        stats = [results["summary"]["methods"][m][key] for m in methods]
-        ax.bar(methods, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3, color="tab:blue")
-        ref = results["reference"]["pi_ref"]
-        if key in ref:
-            ax.axhline(ref[key], color="gray", ls="--", lw=1, label="pi_ref")
-        if key + "_target" in ref:
-            ax.axhline(ref[key + "_target"], color="tab:green", ls=":", lw=1.5, label="pi*")
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=60)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "methods.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for method in methods:
-        curves = [r["curves"][method] for r in results["runs"] if r["curves"].get(method)]
-        if curves and not all(math.isnan(v) for v in curves[0]):
-            ax.plot(np.nanmean(np.array(curves), axis=0), label=method)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("mean rollout reward")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "reward_curves.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    keys = list(results["summary"]["stage1"])
-    stats = [results["summary"]["stage1"][key] for key in keys]
-    x = np.arange(len(keys))
-    ax.bar(x - 0.2, [s["rmse"]["mean"] for s in stats], 0.4, yerr=[s["rmse"]["std"] for s in stats], label="RMSE")
-    ax.bar(x + 0.2, [s["bias"]["mean"] for s in stats], 0.4, yerr=[s["bias"]["std"] for s in stats], label="bias")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, keys, rotation=20, fontsize=8)
-    ax.set_title("Stage 1 labels vs exact log Z")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "stage1_labels.png", dpi=120)
-    plt.close(fig)
-
-    sweeps = results["summary"].get("sweeps", [])
-    if sweeps:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for ax, (study, key, xlabel) in zip(axes, (("beta_sweep", "beta", "beta"), ("n_sweep", "n", "N (log scale)"))):
-            for proposal in dict.fromkeys(r["proposal"] for r in sweeps):
-                rows = [r for r in sweeps if r["study"] == study and r["proposal"] == proposal]
-                x = [r[key] for r in rows]
-                ax.errorbar(x, [r["rmse"]["mean"] for r in rows], yerr=[r["rmse"]["std"] for r in rows],
-                            marker="o", label=f"{proposal} RMSE")
-                ax.plot(x, [r["bias"]["mean"] for r in rows], ls="--", marker="x", label=f"{proposal} bias")
-            ax.axhline(0, color="black", lw=0.8)
-            ax.set_xlabel(xlabel)
-            if key == "n":
-                ax.set_xscale("log", base=2)
-        axes[0].set_ylabel("LSE label - exact log Z")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plot_dir / "stage1_sweeps.png", dpi=120)
-        plt.close(fig)
-
-
-def _write_json(path: Path, value) -> None:
-    """Write atomically (a temporary file, then ``os.replace``), so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(value), indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    return value
 
 
 def _say(message: str) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -27,6 +29,9 @@ from tqdm.auto import tqdm
 from disa import metrics
 from disa.data import PromptRecord, render_prompt
 from disa.generation import Generator
+from disa.io import atomic_write_parquet, atomic_write_text
+from disa.stages import common
+from disa.stages.common import stage
 from disa.verifiers import check_rewards, repeat_columns, resolve_verifier
 
 EVAL_JSON = "eval.json"
@@ -123,12 +128,6 @@ def format_markdown(summary: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_evaluation(
     prompts: Sequence[PromptRecord],
     *,
@@ -219,10 +218,102 @@ def run_evaluation(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.table(columns, schema=EVAL_SCHEMA)
-    tmp = out_dir / (EVAL_SAMPLES + ".tmp")
-    pq.write_table(table, str(tmp))
-    os.replace(tmp, out_dir / EVAL_SAMPLES)
-    _write_text(out_dir / EVAL_JSON, json.dumps({"summary": summary, "prompts": rows}, indent=2) + "\n")
-    _write_text(out_dir / EVAL_MD, format_markdown(summary, rows))
+    atomic_write_parquet(pa.table(columns, schema=EVAL_SCHEMA), out_dir / EVAL_SAMPLES)
+    atomic_write_text(out_dir / EVAL_JSON, json.dumps({"summary": summary, "prompts": rows}, indent=2) + "\n")
+    atomic_write_text(out_dir / EVAL_MD, format_markdown(summary, rows))
     return summary
+
+
+# ----------------------------------------------------------------------------------------------- the verb
+def policy_folder(cfg, checkpoint: Optional[str]) -> Path:
+    """The folder to evaluate: a ``checkpoint-<step>/policy`` (full weights or a LoRA adapter) or a model folder."""
+    from disa.config import ConfigError
+    from disa.training import find_checkpoint
+
+    rd = common.run_dir(cfg)
+    if checkpoint is None:
+        ckpt = common.existing_checkpoint(rd.checkpoints)
+        if ckpt is None:
+            raise ConfigError(f"{rd.checkpoints}: no checkpoint-<step>/ found; run `disa train` first "
+                              "(or pass --checkpoint PATH)")
+        return ckpt / "policy"
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--checkpoint: {str(path)!r} does not exist")
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return path  # a model folder, a checkpoint's policy/ folder or a LoRA adapter
+    try:  # a checkpoint-<step>/ folder, or a training output folder (its newest checkpoint)
+        return find_checkpoint(path) / "policy"
+    except FileNotFoundError:
+        raise ConfigError(f"--checkpoint: {str(path)!r} is neither a model folder, a LoRA adapter folder nor a "
+                          "training output folder with checkpoint-<step>/") from None
+
+
+def load_policy(cfg, folder: Path):
+    """(model, tokenizer) of ``folder``; a LoRA adapter is applied to the run's starting policy and merged."""
+    from transformers import AutoTokenizer
+
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, tokenizer = common.load_model(cfg, common.model_path(cfg, "policy"))
+        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload().to(common.device(cfg)).eval()
+        if (folder / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return model, tokenizer
+    return common.load_model(cfg, str(folder))
+
+
+def eval_name(cfg, folder: Path) -> str:
+    """The ``eval/<name>/`` folder of an evaluated policy folder: ``checkpoint-<step>`` for a checkpoint of this
+    run, ``<run>-checkpoint-<step>`` for another run's checkpoint, else the model folder's name."""
+    from disa.training import CHECKPOINT_PREFIX
+
+    folder = Path(folder).expanduser().resolve()
+    name = folder.name
+    if name == "policy" and folder.parent.name.startswith(CHECKPOINT_PREFIX):
+        ckpt = folder.parent
+        name = ckpt.name
+        if ckpt.parent != common.run_dir(cfg).checkpoints.resolve():
+            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+            name = f"{run.name}-{name}"
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".")
+    return name or "model"
+
+
+@stage("eval")
+def run(cfg, checkpoint: Optional[str] = None) -> dict:
+    """``disa eval``: ``eval.k`` samples per eval prompt -> Mean@k, pass@k, distinct correct -> ``eval.json``/``.md``
+    and ``eval_samples.parquet`` in ``eval/<policy name>/`` (evaluating another checkpoint keeps this one), copied
+    to ``output_dir`` as the latest evaluation."""
+    rd = common.run_dir(cfg)
+    folder = policy_folder(cfg, checkpoint)
+    out_dir = rd.eval / eval_name(cfg, folder)
+    records = common.prompts(cfg, "eval_prompts")
+    common.verifier(cfg)
+    rd.ensure_writable()
+    e = cfg.eval
+    model = None
+    if cfg.sample.backend == "vllm" and not (folder / "adapter_config.json").is_file():
+        generator = common.generator(cfg, str(folder), e.batch_size, seed=e.seed)
+    else:
+        model, tokenizer = load_policy(cfg, folder)
+        generator = common.generator(cfg, model, e.batch_size, tokenizer=tokenizer, progress=False)
+    try:
+        summary = run_evaluation(
+            records, generator=generator, verifier=cfg.data.verifier, out_dir=out_dir, k=e.k, pass_at=list(e.pass_at),
+            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, stop=e.stop, seed=e.seed,
+            batch_size=e.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, policy=str(folder),
+        )
+    finally:
+        del generator, model
+        common.free()
+    for name in (EVAL_SAMPLES, EVAL_JSON, EVAL_MD):  # the latest evaluation, also at the top of the run
+        tmp = rd.root / f"{name}.tmp"
+        shutil.copyfile(out_dir / name, tmp)
+        os.replace(tmp, rd.root / name)
+    passes = ", ".join(f"pass@{kk} {v:.4f}" for kk, v in summary["pass_at"].items())
+    common.say("eval", f"{summary['prompts']} prompts x k={e.k} from {folder}: Mean@{e.k} {summary['mean_at_k']:.4f}, "
+               f"{passes}, distinct correct {summary['distinct_correct']:.3f} per prompt -> {out_dir / EVAL_JSON}, "
+               f"{out_dir / EVAL_MD} (latest also in {rd.root / EVAL_JSON})")
+    return {**summary, "eval_dir": str(out_dir)}

@@ -19,12 +19,41 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from disa.stages import common
+from disa.stages.common import stage
 from disa.embeddings import PromptEmbedder, embed_with_cache
+from disa.io import atomic_write_parquet, atomic_write_text
 from disa.regressor import FitReport, LogZRegressor, fit_regressor, load_regressor, save_regressor
 
 __all__ = ["run_fit_z", "read_labels", "prompt_texts_by_id", "format_fit_table", "FrozenLogZ"]
 
 LABEL_COLUMNS = ("prompt_id", "log_z")
+TABLE_FILE = "table.parquet"
+TABLE_METADATA_KEY = b"disa"
+
+
+def write_log_z_table(path, ids: Sequence[str], log_z: torch.Tensor, labels: torch.Tensor, val: set, meta: dict):
+    """``prompt_id, log_z`` (the frozen regressor's value), ``label`` (Stage 1's) and ``held_out`` per prompt,
+    with the regressor's metadata (target, embedder) in the Parquet metadata."""
+    import pyarrow as pa
+
+    table = pa.table({
+        "prompt_id": pa.array(list(ids), pa.string()),
+        "log_z": pa.array(log_z.double().tolist(), pa.float64()),
+        "label": pa.array(labels.double().tolist(), pa.float64()),
+        "held_out": pa.array([i in val for i in range(len(ids))], pa.bool_()),
+    }).replace_schema_metadata({TABLE_METADATA_KEY: json.dumps(meta)})
+    atomic_write_parquet(table, path)
+
+
+def read_log_z_table(path) -> tuple[dict[str, float], dict]:
+    """``({prompt id: frozen log Z}, metadata)`` of a ``table.parquet`` written by ``run_fit_z``."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(path))
+    meta = json.loads((table.schema.metadata or {}).get(TABLE_METADATA_KEY, b"{}"))
+    cols = table.to_pydict()
+    return dict(zip(cols["prompt_id"], cols["log_z"])), meta
 
 
 def read_labels(labels_path: Union[str, os.PathLike]) -> tuple[list[str], torch.Tensor]:
@@ -118,6 +147,7 @@ def run_fit_z(
     render: Optional[Callable[[object], str]] = None,
     cache_path: Optional[Union[str, os.PathLike]] = None,
     verbose: bool = True,
+    extra_meta: Optional[dict] = None,
     **fit_kw,
 ) -> FitReport:
     """Stage 2: fit the frozen ``log Z`` regressor and save it to ``out_dir``.
@@ -128,8 +158,11 @@ def run_fit_z(
     cache_path: optional ``.safetensors`` embedding cache (see ``embed_with_cache``).
     fit_kw: forwarded to ``fit_regressor`` (hidden, lr, max_epochs, patience, val_fraction, seed, ...).
 
-    Writes ``model.safetensors`` + ``config.json`` (``load_regressor`` reads them) and ``report.json``
-    (the ``FitReport`` plus the held-out prompt ids). Returns the ``FitReport``.
+    Writes ``model.safetensors`` + ``config.json`` (``load_regressor`` reads them; ``extra_meta`` is recorded
+    in it, e.g. the target the labels estimate), ``report.json`` (the ``FitReport`` plus the held-out prompt
+    ids) and ``table.parquet``: the frozen regressor's ``log Z`` for every labelled prompt, computed from the
+    embeddings already at hand, which is what Stage 3 reads (no model to load, nothing to re-embed).
+    Returns the ``FitReport``.
     """
     ids, labels = read_labels(labels_path)
     texts_by_id = prompt_texts_by_id(prompts, render=render)
@@ -149,12 +182,15 @@ def run_fit_z(
         "labels_path": str(Path(labels_path).resolve()),
         "n_prompts": len(ids),
         "fit": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in fit_kw.items()},
+        **(extra_meta or {}),
     }
     save_regressor(model, out_dir, meta)
+    write_log_z_table(out_dir / TABLE_FILE, ids, FrozenLogZ(model, embedder).predict(embeddings), labels,
+                      set(report.val_indices), meta)
     payload = report.to_dict()
     payload["val_prompt_ids"] = [ids[i] for i in report.val_indices]
     payload["embedder"] = embedder.fingerprint
-    (out_dir / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.json", json.dumps(payload, indent=2) + "\n")
     if verbose:
         print(f"log Z regressor -> {out_dir}\n{format_fit_table(report)}")
     return report
@@ -222,3 +258,38 @@ class LogZTable:
         if missing:
             raise KeyError(f"LogZTable: no log Z for prompt id(s) {missing[:5]}")
         return torch.tensor([self.values[str(i)] for i in ids], dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- the verb
+@stage("fit-z")
+def run(cfg) -> dict:
+    """``disa fit-z``: the 2-layer MLP on frozen prompt embeddings -> ``log_z/`` (regressor, report, table)."""
+    from disa.config import ConfigError
+
+    rd = common.run_dir(cfg)
+    labels_meta = rd.labels_metadata()
+    texts = common.reference_texts(cfg, common.prompts(cfg))
+    embedder = common.embedder(cfg)
+    f = cfg.fit_z
+    try:
+        report = run_fit_z(
+            str(rd.labels), texts, embedder, str(rd.log_z), cache_path=str(rd.embeddings_cache), verbose=False,
+            extra_meta={"target": labels_meta["target"], "labels_n": labels_meta.get("n")},
+            hidden=f.hidden, lr=f.lr, max_epochs=f.max_epochs, patience=f.patience, val_fraction=f.val_fraction,
+            seed=f.seed,
+        )
+    except ValueError as e:
+        if "too few for a train/validation split" in str(e):
+            raise ConfigError(f"fit_z.val_fraction: {e}") from None
+        if "have no prompt text" in str(e):
+            raise ConfigError(f"data.prompts: {e}; re-run `disa sample` and `disa label` on this prompt set") from None
+        raise
+    finally:
+        del embedder
+        common.free()
+    r2 = "n/a" if not math.isfinite(report.val_r2) else f"{report.val_r2:.4f}"
+    common.say("fit-z", f"{report.n_train + report.n_val} prompts ({report.n_train} train / {report.n_val} held out) "
+               f"-> {rd.log_z}; held-out MSE {report.val_mse:.4g} (predict-the-mean baseline "
+               f"{report.baseline_val_mse:.4g}), R^2 {r2}, {report.epochs} epochs")
+    return {"val_mse": report.val_mse, "val_r2": report.val_r2, "baseline_val_mse": report.baseline_val_mse,
+            "n_train": report.n_train, "n_val": report.n_val, "path": str(rd.log_z)}

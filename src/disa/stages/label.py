@@ -13,6 +13,7 @@ the very same ``r~`` to its own rollouts. ``reward_rate`` is the raw reward's me
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Optional
@@ -22,13 +23,17 @@ import pyarrow.parquet as pq
 import torch
 
 from disa import estimators
+from disa.estimators import REWARD_TRANSFORMS
+from disa.io import atomic_write_parquet
+from disa.run_dir import LABELS_METADATA_KEY
+from disa.stages import common
+from disa.stages.common import stage
 from disa.stages.sample import list_shards
 
 REQUIRED_COLUMNS = ("prompt_id", "sample_idx", "reward", "logp_ref", "logp_q")
 LABEL_COLUMNS = (
     "prompt_id", "log_z", "log_z_geometric", "ess", "max_weight", "reward_rate", "n", "reward_scale", "reward_shift",
 )
-REWARD_TRANSFORMS = ("raw", "affine", "group")
 
 
 def read_shard(path: str) -> dict[str, list]:
@@ -102,12 +107,15 @@ def run_labelling(
     beta: float,
     reward_transform: str = "raw",
     out_path: Optional[str] = None,
+    metadata: Optional[dict] = None,
 ) -> pa.Table:
     """Label every prompt found in ``samples_dir``'s shards; write ``out_path`` (default
     ``<samples_dir>/labels.parquet``) and return the table (columns ``LABEL_COLUMNS``).
 
     ``reward_transform``: ``raw`` (``r~ = r``), ``group`` (group-normalised within the proposal group, the
     GRPO/FlowRL statistic) or ``affine`` (the same normalisation, recorded as a frozen per-prompt map).
+    ``metadata``: what the table records about itself (JSON, under the Parquet key ``disa``): the target it
+    estimates, so Stage 3 can refuse a config that trains towards another one.
     """
     if reward_transform not in REWARD_TRANSFORMS:
         raise ValueError(f"reward_transform must be one of {REWARD_TRANSFORMS}, got {reward_transform!r}")
@@ -142,8 +150,29 @@ def run_labelling(
     if out_path is None:
         base = samples_dir[: -len("samples")] if os.path.basename(os.path.normpath(samples_dir)) == "samples" else samples_dir
         out_path = os.path.join(base, "labels.parquet")
+    if metadata is not None:
+        table = table.replace_schema_metadata({LABELS_METADATA_KEY: json.dumps(metadata)})
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_path)
+    atomic_write_parquet(table, out_path)
     return table
+
+
+@stage("label")
+def run(cfg) -> dict:
+    """``disa label``: one ``log Z`` label per prompt (eq. 8) + diagnostics -> ``labels.parquet``, recording the
+    target (``target.beta``, ``target.reward_transform``), N and the samples' settings and model fingerprints."""
+    rd = common.run_dir(cfg)
+    rd.complete_shards()
+    samples_meta = json.loads(rd.samples_meta.read_text()) if rd.samples_meta.exists() else {}
+    metadata = {"format_version": 1, "target": cfg.target.to_dict(), "n": samples_meta.get("n"),
+                "samples": samples_meta}
+    table = run_labelling(str(rd.samples), beta=cfg.target.beta, reward_transform=cfg.target.reward_transform,
+                          out_path=str(rd.labels), metadata=metadata)
+    cols = table.to_pydict()
+    mean = lambda name: sum(cols[name]) / len(cols[name])  # noqa: E731
+    result = {"rows": table.num_rows, "mean_log_z": mean("log_z"), "mean_ess": mean("ess"),
+              "mean_reward_rate": mean("reward_rate"), "path": str(rd.labels)}
+    common.say("label", f"{table.num_rows} prompts -> {rd.labels}; mean log Z label {result['mean_log_z']:.4f} "
+               f"(beta {cfg.target.beta}, r~ {cfg.target.reward_transform}), mean ESS {result['mean_ess']:.2f}, "
+               f"mean reward rate under q {result['mean_reward_rate']:.4f}")
+    return result

@@ -39,11 +39,21 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from disa.data import PromptRecord, render_prompt
+from disa.io import atomic_write_parquet, atomic_write_text
 from disa.generation import Generator, Sample, encode_prompt, encode_response
-from disa.scoring import score_responses
+from disa.scoring import pad_token_id, score_responses
+from disa.config import ConfigError
+from disa.stages import common
+from disa.stages.common import stage
 from disa.verifiers import check_rewards, repeat_columns, resolve_verifier
 
 SAMPLES_SUBDIR = "samples"
+
+
+class ResumeMismatch(ValueError):
+    """A resume into a folder whose ``meta.json`` records other settings."""
+
+
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 
@@ -83,14 +93,6 @@ def prompt_ids_digest(records: Sequence[PromptRecord]) -> str:
     return hashlib.sha256("\n".join(r.id for r in records).encode("utf-8")).hexdigest()
 
 
-def _write_atomically(table: pa.Table, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _check_or_write_meta(out_dir: str, meta: dict) -> None:
     path = os.path.join(out_dir, META_FILE)
     if os.path.exists(path):
@@ -99,14 +101,11 @@ def _check_or_write_meta(out_dir: str, meta: dict) -> None:
         diff = [k for k in RESUME_KEYS if old.get(k) != meta.get(k)]
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in diff)
-            raise ValueError(
+            raise ResumeMismatch(
                 f"{path} was written with different settings ({details}); use a new out_dir or delete it"
             )
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True))
 
 
 def _same_tokenization(tok_a, tok_b) -> bool:
@@ -115,14 +114,6 @@ def _same_tokenization(tok_a, tok_b) -> bool:
         and getattr(tok_a, "chat_template", None) == getattr(tok_b, "chat_template", None)
         and tok_a.bos_token == tok_b.bos_token and tok_a.eos_token_id == tok_b.eos_token_id
     )
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
 
 
 def sample_shard(
@@ -159,7 +150,7 @@ def sample_shard(
     if proposal_model is not None:
         logp_q = score_responses(
             proposal_model, [s.prompt_ids for s in flat], [s.response_ids for s in flat],
-            pad_id=_pad_id(proposal_tokenizer), batch_size=score_batch_size,
+            pad_id=pad_token_id(proposal_tokenizer), batch_size=score_batch_size,
         )
     else:
         logp_q = [float(s.logprob) for s in flat]
@@ -174,7 +165,7 @@ def sample_shard(
             encode_response(ref_tokenizer, s.text, ends_with_eos=s.finish_reason == "eos") for s in flat
         ]
     logp_ref = score_responses(
-        ref_model, ref_prompt_ids, ref_response_ids, pad_id=_pad_id(ref_tokenizer), batch_size=score_batch_size
+        ref_model, ref_prompt_ids, ref_response_ids, pad_id=pad_token_id(ref_tokenizer), batch_size=score_batch_size
     )
 
     columns = {
@@ -221,6 +212,7 @@ def run_sampling(
     score_batch_size: int = 8,
     verifier_kwargs: Optional[dict] = None,
     progress: bool = True,
+    extra_meta: Optional[dict] = None,
 ) -> dict:
     """Stage 1 sampling job (see the module docstring for the files and the resume rules).
 
@@ -254,6 +246,7 @@ def run_sampling(
         "generator": type(generator).__name__, **gen_kwargs,
         "ref_model": getattr(getattr(ref_model, "config", None), "_name_or_path", None),
         "proposal_model": getattr(getattr(proposal_model, "config", None), "_name_or_path", None),
+        **(extra_meta or {}),
     }
     os.makedirs(os.path.join(out_dir, SAMPLES_SUBDIR), exist_ok=True)
     _check_or_write_meta(out_dir, meta)
@@ -279,7 +272,46 @@ def run_sampling(
             proposal_tokenizer=proposal_tokenizer, gen_kwargs=gen_kwargs, seed=seed + k,
             score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
         )
-        _write_atomically(table, path)
+        atomic_write_parquet(table, path)
         written += 1
         rows += table.num_rows
     return {"shards": num_shards, "written": written, "skipped": skipped, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------- the verb
+@stage("sample")
+def run(cfg) -> dict:
+    """``disa sample``: N proposal samples per prompt, verified and re-scored -> ``samples/shard-*.parquet``."""
+    from disa.run_dir import model_fingerprint
+
+    rd = common.run_dir(cfg)
+    records = common.prompts(cfg)
+    common.verifier(cfg)  # an unknown name fails here, before any model is loaded
+    ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
+    rd.ensure_writable()
+    s = cfg.sample
+    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed)
+    if proposal_path == ref_path and s.backend == "hf":
+        ref_model, ref_tokenizer = generator.model, generator.tokenizer  # plain Monte Carlo: one copy
+    else:
+        ref_model, ref_tokenizer = common.load_model(cfg, ref_path)
+    fingerprints = {"reference_fingerprint": model_fingerprint(ref_path),
+                    "proposal_fingerprint": model_fingerprint(proposal_path)}
+    try:
+        result = run_sampling(
+            records, generator=generator, n=s.n, out_dir=str(rd.root), verifier=cfg.data.verifier,
+            ref_model=ref_model, ref_tokenizer=ref_tokenizer, shard_size=s.shard_size, max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
+            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints,
+        )
+    except ResumeMismatch as e:  # a resume with other settings: a config problem, not a crash
+        raise ConfigError(str(e)) from None
+    finally:
+        del generator, ref_model
+        common.free()
+    rewards = [v for f in list_shards(str(rd.samples)) for v in pq.read_table(f, columns=["reward"]).column(0).to_pylist()]
+    result["mean_reward"] = sum(rewards) / len(rewards)
+    common.say("sample", f"{result['rows']} rows ({len(records)} prompts x n={s.n}) in {result['shards']} shard(s) "
+               f"({result['written']} written, {result['skipped']} already there) -> {rd.samples}; "
+               f"mean reward {result['mean_reward']:.4f}")
+    return result

@@ -1,0 +1,155 @@
+"""What every verb loads from the config: prompts, models, the verifier, a generator, the prompt embedder.
+
+Each helper turns a bad setting into a ``ConfigError`` that names the field, before any long work starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from disa.config import ConfigError, PipelineConfig
+from disa.run_dir import RunDir
+
+
+def stage(verb: str):
+    """Decorator of every ``stages.<verb>.run``: applies ``models.cpu_threads`` and reports a prompt that cannot
+    be rendered (``DataError``) like a config error."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(cfg: PipelineConfig, *args, **kwargs):
+            from disa.data import DataError
+
+            if cfg.models.cpu_threads is not None:
+                torch.set_num_threads(cfg.models.cpu_threads)
+            try:
+                return fn(cfg, *args, **kwargs)
+            except DataError as e:
+                raise ConfigError(f"data: {e}") from None
+
+        wrapper.verb = verb
+        return wrapper
+
+    return deco
+
+
+def say(verb: str, message: str) -> None:
+    print(f"disa {verb}: {message}", flush=True)
+
+
+def run_dir(cfg: PipelineConfig) -> RunDir:
+    return RunDir(cfg.output_dir)
+
+
+def model_path(cfg: PipelineConfig, name: str) -> str:
+    """Resolved local folder of ``models.<name>`` (``policy``/``proposal`` default to the reference)."""
+    value, field = getattr(cfg.models, name), f"models.{name}"
+    if not value and name != "reference":
+        value, field = cfg.models.reference, "models.reference"
+    if not value:
+        raise ConfigError(f"{field}: not set; give the local folder of a Hugging Face causal LM, e.g. "
+                          f"--set {field}=/path/to/model")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{field}: {str(value)!r} is not a local folder (models load from local paths only)")
+    return str(path.resolve())
+
+
+def device(cfg: PipelineConfig) -> torch.device:
+    from disa.generation.hf import resolve_device
+
+    try:
+        resolved = resolve_device(cfg.models.device)
+    except RuntimeError as e:
+        raise ConfigError(f"models.device: {e}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"models.device: {cfg.models.device!r}, but no CUDA device is available (use auto or cpu)")
+    return resolved
+
+
+def load_model(cfg: PipelineConfig, path: str):
+    from disa.generation.hf import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(path, device=device(cfg), dtype=cfg.models.dtype)
+
+
+def prompts(cfg: PipelineConfig, which: str = "prompts"):
+    """``data.prompts`` (or, for ``which="eval_prompts"``, ``data.eval_prompts`` falling back to it)."""
+    from disa.data import DataError, load_prompts
+
+    name = "data.eval_prompts" if which == "eval_prompts" and cfg.data.eval_prompts else "data.prompts"
+    path = cfg.data.eval_prompts if name == "data.eval_prompts" else cfg.data.prompts
+    if not path:
+        raise ConfigError(f"{name}: not set; give a .jsonl, .parquet or `datasets` folder of prompts")
+    try:
+        return load_prompts(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: prompt file {path!r} does not exist") from None
+    except DataError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def verifier(cfg: PipelineConfig):
+    """The configured reward function, with ``data.verifier_kwargs`` bound (TRL's signature)."""
+    from disa.verifiers import get_verifier
+
+    try:
+        fn = get_verifier(cfg.data.verifier)
+    except KeyError as e:
+        raise ConfigError(f"data.verifier: {e.args[0]}") from None
+    if not cfg.data.verifier_kwargs:
+        return fn
+    return functools.partial(fn, **cfg.data.verifier_kwargs)
+
+
+def generator(cfg: PipelineConfig, model, batch_size: int, *, tokenizer=None, seed: int = 0, progress: bool = True):
+    """A generator over ``model`` (a folder, or a loaded model with its ``tokenizer``) with ``sample.backend``."""
+    from disa.generation import make_generator
+
+    if cfg.sample.backend == "vllm" and isinstance(model, str):
+        return make_generator("vllm", model, dtype=cfg.models.dtype, seed=seed)
+    if isinstance(model, str):
+        return make_generator("hf", model, batch_size=batch_size, device=str(device(cfg)), dtype=cfg.models.dtype)
+    return make_generator("hf", model, tokenizer=tokenizer, batch_size=batch_size, device=None, progress=progress)
+
+
+def embedder(cfg: PipelineConfig):
+    """The Stage 2 prompt embedder; Stage 3's ``train.log_z: regressor`` builds it the same way."""
+    from disa.embeddings import make_embedder
+    from disa.generation.hf import resolve_dtype
+
+    if cfg.fit_z.embedder == "reference":
+        return make_embedder("reference", model=model_path(cfg, "reference"), device=device(cfg),
+                             dtype=resolve_dtype(cfg.models.dtype), batch_size=cfg.fit_z.embed_batch_size)
+    return make_embedder("sentence", path=cfg.fit_z.embedder_path, device=str(device(cfg)))
+
+
+def reference_texts(cfg: PipelineConfig, records) -> dict[str, str]:
+    """Prompt id -> the prompt rendered with pi_ref's tokenizer: what the log Z regressor reads."""
+    from transformers import AutoTokenizer
+
+    from disa.data import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path(cfg, "reference"), local_files_only=True)
+    return {r.id: render_prompt(r, tokenizer) for r in records}
+
+
+def free() -> None:
+    """Release what the caller just dropped (models between stages; matters on a GPU)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def existing_checkpoint(folder: Path) -> Optional[Path]:
+    from disa.training import find_checkpoint
+
+    try:
+        return find_checkpoint(folder)
+    except FileNotFoundError:
+        return None

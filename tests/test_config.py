@@ -7,17 +7,17 @@ from disa.config import ConfigError, PipelineConfig, config_from_dict, describe,
 def test_defaults_match_paper():
     cfg = config_from_dict({})
     assert cfg.sample.n == 8 and cfg.train.group_size == 8
-    assert cfg.label.beta == 15.0
+    assert cfg.target.beta == 15.0
     assert isinstance(cfg, PipelineConfig)
 
 
 def test_yaml_round_trip_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"sample": {"n": 4}, "train": {"objective": "grpo", "lr": 1e-5}}))
-    cfg = load_config(path, overrides=["label.beta=2", "train.lora={r: 4}"])
+    cfg = load_config(path, overrides=["target.beta=2", "train.lora={r: 4}"])
     assert cfg.sample.n == 4
     assert cfg.train.objective == "grpo"
-    assert cfg.label.beta == 2.0 and isinstance(cfg.label.beta, float)
+    assert cfg.target.beta == 2.0 and isinstance(cfg.target.beta, float)
     assert cfg.train.lora == {"r": 4}
 
 
@@ -28,8 +28,17 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"sample": {"n": "eight"}}, r"sample\.n: expected int"),
         ({"sample": {"n": True}}, r"sample\.n: expected int"),
         ({"sample": {"n": 0}}, r"sample\.n: must be > 0"),
-        ({"label": {"beta": -1}}, r"label\.beta: must be > 0"),
-        ({"label": {"reward_transform": "zscore"}}, r"label\.reward_transform: 'zscore' is not one of"),
+        ({"target": {"beta": -1}}, r"target\.beta: must be > 0"),
+        ({"target": {"beta": float("inf")}}, r"target\.beta: must be > 0 and finite"),
+        ({"target": {"reward_transform": "zscore"}}, r"target\.reward_transform: 'zscore' is not one of"),
+        ({"train": {"objective_kwargs": {"beta": 3.0}}}, r"train\.objective_kwargs: beta is not an objective"),
+        ({"train": {"objective": "grpo", "objective_kwargs": {"clip": 0.1}}}, r"'clip' is not a hyperparameter of objective 'grpo'"),
+        ({"train": {"sft": {"lr": 0}}}, r"train\.sft\.lr: must be > 0"),
+        ({"train": {"sft": {"lora": {"r": 0}}}}, r"train\.sft\.lora\.r: must be an int > 0"),
+        ({"train": {"max_grad_norm": float("nan")}}, r"train\.max_grad_norm: must be >= 0"),
+        ({"sample": {"temperature": float("inf")}}, r"sample\.temperature: must be > 0 and finite"),
+        ({"eval": {"pass_at": []}}, r"eval\.pass_at"),
+        ({"fit_z": {"patience": -5}}, r"fit_z\.patience: must be > 0"),
         ({"train": {"objective": "ppo"}}, r"train\.objective"),
         ({"train": {"top_p": 1.5}}, r"train\.top_p"),
         ({"eval": {"k": 4, "pass_at": [1, 8]}}, r"eval\.pass_at"),
@@ -62,74 +71,46 @@ def test_every_field_has_help():
     assert all(help_text for _, _, help_text in rows), [r for r in rows if not r[2]]
 
 
-# ---------------------------------------------------------------------------------------------- train.* -> trainer
-def _nondefault(value, name):
-    """A valid value different from ``value`` for a train.* knob (used to see that each one is passed on)."""
-    if isinstance(value, bool):
-        return not value
-    if name == "seed":
-        return value + 7
-    if isinstance(value, int):
-        return value + 3
-    if isinstance(value, float):
-        return value * 2 + 0.5 if name != "top_p" else 0.9
-    return None
+# ---------------------------------------------------------------------------------------------- one tree
+def test_train_section_is_the_trainer_config_and_sft_has_one_set_of_defaults():
+    from disa.config import SFTConfig, TrainConfig
+
+    cfg = config_from_dict({})
+    assert type(cfg.train) is TrainConfig and type(cfg.train.sft) is SFTConfig
+    assert cfg.train.sft == SFTConfig() == TrainConfig().sft  # whichever way a run starts
+    assert cfg.train.sft.lora is not None and cfg.train.sft.lr == 1e-4 and cfg.train.lr == 1e-6
+    assert TrainConfig.from_dict(cfg.train.to_dict()) == cfg.train  # what a checkpoint saves, read back
 
 
-def test_every_trainer_knob_is_a_train_field_or_filled_by_the_pipeline():
-    import dataclasses
+def test_direct_construction_is_validated_like_yaml():
+    from disa.config import SFTConfig, TrainConfig
 
-    from disa.config import TrainSection
-    from disa.pipeline import TRAIN_CONFIG_FROM_ELSEWHERE
-    from disa.trainer import TrainConfig
-
-    section = {f.name: f for f in dataclasses.fields(TrainSection)}
-    trainer = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    missing = sorted(set(trainer) - set(section) - set(TRAIN_CONFIG_FROM_ELSEWHERE))
-    assert not missing, f"TrainConfig fields with no train.* field and no pipeline source: {missing}"
-    for name in ("weight_decay", "warmup_steps", "gradient_checkpointing", "generation_batch_size",
-                 "keep_checkpoints", "logz_head_layers", "disable_dropout"):
-        assert name in section and section[name].metadata["help"]
-    # a shared knob means the same thing with the same default, whether set through disa train or the trainer API
-    for name in set(section) & set(trainer) - {"objective"}:
-        assert section[name].default == trainer[name].default, name
+    with pytest.raises(ConfigError, match=r"TrainConfig\.group_size: must be > 0"):
+        TrainConfig(group_size=0)
+    with pytest.raises(ConfigError, match=r"SFTConfig\.aggregation: 'sum' is not one of"):
+        SFTConfig(aggregation="sum")
 
 
-def test_every_shared_train_field_reaches_train_config(tmp_path):
-    import dataclasses
-
-    from disa.config import TrainSection
-    from disa.pipeline import _train_config
-    from disa.trainer import TrainConfig
-
-    shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(TrainSection)}
-    train = {}
-    for name in sorted(shared):
-        value = _nondefault(getattr(TrainSection(), name), name)
-        if value is not None:
-            train[name] = value
-    assert {"weight_decay", "warmup_steps", "gradient_checkpointing", "generation_batch_size", "keep_checkpoints",
-            "logz_head_layers", "disable_dropout", "save_every", "lr", "logz_lr"} <= set(train)
-    train.update(objective="flowrl", lora={"r": 4}, mixed_precision="bf16", log_with="tensorboard")
-    cfg = config_from_dict({"train": train, "sample": {"stop": ["###"]}, "label": {"beta": 3.0}})
-    built = _train_config(cfg, tmp_path / "ckpts")
-    for name in shared - {"objective_kwargs"}:
-        assert getattr(built, name) == getattr(cfg.train, name), name
-    assert built.objective_kwargs == {"beta": 3.0} and built.stop == ["###"]
-    assert built.output_dir == str(tmp_path / "ckpts") and built.reward_transform == "affine"
-    assert built.lora is not cfg.train.lora  # a copy: the trainer may not mutate the config
+def test_describe_lists_every_objective_and_its_hyperparameters():
+    rows = {path: (default, help_text) for path, default, help_text in describe()}
+    for name in ("disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft"):
+        assert f"train.objective={name}" in rows
+    assert rows["train.objective=disa"][0] == "trajectory_balance, log Z: frozen"
+    assert rows["train.objective=flowrl"][0] == "trajectory_balance, log Z: learned"
+    assert "train.sft.num_epochs" in rows and "target.beta" in rows and "eval.temperature" in rows
+    assert "  train.objective_kwargs.clip_eps" in rows  # grpo's
+    assert "  train.objective_kwargs.beta" not in rows  # the target's, not a hyperparameter
 
 
-def test_sft_config_gets_the_shared_train_fields(tmp_path):
-    from disa.pipeline import _from_train_section
-    from disa.sft import SFTConfig
-
-    cfg = config_from_dict({"train": {"objective": "sft", "weight_decay": 0.1, "warmup_steps": 5, "sft_epochs": 2,
-                                      "gradient_checkpointing": True, "keep_checkpoints": 2, "save_every": 0}})
-    built = _from_train_section(cfg.train, SFTConfig, num_epochs=cfg.train.sft_epochs, output_dir=str(tmp_path))
-    assert (built.weight_decay, built.warmup_steps, built.num_epochs) == (0.1, 5, 2)
-    assert built.gradient_checkpointing and built.keep_checkpoints == 2 and built.save_every == 0
-    assert built.lr == cfg.train.lr and built.output_dir == str(tmp_path)
+def test_override_errors_name_the_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: runs/x\nsample: {n: 2}\n")
+    with pytest.raises(ConfigError, match=r"output_dir is a value, not a section"):
+        load_config(path, overrides=["output_dir.x=1"])
+    with pytest.raises(ConfigError, match=r"c\.yaml: sample\.n: expected int"):
+        load_config(path, overrides=["sample.n=lots"])
+    with pytest.raises(ConfigError, match=r"expected SECTION\.FIELD=VALUE"):
+        load_config(path, overrides=["train.lr"])
 
 
 def test_save_every_zero_means_only_at_the_end():

@@ -45,7 +45,7 @@ def write_config(tmp_path: Path, reference: str = "", name: str = "cfg.yaml", **
         "data": {"prompts": str(write_prompts(tmp_path / "prompts.jsonl")), "verifier": "test_has_digit"},
         "models": {"reference": reference, "device": "cpu"},
         "sample": {"n": N, "max_new_tokens": 12, "batch_size": 8, "shard_size": 3, "seed": 0},
-        "label": {"beta": 2.0, "reward_transform": "affine"},
+        "target": {"beta": 2.0, "reward_transform": "affine"},
         "fit_z": {"hidden": 16, "max_epochs": 15, "patience": 5},
         "train": {"objective": "disa", "group_size": 4, "prompts_per_step": 2, "num_steps": STEPS,
                   "micro_batch_size": 8, "max_new_tokens": 10, "lr": 1e-3, "save_every": 1},
@@ -107,7 +107,7 @@ def check_eval_against_samples(out: Path, k: int, pass_at: list[int], name: str 
 # ---------------------------------------------------------------------------------------------- 1. disa run
 def test_run_end_to_end_disa_on_gpt2(tiny_gpt2_path, tmp_path, capsys):
     config = write_config(tmp_path, tiny_gpt2_path)
-    assert cli.main(["run", config]) == 0
+    assert cli.main(["run", "-c", config]) == 0
     out = tmp_path / "run"
     printed = capsys.readouterr().out
     for verb in ("sample", "label", "fit-z", "train", "eval"):
@@ -137,8 +137,17 @@ def test_run_end_to_end_disa_on_gpt2(tiny_gpt2_path, tmp_path, capsys):
     assert all(math.isfinite(float(r["loss"])) and math.isfinite(float(r["log_z_mean"])) for r in rows)
     assert (out / "checkpoints" / f"checkpoint-{STEPS}" / "policy" / "model.safetensors").is_file()
     train_config = json.loads((out / "checkpoints" / f"checkpoint-{STEPS}" / "train_config.json").read_text())
-    assert train_config["objective"] == "disa" and train_config["objective_kwargs"] == {"beta": 2.0}
-    assert train_config["reward_transform"] == "affine"
+    assert train_config["objective"] == "disa" and train_config["objective_kwargs"] == {}
+    target = json.loads((out / "checkpoints" / f"checkpoint-{STEPS}" / "target.json").read_text())
+    assert target == {"beta": 2.0, "reward_transform": "affine"}
+    # the labels and the log Z table describe themselves: the target they estimate, N, the models
+    meta = json.loads(pq.read_schema(out / "labels.parquet").metadata[b"disa"])
+    assert meta["target"] == target and meta["n"] == N
+    assert meta["samples"]["reference_fingerprint"]["path"] == str(Path(tiny_gpt2_path).resolve())
+    table = pq.read_table(out / "log_z" / "table.parquet")
+    assert sorted(table.column("prompt_id").to_pylist()) == sorted(labels["prompt_id"])
+    assert json.loads(table.schema.metadata[b"disa"])["target"] == target
+    assert sum(table.column("held_out").to_pylist()) == report["n_val"]
 
     summary = check_eval_against_samples(out, K, [1, K], name=f"checkpoint-{STEPS}")
     assert summary["policy"].endswith(f"checkpoint-{STEPS}/policy")
@@ -195,22 +204,22 @@ def test_each_verb_alone_grpo_lora_on_llama(tiny_llama_path, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- 3. sft
 def test_sft_trains_on_the_reward_one_samples_only(tiny_gpt2_path, tmp_path, monkeypatch):
-    import disa.sft
+    import disa.training
 
-    config = write_config(tmp_path, tiny_gpt2_path, train={"objective": "sft", "sft_epochs": 1, "micro_batch_size": 2})
+    config = write_config(tmp_path, tiny_gpt2_path, train={"objective": "sft", "sft": {"num_epochs": 1, "micro_batch_size": 2}})
     assert cli.main(["sample", "-c", config]) == 0
     samples = read_samples(tmp_path / "run")
     winners = sorted((p, r) for p, r, w in zip(samples["prompt_id"], samples["response"], samples["reward"]) if w == 1)
     assert 0 < len(winners) < len(samples["reward"])
 
     seen = {}
-    real = disa.sft.train_sft
+    real = disa.training.train_sft
 
-    def spy(policy, tokenizer, examples, config, resume_from=None):
+    def spy(policy, tokenizer, examples, config, **kw):
         seen["examples"] = list(examples)
-        return real(policy, tokenizer, examples, config, resume_from=resume_from)
+        return real(policy, tokenizer, examples, config, **kw)
 
-    monkeypatch.setattr(disa.sft, "train_sft", spy)
+    monkeypatch.setattr(disa.training, "train_sft", spy)
     assert cli.main(["train", "-c", config]) == 0  # sft needs no labels and no log Z
     prompt_text = {f"q{i}": f"What is {i} + {i}? Put the answer in \\boxed{{}}." for i in range(1, NUM_PROMPTS)}
     prompt_text["q-chat"] = "Compute 7 * 6."
@@ -239,7 +248,7 @@ def test_missing_artefacts_name_the_file_and_the_verb(tmp_path, capsys):
     for verb, missing, maker in [
         ("label", str(out / "samples" / "shard-*.parquet"), "disa sample"),
         ("fit-z", str(out / "labels.parquet"), "disa label"),
-        ("train", str(out / "log_z" / "model.safetensors"), "disa fit-z"),
+        ("train", str(out / "labels.parquet"), "disa label"),
         ("eval", str(out / "checkpoints"), "disa train"),
     ]:
         assert cli.main([verb, "-c", config]) == 2, verb
@@ -262,16 +271,17 @@ def test_config_errors_name_the_field(tmp_path, capsys):
                      "--set", "data.verifier=nonesuch"]) == 2
     assert "data.verifier: unknown verifier 'nonesuch'" in capsys.readouterr().err
     assert cli.main(["train", "-c", config, "--set", "train.objective_kwargs={beta: 3.0}"]) == 2
-    assert "train.objective_kwargs.beta" in capsys.readouterr().err
+    assert "train.objective_kwargs: beta is not an objective hyperparameter" in capsys.readouterr().err
 
 
 def test_eval_folder_names_keep_checkpoints_apart(tmp_path):
     from disa.config import config_from_dict
-    from disa.pipeline import eval_name, paths
+    from disa.run_dir import RunDir
+    from disa.stages.evaluate import eval_name
 
     cfg = config_from_dict({"output_dir": str(tmp_path / "run")})
-    ckpts = paths(cfg)["checkpoints"]
-    assert paths(cfg)["eval"] == tmp_path / "run" / "eval" and paths(cfg)["eval_latest"] == tmp_path / "run"
+    ckpts = RunDir(cfg.output_dir).checkpoints
+    assert RunDir(cfg.output_dir).eval == tmp_path / "run" / "eval"
     assert eval_name(cfg, ckpts / "checkpoint-100" / "policy") == "checkpoint-100"
     assert eval_name(cfg, ckpts / "checkpoint-200" / "policy") == "checkpoint-200"
     # another run's checkpoint-100 must not land on this run's eval/checkpoint-100/
@@ -286,7 +296,7 @@ def test_train_knobs_reach_the_trainer_end_to_end(tiny_gpt2_path, tmp_path):
     knobs = {"objective": "flowrl", "weight_decay": 0.1, "warmup_steps": 1, "gradient_checkpointing": True,
              "generation_batch_size": 1, "keep_checkpoints": 1, "logz_head_layers": 1, "disable_dropout": False,
              "save_every": 1}
-    config = write_config(tmp_path, tiny_gpt2_path, label={"reward_transform": "group"}, train=knobs)
+    config = write_config(tmp_path, tiny_gpt2_path, target={"reward_transform": "group"}, train=knobs)
     assert cli.main(["train", "-c", config]) == 0
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == [f"checkpoint-{STEPS}"]  # keep_checkpoints=1
@@ -294,3 +304,56 @@ def test_train_knobs_reach_the_trainer_end_to_end(tiny_gpt2_path, tmp_path):
     for name, value in knobs.items():
         assert saved[name] == value, name
     assert len(metrics_rows(tmp_path / "run")) == STEPS
+
+
+# ---------------------------------------------------------------------------------------------- 5. one flow
+def test_stage3_refuses_a_target_other_than_the_labels(tiny_gpt2_path, tmp_path, capsys):
+    """Labels made at beta = 2 with the affine r~ must not train a policy towards beta = 3 or another r~."""
+    config = write_config(tmp_path, tiny_gpt2_path)
+    for verb in ("sample", "label", "fit-z"):
+        assert cli.main([verb, "-c", config]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "-c", config, "--set", "target.beta=3.0"]) == 2
+    err = capsys.readouterr().err
+    assert "target.beta: the config says 3.0" in err and "labels.parquet was made with beta = 2.0" in err
+    assert cli.main(["train", "-c", config, "--set", "target.reward_transform=group"]) == 2
+    err = capsys.readouterr().err
+    assert "target.reward_transform: the config says 'group'" in err and "reward_transform = 'affine'" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was trained
+    # GRPO reads no Stage 1 artefact, so another target is no concern of its
+    assert cli.main(["train", "-c", config, "--set", "target.beta=3.0", "--set", "train.objective=grpo",
+                     "--set", "train.num_steps=1"]) == 0
+
+
+def test_a_users_objective_is_usable_from_config_and_train(tiny_gpt2_path, tmp_path, capsys):
+    """A new objective is one file that registers itself: named in `plugins`, `disa config` lists it and its
+    hyperparameters, and `disa train` trains with it, with beta from the target."""
+    plugin = tmp_path / "my_objective.py"
+    plugin.write_text(
+        "from disa.objectives import register_objective, trajectory_balance_loss\n"
+        "SEEN = []\n"
+        "@register_objective('scaled_tb', family='trajectory_balance', log_z='zero')\n"
+        "def scaled_tb(*, logp, ref_logp, mask, rewards, beta, log_z=None, scale: float = 1.0):\n"
+        "    \"\"\"Trajectory balance with log Z = 0, times a constant.\"\"\"\n"
+        "    import torch\n"
+        "    SEEN.append((beta, scale))\n"
+        "    zeros = torch.zeros(mask.shape[0])\n"
+        "    loss, metrics = trajectory_balance_loss(logp=logp, ref_logp=ref_logp, mask=mask, rewards=rewards,\n"
+        "                                            log_z=zeros, beta=beta)\n"
+        "    return scale * loss, metrics\n"
+    )
+    config = write_config(tmp_path, tiny_gpt2_path, target={"reward_transform": "group"},
+                          train={"objective": "scaled_tb", "objective_kwargs": {"scale": 0.5}})
+    data = yaml.safe_load(Path(config).read_text())
+    data["plugins"] = [str(plugin)]
+    Path(config).write_text(yaml.safe_dump(data))
+    assert cli.main(["config", "-c", config]) == 0
+    printed = capsys.readouterr().out
+    assert "train.objective=scaled_tb" in printed and "train.objective_kwargs.scale" in printed
+    assert cli.main(["train", "-c", config]) == 0
+    import sys
+
+    seen = sys.modules["disa_plugin_my_objective"].SEEN
+    assert seen and all(entry == (2.0, 0.5) for entry in seen)  # beta from target.beta, scale from the config
+    assert len(metrics_rows(tmp_path / "run")) == STEPS
+    assert cli.main(["train", "-c", config, "--set", "train.objective_kwargs={beta: 1.0}"]) == 2

@@ -1,6 +1,6 @@
 """Frozen prompt embeddings for the Stage 2 ``log Z`` regressor.
 
-The regressor ``Z_psi(x)`` (SPEC eq. 9) reads a fixed vector per prompt. Two sources:
+The regressor ``Z_psi(x)`` (eq. 9, docs/formulas.md) reads a fixed vector per prompt. Two sources:
 
 * ``ModelPoolEmbedder`` ("reference"): the frozen ``pi_ref``'s last hidden states mean-pooled over the
   prompt tokens, the same features FlowRL's ``proj_z`` head reads, but here nothing is trained through them.

@@ -2,7 +2,7 @@
 
 Pure functions on tensors. Shapes: ``(P, N)`` = prompts x proposal samples; an optional boolean ``mask``
 ``(P, N)`` marks real samples when prompts have different sample counts. Everything is computed in
-log space, so log-weights of +-1e4 are fine. Equation numbers refer to ``shared/SPEC.md``.
+log space, so log-weights of +-1e4 are fine. Equation numbers refer to ``docs/formulas.md``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _masked_lse(x: Tensor, mask: Tensor) -> Tensor:
 def log_importance_weights(
     logp_ref: Tensor, logp_q: Tensor, rewards: Tensor, beta: float, mask: Optional[Tensor] = None
 ) -> Tensor:
-    """``log w_i = log pi_ref(y_i|x) - log q(y_i|x) + beta * r~(x, y_i)`` (SPEC stage 1), shape ``(P, N)``.
+    """``log w_i = log pi_ref(y_i|x) - log q(y_i|x) + beta * r~(x, y_i)`` (Stage 1, docs/formulas.md), shape ``(P, N)``.
 
     ``rewards`` is the already-transformed reward ``r~``. Raises on NaN/inf inputs (where ``mask`` is set)
     and ``beta <= 0``. Padded positions (``mask`` False) may hold anything; they come out as 0.
@@ -88,7 +88,7 @@ def log_z_lse(log_w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 
 
 def log_z_geometric(log_w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """Geometric-mean label ``(1/N) sum_i log w_i`` (SPEC stage 1): its bias ``-KL(q||pi*)`` does not shrink with N."""
+    """Geometric-mean label ``(1/N) sum_i log w_i`` (Stage 1, docs/formulas.md): its bias ``-KL(q||pi*)`` does not shrink with N."""
     mask = _prepare_mask(log_w, mask)
     n = mask.sum(dim=1).to(log_w.dtype)
     return log_w.masked_fill(~mask, 0.0).sum(dim=1) / n
@@ -164,7 +164,7 @@ def group_normalize(
 
 
 def affine_transform(rewards: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """Fixed per-prompt affine transform ``r~ = a(x) r + b(x)`` with ``a > 0`` (SPEC notation).
+    """Fixed per-prompt affine transform ``r~ = a(x) r + b(x)`` with ``a > 0`` (docs/formulas.md).
 
     ``rewards`` is ``(P, N)``; ``scale`` and ``shift`` are ``(P,)``.
     """

@@ -1,4 +1,4 @@
-"""Stage 2: the amortised ``log Z`` regressor ``Z_psi(x)`` fitted by least squares (SPEC eq. 9).
+"""Stage 2: the amortised ``log Z`` regressor ``Z_psi(x)`` fitted by least squares (eq. 9, docs/formulas.md).
 
     psi* = argmin_psi  sum_x ( Z_psi(x) - log Z^_N(x) )^2                                      (9)
 

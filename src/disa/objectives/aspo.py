@@ -1,4 +1,4 @@
-"""ASPO (arXiv 2510.06062; SPEC: reward-maximisation baselines): asymmetric, flipped ratios for positive tokens.
+"""ASPO (arXiv 2510.06062; docs/formulas.md: reward-maximisation baselines): asymmetric, flipped ratios for positive tokens.
 
 In outcome-supervised RL every token of a rollout shares one advantage, so PPO's ratio acts as a token
 weight that favours tokens whose probability already went up. ASPO keeps the usual clipped ratio for

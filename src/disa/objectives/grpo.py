@@ -1,4 +1,4 @@
-"""GRPO (SPEC: reward-maximisation baselines): the token-level clipped PPO surrogate with group advantages."""
+"""GRPO (docs/formulas.md: reward-maximisation baselines): the token-level clipped PPO surrogate with group advantages."""
 
 from __future__ import annotations
 

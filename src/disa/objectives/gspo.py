@@ -1,4 +1,4 @@
-"""GSPO (SPEC: reward-maximisation baselines): one length-normalised sequence ratio per rollout."""
+"""GSPO (docs/formulas.md: reward-maximisation baselines): one length-normalised sequence ratio per rollout."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Trajectory balance (SPEC eqs. 5, 6, 10): DISA, FlowRL and FlowRL without log Z.
+"""Trajectory balance (eqs. 5, 6, 10, docs/formulas.md): DISA, FlowRL and FlowRL without log Z.
 
 The residual is computed once (``tb_residual``) and squared; where ``log Z`` comes from is an input, not
 part of the loss: a frozen tensor for DISA (detached here, so no gradient can reach it whatever the caller

@@ -1,7 +1,7 @@
 """Stage 2 orchestration: labels.parquet + prompts -> embeddings -> fitted, frozen ``log Z`` regressor.
 
 ``run_fit_z`` joins the Stage 1 labels (``prompt_id``, ``log_z``) to the rendered prompt texts, embeds them,
-fits ``Z_psi`` by least squares (SPEC eq. 9) and writes ``out_dir/{model.safetensors, config.json,
+fits ``Z_psi`` by least squares (eq. 9, docs/formulas.md) and writes ``out_dir/{model.safetensors, config.json,
 report.json}``. ``FrozenLogZ`` is what Stage 3 calls: texts -> ``sg[Z_psi*(x)]`` (eq. 10), computed under
 ``torch.no_grad`` by a module whose parameters never require grad.
 """

@@ -1,4 +1,4 @@
-"""Numerical checks of the paper's propositions (SPEC "What the analysis promises") on small discrete problems.
+"""Numerical checks of the paper's propositions (docs/formulas.md) on small discrete problems.
 
 Everything is float64 and exact where it can be: expectations over the proposal are sums over all
 N-tuples of outcomes (or over the multinomial count vectors, which determine both labels), and the

@@ -94,9 +94,15 @@ class RunningSandbox:
     def __init__(self, process, status_read_fd, deadline, limits, started, level, isolation, cleanup):
         self.process, self.status_read_fd, self.deadline = process, status_read_fd, deadline
         self.limits, self.started, self.level, self.isolation = limits, started, level, isolation
-        self._cleanup: Callable[[], None] = cleanup
+        self._cleanup: Callable[[RunningSandbox], None] = cleanup
+        self.killed = False
 
     def kill(self) -> None:
+        """Stop the sandbox now (its uid is swept before it is reused)."""
+        self.killed = True
+        self._kill_group()
+
+    def _kill_group(self) -> None:
         """SIGKILL bwrap's process group; bwrap's death takes the pid namespace with it."""
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -109,14 +115,16 @@ class RunningSandbox:
                 self.process, self.status_read_fd, self.deadline, self.limits.max_output_bytes)
             if not (timed_out or overflowed):
                 timed_out = not _wait_until(self.process, self.deadline)
-            self.kill()
+            if self.process.poll() is None:
+                self.killed = True  # the namespace dies asynchronously: sweep its uid before reuse
+            self._kill_group()
             returncode = self.process.wait()
         finally:
-            self.kill()
+            self._kill_group()
             self.process.stdout.close()
             self.process.stderr.close()
             os.close(self.status_read_fd)
-            self._cleanup()
+            self._cleanup(self)
         return self._result(out, err, status_raw, returncode, timed_out, overflowed)
 
     def _result(self, out, err, status_raw, returncode, timed_out, overflowed) -> SandboxResult:
@@ -265,8 +273,9 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
     uid = reservation.__enter__() if reservation else None
     workdir = tempfile.mkdtemp(prefix="disa-sandbox-") if level == "fallback" else None
 
-    def cleanup() -> None:
+    def cleanup(running: RunningSandbox | None = None) -> None:
         if reservation:
+            reservation.sweep = reservation.sweep or bool(running and running.killed)
             reservation.__exit__(None, None, None)
         if workdir:
             _remove_tree(workdir)

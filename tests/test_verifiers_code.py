@@ -113,9 +113,24 @@ def test_extract_program_and_output_normalisation():
     assert normalize_output("1 \r\n2\n\n") == normalize_output("1\n2") == "1\n2"
 
 
+ENV_PROGRAM = "import os, sys\nprint(os.getcwd())\nprint(sorted(os.environ))\nprint(os.getuid())\nprint(sys.flags.isolated)\n"
+
+
+def test_bwrap_sandbox_environment_is_minimal():
+    # bwrap: the working directory is the private tmpfs mounted at /tmp (gone with the namespace).
+    result = run_in_sandbox(ENV_PROGRAM, require_os_isolation=True)
+    assert result.status == "ok" and result.isolation_level == "bwrap", result.stderr
+    workdir, env_keys, uid, isolated = result.stdout.splitlines()
+    assert workdir == "/tmp"
+    assert eval(env_keys) == ["HOME", "LANG", "LC_ALL", "PATH", "PWD", "TMPDIR"]  # bwrap sets PWD
+    assert isolated == "1"
+    if AS_ROOT:
+        assert int(uid) != 0 and result.isolation["uid"] == int(uid)
+
+
 def test_sandbox_environment_is_minimal_and_workdir_is_removed():
-    program = "import os, sys\nprint(os.getcwd())\nprint(sorted(os.environ))\nprint(os.getuid())\nprint(sys.flags.isolated)\n"
-    result = run_in_sandbox(program)
+    # The fallback backend (no bwrap) keeps the old layers: mkdtemp workdir and audit hook.
+    result = run_in_sandbox(ENV_PROGRAM, backend="fallback")
     assert result.status == "ok", result.stderr
     workdir, env_keys, uid, isolated = result.stdout.splitlines()
     assert os.path.basename(workdir).startswith("disa-sandbox-")
@@ -144,14 +159,14 @@ def test_huge_allocation_hits_memory_limit():
 
 
 def test_fork_bomb_is_refused_by_the_audit_hook():
-    result = run_in_sandbox("import os\nwhile True:\n    os.fork()\n", timeout_s=3.0)
+    result = run_in_sandbox("import os\nwhile True:\n    os.fork()\n", timeout_s=3.0, backend="fallback")
     assert result.status == "refused" and result.refusal == "os.fork"
     assert result.wall_time_s < 3.0
 
 
 def test_fork_bomb_is_contained_by_rlimits_alone():
-    # The audit hook lets forks through here: only RLIMIT_NPROC (and, as root, the per-sandbox uid
-    # that is swept afterwards) holds the bomb. The program swallows fork errors and keeps going.
+    # bwrap (no audit hook): only RLIMIT_NPROC under the per-sandbox uid and the pid namespace
+    # hold the bomb. The program swallows fork errors and keeps going.
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     result = run_in_sandbox(bomb, timeout_s=1.5, allow_subprocess=True, max_processes=8)
     assert result.status == "timeout"
@@ -171,7 +186,7 @@ def test_write_outside_workdir_is_refused():
         f"import os\nos.close(os.open({target!r}, os.O_WRONLY | os.O_CREAT))\n",
         f"import os\nos.symlink({target!r}, 'link')\nopen('link', 'w').write('escaped')\n",
     ):
-        result = run_in_sandbox(program)
+        result = run_in_sandbox(program, backend="fallback")  # the audit hook's refusal
         assert result.status == "refused", (program, result.stderr)
         assert not os.path.exists(target)
     inside = run_in_sandbox("open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())\n")
@@ -180,7 +195,7 @@ def test_write_outside_workdir_is_refused():
 
 def test_network_connection_is_refused(loopback_server):
     port, saw_connection = loopback_server
-    result = run_in_sandbox(_connect_program(port), timeout_s=5.0)
+    result = run_in_sandbox(_connect_program(port), timeout_s=5.0, backend="fallback")
     assert result.status == "refused" and result.refusal.startswith("socket.")
     assert "connected" not in result.stdout
     assert not saw_connection()
@@ -188,11 +203,10 @@ def test_network_connection_is_refused(loopback_server):
 
 def test_network_namespace_alone_blocks_loopback(loopback_server):
     port, saw_connection = loopback_server
-    result = run_in_sandbox(_connect_program(port), timeout_s=5.0, audit_hook=False)
-    if not result.isolation.get("netns"):
-        pytest.skip("this kernel/container does not allow a network namespace")
+    # bwrap's network namespace has its own loopback: nothing listens there.
+    result = run_in_sandbox(_connect_program(port), timeout_s=5.0, require_os_isolation=True)
     assert result.status == "runtime_error" and "connected" not in result.stdout
-    assert "unreachable" in result.stderr.lower()
+    assert "connection refused" in result.stderr.lower()
     assert not saw_connection()
 
 

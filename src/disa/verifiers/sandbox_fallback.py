@@ -1,0 +1,316 @@
+"""Fallback sandbox, used only where bubblewrap cannot run: Python-level and per-process layers.
+
+These are the layers the code verifier used before OS isolation (see ``docs/sandbox.md``): a
+throw-away working directory, ``python -I``, rlimits set before user code, an unprivileged uid
+from a flock'ed pool when running as root, a network namespace when the kernel allows, and a
+Python audit hook. The audit hook can be switched off from plain Python, so results from this
+backend carry ``isolation_level == "fallback"``; ``require_os_isolation=True`` refuses it.
+
+The uid pool is shared with the bubblewrap backend, which drops to a pool uid inside its
+namespaces so that ``RLIMIT_NPROC`` counts only the processes of one sandbox.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import sys
+import sysconfig
+import threading
+import time
+
+_EXIT_REFUSED = 86  # the audit hook's exit status when it refuses an action
+_EXIT_MEMORY = 87  # the bootstrap's exit status when the program died of MemoryError
+_EXIT_BOOTSTRAP_FAILED = 88  # the bootstrap could not set up a layer it was asked for
+
+_SANDBOX_UID_BASE = 61000  # unprivileged uids used when running as root; one per concurrent run
+_SANDBOX_UID_POOL = 256
+
+# Modules imported by the bootstrap before it drops privileges: the interpreter's stdlib may sit
+# in a directory the unprivileged uid cannot read (a pyenv under /root, mode 0700), and these are
+# what competitive-programming solutions import.
+_PREIMPORT = (
+    "array bisect collections collections.abc copy dataclasses datetime decimal enum fractions "
+    "functools heapq io itertools json math operator queue random re socket statistics string "
+    "sys textwrap time traceback typing unicodedata"
+).split()
+
+
+_BOOTSTRAP = r'''
+import json, os, resource, sys
+config = json.loads(sys.argv[1])
+status_fd = config["status_fd"]
+os.set_inheritable(status_fd, False)
+
+def report(message):
+    try:
+        os.write(status_fd, (json.dumps(message) + "\n").encode())
+    except OSError:
+        pass
+
+isolation = {"netns": False, "uid": None, "audit_hook": False}
+with open(config["program_path"], "rb") as f:
+    source = f.read()
+
+if config["netns"]:
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
+        flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWNET | CLONE_NEWUSER
+        isolation["netns"] = libc.unshare(flags) == 0
+    except Exception:
+        pass
+
+for module in config["preimport"]:
+    try:
+        __import__(module)
+    except Exception:
+        pass
+
+def limit(kind, value):
+    resource.setrlimit(kind, (value, value))
+
+try:
+    limit(resource.RLIMIT_CORE, 0)
+    limit(resource.RLIMIT_CPU, config["cpu_s"])
+    limit(resource.RLIMIT_FSIZE, config["max_file_bytes"])
+    if config["memory_bytes"] is not None:
+        limit(resource.RLIMIT_AS, config["memory_bytes"])
+    if config["nproc"] is not None:
+        limit(resource.RLIMIT_NPROC, config["nproc"])
+    os.chdir(config["workdir"])
+    if config["uid"] is not None:
+        os.setgroups([])
+        os.setgid(config["gid"])
+        os.setuid(config["uid"])
+        if os.getuid() != config["uid"] or os.geteuid() != config["uid"]:
+            raise OSError("privilege drop did not take effect")
+        isolation["uid"] = config["uid"]
+except Exception as err:
+    report({"bootstrap_error": repr(err)})
+    os._exit(88)
+
+sys.dont_write_bytecode = True  # .pyc writes into the stdlib would trip the write guard
+
+if config["audit_hook"]:
+    import posixpath
+    _workdir = posixpath.realpath(config["workdir"])
+    _allow_processes = config["allow_subprocess"]
+    _write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    _realpath, _fsdecode, _join, _getcwd, _exit = posixpath.realpath, os.fsdecode, posixpath.join, os.getcwd, os._exit
+    _process_events = frozenset(["os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
+                                 "os.system", "subprocess.Popen", "pty.spawn"])
+    _path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
+                    "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.rename": (0, 1),
+                    "shutil.rmtree": (0,), "os.chflags": (0,), "os.lchflags": (0,), "os.mkfifo": (0,),
+                    "os.mknod": (0,)}
+
+    def _refuse(event, detail):
+        report({"refused": event, "detail": detail[:200]})
+        _exit(86)
+
+    def _inside_workdir(path):
+        if isinstance(path, int):
+            return True  # an already-open descriptor
+        try:
+            path = _fsdecode(path)
+        except TypeError:
+            return False
+        if path == "/dev/null":
+            return True
+        resolved = _realpath(_join(_getcwd(), path))
+        return resolved == _workdir or resolved.startswith(_workdir + "/")
+
+    def _guard(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags > 0 and flags & _write_flags)
+            if writing and not _inside_workdir(path):
+                _refuse(event, repr(path))
+        elif event.startswith("socket."):
+            _refuse(event, repr(args)[:200])
+        elif event in _process_events:
+            if not _allow_processes:
+                _refuse(event, repr(args)[:200])
+        elif event in _path_events:
+            for index in _path_events[event]:
+                if not _inside_workdir(args[index]):
+                    _refuse(event, repr(args[index]))
+        elif event in ("os.symlink", "os.link", "ctypes.dlsym"):
+            _refuse(event, repr(args)[:200])
+
+    sys.addaudithook(_guard)
+    isolation["audit_hook"] = True
+
+report({"isolation": isolation})
+sys.argv = ["solution.py"]
+main_globals = {"__name__": "__main__", "__file__": "solution.py", "__builtins__": __builtins__}
+try:
+    code = compile(source, "solution.py", "exec")
+    exec(code, main_globals)
+except MemoryError:
+    sys.stderr.write("MemoryError\n")
+    sys.stderr.flush()
+    os._exit(87)
+except SystemExit:
+    raise
+except BaseException:
+    import traceback
+    traceback.print_exc()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+'''
+
+
+# ----------------------------------------------------------------------------------------------
+# Unprivileged uid pool (root only)
+# ----------------------------------------------------------------------------------------------
+
+_uid_lock = threading.Lock()
+_uids_in_use: set[int] = set()
+
+
+class SandboxUid:
+    """Reserve a uid nobody else (thread or process) is using; release on exit."""
+
+    def __init__(self, lock_dir: str, sweep: bool = True):
+        self.lock_dir = lock_dir
+        self.sweep = sweep  # a pid namespace makes the /proc sweep unnecessary
+        self.uid: int | None = None
+        self._lock_file = None
+
+    def __enter__(self) -> int:
+        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        for uid in range(_SANDBOX_UID_BASE, _SANDBOX_UID_BASE + _SANDBOX_UID_POOL):
+            with _uid_lock:
+                if uid in _uids_in_use:
+                    continue
+                handle = open(os.path.join(self.lock_dir, f"uid-{uid}.lock"), "w")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    continue
+                _uids_in_use.add(uid)
+                self.uid, self._lock_file = uid, handle
+            if self.sweep:
+                kill_processes_of_uid(uid)  # leftovers of a run whose parent died before its sweep
+            return uid
+        raise RuntimeError(f"all {_SANDBOX_UID_POOL} sandbox uids from {_SANDBOX_UID_BASE} are in use")
+
+    def __exit__(self, *exc) -> None:
+        if self.uid is None:
+            return
+        if self.sweep:
+            kill_processes_of_uid(self.uid)
+        with _uid_lock:
+            _uids_in_use.discard(self.uid)
+        self._lock_file.close()  # releases the flock
+
+
+def processes_of_uid(uid: int) -> list[int]:
+    """PIDs of live (non-zombie) processes whose real uid is ``uid``, read from ``/proc``.
+
+    Zombies are skipped: they hold no resources, cannot be killed, and vanish once reaped.
+    """
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if int(fields.get("Uid", "-1 ").split()[0]) == uid and not fields.get("State", "").strip().startswith(("Z", "X")):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_processes_of_uid(uid: int, rounds: int = 50) -> None:
+    """SIGKILL every process of a sandbox uid, repeating while a fork race leaves survivors."""
+    if uid == 0:
+        raise ValueError("refusing to kill processes of uid 0")
+    for _ in range(rounds):
+        pids = processes_of_uid(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+
+
+def _readable_by_others(path: str) -> bool:
+    """True when a uid with no special rights can reach ``path`` (o+x on every ancestor, o+r on it)."""
+    path = os.path.realpath(path)
+    try:
+        if not os.stat(path).st_mode & stat.S_IROTH:
+            return False
+        parent = os.path.dirname(path)
+        while True:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return False
+            if parent == os.path.dirname(parent):
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+def default_sandbox_python() -> str:
+    """The interpreter sandboxes run: ``sys.executable``, unless we are root and its standard
+    library is unreadable to the unprivileged sandbox uid (a pyenv under ``/root``, mode 0700), in
+    which case a world-readable system ``pythonX.Y`` of the same version when there is one."""
+    if os.geteuid() != 0:
+        return sys.executable
+    stdlib = sysconfig.get_paths()["stdlib"]
+    if _readable_by_others(sys.executable) and _readable_by_others(stdlib):
+        return sys.executable
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for directory in ("/usr/bin", "/usr/local/bin"):
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK) and _readable_by_others(candidate):
+            return candidate
+    return sys.executable  # the bootstrap's pre-imports are then all the program can import
+
+
+def _nproc_limit(uid: int | None, max_processes: int) -> int:
+    if uid is not None:
+        return max_processes
+    return len(processes_of_uid(os.getuid())) + max_processes
+
+
+def minimal_env(workdir: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+def fallback_command(program: str, workdir: str, uid: int | None, status_fd: int, *, cpu_s: int,
+                     memory_mb: int | None, max_file_bytes: int, max_processes: int,
+                     allow_subprocess: bool, audit_hook: bool, network_namespace: bool,
+                     python_executable: str | None) -> list[str]:
+    """Write the program into ``workdir`` and return the bootstrap's command line."""
+    program_path = os.path.join(workdir, "solution.py")
+    with open(program_path, "w", encoding="utf-8") as f:
+        f.write(program)
+    os.chmod(program_path, 0o600)
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+        os.chown(program_path, uid, uid)
+    config = {
+        "status_fd": status_fd, "program_path": program_path, "workdir": workdir,
+        "uid": uid, "gid": uid, "cpu_s": cpu_s, "max_file_bytes": int(max_file_bytes),
+        "memory_bytes": None if memory_mb is None else int(memory_mb) * 1024 * 1024,
+        "nproc": _nproc_limit(uid, max_processes), "netns": network_namespace,
+        "audit_hook": audit_hook, "allow_subprocess": allow_subprocess, "preimport": _PREIMPORT,
+    }
+    python = python_executable or default_sandbox_python()
+    return [python, "-I", "-c", _BOOTSTRAP, json.dumps(config)]

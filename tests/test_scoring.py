@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from disa.scoring import pad_batch, score_token_logprobs, token_logprobs
-from disa.trainer import response_logprobs
+from disa.training import response_logprobs
 
 # prompt / response lengths differ row by row (one empty response, one one-token prompt), so rows are padded
 PROMPT_LENS = [3, 7, 1, 5, 2]

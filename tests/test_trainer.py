@@ -10,18 +10,22 @@ import pytest
 import torch
 from torch import nn
 
+from disa.config import ConfigError, SFTConfig, TargetConfig, TrainConfig
 from disa.estimators import group_normalize
-from disa.trainer import (
+from disa.objectives import get_spec
+from disa.training import (
+    MetricsLogger,
     RLTrainer,
-    TrainConfig,
     find_checkpoint,
+    resolve_log_z_kind,
     response_logprobs,
+    train_sft,
 )
 
 torch.set_num_threads(1)
 
 PROMPTS = [{"id": f"p{i}", "text": f"What is {i} + 3?", "answer": str(i + 3)} for i in range(5)]
-TB = {"beta": 2.0}
+TARGET = TargetConfig(beta=2.0, reward_transform="group")
 
 
 def reward_fn(prompts, completions, answer, **columns):
@@ -49,21 +53,22 @@ def load(path):
 
 
 def make_config(tmp_path, objective="grpo", **overrides) -> TrainConfig:
-    base = dict(
-        objective=objective, objective_kwargs=dict(TB) if objective.startswith(("disa", "flowrl")) else {},
-        group_size=4, prompts_per_step=2, num_steps=2, micro_batch_size=4, max_new_tokens=6, lr=1e-2,
-        output_dir=str(tmp_path / "run"), save_every=0, seed=3,
-    )
+    """A TrainConfig, with its output folder attached as ``run_dir`` (the trainer takes it as output_dir)."""
+    base = dict(objective=objective, group_size=4, prompts_per_step=2, num_steps=2, micro_batch_size=4,
+                max_new_tokens=6, lr=1e-2, save_every=0, seed=3)
     base.update(overrides)
-    return TrainConfig(**base)
+    config = TrainConfig(**base)
+    config.run_dir = tmp_path / "run"
+    return config
 
 
-def make_trainer(path, config, *, ref=True, **kw):
+def make_trainer(path, config, *, ref=True, target=TARGET, **kw):
     policy, tok = load(path)
     ref_model = load(path)[0] if ref else None
-    if config.objective in ("disa", "tb") and "log_z_fn" not in kw:
+    if config.objective in ("disa", "tb") and config.log_z != "zero" and "log_z_fn" not in kw:
         kw["log_z_fn"] = ConstantLogZ()
-    return RLTrainer(policy, ref_model, tok, PROMPTS, reward_fn, config, **kw)
+    kw.setdefault("output_dir", config.run_dir)
+    return RLTrainer(policy, ref_model, tok, PROMPTS, reward_fn, config, target=target, **kw)
 
 
 def with_varied_rewards(trainer, rollouts):
@@ -88,7 +93,7 @@ def test_updates_on_a_fixed_batch_lower_the_loss(tiny_gpt2_path, tmp_path, objec
     if objective in ("aspo", "gspo"):
         surrogate = {"objective": "grpo", "clip_eps": 0.99, "clip_eps_high": 1e3}
     elif objective in ("disa", "flowrl", "flowrl_no_logz"):
-        surrogate = {"objective": objective, **trainer.config.objective_kwargs, "rollout_weight_mode": "on_policy"}
+        surrogate = {"objective": objective, **trainer.config.objective_kwargs, "rollout_weight_mode": "on_policy"}  # beta: the target's
     else:
         surrogate = {}
     before = trainer.evaluate_loss(rollouts, **surrogate)
@@ -139,7 +144,7 @@ def test_log_z_fn_sharing_policy_parameters_is_rejected(tiny_gpt2_path, tmp_path
 
     with pytest.raises(ValueError, match="must be frozen"):
         RLTrainer(policy, load(tiny_gpt2_path)[0], tok, PROMPTS, reward_fn, make_config(tmp_path, "disa"),
-                  log_z_fn=Leaky())
+                  output_dir=tmp_path, target=TARGET, log_z_fn=Leaky())
 
 
 def test_flowrl_head_trains_and_its_gradient_reaches_the_trunk(tiny_gpt2_path, tmp_path):
@@ -201,6 +206,7 @@ def test_resume_continues_exactly(tiny_gpt2_path, tmp_path, objective, lora):
     first.step()  # a step after the checkpoint that the crash loses
     policy, tok = load(tiny_gpt2_path)
     resumed = RLTrainer.resume(tmp_path / "b" / "run", policy, load(tiny_gpt2_path)[0], tok, PROMPTS, reward_fn)
+    assert resumed.target == TARGET and resumed.output_dir == tmp_path / "b" / "run"
     assert resumed.global_step == 2 and len(resumed.history) == 2
     resumed.train()
 
@@ -247,8 +253,6 @@ def test_metrics_csv_has_one_row_per_step_with_the_columns(tiny_gpt2_path, tmp_p
 
 
 def test_tensorboard_logging_or_a_clear_install_hint(tmp_path):
-    from disa.trainer import MetricsLogger
-
     try:
         import tensorboard  # noqa: F401
     except ImportError:
@@ -279,7 +283,8 @@ def test_bf16_autocast_step_runs_on_cpu(tiny_gpt2_path, tmp_path):
 
 def test_affine_transform_uses_the_frozen_per_prompt_scale_and_shift(tiny_gpt2_path, tmp_path):
     affine = {p["id"]: (2.0, -0.5) for p in PROMPTS}
-    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "disa", reward_transform="affine"), affine=affine)
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "disa"), affine=affine,
+                           target=TargetConfig(beta=2.0, reward_transform="affine"))
     rollouts = trainer.collect_rollouts([0, 4])
     torch.testing.assert_close(rollouts.rewards, 2.0 * rollouts.raw_rewards - 0.5)
     assert rollouts.log_z.shape == (8,) and rollouts.ref_logp.shape == rollouts.old_logp.shape
@@ -302,11 +307,11 @@ def test_affine_transform_uses_the_frozen_per_prompt_scale_and_shift(tiny_gpt2_p
     "overrides,match",
     [
         ({"objective": "ppo"}, "TrainConfig.objective"),
-        ({"objective": "disa", "objective_kwargs": {}}, "needs beta"),
+        ({"objective": "disa", "objective_kwargs": {"beta": 2.0}}, "beta is not an objective hyperparameter"),
         ({"objective_kwargs": {"clip_epsilon": 0.2}}, "'clip_epsilon' is not a hyperparameter"),
         ({"group_size": 0}, "TrainConfig.group_size"),
         ({"top_p": 1.5}, "TrainConfig.top_p"),
-        ({"reward_transform": "rank"}, "TrainConfig.reward_transform"),
+        ({"log_z": "regresor"}, "TrainConfig.log_z"),
         ({"lora": {"rank": 4}}, "TrainConfig.lora.rank"),
         ({"mixed_precision": "fp8"}, "TrainConfig.mixed_precision"),
     ],
@@ -314,27 +319,42 @@ def test_affine_transform_uses_the_frozen_per_prompt_scale_and_shift(tiny_gpt2_p
 def test_config_errors_name_the_field(overrides, match):
     base = {"objective": "grpo"}
     base.update(overrides)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         TrainConfig(**base)
 
 
 def test_trainer_input_errors(tiny_gpt2_path, tmp_path):
     policy, tok = load(tiny_gpt2_path)
     ref = load(tiny_gpt2_path)[0]
-    with pytest.raises(ValueError, match="needs log_z_fn"):
-        RLTrainer(policy, ref, tok, PROMPTS, reward_fn, make_config(tmp_path, "disa"))
+
+    def build(config, prompts=PROMPTS, ref_model=ref, fn=reward_fn, target=TARGET, **kw):
+        return RLTrainer(policy, ref_model, tok, prompts, fn, config, output_dir=tmp_path / "run", target=target, **kw)
+
+    with pytest.raises(ValueError, match="train.log_z='auto' reads a frozen log Z: it needs log_z_fn"):
+        build(make_config(tmp_path, "disa"))
+    with pytest.raises(ValueError, match="train.log_z='table' reads a frozen log Z"):
+        build(make_config(tmp_path, "flowrl", log_z="table"))
+    with pytest.raises(ValueError, match="log_z_fn is only read when train.log_z resolves to a frozen source"):
+        build(make_config(tmp_path, "flowrl"), log_z_fn=ConstantLogZ())
+    with pytest.raises(ValueError, match="log_z_fn is only read"):
+        build(make_config(tmp_path, "grpo"), log_z_fn=ConstantLogZ())
     with pytest.raises(ValueError, match="needs ref_model"):
-        RLTrainer(policy, None, tok, PROMPTS, reward_fn, make_config(tmp_path, "flowrl"))
+        build(make_config(tmp_path, "flowrl"), ref_model=None)
     with pytest.raises(ValueError, match=r"prompts\[1\]: missing field 'text'"):
-        RLTrainer(policy, ref, tok, [PROMPTS[0], {"id": "x"}], reward_fn, make_config(tmp_path, "grpo"))
+        build(make_config(tmp_path, "grpo"), prompts=[PROMPTS[0], {"id": "x"}])
+    affine_target = TargetConfig(beta=2.0, reward_transform="affine")
     with pytest.raises(ValueError, match="affine has no"):
-        RLTrainer(policy, ref, tok, PROMPTS, reward_fn, make_config(tmp_path, "disa", reward_transform="affine"),
-                  log_z_fn=ConstantLogZ(), affine={"p0": (1.0, 0.0)})
+        build(make_config(tmp_path, "disa"), target=affine_target, log_z_fn=ConstantLogZ(), affine={"p0": (1.0, 0.0)})
+    with pytest.raises(ValueError, match="target.reward_transform='affine' needs affine"):
+        build(make_config(tmp_path, "disa"), target=affine_target, log_z_fn=ConstantLogZ())
+    build(make_config(tmp_path, "grpo"), target=affine_target)  # policy gradient never reads r~: no affine needed
     with pytest.raises(ValueError, match="fp16"):
-        RLTrainer(policy, ref, tok, PROMPTS, reward_fn, make_config(tmp_path, "grpo", mixed_precision="fp16"))
+        build(make_config(tmp_path, "grpo", mixed_precision="fp16"))
     with pytest.raises(ValueError, match="train_sft"):
-        RLTrainer(policy, ref, tok, PROMPTS, reward_fn, make_config(tmp_path, "sft"))
-    short = RLTrainer(policy, ref, tok, PROMPTS, lambda prompts, completions, **c: [1.0], make_config(tmp_path, "grpo"))
+        build(make_config(tmp_path, "sft"))
+    with pytest.raises(ConfigError, match="train.log_z"):
+        build(make_config(tmp_path, "disa", log_z="learned"), log_z_fn=ConstantLogZ())
+    short = build(make_config(tmp_path, "grpo"), fn=lambda prompts, completions, **c: [1.0])
     with pytest.raises(ValueError, match="returned 1 rewards for 8 completions"):
         short.step()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -346,21 +366,19 @@ SFT_EXAMPLES = [(f"What is {i} + 3?", f" The answer is {i + 3}.") for i in range
 
 
 def test_sft_lowers_the_nll_and_resumes_exactly(tiny_gpt2_path, tmp_path):
-    from disa.sft import SFTConfig, train_sft
-
-    def cfg(out, epochs):
+    def cfg(epochs):
         return SFTConfig(num_epochs=epochs, micro_batch_size=2, gradient_accumulation=2, lr=3e-3, save_every=2,
-                         lora={"r": 4, "alpha": 8, "dropout": 0.1}, output_dir=str(tmp_path / out), seed=1)
+                         lora={"r": 4, "alpha": 8, "dropout": 0.1}, seed=1)
 
     policy, tok = load(tiny_gpt2_path)
-    policy, history = train_sft(policy, tok, SFT_EXAMPLES, cfg("a", 6))
+    policy, history = train_sft(policy, tok, SFT_EXAMPLES, cfg(6), output_dir=tmp_path / "a")
     assert len(history) == 6 * 2  # 6 examples / (2 x 2) per step = 2 steps per epoch
     assert history[-1]["loss"] < history[0]["loss"] - 0.05
     assert (tmp_path / "a" / "checkpoint-12" / "policy" / "adapter_model.safetensors").exists()
 
     # 3 epochs, then resume to 6 from checkpoint-6 == 6 straight (LoRA dropout on: its noise is seeded per step)
-    half, _ = train_sft(load(tiny_gpt2_path)[0], tok, SFT_EXAMPLES, cfg("b", 3))
-    resumed, resumed_history = train_sft(load(tiny_gpt2_path)[0], tok, SFT_EXAMPLES, cfg("b", 6),
+    half, _ = train_sft(load(tiny_gpt2_path)[0], tok, SFT_EXAMPLES, cfg(3), output_dir=tmp_path / "b")
+    resumed, resumed_history = train_sft(load(tiny_gpt2_path)[0], tok, SFT_EXAMPLES, cfg(6), output_dir=tmp_path / "b",
                                          resume_from=tmp_path / "b")
     assert [h["loss"] for h in resumed_history] == pytest.approx([h["loss"] for h in history], abs=1e-6)
     trained = {n: p for n, p in policy.named_parameters() if p.requires_grad}
@@ -370,14 +388,12 @@ def test_sft_lowers_the_nll_and_resumes_exactly(tiny_gpt2_path, tmp_path):
 
 
 def test_sft_input_errors(tiny_gpt2_path, tmp_path):
-    from disa.sft import SFTConfig, train_sft
-
     policy, tok = load(tiny_gpt2_path)
-    cfg = SFTConfig(output_dir=str(tmp_path), lora=None)
+    cfg = SFTConfig(lora=None)
     with pytest.raises(ValueError, match="examples is empty"):
-        train_sft(policy, tok, [], cfg)
+        train_sft(policy, tok, [], cfg, output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"examples\[1\].response_text"):
-        train_sft(policy, tok, [("a", "b"), ("c", "")], cfg)
+        train_sft(policy, tok, [("a", "b"), ("c", "")], cfg, output_dir=tmp_path)
     with pytest.raises(ValueError, match="SFTConfig.aggregation"):
         SFTConfig(aggregation="sum")
 
@@ -392,3 +408,138 @@ def test_weight_decay_reaches_the_policy_group_but_not_the_flowrl_head(tiny_gpt2
     trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "flowrl", weight_decay=0.1))
     decay = {g["name"]: g["weight_decay"] for g in trainer.optimizer.param_groups}
     assert decay == {"policy": 0.1, "logz_head": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------- one flow
+@pytest.mark.parametrize(
+    "source,objective,kind",
+    [
+        ("auto", "disa", "frozen"), ("auto", "tb", "frozen"), ("auto", "flowrl", "learned"),
+        ("auto", "flowrl_no_logz", "zero"), ("auto", "grpo", None), ("auto", "sft", None),
+        ("table", "disa", "frozen"), ("regressor", "disa", "frozen"), ("labels", "disa", "frozen"),
+        ("table", "flowrl", "frozen"), ("zero", "disa", "zero"), ("learned", "flowrl", "learned"),
+    ],
+)
+def test_resolve_log_z_kind(source, objective, kind):
+    assert resolve_log_z_kind(source, get_spec(objective)) == kind
+
+
+@pytest.mark.parametrize(
+    "source,objective,match",
+    [
+        ("table", "grpo", r"train.log_z: objective 'grpo' \(policy_gradient\) reads no log Z"),
+        ("zero", "gspo", "train.log_z: objective 'gspo'"),
+        ("learned", "sft", r"train.log_z: objective 'sft' \(supervised\)"),
+        ("learned", "disa", "train.log_z: 'learned' .* 'disa' detaches log Z.*only an objective that trains log Z"),
+        ("learned", "flowrl_no_logz", "train.log_z: 'learned' .* 'flowrl_no_logz' does not read log Z"),
+    ],
+)
+def test_resolve_log_z_kind_errors_name_train_log_z(source, objective, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_log_z_kind(source, get_spec(objective))
+
+
+def test_zero_log_z_feeds_zeros_to_disa(tiny_gpt2_path, tmp_path):
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "disa", log_z="zero"))
+    rollouts = trainer.collect_rollouts([0, 1])
+    assert torch.equal(rollouts.log_z, torch.zeros(8)) and trainer.logz_head is None
+    assert trainer.update(rollouts)["log_z_mean"] == 0.0
+
+
+def test_target_beta_reaches_the_trajectory_balance_loss(tiny_gpt2_path, tmp_path):
+    """DISA's loss on a fixed batch is mean (log Z + log pi - beta r~ - log pi_ref)^2 (eq. 5, 10) with the
+    TARGET's beta: computed by hand from the rollouts for beta 1 and 5."""
+    losses = {}
+    for beta in (1.0, 5.0):
+        trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path / str(beta), "disa"),
+                               target=TargetConfig(beta=beta, reward_transform="group"))
+        assert trainer.objective_kwargs == {"beta": beta} and "beta" not in trainer.config.objective_kwargs
+        rollouts = with_varied_rewards(trainer, trainer.collect_rollouts([0, 1], seed=11))
+        residual = (rollouts.log_z + rollouts.old_logp.sum(dim=1) - beta * rollouts.rewards
+                    - rollouts.ref_logp.sum(dim=1))
+        by_hand = float((residual**2).mean())
+        losses[beta] = trainer.evaluate_loss(rollouts)
+        assert losses[beta] == pytest.approx(by_hand, rel=1e-4)
+    assert losses[5.0] > losses[1.0] + 1.0
+
+
+class CountingGenerator:
+    """An injected rollout generator: HFGenerator underneath, counting its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.pad_id, self.eos_ids = inner.pad_id, inner.eos_ids
+
+    @property
+    def model(self):
+        return self.inner.model
+
+    @model.setter
+    def model(self, value):
+        self.inner.model = value
+
+    def generate(self, prompts, n, **kw):
+        self.calls += 1
+        return self.inner.generate(prompts, n, **kw)
+
+
+def test_an_injected_generator_makes_the_rollouts(tiny_gpt2_path, tmp_path):
+    from disa.generation.hf import HFGenerator
+
+    default = make_trainer(tiny_gpt2_path, make_config(tmp_path / "default", "grpo"))
+    default.train()
+    policy, tok = load(tiny_gpt2_path)
+    generator = CountingGenerator(HFGenerator(policy, tok, batch_size=8, progress=False))
+    config = make_config(tmp_path / "injected", "grpo")
+    trainer = RLTrainer(policy, None, tok, PROMPTS, reward_fn, config, output_dir=config.run_dir, target=TARGET,
+                        generator=generator)
+    history = trainer.train()
+    assert generator.calls == 2 and trainer.generator is generator
+    assert [h["loss"] for h in history] == [h["loss"] for h in default.history]  # the same sampler, the same run
+
+
+def nan_gradient(model):
+    """Every backward through the token embeddings writes NaN into their gradient."""
+    return model.get_input_embeddings().weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+
+def test_sft_skips_a_step_with_a_non_finite_gradient(tiny_gpt2_path, tmp_path):
+    policy, tok = load(tiny_gpt2_path)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    hook = nan_gradient(policy)
+    config = SFTConfig(num_epochs=1, micro_batch_size=2, gradient_accumulation=2, lr=1e-2, lora=None)
+    policy, history = train_sft(policy, tok, SFT_EXAMPLES, config, output_dir=tmp_path / "nan")
+    assert [row["skipped_steps"] for row in history] == [1, 1]
+    assert all(math.isnan(row["grad_norm"]) for row in history)
+    for name, p in policy.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name  # no NaN reached the weights or Adam's moments
+    with open(tmp_path / "nan" / "metrics.csv") as fh:
+        assert [r["skipped_steps"] for r in csv.DictReader(fh)] == ["1", "1"]
+    hook.remove()
+    _, history = train_sft(policy, tok, SFT_EXAMPLES, config, output_dir=tmp_path / "finite")
+    assert [row["skipped_steps"] for row in history] == [0, 0]
+    assert not torch.equal(policy.get_input_embeddings().weight, before["transformer.wte.weight"])
+
+
+def test_rl_skips_and_counts_a_step_with_a_non_finite_gradient(tiny_gpt2_path, tmp_path):
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "grpo", num_steps=1))
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    nan_gradient(trainer.policy)
+    row = trainer.step()
+    assert row["skipped_steps"] == row["optimizer_steps"] == 2 and math.isnan(row["grad_norm"])
+    for name, p in trainer.policy.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+
+
+def test_checkpoint_records_config_and_target_and_resume_refuses_another_target(tiny_gpt2_path, tmp_path):
+    import json
+
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "grpo", num_steps=1))
+    trainer.train()
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    assert json.loads((ckpt / "target.json").read_text()) == TARGET.to_dict()
+    assert TrainConfig.from_dict(json.loads((ckpt / "train_config.json").read_text())) == trainer.config
+    policy, tok = load(tiny_gpt2_path)
+    with pytest.raises(ValueError, match="trained towards target"):
+        RLTrainer.resume(tmp_path / "run", policy, None, tok, PROMPTS, reward_fn,
+                         target=TargetConfig(beta=3.0, reward_transform="group"))

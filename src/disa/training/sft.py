@@ -2,15 +2,13 @@
 
 The paper's ablation asks whether DISA's gain is just distillation of the proposal: train the same policy by
 plain maximum likelihood on the proposal trajectories the verifier accepted, with the ``sft`` objective of
-``disa.objectives``. Same building blocks, logging and checkpoint layout as ``disa.trainer.RLTrainer``.
+``disa.objectives``. Same optimiser step, logging and checkpoint layout as ``disa.training.RLTrainer``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,69 +16,35 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from disa.config import SFTConfig
 from disa.generation import encode_prompt
-from disa.objectives import AGGREGATIONS, compute_objective
-from disa.trainer import (
-    DictConfig,
-    MetricsLogger,
-    _f,
+from disa.objectives import compute_objective
+from disa.training.checkpoints import (
+    CHECKPOINT_PREFIX,
+    find_checkpoint,
+    load_training_checkpoint,
+    read_checkpoint_json,
+    save_training_checkpoint,
+)
+from disa.training.logger import MetricsLogger
+from disa.training.models import (
     apply_lora,
     autocast,
     check_mixed_precision,
-    check_shared_run_fields,
     enable_gradient_checkpointing,
-    find_checkpoint,
-    load_training_checkpoint,
     model_device,
     response_logprobs,
-    save_training_checkpoint,
+)
+from disa.training.step import (
+    build_optimizer,
+    build_scaler,
+    build_scheduler,
+    micro_batch_weights,
+    optimizer_step,
+    split_micro_batches,
 )
 
-DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
-
-
-@dataclass
-class SFTConfig(DictConfig):
-    """Hyperparameters of the SFT baseline; each field says why it exists."""
-
-    num_epochs: int = _f(3, "Passes over the examples.")
-    micro_batch_size: int = _f(8, "Examples per forward/backward: bounds activation memory.")
-    gradient_accumulation: int = _f(1, "Micro-batches per optimiser step (effective batch = the product).")
-    lr: float = _f(1e-4, "AdamW learning rate (LoRA adapters take much larger rates than full fine-tuning).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    warmup_steps: int = _f(0, "Linear warm-up over this many optimiser steps, then constant.")
-    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this; <= 0 turns clipping off.")
-    lora: Optional[dict] = _f(dict(DEFAULT_LORA), "LoRA via PEFT (the paper's baseline is LoRA-SFT); None trains every weight.")
-    aggregation: str = _f("token_mean", "How token NLLs are averaged (see disa.objectives.AGGREGATIONS): token_mean "
-                          "weighs every response token equally, as causal-LM fine-tuning usually does.")
-    max_response_tokens: Optional[int] = _f(None, "Truncate longer responses to this many tokens (None = keep all).")
-    append_eos: bool = _f(True, "End every response with EOS, so the model learns where to stop.")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 autocast (fp16 only on CUDA).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: trades compute for memory.")
-    seed: int = _f(0, "Seeds the example order of every epoch and the dropout of every step.")
-    output_dir: str = _f("runs/sft", "Checkpoints (checkpoint-<step>/) and metrics.csv / tensorboard/ go here.")
-    save_every: int = _f(0, "Checkpoint every this many optimiser steps (0 = only at the end).")
-    keep_checkpoints: int = _f(0, "Keep only the newest k checkpoints (0 = keep all).")
-    log_with: str = _f("csv", "csv (output_dir/metrics.csv) or tensorboard.")
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str):
-            raise ValueError(f"SFTConfig.{name}: {why}, got {getattr(self, name)!r}")
-
-        for name in ("num_epochs", "micro_batch_size", "gradient_accumulation"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                bad(name, "must be an int > 0")
-        for name in ("warmup_steps", "save_every", "keep_checkpoints"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, "must be an int >= 0")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if self.max_response_tokens is not None and self.max_response_tokens <= 0:
-            bad("max_response_tokens", "must be None or > 0")
-        if self.aggregation not in AGGREGATIONS:
-            bad("aggregation", f"must be one of {list(AGGREGATIONS)}")
-        check_shared_run_fields(self, bad)
+TRAIN_CONFIG_FILE = "train_config.json"
 
 
 def tokenize_examples(
@@ -110,13 +74,20 @@ def tokenize_examples(
     return prompt_ids, response_ids
 
 
-def _micro_weights(response_ids: list[list[int]], micro_batches: list[list[int]], aggregation: str) -> list[float]:
-    """Each micro-batch's share of the mini-batch loss (token share under token_mean, example share otherwise)."""
-    if aggregation == "token_mean":
-        sizes = [float(sum(len(response_ids[i]) for i in rows)) for rows in micro_batches]
-    else:
-        sizes = [float(len(rows)) for rows in micro_batches]
-    return [s / sum(sizes) for s in sizes]
+def _pad_id(tokenizer) -> int:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token")
+    return pad_id
+
+
+def _step_rows(num_examples: int, step: int, steps_per_epoch: int, mini: int, seed: int) -> tuple[int, int, list[int]]:
+    """(epoch, position in the epoch, example rows) of optimiser step ``step``: epoch ``e``'s order is a
+    shuffle seeded from ``(seed, e)``, so a resume at any step sees the same rows."""
+    epoch, k = divmod(step, steps_per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_examples, generator=g).tolist()
+    return epoch, k, order[k * mini : (k + 1) * mini]
 
 
 def train_sft(
@@ -124,6 +95,8 @@ def train_sft(
     tokenizer,
     examples: Sequence[tuple[str, str]],
     config: SFTConfig,
+    *,
+    output_dir: str | Path,
     resume_from: Optional[str | Path] = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Fine-tune ``policy`` on ``(prompt_text, response_text)`` pairs with the ``sft`` objective.
@@ -131,6 +104,7 @@ def train_sft(
     Returns the trained policy (a PEFT model under ``config.lora``) and the per-optimiser-step metrics
     (also in ``output_dir/metrics.csv``). ``resume_from`` (a checkpoint or an output_dir) continues exactly:
     the order of epoch ``e`` and the randomness of step ``s`` are seeded from ``(seed, e)`` and ``(seed, s)``.
+    A step whose gradient is not finite is skipped (``skipped_steps`` 1 in its row), as in RL.
     """
     if not isinstance(config, SFTConfig):
         raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
@@ -138,10 +112,9 @@ def train_sft(
         raise ValueError("examples is empty: no reward-1 proposal samples to fine-tune on")
     device = model_device(policy)
     check_mixed_precision(config.mixed_precision, device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an EOS token")
+    pad_id = _pad_id(tokenizer)
     prompt_ids, response_ids = tokenize_examples(tokenizer, examples, config)
+    response_lengths = [len(r) for r in response_ids]
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn from the global RNG: same config, same start
     if config.lora is not None:
         policy = apply_lora(policy, config.lora)
@@ -149,11 +122,10 @@ def train_sft(
         enable_gradient_checkpointing(policy)
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = config.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 if warmup == 0 else min(1.0, (s + 1) / warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
-    output_dir = Path(config.output_dir)
+    optimizer = build_optimizer([{"params": params}], config)
+    scheduler = build_scheduler(optimizer, config.warmup_steps)
+    scaler = build_scaler(device, config.mixed_precision)
+    output_dir = Path(output_dir)
 
     step, history = 0, []
     if resume_from is not None:
@@ -165,42 +137,38 @@ def train_sft(
     mini = config.micro_batch_size * config.gradient_accumulation
     steps_per_epoch = math.ceil(len(examples) / mini)
     total_steps = config.num_epochs * steps_per_epoch
-    clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
 
     def save() -> None:
         save_training_checkpoint(output_dir, step, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
                                  scheduler=scheduler, scaler=scaler, trainer_state={"step": step, "history": history},
-                                 config={"sft": config.to_dict()}, keep=config.keep_checkpoints)
+                                 config_files={TRAIN_CONFIG_FILE: {"sft": config.to_dict()}},
+                                 keep=config.keep_checkpoints)
 
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=None, dynamic_ncols=True)
     try:
         while step < total_steps:
             t0 = time.perf_counter()
-            epoch, k = divmod(step, steps_per_epoch)
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(examples), generator=g).tolist()
-            rows = order[k * mini : (k + 1) * mini]
+            epoch, k, rows = _step_rows(len(examples), step, steps_per_epoch, mini, config.seed)
             torch.manual_seed(config.seed * 1_000_003 + 7919 * step + 2)  # dropout of this step
-            micro_batches = [rows[i : i + config.micro_batch_size] for i in range(0, len(rows), config.micro_batch_size)]
+            micro_batches = split_micro_batches(rows, config.micro_batch_size)
             policy.train()
             optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
-            for rows_m, weight in zip(micro_batches, _micro_weights(response_ids, micro_batches, config.aggregation)):
+            for rows_m, weight in zip(micro_batches, micro_batch_weights(micro_batches, response_lengths,
+                                                                         config.aggregation)):
                 with autocast(config.mixed_precision, device):
                     out = response_logprobs(policy, [prompt_ids[i] for i in rows_m], [response_ids[i] for i in rows_m], pad_id)
                 loss, _ = compute_objective("sft", inputs={"logp": out["logp"].float(), "mask": out["mask"]},
                                             aggregation=config.aggregation)
                 scaler.scale(loss * weight).backward()
                 loss_value += weight * float(loss.detach())
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            scaler.step(optimizer)
-            scaler.update()
+            grad_norm, skipped = optimizer_step(optimizer, scaler, config.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             step += 1
             row = {"step": step, "epoch": epoch + (k + 1) / steps_per_epoch, "loss": loss_value, "grad_norm": grad_norm,
-                   "lr": lr, "tokens": sum(len(response_ids[i]) for i in rows), "time_step_s": time.perf_counter() - t0}
+                   "skipped_steps": int(skipped), "lr": lr, "tokens": sum(response_lengths[i] for i in rows),
+                   "time_step_s": time.perf_counter() - t0}
             history.append(row)
             logger.log(row)
             bar.update(1)
@@ -209,7 +177,7 @@ def train_sft(
                 save()
     finally:
         bar.close()
-    if not (output_dir / f"checkpoint-{step}" / "trainer_state.json").exists():
+    if not (output_dir / f"{CHECKPOINT_PREFIX}{step}" / "trainer_state.json").exists():
         save()
     logger.close()
     policy.eval()
@@ -218,5 +186,4 @@ def train_sft(
 
 def load_sft_config(checkpoint: str | Path) -> SFTConfig:
     """The SFTConfig a checkpoint was written with (for resuming with the same settings)."""
-    data = json.loads((find_checkpoint(checkpoint) / "train_config.json").read_text())
-    return SFTConfig.from_dict(data["sft"])
+    return SFTConfig.from_dict(read_checkpoint_json(checkpoint, TRAIN_CONFIG_FILE)["sft"])

@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from disa.scoring import model_device
+
 __all__ = [
     "PromptEmbedder",
     "ModelPoolEmbedder",
@@ -168,7 +170,7 @@ class ModelPoolEmbedder(PromptEmbedder):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     @property
     def dim(self) -> int:

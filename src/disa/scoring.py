@@ -119,7 +119,8 @@ def _logits_at(
     return model(input_ids=input_ids, attention_mask=attention_mask).logits, False
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (CPU for a model without any)."""
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover - a model without parameters
@@ -136,7 +137,7 @@ def score_token_logprobs(
     batch_size: int = 8,
 ) -> list[torch.Tensor]:
     """Per-token log-probs of each response given its prompt, as a list of 1-D float32 CPU tensors."""
-    device = _model_device(model)
+    device = model_device(model)
     out: list[torch.Tensor] = []
     # longest first keeps padding per batch small; results are put back in the caller's order
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from disa.generation import Generator, Sample, check_generation_args, encode_prompt, finalize_sample
+from disa.scoring import model_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,7 +148,7 @@ class HFGenerator(Generator):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     def generate(
         self,

@@ -22,7 +22,7 @@ from disa.training.checkpoints import (
     save_training_checkpoint,
     set_rng_state,
 )
-from disa.training.log_z import LogZHead, mean_pool, resolve_log_z_kind
+from disa.training.log_z import LogZHead, resolve_log_z_kind
 from disa.training.logger import MetricsLogger
 from disa.training.models import apply_lora, is_peft_model, model_device, response_logprobs, zero_dropout
 from disa.training.rl import RLTrainer
@@ -33,7 +33,7 @@ from disa.training.step import optimizer_step
 __all__ = [
     "CHECKPOINT_PREFIX", "LogZHead", "MetricsLogger", "RLTrainer", "Rollouts", "apply_lora", "checkpoint_step",
     "find_checkpoint", "is_peft_model", "load_policy_weights", "load_sft_config", "load_training_checkpoint",
-    "mean_pool", "model_device", "optimizer_step", "prompt_record", "read_checkpoint_json", "resolve_log_z_kind",
+    "model_device", "optimizer_step", "prompt_record", "read_checkpoint_json", "resolve_log_z_kind",
     "response_logprobs", "rng_state", "save_policy", "save_training_checkpoint", "set_rng_state",
     "tokenize_examples", "train_sft", "zero_dropout",
 ]

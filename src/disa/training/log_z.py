@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from disa.config import ConfigError
+from disa.embeddings import masked_mean_pool
 from disa.objectives import ObjectiveSpec
 
 FROZEN_SOURCES = ("table", "regressor", "labels")
@@ -84,21 +85,6 @@ HEAD_WEIGHTS = "logz_head.safetensors"
 HEAD_CONFIG = "logz_head.json"
 
 
-def mean_pool(hidden_states: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden_states (B, L, H)`` over positions where ``token_mask (B, L)`` is set -> ``(B, H)``."""
-    if hidden_states.dim() != 3:
-        raise ValueError(f"hidden_states must have shape (B, L, H), got {tuple(hidden_states.shape)}")
-    if token_mask.shape != hidden_states.shape[:2]:
-        raise ValueError(
-            f"token_mask must have shape {tuple(hidden_states.shape[:2])} (B, L), got {tuple(token_mask.shape)}"
-        )
-    counts = token_mask.sum(dim=1)
-    if bool((counts == 0).any()):
-        raise ValueError(f"row(s) {torch.nonzero(counts == 0).flatten().tolist()} have no prompt tokens to pool")
-    weights = token_mask.to(hidden_states.dtype).unsqueeze(-1)
-    return (hidden_states * weights).sum(dim=1) / counts.to(hidden_states.dtype).unsqueeze(-1)
-
-
 class LogZHead(nn.Module):
     """``log Z_phi(x)`` from pooled prompt states: ``num_layers - 1`` blocks of Linear-GELU-LayerNorm, then Linear(H, 1).
 
@@ -126,7 +112,7 @@ class LogZHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """``hidden_states (B, L, H)`` (policy's last layer, with grad), ``prompt_mask (B, L)`` -> ``log Z (B,)``."""
-        pooled = mean_pool(hidden_states.float(), prompt_mask)
+        pooled = masked_mean_pool(hidden_states.float(), prompt_mask)
         return self.net(pooled).squeeze(-1)
 
     # ---------------------------------------------------------------- persistence

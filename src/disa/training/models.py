@@ -10,13 +10,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from disa.scoring import pad_batch, token_logprobs
+from disa.scoring import model_device, pad_batch, token_logprobs  # noqa: F401  (model_device re-exported)
 
 Tensor = torch.Tensor
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def apply_lora(model: nn.Module, lora: dict) -> nn.Module:

@@ -217,8 +217,10 @@ def run_stage1(model, ref_model, tokenizer, truths, settings: DemoSettings, out_
                                out_dir, seed)
     labels = {}
     for transform, suffix in (("raw", ""), ("affine", "_affine")):
+        target = {"beta": settings.beta, "reward_transform": transform}
         table = run_labelling(str(out_dir / "samples"), beta=settings.beta, reward_transform=transform,
-                              out_path=str(out_dir / f"labels{suffix}.parquet")).to_pydict()
+                              out_path=str(out_dir / f"labels{suffix}.parquet"),
+                              metadata={"target": target, "n": settings.n_samples}).to_pydict()
         index = {pid: i for i, pid in enumerate(table["prompt_id"])}
         order = [index[t.id] for t in truths]
         labels.update({k + suffix: np.asarray(v)[order] for k, v in table.items() if k != "prompt_id"})

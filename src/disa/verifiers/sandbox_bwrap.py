@@ -123,8 +123,9 @@ def _system_mounts() -> list[str]:
 
 def _readonly_binds(paths: list[str]) -> list[str]:
     """``--ro-bind`` each path, creating its ancestors as 0755 (bwrap's default, 0700, would hide
-    them from the unprivileged uid)."""
-    args, made = [], {"/", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"}
+    them from the unprivileged uid). Called after the private ``/tmp`` is mounted, so an interpreter that
+    lives under ``/tmp`` (a CI clone's venv) is bound read-only on top of it instead of hidden by it."""
+    args, made = [], {"/", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/tmp"}
     for path in paths:
         parts = path.strip("/").split("/")
         for depth in range(1, len(parts)):
@@ -145,9 +146,10 @@ def bwrap_command(python: str, disk_bytes: int, as_root: bool) -> list[str]:
         args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         args += ["--unshare-user", "--disable-userns"]
-    args += _system_mounts() + _readonly_binds(_interpreter_paths(python))
-    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(int(disk_bytes)),
-             "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro", "/", "--remount-ro", "/dev", "--clearenv"]
+    args += _system_mounts()
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(int(disk_bytes)), "--tmpfs", "/tmp"]
+    args += _readonly_binds(_interpreter_paths(python))
+    args += ["--chdir", "/tmp", "--remount-ro", "/", "--remount-ro", "/dev", "--clearenv"]
     for key, value in _SANDBOX_ENV.items():
         args += ["--setenv", key, value]
     return args + ["--", python, "-I", "-c", _HARNESS]

@@ -85,15 +85,26 @@ def check_model_folder(field: str, value: str) -> Optional[str]:
         return f"{field}: {value!r} is not a local folder (models load from local paths only)"
     if not (path / "config.json").is_file():
         return f"{field}: {value!r} has no config.json; give a folder written by save_pretrained"
-    if tokenizer_problem(path) is not None:
-        return f"{field}: {value!r} has no usable tokenizer ({tokenizer_problem(path)}); save the tokenizer into " \
-               "the folder (tokenizer.save_pretrained)"
+    problem = tokenizer_problem(path)
+    if problem is not None:
+        return f"{field}: {value!r} has no usable tokenizer ({problem}); save the tokenizer into the folder " \
+               "(tokenizer.save_pretrained)"
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tiktoken.model")
+
+
 def tokenizer_problem(path: Path) -> Optional[str]:
+    """None, or why the folder's tokenizer does not load or does not tokenize (transformers may build an empty
+    tokenizer from a folder with no tokenizer files at all)."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return f"none of {', '.join(TOKENIZER_FILES[:3])}, ... in the folder"
     try:
-        _tokenizer(str(path))
+        tokenizer = _tokenizer(str(path))
+        if not tokenizer("1 + 2 = 3", add_special_tokens=False)["input_ids"]:
+            return "it turns text into no tokens"
     except Exception as e:  # transformers raises many types for a folder without a tokenizer
         return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     return None

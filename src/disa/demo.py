@@ -322,16 +322,18 @@ def run_demo(
     methods: Optional[Sequence[str]] = None,
     cache_dir: Optional[str] = None,
     settings: Optional[DemoSettings] = None,
+    build_threads: Optional[int] = None,
 ) -> dict:
     """Run the demo (module docstring); returns the results dict also written to ``out_dir/results.json``.
+    ``build_threads``: torch threads for building the testbed when it is not cached (default: as documented).
 
     Runs on one CPU thread: the testbed's models are so small that a second intra-op thread only adds
     synchronisation (the test suite measured one 32x64 layer ~150x slower with two contended threads)."""
     with torch_threads(1):
-        return _run_demo(out_dir, quick, seeds, methods, cache_dir, settings)
+        return _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads)
 
 
-def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
+def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads=None) -> dict:
     methods = list(methods or DEFAULT_METHODS)
     known = METHODS + ABLATIONS + tuple(TRANSFORM_STUDY)
     unknown = [m for m in methods if m not in known]
@@ -345,7 +347,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
     started = time.perf_counter()
 
     _say(f"testbed ({'quick' if quick else 'full'}): building or loading the cached models")
-    tb = build_testbed(cache_dir, quick=quick)
+    tb = build_testbed(cache_dir, quick=quick, num_threads=build_threads)
     tokenizer = tb.tokenizer
     ref = tb.load_ref().requires_grad_(False)
     proposal = tb.load_proposal().requires_grad_(False)

@@ -52,6 +52,7 @@ from disa.stages.sample import run_sampling
 from disa.stages.train import train_policy
 from disa.testbed.models import torch_threads
 from disa.demo_report import TRANSFORM_STUDY, results_markdown, summarize, write_plots  # noqa: F401  (re-exported)
+from disa.stages.fit_z import regressor_verdict
 from disa.testbed import build_testbed, correct_logprobs, exact_metrics, log_z_from_logprobs, strategies
 from disa.verifiers import get_verifier
 
@@ -382,7 +383,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads
         run["stage2"] = {"val_mse": report.val_mse, "val_r2": report.val_r2,
                          "baseline_val_mse": report.baseline_val_mse, "train_mse": report.train_mse,
                          **{f"exact_{k}": v for k, v in label_errors(predicted, exact_train).items()}}
-        _say(f"seed {seed} stage 2: held-out MSE {report.val_mse:.4f} (predict-the-mean {report.baseline_val_mse:.4f}), "
+        _say(f"seed {seed} stage 2: {regressor_verdict(report.val_mse, report.baseline_val_mse)}; "
              f"RMSE vs exact log Z {run['stage2']['exact_rmse']:.3f}")
         run["curves"] = {}
         labels_table = lambda key: LogZTable({t.id: float(v) for t, v in zip(train_truth, strong[key])})  # noqa: E731

@@ -111,7 +111,10 @@ def results_markdown(results: dict) -> str:
         "",
         "## Stage 2: the frozen regressor (fitted to the strong-proposal LSE labels)",
         "",
-        "| held-out MSE vs labels | predict-the-mean MSE | held-out R² | RMSE vs exact log Z (all training prompts) | bias vs exact |",
+        "The regressor beats predicting the training labels' mean when its held-out MSE is below the second "
+        "column; R² compares with the held-out labels' own mean, so it can be negative even then.",
+        "",
+        "| held-out MSE vs labels | MSE of predicting the training mean | held-out R² | RMSE vs exact log Z (all training prompts) | bias vs exact |",
         "|---:|---:|---:|---:|---:|",
         f"| {_fmt(st2['val_mse'], 4)} | {_fmt(st2['baseline_val_mse'], 4)} | {_fmt(st2['val_r2'])} | "
         f"{_fmt(st2['exact_rmse'])} | {_fmt(st2['exact_bias'])} |",

@@ -47,7 +47,7 @@ def thread_note(threads: int, cores: int, load: float | None) -> str:
     """What the build says about its threads; warns when other work leaves them fewer free cores than threads."""
     load_text = "load unknown" if load is None else f"load average {load:.1f}"
     note = f"{threads} torch thread(s) on {cores} core(s), {load_text}"
-    if threads > 1 and load is not None and cores - load < threads:
+    if threads > 1 and load is not None and cores - load < threads - 0.5:  # fewer free cores than threads
         note += (f"; the machine is busy, and contended threads are several times slower: "
                  f"--build-threads 1 builds faster (a different, equally valid testbed, cached apart)")
     return note

@@ -88,3 +88,11 @@ def test_the_example_config_runs_on_a_fresh_copy(tmp_path, monkeypatch, capsys):
     assert code == 0, out
     assert (tmp_path / "runs" / "countdown" / "eval.json").is_file()
     assert "predicting the training mean" in out
+
+
+def test_eval_of_a_named_checkpoint_needs_no_training_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code = cli.main(["eval", "-c", "examples/countdown.yaml", "--set", f"output_dir={tmp_path / 'e'}", "--set", "eval.k=2",
+                     "--set", "eval.pass_at=[1]", "--checkpoint", "examples/countdown/ref"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "e" / "eval" / "ref" / "eval.json").is_file()

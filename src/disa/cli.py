@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the tiny testbed models on first use) and print one table.",
                           epilog="Reads: the testbed cache (--cache-dir, else $DISA_CACHE_DIR or ~/.cache/disa). "
                                  "Writes: OUT/results.json, results.md, plots/*.png (an interrupted run resumes).")
-    demo.add_argument("--quick", action="store_true", help="smaller budget (about 1.5 minutes on an idle CPU core)")
+    demo.add_argument("--quick", action="store_true", help="smaller budget (68 s from an empty cache on a shared 2-core machine, load 8; see the README)")
     demo.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and spread are reported)")
     demo.add_argument("--out", default="runs/demo", help="output folder: results.json, results.md, plots/")
     demo.add_argument("--methods", default=None, help="comma-separated subset (default: all): disa, flowrl, flowrl_no_logz, "
@@ -144,8 +144,8 @@ def _dispatch(args) -> int:
     from disa import stages
     from disa.stages.validate import check_inputs
 
-    check_inputs(cfg, args.verb)  # every problem at once, before any model loads
-    if args.verb == "run":
+    if args.verb == "run":  # every stage's problems at once, before any model loads (each verb checks its own)
+        check_inputs(cfg, "run")
         stages.run_all(cfg)
     elif args.verb == "eval":
         stages.verb_function("eval")(cfg, checkpoint=args.checkpoint)

@@ -96,3 +96,15 @@ def test_eval_of_a_named_checkpoint_needs_no_training_run(tmp_path, capsys, monk
                      "--set", "eval.pass_at=[1]", "--checkpoint", "examples/countdown/ref"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "e" / "eval" / "ref" / "eval.json").is_file()
+
+
+def test_run_with_stage1_dir_runs_only_train_and_eval(stage1_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "grpo"
+    code = cli.main(["run", "-c", "examples/countdown.yaml", "--set", f"output_dir={out}", "--set",
+                     f"stage1_dir={stage1_run}", "--set", "train.objective=grpo", "--set", "train.num_steps=2",
+                     "--set", "eval.k=2", "--set", "eval.pass_at=[1]"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "disa sample" not in printed and "disa train: grpo, 2 steps" in printed and "disa eval" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "eval", "eval.json", "eval.md", "eval_samples.parquet"]

@@ -146,3 +146,11 @@ def test_an_unexpected_error_is_one_line_without_debug(tmp_path, capsys, monkeyp
     monkeypatch.setattr(sample, "run_sampling", boom)
     code, err = run(capsys, "sample", "-c", write(tmp_path, ROWS))
     assert code == 1 and "RuntimeError: disk on fire (run again with --debug" in err and "Traceback" not in err
+
+
+def test_a_model_folder_without_weights_names_the_setting(tmp_path, capsys):
+    broken = tmp_path / "no-weights"
+    shutil.copytree(EXAMPLE / "ref", broken)
+    (broken / "model.safetensors").unlink()
+    code, err = run(capsys, "sample", "-c", write(tmp_path, ROWS), "--set", f"models.reference={broken}")
+    assert code == 2 and f"models.reference: '{broken}' has no weights" in err

@@ -85,6 +85,8 @@ def check_model_folder(field: str, value: str) -> Optional[str]:
         return f"{field}: {value!r} is not a local folder (models load from local paths only)"
     if not (path / "config.json").is_file():
         return f"{field}: {value!r} has no config.json; give a folder written by save_pretrained"
+    if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
+        return f"{field}: {value!r} has no weights (*.safetensors or *.bin); give a folder written by save_pretrained"
     problem = tokenizer_problem(path)
     if problem is not None:
         return f"{field}: {value!r} has no usable tokenizer ({problem}); save the tokenizer into the folder " \

@@ -107,8 +107,8 @@ def test_override_errors_name_the_override(tmp_path):
     path.write_text("output_dir: runs/x\nsample: {n: 2}\n")
     with pytest.raises(ConfigError, match=r"output_dir is a value, not a section"):
         load_config(path, overrides=["output_dir.x=1"])
-    with pytest.raises(ConfigError, match=r"c\.yaml: sample\.n: expected int"):
-        load_config(path, overrides=["sample.n=lots"])
+    with pytest.raises(ConfigError, match=r"^--set sample\.n=lots: sample\.n: expected int"):
+        load_config(path, overrides=["sample.n=lots"])  # the override is at fault, not the file
     with pytest.raises(ConfigError, match=r"expected SECTION\.FIELD=VALUE"):
         load_config(path, overrides=["train.lr"])
 
@@ -136,3 +136,51 @@ def test_save_every_zero_means_only_at_the_end():
 def test_new_train_knobs_are_validated(train, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"train": train})
+
+
+def test_a_bad_value_in_the_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sample: {n: lots}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: sample\.n: expected int"):
+        load_config(path, overrides=["train.lr=1.0e-5"])
+
+
+@pytest.mark.parametrize("written, value", [("1e-6", 1e-6), ("3E+2", 300.0), ("-0.5", -0.5), ("2.", 2.0)])
+def test_yaml_numbers_are_read_as_users_write_them(tmp_path, written, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train: {{weight_decay: 0.0}}\nfit_z: {{lr: {written}}}\n")
+    if value > 0:
+        assert load_config(path).fit_z.lr == value
+        assert load_config(None, [f"train.lr={written}"]).train.lr == value
+    else:
+        with pytest.raises(ConfigError, match=r"fit_z\.lr: must be > 0"):
+            load_config(path)
+
+
+def test_words_are_not_numbers():
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float, got str \('fast'\)"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float"):
+        load_config(None, ["train.lr=nan"])  # YAML spells it .nan; a word stays a word
+
+
+@pytest.mark.parametrize("override, match", [
+    ("sample.seed=-1", r"sample\.seed: must be >= 0"),
+    ("train.max_grad_norm=-1", r"train\.max_grad_norm: must be >= 0"),
+    ("data.long_prompts=truncate", r"data\.long_prompts: 'truncate' is not one of"),
+])
+def test_more_ranges_are_checked(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_starting_yaml_is_a_commented_config_that_loads_as_the_defaults():
+    from disa.config import starting_yaml
+
+    text = starting_yaml()
+    data = yaml.safe_load(text)
+    assert list(data)[:3] == ["output_dir", "plugins", "stage1_dir"]
+    assert {"data", "models", "target", "sample", "fit_z", "train", "eval"} <= set(data)
+    assert config_from_dict(data) == config_from_dict({})
+    assert "  # Proposal samples per prompt, N (paper: 8).\n  n: 8\n" in text  # help above each field
+    assert "#   train.objective=disa" in text  # the objectives, as comments

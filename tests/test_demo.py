@@ -148,3 +148,57 @@ def test_cli_demo_quick(tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]) == 0
     results = json.loads((tmp_path / "d" / "results.json").read_text())
     assert set(results["summary"]["methods"]) == set(DEFAULT_METHODS)
+
+
+# ---------------------------------------------------------------------------------------------- what the user sees
+def test_progress_lines_give_the_eta_from_the_rate_so_far():
+    import io
+
+    from disa.testbed.progress import ProgressLines
+
+    now = [0.0]
+    out = io.StringIO()
+    progress = ProgressLines("testbed pi_ref", 200, clock=lambda: now[0], out=out)
+    for step in range(1, 201):
+        now[0] = step * 0.5  # 0.5 s a step
+        progress.update(step, loss=1.0)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10
+    assert lines[0] == "[disa testbed] testbed pi_ref: 20/200 steps (10%), 10s elapsed, ETA 1m30s, loss 1.000"
+    assert lines[-1].startswith("[disa testbed] testbed pi_ref: 200/200 steps (100%), 1m40s elapsed, ETA 0s")
+
+
+@pytest.mark.parametrize("threads, cores, load, warns", [(2, 2, 0.1, False), (2, 2, 4.5, True), (1, 2, 6.0, False),
+                                                          (2, 16, 3.0, False), (2, 2, None, False)])
+def test_the_build_says_its_threads_and_warns_on_a_busy_machine(threads, cores, load, warns):
+    from disa.testbed.progress import thread_note
+
+    note = thread_note(threads, cores, load)
+    assert note.startswith(f"{threads} torch thread(s) on {cores} core(s)")
+    assert ("--build-threads 1" in note) == warns
+
+
+def test_another_thread_count_is_another_testbed_cached_apart(tmp_path):
+    from disa.testbed import TestbedConfig
+
+    tiny = TestbedConfig(n_train_prompts=4, n_eval_prompts=2, n_embd=8, n_layer=1, n_head=1, ref_steps=2,
+                         proposal_steps=1, batch_size=4, familiarity_levels=(0.5,))
+    default = build_testbed(tmp_path, config=tiny)  # a config's default: 2 threads, the documented builds
+    one = build_testbed(tmp_path, config=tiny, num_threads=1)
+    assert default.root.name == tiny.fingerprint() and one.root.name == tiny.fingerprint() + "-threads1"
+    assert build_testbed(tmp_path, config=tiny, num_threads=1).root == one.root  # cached
+
+
+def test_smoothing_starts_at_the_first_value_and_skips_nans():
+    from disa.demo_report import smooth
+
+    np.testing.assert_allclose(smooth([1.0, float("nan"), 0.0, 0.0], weight=0.5), [1.0, 1.0, 0.5, 0.25])
+    assert math.isnan(smooth([float("nan"), 2.0])[0])
+
+
+def test_regressor_verdict_says_whether_it_beats_the_mean():
+    from disa.stages.fit_z import regressor_verdict
+
+    assert "BETTER than predicting the training mean (MSE 2)" in regressor_verdict(1.0, 2.0)
+    assert "WORSE than" in regressor_verdict(3.0, 2.0)
+    assert "no better than" in regressor_verdict(27.94, 27.94)

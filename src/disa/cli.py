@@ -7,7 +7,8 @@
     disa train    -c CONFIG                   Stage 3: RL with the chosen objective
     disa eval     -c CONFIG [--checkpoint P]  Mean@k, pass@k, distinct correct answers
     disa run      -c CONFIG                   all of the above in order
-    disa config  [-c CONFIG]                  every config field with its default and help, and every objective
+    disa config  [-c CONFIG]                  every config field as a commented YAML config, and every objective
+    disa --version
 """
 
 from __future__ import annotations
@@ -23,6 +24,25 @@ VERBS = {
     "eval": "evaluate a policy: Mean@k, pass@k, distinct correct answers",
     "run": "the whole pipeline: sample, label, fit-z, train, eval",
 }
+# What each verb reads and writes (shown by `disa <verb> --help`); paths are under output_dir.
+READS_WRITES = {
+    "sample": ("data.prompts, models.reference, models.proposal",
+               "meta.json, samples/shard-*.parquet (resumes from the shards already written)"),
+    "label": ("samples/ (of stage1_dir, else output_dir)", "labels.parquet (records target.beta and r~)"),
+    "fit-z": ("labels.parquet, data.prompts, models.reference (the prompt embedder)",
+              "log_z/{model.safetensors, config.json, report.json, table.parquet}"),
+    "train": ("data.prompts, models.policy/reference, and what train.objective declares: labels.parquet and "
+              "log_z/table.parquet (disa), labels.parquet (flowrl with affine r~), samples/ (sft), nothing (grpo); "
+              "from stage1_dir when set",
+              "checkpoints/checkpoint-<step>/, checkpoints/metrics.csv (resumes from the newest checkpoint)"),
+    "eval": ("data.eval_prompts (else data.prompts), the newest checkpoint (or --checkpoint)",
+             "eval/<policy>/{eval.json, eval.md, eval_samples.parquet}, and copies in output_dir"),
+    "run": ("everything above, in order (sample, label and fit-z are skipped when stage1_dir is set)",
+            "everything above"),
+}
+COMMON_EPILOG = ("Every input is checked before any model loads (prompt rows, prompt lengths, model folders and "
+                 "tokenizers, output_dir); problems are listed together and the exit code is 2. --debug shows "
+                 "tracebacks. `disa config` prints every field as a commented YAML config.")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -31,72 +51,107 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override one config field (repeatable; the value is YAML), e.g. --set train.objective=grpo",
     )
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from disa import __version__
+
     parser = argparse.ArgumentParser(prog="disa", description="Distribution-matching RL with an offline, frozen log Z (DISA).")
+    parser.add_argument("--version", action="version", version=f"disa {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    demo = sub.add_parser("demo", help="run DISA and every baseline on the exact testbed and print one table")
-    demo.add_argument("--quick", action="store_true", help="smaller budget")
+    demo = sub.add_parser("demo", help="run DISA and every baseline on the exact testbed and print one table",
+                          description="Run DISA and every baseline on the exact Countdown testbed (builds and caches "
+                          "the tiny testbed models on first use) and print one table.",
+                          epilog="Reads: the testbed cache (--cache-dir, else $DISA_CACHE_DIR or ~/.cache/disa). "
+                                 "Writes: OUT/results.json, results.md, plots/*.png (an interrupted run resumes).")
+    demo.add_argument("--quick", action="store_true", help="smaller budget (68 s from an empty cache on a shared 2-core machine, load 8; see the README)")
     demo.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and spread are reported)")
     demo.add_argument("--out", default="runs/demo", help="output folder: results.json, results.md, plots/")
     demo.add_argument("--methods", default=None, help="comma-separated subset (default: all): disa, flowrl, flowrl_no_logz, "
                       "grpo, gspo, aspo, sft; ablations disa_labels, disa_exact (log Z from the Stage 1 labels / the "
                       "exact value); transform study disa_affine, disa_group")
     demo.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
+    demo.add_argument("--build-threads", type=int, default=None, metavar="N",
+                      help="torch threads for building the testbed (default: 1 for --quick, 2 for the full one, as "
+                           "the documented results were built; results depend on it, so another N builds another "
+                           "testbed, cached apart; 1 is much faster on a busy machine)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                       help="change one budget field of disa.demo.DemoSettings (repeatable), e.g. --set num_steps=300 "
                            "--set updates_per_batch=2 --set rollout_weight=clipped_is")
+    demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
     for verb, help_text in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+        reads, writes = READS_WRITES[verb]
+        p = sub.add_parser(verb, help=help_text, description=f"{help_text}. Reads: {reads}. Writes: {writes}.",
+                           epilog=COMMON_EPILOG)
         _add_config_args(p)
         if verb == "eval":
             p.add_argument("--checkpoint", default=None, help="policy folder (default: the last training checkpoint)")
-    cfg = sub.add_parser("config", help="print every config field with its default and help text, then every "
-                         "registered objective with its hyperparameters")
+    cfg = sub.add_parser("config", help="print every config field as a commented YAML config, grouped by section",
+                         description="Print every config field with its default and help as a commented YAML "
+                         "config grouped by section (save it as a starting config), then every registered objective "
+                         "with its hyperparameters. With -c, that config is checked first and the objectives of "
+                         "the plugins it names are listed too.")
     _add_config_args(cfg, required=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from disa.config import ConfigError
-
     try:
-        if args.verb == "demo":
-            from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, run_demo, settings_with
+        return _dispatch(args)
+    except Exception as e:  # one line for the user; the traceback only with --debug
+        if getattr(args, "debug", False):
+            raise
+        from disa.config import ConfigError
 
-            methods = args.methods.split(",") if args.methods else None
-            try:
-                settings = settings_with(QUICK_SETTINGS if args.quick else FULL_SETTINGS, args.overrides)
-            except ValueError as e:
-                print(f"disa demo: {e}", file=sys.stderr)
-                return 2
-            run_demo(out_dir=args.out, quick=args.quick, seeds=args.seeds, methods=methods, cache_dir=args.cache_dir,
-                     settings=settings)
-            return 0
+        if isinstance(e, ConfigError):
+            print(f"disa {args.verb}: {e}", file=sys.stderr)
+            return 2
+        print(f"disa {args.verb}: error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"disa {args.verb}: interrupted (a re-run resumes)", file=sys.stderr)
+        return 130
 
-        from disa.config import describe, load_config
 
-        cfg = load_config(args.config, args.overrides)  # loads the config's plugins too
-        if args.verb == "config":
-            for path, default, help_text in describe():
-                print(f"{path:40s} {default:20s} {help_text}")
-            return 0
-        from disa import stages
+def _dispatch(args) -> int:
+    if args.verb == "demo":
+        from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, run_demo, settings_with
 
-        if args.verb == "run":
-            stages.run_all(cfg)
-        elif args.verb == "eval":
-            stages.verb_function("eval")(cfg, checkpoint=args.checkpoint)
-        else:
-            stages.verb_function(args.verb)(cfg)
+        methods = args.methods.split(",") if args.methods else None
+        try:
+            settings = settings_with(QUICK_SETTINGS if args.quick else FULL_SETTINGS, args.overrides)
+        except ValueError as e:
+            print(f"disa demo: {e}", file=sys.stderr)
+            return 2
+        if args.build_threads is not None and args.build_threads < 1:
+            print(f"disa demo: --build-threads must be >= 1, got {args.build_threads}", file=sys.stderr)
+            return 2
+        run_demo(out_dir=args.out, quick=args.quick, seeds=args.seeds, methods=methods, cache_dir=args.cache_dir,
+                 settings=settings, build_threads=args.build_threads)
         return 0
-    except ConfigError as e:
-        print(f"disa: config error: {e}", file=sys.stderr)
-        return 2
+
+    from disa.config import load_config, starting_yaml
+
+    cfg = load_config(args.config, args.overrides)  # loads the config's plugins too
+    if args.verb == "config":
+        print(starting_yaml(), end="")
+        return 0
+    from disa import stages
+    from disa.stages.validate import check_inputs
+
+    if args.verb == "run":  # every stage's problems at once, before any model loads (each verb checks its own)
+        check_inputs(cfg, "run")
+        stages.run_all(cfg)
+    elif args.verb == "eval":
+        stages.verb_function("eval")(cfg, checkpoint=args.checkpoint)
+    else:
+        stages.verb_function(args.verb)(cfg)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ defaults whichever way a run starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -115,6 +116,10 @@ class DataConfig(Section):
     eval_prompts: Optional[str] = _f(None, "Held-out prompts for `disa eval` (default: the training prompts).")
     verifier: str = _f("math", "Reward function from the verifier registry: math, code, countdown (plugins add more).")
     verifier_kwargs: dict = _f({}, "Extra keyword arguments for the verifier (e.g. timeout_s).")
+    long_prompts: str = _f("refuse", "A prompt whose tokens plus the longest max_new_tokens of sample/train/eval do "
+                           "not fit a model's context: refuse (stop before any model loads, listing every such id) "
+                           "or skip (leave it out of every stage; the ids are printed and written to "
+                           "output_dir/skipped_prompts.json).", ("refuse", "skip"))
 
 
 @dataclass
@@ -151,7 +156,7 @@ class SampleConfig(Section):
     backend: str = _f("hf", "Generation backend: hf (transformers generate) or vllm (if installed).", ("hf", "vllm"))
     batch_size: int = _f(8, "Prompts per generation / re-scoring batch.", "positive")
     shard_size: int = _f(64, "Prompts per Parquet shard: the unit of resume after a crash.", "positive")
-    seed: int = _f(0, "Sampling seed.")
+    seed: int = _f(0, "Sampling seed.", "non_negative")
 
 
 @dataclass
@@ -165,7 +170,7 @@ class FitZConfig(Section):
     max_epochs: int = _f(500, "Epoch cap; early stopping usually ends sooner.", "positive")
     patience: int = _f(20, "Epochs without a better held-out MSE before stopping.", "positive")
     val_fraction: float = _f(0.2, "Share of prompts held out for the MSE / R^2 diagnostic.", "open_unit")
-    seed: int = _f(0, "Split and init seed.")
+    seed: int = _f(0, "Split and init seed.", "non_negative")
 
 
 @dataclass
@@ -190,7 +195,7 @@ class OptimisationConfig(Section):
                          "non_negative")
     keep_checkpoints: int = _f(0, "Keep only the newest k checkpoints (0 = keep all).", "non_negative")
     log_with: str = _f("csv", "csv (metrics.csv) or tensorboard.", ("csv", "tensorboard"))
-    seed: int = _f(0, "Seeds data order, sampling and initialisation (step s of RL uses (seed, s)).")
+    seed: int = _f(0, "Seeds data order, sampling and initialisation (step s of RL uses (seed, s)).", "non_negative")
 
     def check(self) -> None:
         check_lora(self.lora, f"{type(self).__name__}.lora")
@@ -274,7 +279,7 @@ class EvalConfig(Section):
     top_p: float = _f(1.0, "Evaluation nucleus sampling.", "unit")
     stop: list = _f([], "Stop strings for evaluation.")
     batch_size: int = _f(8, "Prompts per generation batch.", "positive")
-    seed: int = _f(1234, "Evaluation sampling seed.")
+    seed: int = _f(1234, "Evaluation sampling seed.", "non_negative")
 
     def check(self) -> None:
         if not self.pass_at or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k
@@ -288,6 +293,10 @@ class PipelineConfig(Section):
                          "records the settings that made it.")
     plugins: list = _f([], "Modules (dotted names or .py paths) imported before anything else: they register "
                        "objectives and verifiers (see disa.plugins).")
+    stage1_dir: Optional[str] = _f(None, "Read the Stage 1-2 artefacts (samples, labels.parquet, log_z/) from this "
+                                   "run directory instead of output_dir: a baseline trains from the DISA run's "
+                                   "Stage 1 files and writes into its own output_dir; `disa run` then skips "
+                                   "sample, label and fit-z.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompts and verifier."})
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "Local model paths."})
     target: TargetConfig = field(default_factory=TargetConfig, metadata={"help": "The target pi*."})
@@ -295,6 +304,16 @@ class PipelineConfig(Section):
     fit_z: FitZConfig = field(default_factory=FitZConfig, metadata={"help": "Stage 2 regressor."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Stage 3 RL."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+
+
+def yaml_float(text: str) -> Optional[float]:
+    """``float(text)`` for a string that is a plain decimal number (``1e-6``, ``3E+2``, ``-0.5``), else None.
+
+    PyYAML follows YAML 1.1, which reads ``1e-6`` (no dot) as a string; a float field takes it as the number
+    the user wrote. Words like ``nan`` or ``inf`` are not accepted this way (YAML spells them ``.nan``/``.inf``)."""
+    import re
+
+    return float(text) if re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text) else None
 
 
 def check_field_type(path: str, value: Any, tp: Any) -> Any:
@@ -308,6 +327,10 @@ def check_field_type(path: str, value: Any, tp: Any) -> Any:
         return check_field_type(path, value, args[0])
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        number = yaml_float(value)
+        if number is not None:  # YAML 1.1 reads 1e-6 (no dot) as a string; users mean the number
+            return number
     expected = origin or tp
     if expected in (list, tuple, dict, str, int, float, bool) and not (
         isinstance(value, expected) and not (expected is int and isinstance(value, bool))
@@ -370,7 +393,8 @@ def _apply_override(data: dict, item: str) -> None:
 
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> PipelineConfig:
     """Read a YAML config (None: every default); ``overrides`` are ``section.field=value`` strings whose values
-    are parsed as YAML (so ``1e-6`` must be written ``1.0e-6``: YAML 1.1 reads ``1e-6`` as a string)."""
+    are parsed as YAML. A float field also takes ``1e-6`` (which YAML 1.1 reads as a string) as the number.
+    An error in an override names the override, not the file."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -382,12 +406,29 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    file_data = copy.deepcopy(data)
     for item in overrides or []:
         _apply_override(data, item)
     try:
         return config_from_dict(data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+        blame = _override_to_blame(str(e), overrides or [])
+        if blame is None and path is not None:
+            try:  # is the file itself at fault, or only the overrides?
+                config_from_dict(file_data)
+            except ConfigError:
+                blame = str(path)
+        raise ConfigError(f"{blame}: {e}" if blame else str(e)) from None
+
+
+def _override_to_blame(message: str, overrides: list[str]) -> Optional[str]:
+    """``--set KEY=VALUE`` when the error is about a field an override set (the last one wins)."""
+    field_path = message.split(":", 1)[0].strip()
+    for item in reversed(overrides):
+        key = item.partition("=")[0]
+        if field_path == key or field_path.startswith(key + ".") or key.startswith(field_path + "."):
+            return f"--set {item}"
+    return None
 
 
 def config_to_dict(cfg) -> dict:
@@ -426,3 +467,39 @@ def objective_rows() -> list[tuple[str, str, str]]:
             shown = "required" if default is inspect.Parameter.empty else repr(default)
             rows.append((f"  train.objective_kwargs.{hp}", shown, f"hyperparameter of {name}"))
     return rows
+
+
+
+def starting_yaml() -> str:
+    """Every field as a commented YAML config grouped by section (what ``disa config`` prints): each field's
+    help as a comment above its default, so the output is a starting config that ``load_config`` reads."""
+    import textwrap
+
+    lines = ["# disa pipeline config: every field with its default; edit, save as a .yaml and run",
+             "#   disa run -c CONFIG.yaml", "# Fields left at their default can be deleted.", ""]
+    _yaml_section(PipelineConfig, "", lines, textwrap)
+    lines += ["", "# Objectives (train.objective) and their hyperparameters (train.objective_kwargs):"]
+    for path, default, help_text in objective_rows():
+        lines.append(f"#   {path.strip()} ({default}){': ' + help_text if help_text else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_section(cls, indent: str, lines: list, textwrap) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        for chunk in textwrap.wrap(help_text, 110 - len(indent)):
+            lines.append(f"{indent}# {chunk}")
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{indent}{f.name}:")
+            _yaml_section(tp, indent + "  ", lines, textwrap)
+            if not indent:
+                lines.append("")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
+        if value.endswith("\n..."):
+            value = value[: -len("\n...")]
+        value = value.removesuffix("...").strip()
+        lines.append(f"{indent}{f.name}: {value}")

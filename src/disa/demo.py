@@ -52,6 +52,7 @@ from disa.stages.sample import run_sampling
 from disa.stages.train import train_policy
 from disa.testbed.models import torch_threads
 from disa.demo_report import TRANSFORM_STUDY, results_markdown, summarize, write_plots  # noqa: F401  (re-exported)
+from disa.stages.fit_z import regressor_verdict
 from disa.testbed import build_testbed, correct_logprobs, exact_metrics, log_z_from_logprobs, strategies
 from disa.verifiers import get_verifier
 
@@ -322,16 +323,18 @@ def run_demo(
     methods: Optional[Sequence[str]] = None,
     cache_dir: Optional[str] = None,
     settings: Optional[DemoSettings] = None,
+    build_threads: Optional[int] = None,
 ) -> dict:
     """Run the demo (module docstring); returns the results dict also written to ``out_dir/results.json``.
+    ``build_threads``: torch threads for building the testbed when it is not cached (default: as documented).
 
     Runs on one CPU thread: the testbed's models are so small that a second intra-op thread only adds
     synchronisation (the test suite measured one 32x64 layer ~150x slower with two contended threads)."""
     with torch_threads(1):
-        return _run_demo(out_dir, quick, seeds, methods, cache_dir, settings)
+        return _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads)
 
 
-def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
+def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads=None) -> dict:
     methods = list(methods or DEFAULT_METHODS)
     known = METHODS + ABLATIONS + tuple(TRANSFORM_STUDY)
     unknown = [m for m in methods if m not in known]
@@ -345,7 +348,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
     started = time.perf_counter()
 
     _say(f"testbed ({'quick' if quick else 'full'}): building or loading the cached models")
-    tb = build_testbed(cache_dir, quick=quick)
+    tb = build_testbed(cache_dir, quick=quick, num_threads=build_threads)
     tokenizer = tb.tokenizer
     ref = tb.load_ref().requires_grad_(False)
     proposal = tb.load_proposal().requires_grad_(False)
@@ -380,7 +383,7 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings) -> dict:
         run["stage2"] = {"val_mse": report.val_mse, "val_r2": report.val_r2,
                          "baseline_val_mse": report.baseline_val_mse, "train_mse": report.train_mse,
                          **{f"exact_{k}": v for k, v in label_errors(predicted, exact_train).items()}}
-        _say(f"seed {seed} stage 2: held-out MSE {report.val_mse:.4f} (predict-the-mean {report.baseline_val_mse:.4f}), "
+        _say(f"seed {seed} stage 2: {regressor_verdict(report.val_mse, report.baseline_val_mse)}; "
              f"RMSE vs exact log Z {run['stage2']['exact_rmse']:.3f}")
         run["curves"] = {}
         labels_table = lambda key: LogZTable({t.id: float(v) for t, v in zip(train_truth, strong[key])})  # noqa: E731

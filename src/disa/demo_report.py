@@ -66,7 +66,8 @@ def results_markdown(results: dict) -> str:
         f"{', length-normalised' if s['length_normalize'] else ''}; "
         f"metrics on the {results['testbed']['n_train_prompts']} training prompts ({results['testbed']['mean_correct_answers']:.0f} "
         f"correct answers each on average), held-out accuracy on {results['testbed']['n_eval_prompts']} more. "
-        "Values are mean ± std over seeds.",
+        + ("Values are mean ± std over seeds." if results["seeds"] > 1 else
+         "One seed, so no spread is shown (`--seeds 3` reports mean ± std)."),
         "",
         "## Stage 3: every method against the exact target pi*",
         "",
@@ -110,7 +111,10 @@ def results_markdown(results: dict) -> str:
         "",
         "## Stage 2: the frozen regressor (fitted to the strong-proposal LSE labels)",
         "",
-        "| held-out MSE vs labels | predict-the-mean MSE | held-out R² | RMSE vs exact log Z (all training prompts) | bias vs exact |",
+        "The regressor beats predicting the training labels' mean when its held-out MSE is below the second "
+        "column; R² compares with the held-out labels' own mean, so it can be negative even then.",
+        "",
+        "| held-out MSE vs labels | MSE of predicting the training mean | held-out R² | RMSE vs exact log Z (all training prompts) | bias vs exact |",
         "|---:|---:|---:|---:|---:|",
         f"| {_fmt(st2['val_mse'], 4)} | {_fmt(st2['baseline_val_mse'], 4)} | {_fmt(st2['val_r2'])} | "
         f"{_fmt(st2['exact_rmse'])} | {_fmt(st2['exact_bias'])} |",
@@ -161,7 +165,31 @@ def _target_row(name: str, metrics: dict, k: int) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+def smooth(values: Sequence[float], weight: float = 0.8) -> np.ndarray:
+    """Exponential moving average that skips NaNs and starts at the first value (no pull towards 0)."""
+    out, level = [], None
+    for v in values:
+        if not math.isnan(v):
+            level = v if level is None else weight * level + (1 - weight) * v
+        out.append(np.nan if level is None else level)
+    return np.asarray(out, dtype=np.float64)
+
+
+def _fixed(results: dict) -> str:
+    """What every plot holds fixed, for its title."""
+    s = results["settings"]
+    seeds = results["seeds"]
+    return (f"beta = {s['beta']}, N = {s['n_samples']}, {s['num_steps']} RL steps, G = {s['group_size']}, "
+            f"{seeds} seed{'s (mean, bars: std)' if seeds > 1 else ''}")
+
+
+def _errors(stats: Sequence[dict]):
+    return [st["std"] for st in stats] if any(st["n"] > 1 for st in stats) else None
+
+
 def write_plots(results: dict, plot_dir: Path) -> None:
+    """methods.png, reward_curves.png, stage1_labels.png, stage1_sweeps.png: axis labels on every panel,
+    titles that say what is held fixed, legends outside the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,68 +198,98 @@ def write_plots(results: dict, plot_dir: Path) -> None:
     plot_dir.mkdir(parents=True, exist_ok=True)
     k = results["settings"]["k"]
     methods = [m for m in results["summary"]["methods"] if m not in TRANSFORM_STUDY]  # other target
-    panels = [("p_correct", "accuracy"), ("kl_target_policy", "KL(pi* || pi)"), ("tv", "TV to pi*"),
-              ("tv_correct", "TV on the correct set"), (f"distinct_correct@{k}", f"distinct correct @{k}")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
+    panels = [("p_correct", "accuracy (higher: more correct)"), ("kl_target_policy", "KL(pi* || pi) (lower: closer)"),
+              ("tv", "TV to pi* (lower: closer)"), ("tv_correct", "TV on the correct set (lower: closer)"),
+              (f"distinct_correct@{k}", f"distinct correct answers in {k} samples")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    y = np.arange(len(methods))
+    ref = results["reference"]["pi_ref"]
+    for ax, (key, label) in zip(axes.flat, panels):
         stats = [results["summary"]["methods"][m][key] for m in methods]
-        ax.bar(methods, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3, color="tab:blue")
-        ref = results["reference"]["pi_ref"]
+        ax.barh(y, [st["mean"] for st in stats], xerr=_errors(stats), capsize=3, color="tab:blue")
         if key in ref:
-            ax.axhline(ref[key], color="gray", ls="--", lw=1, label="pi_ref")
+            ax.axvline(ref[key], color="gray", ls="--", lw=1.2, label="pi_ref (before training)")
         if key + "_target" in ref:
-            ax.axhline(ref[key + "_target"], color="tab:green", ls=":", lw=1.5, label="pi*")
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=60)
-    axes[0].legend(fontsize=8)
+            ax.axvline(ref[key + "_target"], color="tab:green", ls=":", lw=1.8, label="pi* (the target)")
+        ax.set_yticks(y, methods, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    legend_ax = axes.flat[-1]
+    legend_ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue"),
+               plt.Line2D([], [], color="gray", ls="--"), plt.Line2D([], [], color="tab:green", ls=":", lw=1.8)]
+    legend_ax.legend(handles, ["final policy of each method", "pi_ref (before training)", "pi* (the target)"],
+                     loc="center", fontsize=10, frameon=False)
+    fig.suptitle(f"Every method's final policy against the exact target pi* ({_fixed(results)})", fontsize=11)
     fig.tight_layout()
-    fig.savefig(plot_dir / "methods.png", dpi=120)
+    fig.savefig(plot_dir / "methods.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for method in methods:
-        curves = [r["curves"][method] for r in results["runs"] if r["curves"].get(method)]
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    colors = plt.get_cmap("tab10").colors
+    for i, method in enumerate(methods):
+        curves = [[np.nan if v is None else v for v in r["curves"][method]]  # NaN reads back from JSON as null
+                  for r in results["runs"] if r["curves"].get(method)]
         if curves and not all(math.isnan(v) for v in curves[0]):
-            ax.plot(np.nanmean(np.array(curves), axis=0), label=method)
+            raw = np.nanmean(np.array(curves, dtype=np.float64), axis=0)
+            color = colors[i % len(colors)]
+            ax.plot(raw, color=color, alpha=0.2, lw=0.8)
+            ax.plot(smooth(raw), color=color, lw=1.8, label=method)
     ax.set_xlabel("RL step")
-    ax.set_ylabel("mean rollout reward")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("mean rollout reward (fraction correct)")
+    ax.set_title(f"Training reward: smoothed (EMA 0.8), raw faint ({_fixed(results)})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(plot_dir / "reward_curves.png", dpi=120)
+    fig.savefig(plot_dir / "reward_curves.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(results["summary"]["stage1"]) + 1.6))
     keys = list(results["summary"]["stage1"])
     stats = [results["summary"]["stage1"][key] for key in keys]
-    x = np.arange(len(keys))
-    ax.bar(x - 0.2, [s["rmse"]["mean"] for s in stats], 0.4, yerr=[s["rmse"]["std"] for s in stats], label="RMSE")
-    ax.bar(x + 0.2, [s["bias"]["mean"] for s in stats], 0.4, yerr=[s["bias"]["std"] for s in stats], label="bias")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, keys, rotation=20, fontsize=8)
-    ax.set_title("Stage 1 labels vs exact log Z")
-    ax.legend(fontsize=8)
+    y = np.arange(len(keys))
+    ax.barh(y - 0.2, [st["rmse"]["mean"] for st in stats], 0.4, xerr=_errors([st["rmse"] for st in stats]),
+            label="RMSE")
+    ax.barh(y + 0.2, [st["bias"]["mean"] for st in stats], 0.4, xerr=_errors([st["bias"] for st in stats]),
+            label="bias (mean error)")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, keys, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("Stage 1 label - exact log Z (nats)")
+    st = results["settings"]
+    ax.set_title(f"Stage 1 labels against the exact log Z (beta = {st['beta']}, N = {st['n_samples']}, "
+                 f"{results['seeds']} seed{'s: mean, bars: std' if results['seeds'] > 1 else ''})", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(plot_dir / "stage1_labels.png", dpi=120)
+    fig.savefig(plot_dir / "stage1_labels.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     sweeps = results["summary"].get("sweeps", [])
     if sweeps:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for ax, (study, key, xlabel) in zip(axes, (("beta_sweep", "beta", "beta"), ("n_sweep", "n", "N (log scale)"))):
+        s = results["settings"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        studies = (("beta_sweep", "beta", "beta", f"label error vs beta (N = {s['n_samples']} fixed)"),
+                   ("n_sweep", "n", "N, samples per prompt (log scale)", f"label error vs N (beta = {s['beta']} fixed)"))
+        for ax, (study, key, xlabel, title) in zip(axes, studies):
             for proposal in dict.fromkeys(r["proposal"] for r in sweeps):
                 rows = [r for r in sweeps if r["study"] == study and r["proposal"] == proposal]
                 x = [r[key] for r in rows]
-                ax.errorbar(x, [r["rmse"]["mean"] for r in rows], yerr=[r["rmse"]["std"] for r in rows],
-                            marker="o", label=f"{proposal} RMSE")
-                ax.plot(x, [r["bias"]["mean"] for r in rows], ls="--", marker="x", label=f"{proposal} bias")
+                line = ax.errorbar(x, [r["rmse"]["mean"] for r in rows], yerr=_errors([r["rmse"] for r in rows]),
+                                   marker="o", label=f"{proposal}: RMSE")
+                ax.plot(x, [r["bias"]["mean"] for r in rows], ls="--", marker="x", color=line[0].get_color(),
+                        label=f"{proposal}: bias")
             ax.axhline(0, color="black", lw=0.8)
             ax.set_xlabel(xlabel)
+            ax.set_ylabel("LSE label - exact log Z (nats)")
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
             if key == "n":
                 ax.set_xscale("log", base=2)
-        axes[0].set_ylabel("LSE label - exact log Z")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plot_dir / "stage1_sweeps.png", dpi=120)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+        fig.suptitle(f"Stage 1 label error, {results['seeds']} seed(s), on the training prompts", fontsize=10)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        fig.savefig(plot_dir / "stage1_sweeps.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
-
-

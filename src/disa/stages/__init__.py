@@ -24,5 +24,7 @@ def verb_function(verb: str):
 
 
 def run_all(cfg) -> dict:
-    """``disa run``: every stage in order; each resumes or redoes its own artefact."""
-    return {name: verb_function(name)(cfg) for name in ORDER}
+    """``disa run``: every stage in order; each resumes or redoes its own artefact. With ``stage1_dir`` set,
+    Stage 1-2 files come from that run, so only train and evaluate run here."""
+    order = ("train", "evaluate") if cfg.stage1_dir else ORDER
+    return {name: verb_function(name)(cfg) for name in order}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -17,14 +18,17 @@ from disa.run_dir import RunDir
 
 
 def stage(verb: str):
-    """Decorator of every ``stages.<verb>.run``: applies ``models.cpu_threads`` and reports a prompt that cannot
-    be rendered (``DataError``) like a config error."""
+    """Decorator of every ``stages.<verb>.run``: checks every input up front (:mod:`disa.stages.validate`),
+    applies ``models.cpu_threads`` and reports a prompt that cannot be rendered (``DataError``) like a config
+    error."""
 
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(cfg: PipelineConfig, *args, **kwargs):
             from disa.data import DataError
+            from disa.stages.validate import check_inputs
 
+            check_inputs(cfg, verb, kwargs.get("checkpoint"))
             if cfg.models.cpu_threads is not None:
                 torch.set_num_threads(cfg.models.cpu_threads)
             try:
@@ -44,6 +48,12 @@ def say(verb: str, message: str) -> None:
 
 def run_dir(cfg: PipelineConfig) -> RunDir:
     return RunDir(cfg.output_dir)
+
+
+def stage1_run_dir(cfg: PipelineConfig) -> RunDir:
+    """Where Stage 3 reads the Stage 1-2 files: ``stage1_dir`` when set (a baseline beside a DISA run), else
+    ``output_dir``."""
+    return RunDir(cfg.stage1_dir or cfg.output_dir)
 
 
 def model_path(cfg: PipelineConfig, name: str) -> str:
@@ -87,11 +97,40 @@ def prompts(cfg: PipelineConfig, which: str = "prompts"):
     if not path:
         raise ConfigError(f"{name}: not set; give a .jsonl, .parquet or `datasets` folder of prompts")
     try:
-        return load_prompts(path)
+        records = load_prompts(path)
     except FileNotFoundError:
         raise ConfigError(f"{name}: prompt file {path!r} does not exist") from None
     except DataError as e:
         raise ConfigError(f"{name}: {e}") from None
+    if cfg.data.long_prompts == "skip":
+        records = _without_long_prompts(cfg, records, path, name)
+    return records
+
+
+def _without_long_prompts(cfg: PipelineConfig, records, path: str, name: str):
+    """``records`` less those too long for a model's context (``data.long_prompts: skip``); the skipped ids are
+    printed and recorded in ``output_dir/skipped_prompts.json``."""
+    from disa.io import atomic_write_json
+    from disa.stages.validate import long_prompts, new_tokens_budget
+
+    skipped = long_prompts(cfg, records, path)
+    if not skipped:
+        return records
+    kept = [r for r in records if r.id not in {p.id for p in skipped}]
+    if not kept:
+        raise ConfigError(f"{name}: every prompt of {path} is too long for the models' context with "
+                          f"max_new_tokens {new_tokens_budget(cfg)}; nothing is left to run on")
+    say("data", f"skipping {len(skipped)} of {len(records)} prompts of {name} that do not fit the context "
+                f"(data.long_prompts: skip): {', '.join(p.id for p in skipped[:20])}"
+                f"{' ...' if len(skipped) > 20 else ''}; listed in {Path(cfg.output_dir) / 'skipped_prompts.json'}")
+    record = Path(cfg.output_dir) / "skipped_prompts.json"
+    old = json.loads(record.read_text()) if record.is_file() else {}
+    old[name] = {"file": str(path), "max_new_tokens": new_tokens_budget(cfg),
+                 "skipped": [{"id": p.id, "where": p.where, "prompt_tokens": p.tokens, "context": p.limit,
+                              "model": p.setting} for p in skipped]}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, old)
+    return kept
 
 
 def verifier(cfg: PipelineConfig):

@@ -261,6 +261,17 @@ class LogZTable:
 
 
 # ----------------------------------------------------------------------------------------------- the verb
+def regressor_verdict(val_mse: float, baseline_mse: float) -> str:
+    """One phrase saying whether the regressor beats predicting the training labels' mean on held-out prompts."""
+    if not (math.isfinite(val_mse) and math.isfinite(baseline_mse)):
+        return f"held-out MSE {val_mse:.4g}"
+    if abs(val_mse - baseline_mse) <= 1e-3 * max(abs(baseline_mse), 1e-12):
+        verdict = "no better than"
+    else:
+        verdict = "BETTER than" if val_mse < baseline_mse else "WORSE than"
+    return f"held-out MSE {val_mse:.4g}: {verdict} predicting the training mean (MSE {baseline_mse:.4g})"
+
+
 @stage("fit-z")
 def run(cfg) -> dict:
     """``disa fit-z``: the 2-layer MLP on frozen prompt embeddings -> ``log_z/`` (regressor, report, table)."""
@@ -289,7 +300,7 @@ def run(cfg) -> dict:
         common.free()
     r2 = "n/a" if not math.isfinite(report.val_r2) else f"{report.val_r2:.4f}"
     common.say("fit-z", f"{report.n_train + report.n_val} prompts ({report.n_train} train / {report.n_val} held out) "
-               f"-> {rd.log_z}; held-out MSE {report.val_mse:.4g} (predict-the-mean baseline "
-               f"{report.baseline_val_mse:.4g}), R^2 {r2}, {report.epochs} epochs")
+               f"-> {rd.log_z}, {report.epochs} epochs; {regressor_verdict(report.val_mse, report.baseline_val_mse)}; "
+               f"held-out R^2 {r2} (against the held-out prompts' own mean)")
     return {"val_mse": report.val_mse, "val_r2": report.val_r2, "baseline_val_mse": report.baseline_val_mse,
             "n_train": report.n_train, "n_val": report.n_val, "path": str(rd.log_z)}

@@ -11,6 +11,9 @@ names here:
 * policy gradient (GRPO, GSPO, ASPO): the verifier's raw reward; no Stage 1 artefact.
 * supervised (``sft``): the proposal's reward-1 samples from ``disa sample``, with ``train.sft``.
 
+Stage 1-2 files are read from ``stage1_dir`` when it is set, so a baseline trains from a DISA run's files and
+writes its checkpoints into its own ``output_dir``.
+
 The trainer receives its generator, verifier and ``log Z`` source from here (:func:`train_policy`), which the
 demo calls too.
 """
@@ -167,7 +170,8 @@ def run(cfg: PipelineConfig) -> dict:
     """``disa train``: Stage 3 -> ``checkpoints/`` (resumes from the newest checkpoint with the same settings)."""
     from disa.data import render_prompt
 
-    rd = common.run_dir(cfg)
+    rd = common.run_dir(cfg)  # where this run writes
+    stage1 = common.stage1_run_dir(cfg)  # where it reads Stage 1-2 files (stage1_dir, else output_dir)
     records = common.prompts(cfg)
     spec = get_spec(cfg.train.objective)
     supervised = spec.family == "supervised"
@@ -181,11 +185,11 @@ def run(cfg: PipelineConfig) -> dict:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if needs_labels(cfg):
-            check_recorded_target(cfg, rd)
+            check_recorded_target(cfg, stage1)
         if kind == "frozen":
-            log_z_fn = frozen_log_z(cfg, rd, records)
+            log_z_fn = frozen_log_z(cfg, stage1, records)
         if spec.family == "trajectory_balance" and cfg.target.reward_transform == "affine":
-            affine = affine_map(rd, records)
+            affine = affine_map(stage1, records)
     ckpt = common.existing_checkpoint(rd.checkpoints)
     if ckpt is not None:
         check_resume(ckpt, cfg.train, None if supervised else cfg.target)
@@ -193,7 +197,7 @@ def run(cfg: PipelineConfig) -> dict:
 
     policy_path, ref_path = common.model_path(cfg, "policy"), common.model_path(cfg, "reference")
     policy, tokenizer = common.load_model(cfg, policy_path)
-    examples = sft_examples(rd, records, tokenizer) if supervised else None
+    examples = sft_examples(stage1, records, tokenizer) if supervised else None
     ref_model = generator = None
     if not supervised:
         if spec.needs_ref_logp(cfg.train.objective_kwargs) and not (cfg.train.lora is not None and policy_path == ref_path):

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from disa.scoring import pad_batch, token_logprobs
+from disa.testbed.progress import ProgressLines, machine_load, thread_note
 from disa.testbed.task import (
     Prompt,
     make_prompts,
@@ -277,8 +279,9 @@ def train_lm(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     losses = []
-    bar = tqdm(range(steps), desc=desc, disable=None)
-    for _ in bar:
+    bar = tqdm(range(steps), desc=desc, disable=None)  # a live bar on a terminal
+    report = ProgressLines(desc, steps) if bar.disable else None  # else a line every 10% with the ETA
+    for step in bar:
         rows = [rng.choice(data) for _ in range(batch_size)]
         prompts = [r.prompt.text for r in rows]
         responses = [sample_response(r, rng) for r in rows]
@@ -290,6 +293,8 @@ def train_lm(
         scheduler.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if report is not None:
+            report.update(step + 1, losses[-1])
     model.eval()
     return losses
 
@@ -436,17 +441,22 @@ def build_testbed(
     The result lives in ``<cache_dir>/<fingerprint of the config>/`` (``cache_dir`` defaults to
     :func:`default_cache_root`) and is rebuilt only if that directory is missing or incomplete. ``quick``
     selects :data:`QUICK_CONFIG` (seconds; for tests) instead of :data:`FULL_CONFIG` (a few minutes);
-    ``config`` overrides both, and ``seed`` replaces the config's seed. ``num_threads`` caps torch's CPU
-    threads during training (default: 1 for quick, 2 for full).
+    ``config`` overrides both, and ``seed`` replaces the config's seed. ``num_threads`` sets torch's CPU
+    threads during training (default: 1 for quick, 2 for full, as the documented results were built); since
+    float results depend on it, another count builds another testbed, cached in ``<fingerprint>-threads<n>``.
     """
     base = config if config is not None else (QUICK_CONFIG if quick else FULL_CONFIG)
     cfg = dataclasses.replace(base, seed=seed)
     root_parent = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    root = root_parent / cfg.fingerprint()
+    default_threads = 1 if base == QUICK_CONFIG else 2  # how the cached (and documented) testbeds were built
+    threads = num_threads if num_threads is not None else default_threads
+    # float results depend on the thread count, so another count is another testbed, cached apart
+    root = root_parent / (cfg.fingerprint() + ("" if threads == default_threads else f"-threads{threads}"))
     if (root / _COMPLETE_MARKER).exists():
         return _read_testbed(root, cfg)
 
-    threads = num_threads if num_threads is not None else (1 if quick else 2)
+    print(f"[disa testbed] building {root} ({cfg.ref_steps} + {cfg.proposal_steps} training steps) with "
+          f"{thread_note(threads, *machine_load())}", file=sys.stderr, flush=True)
     root_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root_parent))
     try:

@@ -1,0 +1,327 @@
+"""Up-front checks of a verb's inputs: every problem found at once, before any model loads or any file is written.
+
+``check_inputs(cfg, verb)`` looks at what the verb will read and write:
+
+* the prompt file(s): readable, every row carrying the columns the verifier needs (``answer`` for ``math``,
+  ``tests`` for ``code``), each named by file, line and id;
+* the verifier: registered and importable (``math`` needs the ``math-verify`` package);
+* the model folders the verb loads: a folder with ``config.json`` and a tokenizer that loads, each named by
+  its setting (``models.proposal``);
+* prompt lengths: prompt tokens plus the longest ``max_new_tokens`` must fit each model's context; with
+  ``data.long_prompts: refuse`` every offending id is listed, with ``skip`` they are left out later
+  (:func:`long_prompts`, used by :func:`disa.stages.common.prompts`);
+* ``output_dir``: creatable and writable (probed without creating it), and ``stage1_dir`` when set.
+
+All problems are joined into one ``ConfigError`` (the CLI prints it and exits with code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from disa.config import ConfigError, PipelineConfig
+
+# Columns a built-in verifier reads from each prompt row; a plugin verifier declares none here.
+REQUIRED_COLUMNS = {"math": ("answer",), "code": ("tests",), "countdown": ()}
+# config.json keys that hold a model's context length, in the order transformers' configs use them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len")
+MAX_LISTED = 10  # problems of one kind listed before "... and N more"
+
+
+@dataclass(frozen=True)
+class LongPrompt:
+    id: str
+    where: str  # "file, line N"
+    tokens: int
+    limit: int
+    setting: str  # models.<name>
+
+
+def _models_of(cfg: PipelineConfig, verb: str) -> list[str]:
+    """The ``models.*`` settings whose folders ``verb`` loads."""
+    per_verb = {
+        "sample": ["reference", "proposal"],
+        "label": [],
+        "fit-z": ["reference"] if cfg.fit_z.embedder == "reference" else [],
+        "train": ["policy", "reference"],
+        "eval": ["policy"],
+    }
+    if verb == "run":
+        names = per_verb["train"] + per_verb["eval"]
+        if not cfg.stage1_dir:
+            names = per_verb["sample"] + per_verb["fit-z"] + names
+    else:
+        names = per_verb.get(verb, [])
+    return list(dict.fromkeys(names))
+
+
+def _prompt_fields(cfg: PipelineConfig, verb: str) -> list[str]:
+    sets = {"sample": ["prompts"], "label": [], "fit-z": ["prompts"], "train": ["prompts"], "eval": ["eval_prompts"]}
+    names = ["prompts", "eval_prompts"] if verb == "run" else sets.get(verb, [])
+    if "eval_prompts" in names and not cfg.data.eval_prompts:
+        names = [n for n in names if n != "eval_prompts"] or ["prompts"]
+    return list(dict.fromkeys(names))
+
+
+def model_setting(cfg: PipelineConfig, name: str) -> tuple[str, str]:
+    """``(field, value)`` of ``models.<name>``; policy and proposal fall back to the reference."""
+    value, field = getattr(cfg.models, name), f"models.{name}"
+    if not value and name != "reference":
+        value, field = cfg.models.reference, "models.reference"
+    return field, value
+
+
+def check_model_folder(field: str, value: str) -> Optional[str]:
+    """None, or one line saying why ``value`` is not a loadable model folder."""
+    if not value:
+        return f"{field}: not set; give the local folder of a Hugging Face causal LM (--set {field}=/path/to/model)"
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        return f"{field}: {value!r} is not a local folder (models load from local paths only)"
+    if not (path / "config.json").is_file():
+        return f"{field}: {value!r} has no config.json; give a folder written by save_pretrained"
+    if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
+        return f"{field}: {value!r} has no weights (*.safetensors or *.bin); give a folder written by save_pretrained"
+    problem = tokenizer_problem(path)
+    if problem is not None:
+        return f"{field}: {value!r} has no usable tokenizer ({problem}); save the tokenizer into the folder " \
+               "(tokenizer.save_pretrained)"
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tiktoken.model")
+
+
+def tokenizer_problem(path: Path) -> Optional[str]:
+    """None, or why the folder's tokenizer does not load or does not tokenize (transformers may build an empty
+    tokenizer from a folder with no tokenizer files at all)."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return f"none of {', '.join(TOKENIZER_FILES[:3])}, ... in the folder"
+    try:
+        tokenizer = _tokenizer(str(path))
+        if not tokenizer("1 + 2 = 3", add_special_tokens=False)["input_ids"]:
+            return "it turns text into no tokens"
+    except Exception as e:  # transformers raises many types for a folder without a tokenizer
+        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return None
+
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(path: str):
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return _TOKENIZERS[path]
+
+
+def context_length(path: str | os.PathLike) -> Optional[int]:
+    """The model's context length from its ``config.json`` (None when it states none)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in CONTEXT_KEYS:
+        value = config.get(key) or (config.get("text_config") or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def row_locations(path: str) -> dict[str, str]:
+    """Prompt id -> ``"file, line N"`` (JSONL) or ``"file, row N"``: where a message points the user."""
+    from disa.data import _iter_jsonl
+
+    out = {}
+    if str(path).lower().endswith(".jsonl"):
+        try:
+            for line, row in _iter_jsonl(str(path)):
+                if isinstance(row, dict) and isinstance(row.get("id"), str):
+                    out.setdefault(row["id"], f"{path}, line {line}")
+        except Exception:  # the loader reports a malformed file itself
+            pass
+    return out
+
+
+def new_tokens_budget(cfg: PipelineConfig) -> int:
+    """The longest response any stage may generate: what a prompt must leave room for in every stage."""
+    return max(cfg.sample.max_new_tokens, cfg.train.max_new_tokens, cfg.eval.max_new_tokens)
+
+
+def long_prompts(cfg: PipelineConfig, records, path: str, model_names=("reference", "proposal", "policy")) -> list[LongPrompt]:
+    """Every prompt whose tokens plus :func:`new_tokens_budget` exceed the context of one of the models."""
+    from disa.data import render_prompt
+
+    budget, where = new_tokens_budget(cfg), row_locations(path)
+    found: dict[str, LongPrompt] = {}
+    seen_paths = set()
+    for name in model_names:
+        field, value = model_setting(cfg, name)
+        if not value or check_model_folder(field, value) is not None:
+            continue
+        resolved = str(Path(value).expanduser().resolve())
+        if resolved in seen_paths:
+            continue
+        seen_paths.add(resolved)
+        limit = context_length(resolved)
+        if limit is None:
+            continue
+        tokenizer = _tokenizer(resolved)
+        for r in records:
+            if r.id in found:
+                continue
+            n = len(tokenizer(render_prompt(r, tokenizer), add_special_tokens=False)["input_ids"])
+            if n + budget > limit:
+                found[r.id] = LongPrompt(r.id, where.get(r.id, f"{path}, id {r.id!r}"), n, limit, field)
+    return [found[r.id] for r in records if r.id in found]
+
+
+def _missing_columns(cfg: PipelineConfig, records, path: str, field: str) -> list[str]:
+    needed = REQUIRED_COLUMNS.get(cfg.data.verifier, ())
+    where = row_locations(path)
+    out = []
+    for r in records:
+        columns = r.verifier_columns()
+        for column in needed:
+            if columns.get(column) is None:
+                out.append(f"{field}: {where.get(r.id, path)} (id {r.id!r}): no {column!r}, which verifier "
+                           f"{cfg.data.verifier!r} needs; add it or set data.verifier")
+    return out
+
+
+def _verifier_problem(cfg: PipelineConfig) -> Optional[str]:
+    from disa.verifiers import get_verifier
+
+    try:
+        get_verifier(cfg.data.verifier)
+    except KeyError as e:
+        return f"data.verifier: {e.args[0]}"
+    except ImportError as e:
+        extra = " (pip install 'disa[math]')" if cfg.data.verifier == "math" else ""
+        return f"data.verifier: {cfg.data.verifier!r} cannot load: {e}{extra}"
+    return None
+
+
+def writable_problem(field: str, value: str) -> Optional[str]:
+    """None if ``value`` is (or can be created as) a writable folder; probed without creating it."""
+    path = Path(value).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{field}: cannot create {value!r}: {existing} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".disa-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{field}: cannot write to {value!r} ({existing}: {e.strerror or e}); choose another output_dir"
+    return None
+
+
+def _artefact_problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str]) -> list[str]:
+    """The files of earlier stages that ``verb`` reads, where missing (each names the verb that writes it)."""
+    from disa.objectives import get_spec
+    from disa.run_dir import RunDir
+
+    rd, stage1 = RunDir(cfg.output_dir), RunDir(cfg.stage1_dir or cfg.output_dir)
+    needed = []
+    if verb == "label":
+        needed.append((stage1.samples / "shard-*.parquet", "sample", "Stage 1 samples"))
+    elif verb == "fit-z":
+        needed.append((stage1.labels, "label", "Stage 1 labels"))
+    elif verb == "train" or (verb == "run" and cfg.stage1_dir):
+        from disa.stages.train import needs_labels
+        from disa.training import resolve_log_z_kind
+
+        spec = get_spec(cfg.train.objective)
+        try:
+            frozen = resolve_log_z_kind(cfg.train.log_z, spec) == "frozen"
+        except ValueError as e:
+            return [str(e)]
+        if spec.family == "supervised":
+            needed.append((stage1.samples / "shard-*.parquet", "sample", "Stage 1 samples"))
+        elif needs_labels(cfg):
+            needed.append((stage1.labels, "label", "Stage 1 labels"))
+            if frozen and cfg.train.log_z in ("auto", "table"):
+                needed.append((stage1.log_z_table, "fit-z", "the frozen log Z of every labelled prompt"))
+    elif verb == "eval" and checkpoint is None and not rd.checkpoints.is_dir():
+        needed.append((rd.checkpoints, "train", "training checkpoints; or pass --checkpoint FOLDER"))
+    out = []
+    for path, maker, what in needed:
+        present = any(path.parent.glob(path.name)) if "*" in path.name else path.exists()
+        if not present:
+            out.append(f"{path}: not found ({what}); run `disa {maker}` first (it writes this file)")
+    return out
+
+
+def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -> list[str]:
+    """Every problem with ``verb``'s inputs, one line each (empty when all is well)."""
+    from disa.data import DataError, load_prompts
+
+    out: list[str] = _artefact_problems(cfg, verb, checkpoint)
+    if cfg.stage1_dir and verb in ("sample", "label", "fit-z"):
+        out.append(f"stage1_dir: set to {cfg.stage1_dir!r}, so Stage 1-2 files are read from there; run "
+                   f"`disa {verb}` on that run's config (without stage1_dir)")
+    if cfg.stage1_dir and verb in ("train", "run") and not Path(cfg.stage1_dir).expanduser().is_dir():
+        out.append(f"stage1_dir: {cfg.stage1_dir!r} is not a folder; give the output_dir of the run that holds "
+                   "the Stage 1 files")
+    generates = verb in ("sample", "train", "eval", "run")
+    supervised = cfg.train.objective == "sft"
+    if generates and not (verb == "train" and supervised):
+        verifier = _verifier_problem(cfg)
+        out += [verifier] if verifier else []
+    model_problems = {}
+    for name in _models_of(cfg, verb):
+        field, value = model_setting(cfg, name)
+        if field not in model_problems:
+            model_problems[field] = check_model_folder(field, value)
+    out += [p for p in model_problems.values() if p]
+    for name in _prompt_fields(cfg, verb):
+        field = f"data.{name}"
+        path = getattr(cfg.data, name)
+        if not path:
+            out.append(f"{field}: not set; give a .jsonl, .parquet or `datasets` folder of prompts")
+            continue
+        try:
+            records = load_prompts(path)
+        except FileNotFoundError:
+            out.append(f"{field}: prompt file {path!r} does not exist")
+            continue
+        except (DataError, ImportError) as e:
+            out.append(f"{field}: {e}")
+            continue
+        if verb in ("sample", "eval", "run") or (verb == "train" and not supervised):
+            missing = _missing_columns(cfg, records, path, field)
+            out += _capped(missing)
+        if generates and cfg.data.long_prompts == "refuse":
+            names = [n for n in _models_of(cfg, verb) if n in ("reference", "proposal", "policy")]
+            too_long = long_prompts(cfg, records, path, names)
+            out += _capped([f"{field}: {p.where} (id {p.id!r}): {p.tokens} prompt tokens + {new_tokens_budget(cfg)} "
+                            f"new tokens exceed the context of {p.setting} ({p.limit}); shorten it, lower "
+                            "max_new_tokens, or set data.long_prompts: skip" for p in too_long])
+    out += [p for p in [writable_problem("output_dir", cfg.output_dir)] if p]
+    return out
+
+
+def _capped(lines: list[str]) -> list[str]:
+    if len(lines) <= MAX_LISTED:
+        return lines
+    return lines[:MAX_LISTED] + [f"... and {len(lines) - MAX_LISTED} more like these"]
+
+
+def check_inputs(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -> None:
+    """Raise one ``ConfigError`` listing every problem of ``verb``'s inputs."""
+    found = problems(cfg, verb, checkpoint)
+    if len(found) == 1:
+        raise ConfigError(found[0])
+    if found:
+        raise ConfigError(f"{len(found)} problems with the inputs:\n  " + "\n  ".join(found))

@@ -97,6 +97,7 @@ def test_worker_killed_mid_shard_is_retried_and_no_row_is_lost_or_duplicated(loc
     assert not [f for f in os.listdir(tmp_path / "run" / "samples") if ".tmp" in f]
 
 
+@pytest.mark.slow  # ~8 s more of Ray; the kill test above covers the retry, tests/test_sample*.py the local resume
 def test_retries_used_up_keep_finished_shards_and_a_rerun_resumes(local_ray, tiny_gpt2_path, tmp_path):
     out = tmp_path / "run"
     dying = TinyModels(tiny_gpt2_path, die_on="x5", marker=str(tmp_path / "k"), always=True)
@@ -116,3 +117,47 @@ def test_a_resume_with_other_settings_is_refused_before_any_task(local_ray, tiny
     sample(out, TinyModels(tiny_gpt2_path))
     with pytest.raises(ResumeMismatch, match="temperature"):
         sample(out, TinyModels(tiny_gpt2_path), temperature=0.5)
+
+
+PLUGIN = '''
+from disa.verifiers import register_verifier
+
+
+@register_verifier("ray_test_words")
+def words(prompts, completions, **kw):
+    return [float(len(c.split())) for c in completions]
+'''
+
+
+def test_disa_sample_with_executor_ray_writes_the_local_runs_shards(local_ray, tiny_gpt2_path, tmp_path, capsys):
+    """The verb end to end: the same rows (same seeds) as the in-process executor, the plugin's verifier loaded
+    on the workers, and the sample meta records the settings (top_p) that the resume guard checks."""
+    import json
+
+    import yaml
+
+    from disa import cli
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(PLUGIN)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": r.id, "prompt": r.prompt}) + "\n" for r in PROMPTS))
+    tables = {}
+    for executor in ("local", "ray"):
+        cfg = {"output_dir": str(tmp_path / executor), "plugins": [str(plugin)],
+               "data": {"prompts": str(prompts), "verifier": "ray_test_words"},
+               "models": {"reference": tiny_gpt2_path, "device": "cpu"},
+               "sample": {"n": N, "max_new_tokens": 4, "batch_size": 4, "shard_size": SHARD, "seed": 3,
+                          "executor": executor, "top_p": 0.9}}
+        path = tmp_path / f"{executor}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert cli.main(["sample", "-c", str(path)]) == 0
+        shards = list_shards(str(tmp_path / executor))
+        assert len(shards) == 3
+        tables[executor] = [pq.read_table(f).to_pydict() for f in shards]
+        assert json.loads((tmp_path / executor / "meta.json").read_text())["top_p"] == 0.9
+    printed = capsys.readouterr().out
+    assert "on Ray" in printed and "absolute-continuity" in printed
+    for local, remote in zip(tables["local"], tables["ray"]):
+        assert local["response"] == remote["response"] and local["prompt_id"] == remote["prompt_id"]
+        assert local["logp_ref"] == pytest.approx(remote["logp_ref"], abs=1e-4)

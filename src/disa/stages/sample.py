@@ -296,6 +296,20 @@ def run_sampling(
     return {"shards": num_shards, "written": written, "skipped": skipped, "rows": rows}
 
 
+def proposal_warnings(temperature: float, top_p: float) -> list[str]:
+    """What the proposal settings do to the Stage 1 estimator (eq. 7), for ``disa sample`` to print."""
+    out = []
+    if top_p < 1:
+        out.append(f"top_p={top_p} < 1: the proposal cannot produce responses outside each step's nucleus, so "
+                   "q(y|x) = 0 where pi_ref(y|x) > 0 and eq. 7's absolute-continuity condition fails: the label "
+                   "misses that part of Z(x) (biased low). top_p is recorded in meta.json.")
+    if temperature != 1 or top_p < 1:
+        out.append("logp_q is the model's untempered, untruncated log-prob (the generation contract), not the "
+                   "log-prob of the distribution sampled with these settings: the importance weights assume "
+                   "q = the model at temperature 1. Keep temperature=1, top_p=1 for exact labels.")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- the verb
 @stage("sample")
 def run(cfg) -> dict:
@@ -308,6 +322,12 @@ def run(cfg) -> dict:
     ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
     rd.ensure_writable()
     s = cfg.sample
+    for line in proposal_warnings(s.temperature, s.top_p):
+        common.say("sample", "warning: " + line)
+    if s.executor == "ray":
+        from disa.stages.sample_ray import run_with_config
+
+        return run_with_config(cfg, rd, records, ref_path, proposal_path)
     generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed)
     if proposal_path == ref_path and s.backend == "hf":
         ref_model, ref_tokenizer = generator.model, generator.tokenizer  # plain Monte Carlo: one copy

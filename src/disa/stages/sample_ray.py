@@ -148,9 +148,11 @@ class ConfigModels:
 
     def __call__(self) -> ShardModels:
         from disa.config import PipelineConfig
+        from disa.plugins import load_plugins
         from disa.stages import common
 
         cfg = PipelineConfig.from_dict(self.config)
+        load_plugins(cfg.plugins)  # a user's verifier or objective lives there
         s = cfg.sample
         ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
         generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed, progress=False)
@@ -158,3 +160,33 @@ class ConfigModels:
             return ShardModels(generator, generator.model, generator.tokenizer)
         ref_model, ref_tokenizer = common.load_model(cfg, ref_path)
         return ShardModels(generator, ref_model, ref_tokenizer)
+
+
+def run_with_config(cfg, rd, records, ref_path: str, proposal_path: str) -> dict:
+    """``disa sample`` with ``sample.executor=ray``: one task per shard, one model per GPU when the cluster has
+    GPUs (``tensor_parallel_size`` of them for vLLM), each worker loading the config's models."""
+    from disa.config import ConfigError
+    from disa.run_dir import model_fingerprint
+    from disa.stages import common
+    from disa.stages.sample import ResumeMismatch
+
+    ray = _import_ray()
+    s = cfg.sample
+    if not ray.is_initialized():
+        ray.init(address=s.ray_address or None)
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = (s.tensor_parallel_size if s.backend == "vllm" else 1) if has_gpus else 0
+    fingerprints = {"reference_fingerprint": model_fingerprint(ref_path),
+                    "proposal_fingerprint": model_fingerprint(proposal_path)}
+    try:
+        result = run_sampling_ray(
+            records, build_models=ConfigModels(cfg.to_dict()), n=s.n, out_dir=str(rd.root),
+            verifier=cfg.data.verifier, shard_size=s.shard_size, max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
+            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints, num_gpus_per_task=gpus,
+        )
+    except ResumeMismatch as e:
+        raise ConfigError(str(e)) from None
+    common.say("sample", f"{result['rows']} rows in {result['shards']} shard(s) on Ray ({result['written']} "
+               f"written, {result['skipped']} already there; {gpus} GPU(s) per task) -> {rd.samples}")
+    return result

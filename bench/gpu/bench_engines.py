@@ -118,11 +118,17 @@ def stage1(path: str, backend: str, num_prompts: int, n: int, max_new_tokens: in
                           score_batch_size=64, progress=False)
     wait()
     total_s = time.perf_counter() - t0 - gen_s
-    rows = sum(pq.read_metadata(f).num_rows for f in list_shards(os.path.join(out_dir, "stage1")))
+    shards = list_shards(os.path.join(out_dir, "stage1"))
+    rows = sum(pq.read_metadata(f).num_rows for f in shards)
+    # proposal = reference here: logp_q (the generator's own) vs logp_ref (transformers re-scoring, same tokens)
+    cols = [pq.read_table(f, columns=["logp_q", "logp_ref", "response_len"]).to_pydict() for f in shards]
+    gaps = [abs(q - r) for c in cols for q, r in zip(c["logp_q"], c["logp_ref"])]
+    per_token = [abs(q - r) / max(n, 1) for c in cols for q, r, n in zip(c["logp_q"], c["logp_ref"], c["response_len"])]
     del gen, ref, warm
     return {"backend": backend, "prompts": num_prompts, "n": n, "max_new_tokens": max_new_tokens,
             "generate_s": round(gen_s, 3), "generated_tokens": tokens, "generate_tokens_per_s": round(tokens / gen_s, 1),
             "stage1_with_rescoring_s": round(total_s, 3), "stage1_rows": rows, "result": result,
+            "logp_q_vs_rescored_abs_max": round(max(gaps), 4), "per_token_abs_mean": round(sum(per_token) / len(per_token), 5),
             "peak_gib": round(peak_gib(), 2)}
 
 

@@ -108,10 +108,13 @@ def stage1(path: str, backend: str, num_prompts: int, n: int, max_new_tokens: in
                         progress=False)
     wait()
     t0 = time.perf_counter()
-    gen_t0 = time.perf_counter()
-    groups = gen.generate([r.prompt for r in records], n, max_new_tokens=max_new_tokens, seed=0)
-    wait()
-    gen_s = time.perf_counter() - gen_t0
+    gen_times = []
+    for _ in range(2):  # the first call at this batch shape also pays the allocator's and kernels' first use
+        gen_t0 = time.perf_counter()
+        groups = gen.generate([r.prompt for r in records], n, max_new_tokens=max_new_tokens, seed=0)
+        wait()
+        gen_times.append(time.perf_counter() - gen_t0)
+    gen_s = sum(gen_times)
     tokens = sum(len(s.response_ids) for g in groups for s in g)
     result = run_sampling(records, generator=gen, n=n, out_dir=os.path.join(out_dir, "stage1"), verifier=even_reward,
                           ref_model=ref, ref_tokenizer=gen.tokenizer, max_new_tokens=max_new_tokens,
@@ -126,7 +129,8 @@ def stage1(path: str, backend: str, num_prompts: int, n: int, max_new_tokens: in
     per_token = [abs(q - r) / max(n, 1) for c in cols for q, r, n in zip(c["logp_q"], c["logp_ref"], c["response_len"])]
     del gen, ref, warm
     return {"backend": backend, "prompts": num_prompts, "n": n, "max_new_tokens": max_new_tokens,
-            "generate_s": round(gen_s, 3), "generated_tokens": tokens, "generate_tokens_per_s": round(tokens / gen_s, 1),
+            "generate_s": [round(t, 3) for t in gen_times], "generated_tokens": tokens,
+            "generate_tokens_per_s": [round(tokens / t, 1) for t in gen_times],
             "stage1_with_rescoring_s": round(total_s, 3), "stage1_rows": rows, "result": result,
             "logp_q_vs_rescored_abs_max": round(max(gaps), 4), "per_token_abs_mean": round(sum(per_token) / len(per_token), 5),
             "peak_gib": round(peak_gib(), 2)}

@@ -24,7 +24,7 @@ import torch
 
 from disa.config import TargetConfig
 from disa.estimators import group_normalize, transform_rewards
-from disa.integrations.log_z_column import AFFINE_COLUMNS, LOG_Z_COLUMN, add_log_z_column  # noqa: F401 (re-export)
+from disa.integrations.log_z_column import AFFINE_COLUMNS, LOG_Z_COLUMN, add_log_z_column
 from disa.objectives import compute_objective, get_spec
 from disa.objectives.registry import check_hyperparameters
 
@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("disa.integrations.trl needs TRL: pip install 'disa[trl]'") from e
 
 HEAD_NAME = "disa_log_z_head"
+__all__ = ["DisaGRPOTrainer", "add_log_z_column", "target_rewards_for_rollouts", "trl_batch_to_objective_inputs"]
 
 
 def target_rewards_for_rollouts(transform: str, raw: torch.Tensor, num_generations: int,

@@ -54,6 +54,7 @@ def run_shard(job: dict, k: int, records: Sequence[PromptRecord]) -> int:
     """One Ray task: sample, verify and score shard ``k`` and write its file; returns its row count."""
     models = _WORKER_MODELS.get(job["models_key"])
     if models is None:
+        _WORKER_MODELS.clear()  # one set of models per worker: a new run's replace the last run's
         models = _WORKER_MODELS[job["models_key"]] = job["build_models"]()
     verifier_fn, verifier_name = resolve_verifier(job["verifier"])
     table = sample_shard(

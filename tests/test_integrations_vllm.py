@@ -107,3 +107,13 @@ def test_without_vllm_the_error_names_the_extra(monkeypatch, tiny_gpt2_path):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match=r"disa\[vllm\]"):
         make_generator("vllm", tiny_gpt2_path)
+
+
+def test_proposal_warnings_name_the_broken_condition_only_when_it_is_broken():
+    from disa.stages.sample import proposal_warnings
+
+    assert proposal_warnings(1.0, 1.0) == []
+    tempered = proposal_warnings(0.7, 1.0)
+    assert len(tempered) == 1 and "temperature=1" in tempered[0]
+    truncated = proposal_warnings(1.0, 0.9)
+    assert len(truncated) == 2 and "absolute-continuity" in truncated[0] and "top_p=0.9" in truncated[0]

@@ -157,6 +157,13 @@ class SampleConfig(Section):
     batch_size: int = _f(8, "Prompts per generation / re-scoring batch.", "positive")
     shard_size: int = _f(64, "Prompts per Parquet shard: the unit of resume after a crash.", "positive")
     seed: int = _f(0, "Sampling seed.", "non_negative")
+    tensor_parallel_size: int = _f(1, "vllm backend: GPUs one model is sharded over (vLLM tensor parallelism).",
+                                   "positive")
+    max_model_len: int = _f(0, "vllm backend: longest prompt + response vLLM reserves KV cache for (0: the model's).",
+                            "non_negative")
+    executor: str = _f("local", "Where Stage 1 shards run: local (this process) or ray (one Ray task per shard, "
+                       "one model per GPU; needs `pip install disa[ray]`).", ("local", "ray"))
+    ray_address: str = _f("", "executor=ray: the cluster to join ('' starts a local one; 'auto' joins a running one).")
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 The same contract as :mod:`disa.generation.hf`: ``Sample.logprob`` is the sum of the sampled tokens'
 log-probs under the model's unprocessed distribution. vLLM's V1 engine returns exactly those when
-``logprobs_mode="raw_logprobs"`` (its default; we set it explicitly). ``generation_config="vllm"`` stops
+``logprobs_mode="raw_logprobs"`` (its default; we set it explicitly). ``processed_logprobs`` instead returns the
+log-probs of the distribution actually sampled from (after temperature and top-k/top-p): the two agree when
+``temperature == 1`` and ``top_p == 1``, the proposal settings under which ``log q`` is exact either way.
+With ``temperature != 1`` or ``top_p < 1`` the sampled distribution is not the model's: see docs/engines.md. ``generation_config="vllm"`` stops
 vLLM from silently applying the checkpoint's own sampling defaults (top-k, repetition penalty). Responses
 cut inside a token by a stop string are re-tokenised and re-scored with ``prompt_logprobs``.
 
@@ -16,6 +19,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from disa.generation import Generator, Sample, check_generation_args, encode_prompt, finalize_sample
+
+
+# vLLM's modes whose sampled-token values are log-probs (the *_logits modes return logits: not usable here)
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
 def _import_vllm():
@@ -42,14 +49,27 @@ def _checkpoint_eos_ids(model_path: str):
 class VLLMGenerator(Generator):
     """Sample with a ``vllm.LLM`` built from the local model folder ``model_path``.
 
-    Extra keyword arguments go to ``vllm.LLM`` (``gpu_memory_utilization``, ``max_model_len``,
-    ``tensor_parallel_size``...).
+    ``tensor_parallel_size`` shards the model over that many GPUs; ``max_model_len`` (None: the model's own)
+    bounds prompt + response and the KV cache vLLM reserves. Extra keyword arguments go to ``vllm.LLM``
+    (``gpu_memory_utilization``...).
     """
 
-    def __init__(self, model_path: str, tokenizer=None, *, dtype: str = "auto", seed: int = 0, **llm_kwargs):
+    def __init__(self, model_path: str, tokenizer=None, *, dtype: str = "auto", seed: int = 0,
+                 tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
+                 logprobs_mode: str = "raw_logprobs", **llm_kwargs):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
+        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 1):
+            raise ValueError(f"max_model_len must be None or an int >= 1, got {max_model_len!r}")
         vllm = _import_vllm()
         llm_kwargs.setdefault("generation_config", "vllm")
-        llm_kwargs.setdefault("logprobs_mode", "raw_logprobs")
+        llm_kwargs["logprobs_mode"] = logprobs_mode
+        llm_kwargs["tensor_parallel_size"] = tensor_parallel_size
+        if max_model_len is not None:
+            llm_kwargs["max_model_len"] = max_model_len
+        self.logprobs_mode = logprobs_mode
         try:
             self.llm = vllm.LLM(model=model_path, dtype=dtype, seed=seed, **llm_kwargs)
         except TypeError as exc:
@@ -89,6 +109,9 @@ class VLLMGenerator(Generator):
         for ids, request in zip(prompt_ids, outputs):
             row = []
             for completion in request.outputs:
+                if completion.logprobs is None or len(completion.logprobs) != len(completion.token_ids):
+                    raise RuntimeError("vLLM returned no per-token log-probs for a sample (SamplingParams.logprobs=0 "
+                                       "was ignored?); cannot take log q from it")
                 token_lp = [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs)]
                 sample, rescore = finalize_sample(
                     self.tokenizer, ids, completion.token_ids, token_lp, eos_ids=self.eos_ids, stop=stop

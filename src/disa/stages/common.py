@@ -151,7 +151,9 @@ def generator(cfg: PipelineConfig, model, batch_size: int, *, tokenizer=None, se
     from disa.generation import make_generator
 
     if cfg.sample.backend == "vllm" and isinstance(model, str):
-        return make_generator("vllm", model, dtype=cfg.models.dtype, seed=seed)
+        return make_generator("vllm", model, dtype=cfg.models.dtype, seed=seed,
+                              tensor_parallel_size=cfg.sample.tensor_parallel_size,
+                              max_model_len=cfg.sample.max_model_len or None)
     if isinstance(model, str):
         return make_generator("hf", model, batch_size=batch_size, device=str(device(cfg)), dtype=cfg.models.dtype)
     return make_generator("hf", model, tokenizer=tokenizer, batch_size=batch_size, device=None, progress=progress)

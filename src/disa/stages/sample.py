@@ -183,6 +183,39 @@ def sample_shard(
     return pa.table(columns, schema=SAMPLE_SCHEMA)
 
 
+def check_prompt_list(prompts: Sequence[PromptRecord], shard_size: int, n: int) -> None:
+    """Refuse an empty prompt list, a bad shard size or n, and duplicate prompt ids (naming the positions)."""
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    seen: dict[str, int] = {}
+    for i, r in enumerate(prompts):
+        if r.id in seen:
+            raise ValueError(f"duplicate prompt id {r.id!r} at positions {seen[r.id]} and {i}")
+        seen[r.id] = i
+
+
+def prepare_out_dir(out_dir: str, meta: dict) -> None:
+    """Create ``samples/``, write or check ``meta.json`` (the resume guard) and drop half-written shards."""
+    os.makedirs(os.path.join(out_dir, SAMPLES_SUBDIR), exist_ok=True)
+    _check_or_write_meta(out_dir, meta)
+    for stale in glob.glob(os.path.join(out_dir, SAMPLES_SUBDIR, "*.tmp*")):
+        os.remove(stale)  # a shard that a killed run left half-written
+
+
+def finished_rows(path: str, expected: int) -> Optional[int]:
+    """Rows of a finished shard file, None when it does not exist; a wrong row count is an error."""
+    if not os.path.exists(path):
+        return None
+    existing = pq.read_metadata(path).num_rows
+    if existing != expected:
+        raise ValueError(f"{path} holds {existing} rows, expected {expected}; delete it to redo")
+    return existing
+
+
 def _load_if_path(model, tokenizer):
     if isinstance(model, str):
         from disa.generation.hf import load_model_and_tokenizer
@@ -221,17 +254,7 @@ def run_sampling(
     ``hf`` back-end). ``ref_model`` / ``proposal_model`` may be local paths. ``verifier`` is a registry name
     or a reward function with TRL's signature. Returns ``{"shards", "written", "skipped", "rows"}``.
     """
-    if not prompts:
-        raise ValueError("prompts is empty")
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    seen: dict[str, int] = {}
-    for i, r in enumerate(prompts):
-        if r.id in seen:
-            raise ValueError(f"duplicate prompt id {r.id!r} at positions {seen[r.id]} and {i}")
-        seen[r.id] = i
+    check_prompt_list(prompts, shard_size, n)
     ref_model, ref_tokenizer = _load_if_path(ref_model, ref_tokenizer)
     if ref_tokenizer is None:
         raise ValueError("ref_tokenizer is required when ref_model is a model object")
@@ -248,10 +271,7 @@ def run_sampling(
         "proposal_model": getattr(getattr(proposal_model, "config", None), "_name_or_path", None),
         **(extra_meta or {}),
     }
-    os.makedirs(os.path.join(out_dir, SAMPLES_SUBDIR), exist_ok=True)
-    _check_or_write_meta(out_dir, meta)
-    for stale in glob.glob(os.path.join(out_dir, SAMPLES_SUBDIR, "*.tmp*")):
-        os.remove(stale)  # a shard that a killed run left half-written
+    prepare_out_dir(out_dir, meta)
 
     num_shards = math.ceil(len(prompts) / shard_size)
     written = skipped = rows = 0
@@ -259,10 +279,8 @@ def run_sampling(
     for k in bar:
         records = prompts[k * shard_size : (k + 1) * shard_size]
         path = shard_path(out_dir, k)
-        if os.path.exists(path):
-            existing = pq.read_metadata(path).num_rows
-            if existing != len(records) * n:
-                raise ValueError(f"{path} holds {existing} rows, expected {len(records) * n}; delete it to redo")
+        existing = finished_rows(path, len(records) * n)
+        if existing is not None:
             skipped += 1
             rows += existing
             continue
@@ -278,6 +296,20 @@ def run_sampling(
     return {"shards": num_shards, "written": written, "skipped": skipped, "rows": rows}
 
 
+def proposal_warnings(temperature: float, top_p: float) -> list[str]:
+    """What the proposal settings do to the Stage 1 estimator (eq. 7), for ``disa sample`` to print."""
+    out = []
+    if top_p < 1:
+        out.append(f"top_p={top_p} < 1: the proposal cannot produce responses outside each step's nucleus, so "
+                   "q(y|x) = 0 where pi_ref(y|x) > 0 and eq. 7's absolute-continuity condition fails: the label "
+                   "misses that part of Z(x) (biased low). top_p is recorded in meta.json.")
+    if temperature != 1 or top_p < 1:
+        out.append("logp_q is the model's untempered, untruncated log-prob (the generation contract), not the "
+                   "log-prob of the distribution sampled with these settings: the importance weights assume "
+                   "q = the model at temperature 1. Keep temperature=1, top_p=1 for exact labels.")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- the verb
 @stage("sample")
 def run(cfg) -> dict:
@@ -290,6 +322,12 @@ def run(cfg) -> dict:
     ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
     rd.ensure_writable()
     s = cfg.sample
+    for line in proposal_warnings(s.temperature, s.top_p):
+        common.say("sample", "warning: " + line)
+    if s.executor == "ray":
+        from disa.stages.sample_ray import run_with_config
+
+        return run_with_config(cfg, rd, records, ref_path, proposal_path)
     generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed)
     if proposal_path == ref_path and s.backend == "hf":
         ref_model, ref_tokenizer = generator.model, generator.tokenizer  # plain Monte Carlo: one copy

@@ -1,0 +1,173 @@
+"""DISA's Stage 3 inside TRL: ``DisaGRPOTrainer``, a ``trl.GRPOTrainer`` whose loss is trajectory balance.
+
+TRL keeps what users came for (its generation, vLLM colocation, accelerate / DeepSpeed, logging); this
+subclass changes two documented hooks:
+
+* ``_generate_and_score_completions``: after TRL's own, each rollout also carries its target reward ``r~``
+  (the raw weighted reward through the run's transform) and its prompt's frozen ``log Z`` (the dataset's
+  ``log_z`` column, filled by ``add_log_z_column`` from ``disa fit-z``'s table);
+* ``compute_loss`` (TRL documents overriding it): our registered objective (``disa``, ``tb``, ``flowrl`` or
+  ``flowrl_no_logz``) on TRL's per-token log-probs, reference log-probs and the frozen ``log Z``.
+
+TRL computes reference log-probs only when its KL coefficient ``GRPOConfig.beta`` is non-zero; trajectory
+balance always needs them, so the trainer asks for a non-zero value and never uses it as a KL weight. DISA's
+``beta`` is the target's, read from the log Z table. ``flowrl`` learns ``log Z`` with ``LogZHead`` on the
+policy's prompt hidden states (attached to the model, so TRL's optimizer trains it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from disa.config import TargetConfig
+from disa.estimators import group_normalize, transform_rewards
+from disa.integrations.log_z_column import AFFINE_COLUMNS, LOG_Z_COLUMN, add_log_z_column
+from disa.objectives import compute_objective, get_spec
+from disa.objectives.registry import check_hyperparameters
+
+try:
+    from trl import GRPOTrainer
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("disa.integrations.trl needs TRL: pip install 'disa[trl]'") from e
+
+HEAD_NAME = "disa_log_z_head"
+__all__ = ["DisaGRPOTrainer", "add_log_z_column", "target_rewards_for_rollouts", "trl_batch_to_objective_inputs"]
+
+
+def target_rewards_for_rollouts(transform: str, raw: torch.Tensor, num_generations: int,
+                                scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None):
+    """``r~`` of TRL's flat ``(B,)`` rewards, grouped by prompt as TRL orders them (``num_generations`` in a
+    row): ``raw``; ``affine`` with each row's frozen (scale, shift); ``group`` normalised within each group."""
+    if transform == "group":
+        if raw.numel() % num_generations:
+            raise ValueError(f"{raw.numel()} rewards do not split into groups of {num_generations}")
+        return group_normalize(raw.view(-1, num_generations)).reshape(-1)
+    return transform_rewards(transform, raw, scale=scale, shift=shift)
+
+
+def trl_batch_to_objective_inputs(per_token_logps: torch.Tensor, inputs: dict, log_z: Optional[torch.Tensor]):
+    """Map a TRL micro-batch onto our objective's inputs (``disa.objectives.registry.TRAINER_INPUTS``)."""
+    mask = inputs["completion_mask"]
+    if "tool_mask" in inputs:
+        mask = mask * inputs["tool_mask"]
+    if "ref_per_token_logps" not in inputs:
+        raise ValueError("the TRL batch has no ref_per_token_logps: trajectory balance needs pi_ref; set "
+                         "GRPOConfig.beta to a non-zero value (it is not used as a KL weight here)")
+    old = inputs.get("old_per_token_logps")
+    return {
+        "logp": per_token_logps,
+        "old_logp": per_token_logps.detach() if old is None else old,
+        "ref_logp": inputs["ref_per_token_logps"],
+        "mask": mask,
+        "rewards": inputs["disa_rewards"],
+        "log_z": log_z,
+    }
+
+
+class DisaGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with the trajectory-balance loss (DISA by default).
+
+    Extra arguments: ``target`` (beta and reward transform: the one ``add_log_z_column`` returns, so it is the
+    table's), ``objective`` (a registered trajectory-balance objective), ``objective_kwargs`` (its
+    hyperparameters). The train dataset needs a ``log_z`` column for a frozen ``log Z`` and
+    ``reward_scale``/``reward_shift`` for the affine transform.
+    """
+
+    def __init__(self, *args, target: TargetConfig, objective: str = "disa",
+                 objective_kwargs: Optional[dict] = None, **kwargs):
+        spec = get_spec(objective)
+        if spec.family != "trajectory_balance":
+            raise ValueError(f"objective {objective!r} is {spec.family}; DisaGRPOTrainer runs trajectory-balance "
+                             "objectives (disa, tb, flowrl, flowrl_no_logz); use trl.GRPOTrainer for GRPO")
+        self.disa_objective = objective
+        self.disa_kwargs = dict(objective_kwargs or {})
+        check_hyperparameters(objective, self.disa_kwargs)
+        self.disa_target = target
+        self.disa_log_z_kind = spec.log_z
+        grpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        if grpo_args is None or float(getattr(grpo_args, "beta", 0.0)) == 0.0:
+            raise ValueError("DisaGRPOTrainer: pass a GRPOConfig with beta != 0 so that TRL computes reference "
+                             "log-probs (trajectory balance needs log pi_ref; the value is not used as a KL weight)")
+        if float(getattr(grpo_args, "temperature", 1.0)) != 1.0:
+            warnings.warn("GRPOConfig.temperature != 1: TRL divides the policy's logits by it, so the residual "
+                          "is about a tempered policy, not pi_theta itself", stacklevel=2)
+        super().__init__(*args, **kwargs)
+        if self.disa_log_z_kind == "learned":
+            self._attach_log_z_head()
+
+    # ------------------------------------------------------------------ rollouts
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._disa_rewards_per_func = rewards_per_func  # gathered over processes, as TRL's advantages use it
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        device = output["completion_ids"].device
+        weights = self.reward_weights.to(device).unsqueeze(0)
+        raw_all = (self._disa_rewards_per_func.to(device) * weights).nansum(dim=1)
+        n = len(inputs)
+        start = self.accelerator.process_index * n
+        raw = raw_all[start:start + n]
+        transform = self.disa_target.reward_transform
+        if transform == "group":  # group statistics over the whole (gathered) group, then this process's rows
+            rewards = target_rewards_for_rollouts("group", raw_all, self.num_generations)[start:start + n]
+        elif transform == "affine":
+            missing = [c for c in AFFINE_COLUMNS if c not in inputs[0]]
+            if missing:
+                raise KeyError(f"reward_transform='affine' needs dataset columns {list(AFFINE_COLUMNS)}; missing "
+                               f"{missing}: fill them with add_log_z_column(..., labels_path=labels.parquet)")
+            scale, shift = (torch.tensor([float(x[c]) for x in inputs], device=device) for c in AFFINE_COLUMNS)
+            rewards = target_rewards_for_rollouts("affine", raw, self.num_generations, scale, shift)
+        else:
+            rewards = target_rewards_for_rollouts(transform, raw, self.num_generations)
+        output["disa_rewards"] = rewards.float()
+        if self.disa_log_z_kind == "frozen":
+            if LOG_Z_COLUMN not in inputs[0]:
+                raise KeyError(f"objective {self.disa_objective!r} reads a frozen log Z: the dataset needs a "
+                               f"{LOG_Z_COLUMN!r} column (add_log_z_column(dataset, 'log_z/table.parquet'))")
+            output["disa_log_z"] = torch.tensor([float(x[LOG_Z_COLUMN]) for x in inputs], device=device)
+        return output
+
+    # ------------------------------------------------------------------ loss
+    def _attach_log_z_head(self) -> None:
+        from disa.training.log_z import LogZHead, policy_hidden_size
+
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, HEAD_NAME):
+            model.add_module(HEAD_NAME, LogZHead(policy_hidden_size(model)).to(next(model.parameters()).device))
+
+    def learned_log_z(self, model, inputs) -> torch.Tensor:
+        """FlowRL's ``log Z_phi(x)``: the head on the policy's last hidden states over the prompt tokens."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        out = model(input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_mask"], output_hidden_states=True)
+        return getattr(unwrapped, HEAD_NAME)(out.hidden_states[-1], inputs["prompt_mask"])
+
+    def policy_logps(self, model, inputs) -> torch.Tensor:
+        """Per-token ``log pi_theta`` of the completion tokens, as TRL's own loss computes them."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1))
+        return logps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("DisaGRPOTrainer does not return outputs")
+        log_z = None
+        if self.disa_log_z_kind == "frozen":
+            log_z = inputs["disa_log_z"]
+        elif self.disa_log_z_kind == "learned":
+            log_z = self.learned_log_z(model, inputs)
+        obj_inputs = trl_batch_to_objective_inputs(self.policy_logps(model, inputs), inputs, log_z)
+        loss, metrics = compute_objective(self.disa_objective, inputs=obj_inputs,
+                                          beta=self.disa_target.beta, **self.disa_kwargs)
+        mode = "train" if self.model.training else "eval"
+        for name, value in metrics.items():
+            self._metrics[mode][f"disa/{name}"].append(value)
+        if mode == "train":  # TRL turns off the Trainer's own scaling; its losses divide by the accumulation
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss

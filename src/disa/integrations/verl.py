@@ -1,0 +1,111 @@
+"""DISA's Stage 3 inside veRL (PyPI ``verl`` 0.9) through its own extension points, no fork and no custom actor.
+
+veRL's registered policy losses receive ``old_log_prob, log_prob, advantages, response_mask`` but not
+``log pi_ref`` or a per-prompt ``log Z``. Trajectory balance needs both, and the smallest supported route is
+to let veRL's existing plumbing carry the constant part of the residual into ``advantages``:
+
+1. reward: ``disa_score`` (``custom_reward_function``) returns ``r~ - log Z(x) / beta``, reading the frozen
+   ``log Z`` (and the affine map, beta) from the row's ``extra_info`` (``verl_extra_info``);
+2. ``algorithm.use_kl_in_reward=True, kl_penalty=kl, kl_ctrl.type=fixed, kl_ctrl.kl_coef=1/beta``: veRL's
+   ``apply_kl_penalty`` subtracts ``(1/beta) (log pi_old - log pi_ref)`` per token, so
+   ``-beta * sum_t token_level_rewards = log Z + log pi_old - beta r~ - log pi_ref = delta_old``, the residual
+   (eq. 5) at the rollout policy;
+3. ``register_adv_est("disa_tb")`` broadcasts ``delta_old`` over the response tokens as the "advantage";
+4. ``register_policy_loss("disa_tb")`` rebuilds ``delta_theta = delta_old + sum_t (log pi_theta - log pi_old)``
+   and hands it to our ``trajectory_balance_loss`` (frozen ``log Z``: no gradient reaches it).
+
+This is exact for trajectory-level residuals (DISA's default, ``length_normalize=False``). Importing this
+module registers both names; veRL imports it through ``VERL_USE_EXTERNAL_MODULES=disa.integrations.verl``
+or the ``verl.plugins`` entry point that ``disa[verl]`` declares. A worked config: ``examples/verl_disa.sh``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from disa.objectives import compute_objective
+
+try:
+    from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("disa.integrations.verl needs veRL: pip install 'disa[verl]'") from e
+
+NAME = "disa_tb"
+KL_ESTIMATOR = "kl"  # log pi_old - log pi_ref, unclamped: the only veRL estimator that is the log-ratio itself
+
+
+def verl_extra_info(log_z: float, beta: float, reward_scale: float = 1.0, reward_shift: float = 0.0) -> dict:
+    """The ``extra_info`` entries ``disa_score`` reads (merge them into each veRL dataset row's ``extra_info``)."""
+    return {"disa_log_z": float(log_z), "disa_beta": float(beta), "disa_reward_scale": float(reward_scale),
+            "disa_reward_shift": float(reward_shift)}
+
+
+def disa_reward(raw: float, extra_info: Mapping[str, Any]) -> float:
+    """``r~ - log Z / beta`` with ``r~ = scale * raw + shift``: the reward whose KL-shaped sum is ``-delta / beta``."""
+    missing = [k for k in ("disa_log_z", "disa_beta") if k not in (extra_info or {})]
+    if missing:
+        raise KeyError(f"veRL row extra_info lacks {missing}: build the dataset with disa.integrations.verl."
+                       "verl_extra_info (log Z from `disa fit-z`'s table)")
+    r_tilde = float(extra_info.get("disa_reward_scale", 1.0)) * float(raw) + float(extra_info.get("disa_reward_shift", 0.0))
+    return r_tilde - float(extra_info["disa_log_z"]) / float(extra_info["disa_beta"])
+
+
+def make_disa_score(base_score: Callable[..., float]) -> Callable[..., dict]:
+    """Wrap a veRL ``compute_score(data_source, solution_str, ground_truth, extra_info)`` into DISA's reward."""
+
+    def disa_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+        raw = base_score(data_source, solution_str, ground_truth, extra_info=extra_info, **kwargs)
+        raw = raw["score"] if isinstance(raw, dict) else raw
+        return {"score": disa_reward(raw, extra_info), "disa_raw_reward": float(raw)}
+
+    return disa_score
+
+
+def beta_from_algo_config(config) -> float:
+    """DISA's beta is ``1 / kl_ctrl.kl_coef``; any other KL set-up would put something else in the rewards."""
+    get = (lambda c, k: c.get(k)) if isinstance(config, Mapping) else getattr
+    if config is None or not get(config, "use_kl_in_reward") or get(config, "kl_penalty") != KL_ESTIMATOR:
+        raise ValueError("adv_estimator=disa_tb needs algorithm.use_kl_in_reward=True and algorithm.kl_penalty=kl "
+                         "(veRL then puts log pi_old - log pi_ref into the token rewards)")
+    ctrl = get(config, "kl_ctrl")
+    if get(ctrl, "type") != "fixed" or not get(ctrl, "kl_coef") > 0:
+        raise ValueError("adv_estimator=disa_tb needs algorithm.kl_ctrl.type=fixed and kl_ctrl.kl_coef = 1/beta > 0")
+    return 1.0 / float(get(ctrl, "kl_coef"))
+
+
+@register_adv_est(NAME)
+def disa_tb_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index=None, config=None,
+                      **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``delta_old = -beta * sum_t token_level_rewards`` per rollout, broadcast over its response tokens."""
+    beta = beta_from_algo_config(config)
+    delta_old = -beta * (token_level_rewards * response_mask).sum(dim=-1)
+    adv = delta_old.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def row_value(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The per-rollout constant a ``(B, T)`` broadcast holds (its masked mean)."""
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+@register_policy_loss(NAME)
+def disa_tb_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                        response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
+                        rollout_is_weights: Optional[torch.Tensor] = None, **kwargs):
+    """Our ``trajectory_balance_loss`` on ``delta_theta = delta_old + sum_t (log pi_theta - log pi_old)``.
+
+    Passing ``ref_logp = old_log_prob``, ``log_z = delta_old``, ``rewards = 0``, ``beta = 1`` makes our residual
+    ``delta_old + sum_t log pi_theta - sum_t log pi_old``: the same number, and the same gradient, as eq. 10
+    with the frozen ``log Z`` (``log_z`` is detached inside). ``loss_agg_mode`` does not apply (a squared
+    trajectory residual has one aggregation); ``rollout_weight_mode`` is DISA's clipped trajectory ratio.
+    """
+    delta_old = row_value(advantages, response_mask).detach()
+    old = old_log_prob.detach()
+    loss, metrics = compute_objective("disa", inputs={
+        "logp": log_prob, "old_logp": old, "ref_logp": old, "mask": response_mask,
+        "rewards": torch.zeros_like(delta_old), "log_z": delta_old}, beta=1.0)
+    metrics.pop("log_z_mean")  # here it would be delta_old's mean, not log Z's
+    return loss, {f"actor/disa_{k}": v for k, v in metrics.items()}

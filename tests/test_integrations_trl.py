@@ -1,0 +1,170 @@
+"""DISA inside TRL: the GRPOTrainer subclass's loss and gradient equal our objective's; a short run trains."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from disa.config import ConfigError, TargetConfig  # noqa: E402
+from disa.integrations.log_z_column import add_log_z_column  # noqa: E402
+from disa.objectives import compute_objective  # noqa: E402
+from disa.stages.fit_z import write_log_z_table  # noqa: E402
+
+PROMPTS = ["a b c", "d e", "f g h i", "j k"]
+
+
+def write_table(path, beta=1.0, transform="raw", values=(0.5, -1.0, 2.0, 0.0)):
+    ids = [f"p{i}" for i in range(len(values))]
+    meta = {"target": {"beta": beta, "reward_transform": transform}}
+    write_log_z_table(path, ids, torch.tensor(values), torch.tensor(values), set(), meta)
+    return path
+
+
+def make_dataset():
+    return datasets.Dataset.from_dict({"prompt": PROMPTS, "prompt_id": [f"p{i}" for i in range(len(PROMPTS))]})
+
+
+def length_reward(completions, **kw):
+    """A reward the tiny model can move: 1 for completions shorter than 4 characters."""
+    return [1.0 if len(c) < 4 else 0.0 for c in completions]
+
+
+def make_trainer(model_path, tmp_path, objective="disa", max_steps=1, lr=1e-6, log_z=(0.5, -1.0, 2.0, 0.0), **kw):
+    from trl import GRPOConfig
+
+    from disa.integrations.trl import DisaGRPOTrainer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    table = write_table(tmp_path / "table.parquet", values=log_z)
+    dataset, target = add_log_z_column(make_dataset(), table)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
+        beta=0.04, learning_rate=lr, max_steps=max_steps, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+        save_strategy="no", bf16=False, **kw,
+    )
+    return DisaGRPOTrainer(model=model_path, reward_funcs=length_reward, args=args, train_dataset=dataset,
+                           target=target, objective=objective)
+
+
+def test_add_log_z_column_looks_up_each_row_and_refuses_unknown_ids_and_targets(tmp_path):
+    table = write_table(tmp_path / "t.parquet", beta=3.0)
+    ds, target = add_log_z_column(make_dataset(), table)
+    assert ds["log_z"] == [0.5, -1.0, 2.0, 0.0]
+    assert (target.beta, target.reward_transform) == (3.0, "raw")
+    bad = datasets.Dataset.from_dict({"prompt": ["x"], "prompt_id": ["nope"]})
+    with pytest.raises(KeyError, match="row 0: prompt_id 'nope'"):
+        add_log_z_column(bad, table)
+    with pytest.raises(ConfigError, match="target.beta"):
+        add_log_z_column(make_dataset(), table, target=TargetConfig(beta=15.0, reward_transform="raw"))
+    affine = write_table(tmp_path / "a.parquet", transform="affine")
+    with pytest.raises(ConfigError, match="labels_path"):
+        add_log_z_column(make_dataset(), affine)
+
+
+def test_group_transform_of_flat_trl_rewards_normalises_each_prompt_group():
+    from disa.integrations.trl import target_rewards_for_rollouts
+
+    out = target_rewards_for_rollouts("group", torch.tensor([1.0, 0.0, 1.0, 1.0]), 2)
+    # group 1: mean 0.5, std (G-1) sqrt(0.5) -> +-0.7071; group 2: zero variance -> 0
+    assert torch.allclose(out, torch.tensor([0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5), 0.0, 0.0]), atol=1e-5)
+
+
+def fixed_batch(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(0, vocab, (4, 3), generator=g)
+    prompt_mask = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]])  # TRL pads prompts on the left
+    completion_ids = torch.randint(0, vocab, (4, 5), generator=g)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.zeros(4),
+        "ref_per_token_logps": -3.0 - torch.rand(4, 5, generator=g),
+        "old_per_token_logps": -3.0 - torch.rand(4, 5, generator=g),
+        "disa_rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]), "disa_log_z": torch.tensor([0.5, 0.5, -1.0, -1.0]),
+    }
+
+
+def reference_logps(model, batch):
+    """Completion-token log-probs written out directly (position ids from the attention mask, as TRL does)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    c = batch["completion_ids"].shape[1]
+    logp = torch.log_softmax(logits[:, -c - 1:-1], dim=-1)
+    return logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("objective", ["disa", "tb"])
+def test_trl_loss_and_gradient_equal_our_objective_on_a_fixed_batch(tiny_gpt2_path, tmp_path, objective):
+    trainer = make_trainer(tiny_gpt2_path, tmp_path, objective=objective)
+    model = trainer.model
+    model.train()
+    for m in model.modules():  # dropout would make the two forwards differ
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    trainer.current_gradient_accumulation_steps = 1
+    batch = fixed_batch(model.config.vocab_size)
+
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    ours, _ = compute_objective(objective, inputs={
+        "logp": reference_logps(model, batch), "old_logp": batch["old_per_token_logps"],
+        "ref_logp": batch["ref_per_token_logps"], "mask": batch["completion_mask"],
+        "rewards": batch["disa_rewards"], "log_z": batch["disa_log_z"]}, beta=1.0)
+    ours.backward()
+    assert float(loss.detach()) == pytest.approx(float(ours.detach()), rel=1e-5)
+    assert float(ours.detach()) > 0
+    for mine, theirs in zip(grads, [p.grad for p in model.parameters()]):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_trainer_refuses_a_zero_kl_beta_and_a_policy_gradient_objective(tiny_gpt2_path, tmp_path):
+    from trl import GRPOConfig
+
+    from disa.integrations.trl import DisaGRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path), beta=0.0, use_cpu=True, report_to=[], num_generations=2,
+                      per_device_train_batch_size=2)
+    target = TargetConfig(beta=1.0, reward_transform="raw")
+    with pytest.raises(ValueError, match="beta != 0"):
+        DisaGRPOTrainer(model=tiny_gpt2_path, reward_funcs=length_reward, args=args, train_dataset=make_dataset(),
+                        target=target)
+    with pytest.raises(ValueError, match="trajectory-balance"):
+        DisaGRPOTrainer(model=tiny_gpt2_path, reward_funcs=length_reward, args=args, train_dataset=make_dataset(),
+                        target=target, objective="grpo")
+
+
+STEPS, LR = 24, 3e-2
+
+
+def run_and_residuals(trainer):
+    trainer.train()
+    return [h["disa/tb_residual_abs"] for h in trainer.state.log_history if "disa/tb_residual_abs" in h]
+
+
+def test_short_cpu_run_trains_and_the_residual_falls(tiny_gpt2_path, tmp_path):
+    """log Z = -3 for every prompt while r~ is mostly 0: the residual starts near -3 (policy = pi_ref) and
+    trajectory balance closes it by raising log pi_theta on the policy's own samples (KL(pi || pi_ref) -> 3)."""
+    torch.manual_seed(0)
+    trainer = make_trainer(tiny_gpt2_path, tmp_path, max_steps=STEPS, lr=LR, log_z=(-3.0,) * 4)
+    residuals = run_and_residuals(trainer)
+    assert len(residuals) == STEPS
+    first, last = sum(residuals[:4]) / 4, sum(residuals[-8:]) / 8
+    assert first > 2.5 and last < 0.75 * first, residuals
+
+
+def test_flowrl_and_no_log_z_options_run(tiny_gpt2_path, tmp_path):
+    for objective in ("flowrl", "flowrl_no_logz"):
+        trainer = make_trainer(tiny_gpt2_path, tmp_path / objective, objective=objective, max_steps=2, lr=1e-3)
+        head_before = getattr(trainer.model, "disa_log_z_head", None)
+        residuals = run_and_residuals(trainer)
+        assert len(residuals) == 2 and all(math.isfinite(r) for r in residuals)
+        assert (head_before is not None) == (objective == "flowrl")

@@ -148,7 +148,9 @@ def test_disa_sample_with_executor_ray_writes_the_local_runs_shards(local_ray, t
                "data": {"prompts": str(prompts), "verifier": "ray_test_words"},
                "models": {"reference": tiny_gpt2_path, "device": "cpu"},
                "sample": {"n": N, "max_new_tokens": 4, "batch_size": 4, "shard_size": SHARD, "seed": 3,
-                          "executor": executor, "top_p": 0.9}}
+                          "executor": executor, "top_p": 0.9},
+               # every stage's responses must fit the tiny model's context (checked up front, for all stages)
+               "train": {"max_new_tokens": 4}, "eval": {"max_new_tokens": 4}}
         path = tmp_path / f"{executor}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         assert cli.main(["sample", "-c", str(path)]) == 0

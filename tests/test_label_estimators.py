@@ -193,3 +193,58 @@ def test_trainer_reads_the_batch_log_z(tiny_gpt2_path, tmp_path):
     expected = (seq(rollouts.ref_logp) - seq(rollouts.old_logp) + 2.0 * rollouts.rewards).view(2, 4).mean(dim=1)
     assert torch.allclose(rollouts.log_z, expected.repeat_interleave(4), atol=1e-5)
     assert math.isfinite(trainer.update(rollouts)["loss"])
+
+
+# --------------------------------------------------------------------------- the label stage
+def _write_samples(folder, rows, with_proposal=False):
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder / "samples", exist_ok=True)
+    keys = ["prompt_id", "sample_idx", "reward", "logp_ref", "logp_q"] + (["proposal"] if with_proposal else [])
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in keys}), folder / "samples" / "shard-00000.parquet")
+
+
+def test_label_stage_writes_estimator_se_flag_and_recommendation(tmp_path):
+    from disa.stages.label import label_summary, run_labelling
+
+    reward = [1.0, 0.0, 1.0, 0.0]
+    ref, q = [-3.0, -1.0, -4.0, -2.0], [-2.0, -3.0, -3.5, -2.5]
+    rows = [dict(prompt_id="a", sample_idx=j, reward=r, logp_ref=a, logp_q=b) for j, (r, a, b) in enumerate(zip(reward, ref, q))]
+    rows += [dict(prompt_id="b", sample_idx=j, reward=0.0, logp_ref=-1.0, logp_q=-1.5) for j in range(3)]
+    _write_samples(tmp_path, rows)
+    eq8 = run_labelling(str(tmp_path), beta=2.0, out_path=str(tmp_path / "eq8.parquet")).to_pydict()
+    cv = run_labelling(str(tmp_path), beta=2.0, estimator="cv", target_se=0.1, out_path=str(tmp_path / "cv.parquet")).to_pydict()
+    assert eq8["estimator"] == ["lse", "lse"] and cv["estimator"] == ["cv", "cv"]
+    rho = [math.exp(a - b) for a, b in zip(ref, q)]
+    p_hat = sum(x * r for x, r in zip(rho, reward)) / 4
+    assert cv["log_z"][0] == pytest.approx(math.log(1 + (math.exp(2.0) - 1) * p_hat), abs=1e-12)
+    assert cv["log_z"][1] == pytest.approx(0.0, abs=1e-12) and cv["log_z_se"][1] == 0.0  # nothing correct: base only
+    terms = [1 + x * (math.exp(2.0 * r) - 1) for x, r in zip(rho, reward)]
+    mean = sum(terms) / 4
+    sd = math.sqrt(sum((t - mean) ** 2 for t in terms) / 3)
+    assert cv["log_z_se"][0] == pytest.approx(sd / 2 / mean, rel=1e-9)
+    assert cv["log_z_se"][0] < 0.5 and cv["reliable"] == [True, False]  # b: se 0, nothing seen above the base
+    assert cv["n_recommended"][0] == math.ceil(4 * (cv["log_z_se"][0] / 0.1) ** 2)
+    assert eq8["log_z_geometric"] == cv["log_z_geometric"] and "n_recommended" not in eq8
+    summary = label_summary(cv)
+    assert summary["unreliable"] == 1 and summary["unreliable_ids"] == ["b"] and summary["n_recommended_max"] == max(cv["n_recommended"])
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        run_labelling(str(tmp_path), beta=2.0, estimator="median")
+
+
+def test_label_stage_weights_two_proposals_against_their_mixture(tmp_path):
+    from disa.stages.label import run_labelling
+
+    # prompt a: 2 samples from q and 2 from pi_ref (tagged), every one scored under both
+    samples = [(1.0, -3.0, -1.0, "q"), (0.0, -1.0, -3.0, "q"), (1.0, -2.0, -4.0, "reference"), (0.0, -0.5, -2.0, "reference")]
+    rows = [dict(prompt_id="a", sample_idx=j, reward=r, logp_ref=a, logp_q=b, proposal=p) for j, (r, a, b, p) in enumerate(samples)]
+    _write_samples(tmp_path, rows, with_proposal=True)
+    out = run_labelling(str(tmp_path), beta=1.5, estimator="cv").to_pydict()
+    mix = [math.log(0.5 * math.exp(b) + 0.5 * math.exp(a)) for _, a, b, _ in samples]
+    rho = [math.exp(a - m) for (_, a, _, _), m in zip(samples, mix)]
+    p_hat = sum(x * r for x, (r, _, _, _) in zip(rho, samples)) / 4
+    assert out["log_z"][0] == pytest.approx(math.log(1 + (math.exp(1.5) - 1) * p_hat), abs=1e-12)
+    assert max(rho) <= 2.0 + 1e-12  # defensive: pi_ref's half bounds every weight by N / n_ref

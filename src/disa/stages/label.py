@@ -137,6 +137,8 @@ def run_labelling(
     """
     if reward_transform not in REWARD_TRANSFORMS:
         raise ValueError(f"reward_transform must be one of {REWARD_TRANSFORMS}, got {reward_transform!r}")
+    if estimator not in LABEL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {LABEL_ESTIMATORS}, got {estimator!r}")
     estimators.check_beta(beta)
     order, groups = collect_groups(samples_dir)
     width = max(len(g["reward"]) for g in groups.values())

@@ -248,3 +248,25 @@ def test_label_stage_weights_two_proposals_against_their_mixture(tmp_path):
     p_hat = sum(x * r for x, (r, _, _, _) in zip(rho, samples)) / 4
     assert out["log_z"][0] == pytest.approx(math.log(1 + (math.exp(1.5) - 1) * p_hat), abs=1e-12)
     assert max(rho) <= 2.0 + 1e-12  # defensive: pi_ref's half bounds every weight by N / n_ref
+
+
+# --------------------------------------------------------------------------- SE-weighted Stage 2
+def test_se_weights_and_weighted_fit_follow_the_precise_labels():
+    from disa.regressor import fit_regressor, se_weights
+
+    w = se_weights(torch.tensor([0.1, 0.0, 0.3]))
+    # se 0 counts as the largest (0.3); mean se^2 = (0.01 + 0.09 + 0.09) / 3
+    m = (0.01 + 0.09 + 0.09) / 3
+    assert torch.allclose(w, torch.tensor([1 / (0.01 + m), 1 / (0.09 + m), 1 / (0.09 + m)]), rtol=1e-6)
+    with pytest.raises(ValueError, match="log_z_se"):
+        se_weights(torch.tensor([0.1, float("nan")]))
+    # one embedding for everyone: the fit is a weighted mean; weights 9:1 pull it towards the precise label
+    x = torch.ones(40, 3)
+    y = torch.tensor([0.0, 1.0] * 20)
+    weights = torch.tensor([9.0, 1.0] * 20)
+    _, plain = fit_regressor(x, y, max_epochs=200, patience=200, lr=1e-2, val_fraction=0.25, progress=False)
+    model, weighted = fit_regressor(x, y, max_epochs=200, patience=200, lr=1e-2, val_fraction=0.25, progress=False,
+                                    sample_weights=weights)
+    assert float(model(x[:1])) < 0.3
+    with pytest.raises(ValueError, match="sample_weights"):
+        fit_regressor(x, y, sample_weights=torch.zeros(40), progress=False)

@@ -28,16 +28,17 @@ import torch
 
 from disa.label_estimators import label_prompts_with, split_budget
 
-# (name, (share of q, share of pi_ref), estimator)
+# (name, (share of q, share of pi_ref), estimator, add se^2 / 2: the delta method's Jensen-gap correction)
 ESTIMATORS = (
-    ("eq. 8, q", (1, 0), "lse"),
-    ("cv, q", (1, 0), "cv"),
-    ("regression cv, q", (1, 0), "regression_cv"),
-    ("eq. 8, pi_ref (plain MC)", (0, 1), "lse"),
-    ("MIS q+pi_ref 1:1, eq. 8", (1, 1), "lse"),
-    ("MIS q+pi_ref 1:1, cv", (1, 1), "cv"),
-    ("MIS q+pi_ref 3:1, cv", (3, 1), "cv"),
-    ("MIS q+pi_ref 1:3, cv", (1, 3), "cv"),
+    ("eq. 8, q", (1, 0), "lse", False),
+    ("cv, q", (1, 0), "cv", False),
+    ("cv + se^2/2, q", (1, 0), "cv", True),
+    ("regression cv, q", (1, 0), "regression_cv", False),
+    ("eq. 8, pi_ref (plain MC)", (0, 1), "lse", False),
+    ("MIS q+pi_ref 1:1, eq. 8", (1, 1), "lse", False),
+    ("MIS q+pi_ref 1:1, cv", (1, 1), "cv", False),
+    ("MIS q+pi_ref 3:1, cv", (3, 1), "cv", False),
+    ("MIS q+pi_ref 1:3, cv", (1, 3), "cv", False),
 )
 BETAS = (1.0, 3.0, 5.0, 8.0)
 NS = (4, 8, 16)
@@ -67,7 +68,8 @@ def sample_scored(gen_model, q_model, ref_model, tokenizer, truths, n: int, out_
     return arrays
 
 
-def batch_labels(from_q: dict, from_ref: dict, shares, estimator: str, beta: float, n: int, batch: int) -> dict:
+def batch_labels(from_q: dict, from_ref: dict, shares, estimator: str, beta: float, n: int, batch: int,
+                 bias_correct: bool = False) -> dict:
     """One batch's labels and standard errors: ``n`` samples split between ``q`` and ``pi_ref`` by ``shares``,
     pooled and weighted against their balance-heuristic mixture."""
     n_q, n_ref = split_budget(n, shares)
@@ -79,6 +81,8 @@ def batch_labels(from_q: dict, from_ref: dict, shares, estimator: str, beta: flo
     out = label_prompts_with(estimator, cat["logp_ref"], cat["logp_q"], cat["reward"], beta, base_reward=0.0,
                              log_q_extra=torch.stack([cat["logp_q"], cat["logp_ref"]], dim=2),
                              budgets=torch.tensor([[float(n_q), float(n_ref)]] * p), strata=strata)
+    if bias_correct:
+        out["log_z"] = out["log_z"] + out["log_z_se"] ** 2 / 2
     return {k: v.numpy() for k, v in out.items()}
 
 
@@ -90,10 +94,10 @@ def error_rows(from_q: dict, from_ref: dict, exact_by_beta: dict, betas: Sequenc
     for beta in betas:
         exact = exact_by_beta[beta]
         for n in ns:
-            for name, shares, estimator in ESTIMATORS:
+            for name, shares, estimator, corrected in ESTIMATORS:
                 stats = []
                 for b in range(n_max // n):
-                    out = batch_labels(from_q, from_ref, shares, estimator, beta, n, b)
+                    out = batch_labels(from_q, from_ref, shares, estimator, beta, n, b, corrected)
                     err = out["log_z"] - exact
                     stats.append((math.sqrt(float(np.mean(err**2))), float(np.mean(err)), float(np.mean(out["log_z_se"])),
                                   float(np.mean(np.abs(err) <= 1.96 * out["log_z_se"]))))
@@ -115,15 +119,15 @@ def average_over_seeds(per_seed: list[list[dict]]) -> list[dict]:
     return out
 
 
-def stage3(tb, ref, tokenizer, truths, labels_by_name: dict, seed: int, out_dir: Path) -> dict:
+def stage3(tb, ref, tokenizer, truths, labels_by_name: dict, seed: int, out_dir: Path, quick: bool = False) -> dict:
     """DISA trained with each frozen label table (``train.log_z: labels``) and with the batch estimate
     (``train.log_z: batch``), the demo's budget; each policy scored exactly."""
-    from disa.demo import FULL_SETTINGS, exact_policy_metrics, method_config
+    from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, exact_policy_metrics, method_config
     from disa.stages.fit_z import LogZTable
     from disa.stages.train import train_policy
     from disa.verifiers import get_verifier
 
-    settings = FULL_SETTINGS
+    settings = QUICK_SETTINGS if quick else FULL_SETTINGS
     prompts = [{"id": t.id, "text": t.text} for t in truths]
     results = {}
     for name, labels in [*labels_by_name.items(), ("batch log Z (no model)", None)]:
@@ -158,7 +162,7 @@ def markdown(results: dict) -> str:
     for beta in results["betas"]:
         lines += [f"## beta = {beta:g}", "", "| estimator | " + " | ".join(f"N = {n}" for n in results["ns"]) + " |",
                   "|---|" + "---:|" * len(results["ns"])]
-        for name, _, _ in ESTIMATORS:
+        for name, *_ in ESTIMATORS:
             cells = []
             for n in results["ns"]:
                 r = next(r for r in rows if r["beta"] == beta and r["n"] == n and r["estimator"] == name)
@@ -217,10 +221,10 @@ def main(argv=None) -> dict:
             print(f"[label study] seed {seed} beta 3 N 8: " + "; ".join(f"{k} {v:.3f}" for k, v in at.items()), flush=True)
             if args.stage3:
                 best = min((e for e in ESTIMATORS if e[0] != ESTIMATORS[0][0]), key=lambda e: at[e[0]])
-                labels = {f"labels: {e[0]}": batch_labels(from_q, from_ref, e[1], e[2], 3.0, 8, 0)["log_z"]
+                labels = {f"labels: {e[0]}": batch_labels(from_q, from_ref, e[1], e[2], 3.0, 8, 0, e[3])["log_z"]
                           for e in (ESTIMATORS[0], best)}
                 labels["exact log Z"] = exact[3.0]
-                stage3_runs.append(stage3(tb, ref, tokenizer, truths, labels, seed, work / "stage3"))
+                stage3_runs.append(stage3(tb, ref, tokenizer, truths, labels, seed, work / "stage3", args.quick))
     results = {"command": "python -m disa.studies.label_estimators " + " ".join(argv if argv is not None else
                                                                                __import__("sys").argv[1:]),
                "seeds": args.seeds, "n_max": args.n_max, "n_prompts": len(truths), "betas": list(BETAS),

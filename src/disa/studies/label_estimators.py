@@ -185,6 +185,9 @@ def markdown(results: dict) -> str:
                 v = [s[name][key] for s in results["stage3"]]
                 cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        picked = [s["best estimator's labels"]["estimator"] for s in results["stage3"]]
+        lines += ["", f"The best estimator (lowest label RMSE at beta = 3, N = 8, eq. 8 excluded) per seed: {picked}. "
+                  "`batch log Z` is `train.log_z: batch` (no Stage 1, no model)."]
     return "\n".join(lines) + "\n"
 
 
@@ -221,10 +224,12 @@ def main(argv=None) -> dict:
             print(f"[label study] seed {seed} beta 3 N 8: " + "; ".join(f"{k} {v:.3f}" for k, v in at.items()), flush=True)
             if args.stage3:
                 best = min((e for e in ESTIMATORS if e[0] != ESTIMATORS[0][0]), key=lambda e: at[e[0]])
-                labels = {f"labels: {e[0]}": batch_labels(from_q, from_ref, e[1], e[2], 3.0, 8, 0, e[3])["log_z"]
-                          for e in (ESTIMATORS[0], best)}
+                labels = {name: batch_labels(from_q, from_ref, e[1], e[2], 3.0, 8, 0, e[3])["log_z"]
+                          for name, e in (("eq. 8 labels", ESTIMATORS[0]), ("best estimator's labels", best))}
                 labels["exact log Z"] = exact[3.0]
-                stage3_runs.append(stage3(tb, ref, tokenizer, truths, labels, seed, work / "stage3", args.quick))
+                runs = stage3(tb, ref, tokenizer, truths, labels, seed, work / "stage3", args.quick)
+                runs["best estimator's labels"]["estimator"] = best[0]
+                stage3_runs.append(runs)
     results = {"command": "python -m disa.studies.label_estimators " + " ".join(argv if argv is not None else
                                                                                __import__("sys").argv[1:]),
                "seeds": args.seeds, "n_max": args.n_max, "n_prompts": len(truths), "betas": list(BETAS),
@@ -232,8 +237,8 @@ def main(argv=None) -> dict:
                "wall_s": time.perf_counter() - started}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(results))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.write_text(markdown(results))
     print(markdown(results))
     return results
 

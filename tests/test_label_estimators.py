@@ -270,3 +270,10 @@ def test_se_weights_and_weighted_fit_follow_the_precise_labels():
     assert float(model(x[:1])) < 0.3
     with pytest.raises(ValueError, match="sample_weights"):
         fit_regressor(x, y, sample_weights=torch.zeros(40), progress=False)
+
+
+def test_control_variate_is_exact_beside_a_huge_wrong_answer_weight():
+    # one wrong answer with rho = e^60 and one right answer with rho = e^-3: Z^ = 1 + (e^2 - 1) e^-3 / 2
+    log_ratio = torch.tensor([[60.0, -3.0]], dtype=torch.float64)
+    log_z, _ = label_with_se("cv", log_ratio, torch.tensor([[0.0, 1.0]], dtype=torch.float64), 2.0, base_reward=0.0)
+    assert float(log_z) == pytest.approx(math.log(1 + (math.exp(2.0) - 1) * math.exp(-3.0) / 2), rel=1e-12)

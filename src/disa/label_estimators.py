@@ -85,8 +85,9 @@ def _scaled_terms(
         return f.masked_fill(~mask, 0.0), shift
     g = torch.exp(lr - shift[:, None])  # rho, scaled
     one = torch.exp(b0 - shift)  # e^{beta r0}, scaled
-    # t = e^{beta r0} + rho (e^{beta r} - e^{beta r0}) = e^{beta r0} + f - rho e^{beta r0}
-    fixed = one[:, None] + f - g * torch.exp(b0)[:, None]
+    # t = e^{beta r0} + rho e^{beta r0} (e^{beta (r - r0)} - 1): expm1 is exactly 0 for a wrong answer, so a huge
+    # wrong-answer weight cannot leave rounding noise larger than e^{beta r0} itself
+    fixed = one[:, None] + torch.exp(lr + b0[:, None] - shift[:, None]) * torch.expm1(br - b0[:, None])
     fixed = fixed.masked_fill(~mask, 0.0)
     if estimator == "cv":
         return fixed, shift

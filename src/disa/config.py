@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Optional
 import yaml
 
 from disa.estimators import REWARD_TRANSFORMS
+from disa.label_estimators import LABEL_ESTIMATORS
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,9 @@ LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias"}
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 # Where the trajectory-balance objectives read log Z (``disa.training.log_z``): auto = the objective's own
 # declaration (disa: frozen table written by fit-z; flowrl: learned head; flowrl_no_logz: zero).
-LOG_Z_SOURCES = ("auto", "table", "regressor", "labels", "learned", "zero")
+# batch: no model, per prompt the group mean of log pi_ref - log pi_theta + beta r~ (Trajectory Balance with
+# Asynchrony's estimate), detached.
+LOG_Z_SOURCES = ("auto", "table", "regressor", "labels", "learned", "zero", "batch")
 
 
 class Section:
@@ -167,6 +170,23 @@ class SampleConfig(Section):
 
 
 @dataclass
+class LabelConfig(Section):
+    estimator: str = _f(
+        "cv",
+        "Stage 1 label estimator (docs/label-estimators.md): lse (eq. 8), cv (control variate E_q[pi_ref/q] = 1 "
+        "with the wrong-answer reward as base: the importance weights enter only through rewarded samples; the "
+        "measured default) or regression_cv (the same with a fitted coefficient). Samples tagged with a "
+        "`proposal` column are weighted against the mixture of proposals (balance heuristic).",
+        LABEL_ESTIMATORS,
+    )
+    max_se: float = _f(0.5, "A label whose standard error (nats) is above this is flagged unreliable.", "positive_finite")
+    min_ess: float = _f(2.0, "A label whose effective sample size is below this is flagged unreliable.", "positive_finite")
+    target_se: Optional[float] = _f(None, "If set, `disa label` recommends the N per prompt that reaches this "
+                                    "standard error (se ~ 1/sqrt(N)) and writes it as `n_recommended`.",
+                                    "positive_finite")
+
+
+@dataclass
 class FitZConfig(Section):
     embedder: str = _f("reference", "Prompt embedding: reference (pi_ref mean-pooled hidden states) or sentence (MiniLM).",
                        ("reference", "sentence"))
@@ -178,6 +198,8 @@ class FitZConfig(Section):
     patience: int = _f(20, "Epochs without a better held-out MSE before stopping.", "positive")
     val_fraction: float = _f(0.2, "Share of prompts held out for the MSE / R^2 diagnostic.", "open_unit")
     seed: int = _f(0, "Split and init seed.", "non_negative")
+    weight_by_se: bool = _f(False, "Weight each prompt's squared error by 1 / (se^2 + mean se^2) from the labels' "
+                            "`log_z_se` column, so noisy labels pull the regressor less.")
 
 
 @dataclass
@@ -235,7 +257,8 @@ class TrainConfig(OptimisationConfig):
                                 "it is target.beta.")
     log_z: str = _f("auto", "Where trajectory balance reads log Z: auto (the objective's declaration), table (the "
                     "frozen per-prompt table of `disa fit-z`), regressor (the frozen regressor applied to the prompts), "
-                    "labels (the Stage 1 labels, no regressor), learned (a head trained with the policy), zero.",
+                    "labels (the Stage 1 labels, no regressor), learned (a head trained with the policy), zero, batch (no model: "
+                    "each group's mean of log pi_ref - log pi_theta + beta r~, detached; Trajectory Balance with Asynchrony).",
                     LOG_Z_SOURCES)
     group_size: int = _f(8, "Rollouts per prompt, G (paper: 8).", "positive")
     prompts_per_step: int = _f(8, "Prompts per rollout batch; a step trains on prompts_per_step * group_size rollouts.",
@@ -308,6 +331,7 @@ class PipelineConfig(Section):
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "Local model paths."})
     target: TargetConfig = field(default_factory=TargetConfig, metadata={"help": "The target pi*."})
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "Stage 1 sampling."})
+    label: LabelConfig = field(default_factory=LabelConfig, metadata={"help": "Stage 1 labels."})
     fit_z: FitZConfig = field(default_factory=FitZConfig, metadata={"help": "Stage 2 regressor."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Stage 3 RL."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})

@@ -147,9 +147,10 @@ def split_indices(num_prompts: int, val_fraction: float, seed: int) -> tuple[tor
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None) -> float:
     with torch.no_grad():
-        return float(((model(x) - y) ** 2).mean())
+        sq = (model(x) - y) ** 2
+        return float(sq.mean() if w is None else (w * sq).sum() / w.sum())
 
 
 def _r2(mse: float, y: torch.Tensor) -> float:
@@ -168,6 +169,19 @@ def _r2(mse: float, y: torch.Tensor) -> float:
     return 1.0 - mse * n / ss_tot
 
 
+def se_weights(se: torch.Tensor) -> torch.Tensor:
+    """Per-prompt weights ``1 / (se^2 + mean se^2)`` from the labels' standard errors (``log_z_se``).
+
+    The added mean keeps one tiny standard error from owning the fit. A standard error of 0 means nothing was
+    seen above the base reward, not an exact label, so it counts as the largest one observed."""
+    se = torch.as_tensor(se, dtype=torch.float64)
+    if not bool((torch.isfinite(se) & (se >= 0)).all()):
+        raise ValueError("log_z_se: every standard error must be finite and >= 0")
+    worst = float(se.max()) if float(se.max()) > 0 else 1.0
+    se = torch.where(se > 0, se, torch.full_like(se, worst))
+    return (1.0 / (se**2 + (se**2).mean())).float()
+
+
 def fit_regressor(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -183,6 +197,7 @@ def fit_regressor(
     seed: int = 0,
     device: Optional[Union[str, torch.device]] = None,
     progress: Optional[bool] = None,
+    sample_weights: Optional[torch.Tensor] = None,
 ) -> tuple[LogZRegressor, FitReport]:
     """Fit ``Z_psi`` to ``log Z^_N`` labels by least squares (eq. 9) with Adam and early stopping.
 
@@ -191,9 +206,17 @@ def fit_regressor(
     strictly lower validation MSE, and the weights of the best epoch are restored. Normalisation statistics
     come from the train split only, so the validation numbers are honest. The global RNG is left untouched.
 
+    ``sample_weights`` (P,) > 0 (e.g. :func:`se_weights`): weighted least squares on the training split, and
+    early stopping on the weighted held-out MSE; the reported MSEs stay unweighted, so they compare with an
+    unweighted fit.
+
     Returns the fitted model (eval mode, CPU, frozen) and a ``FitReport``.
     """
     _validate_fit_inputs(embeddings, labels)
+    if sample_weights is not None:
+        sample_weights = torch.as_tensor(sample_weights, dtype=torch.float32)
+        if sample_weights.shape != labels.shape or not bool((torch.isfinite(sample_weights) & (sample_weights > 0)).all()):
+            raise ValueError(f"sample_weights: must be finite, > 0 and of shape {tuple(labels.shape)}")
     if max_epochs < 1:
         raise ValueError(f"max_epochs: must be >= 1, got {max_epochs}")
     if patience < 1:
@@ -208,6 +231,8 @@ def fit_regressor(
     train_idx, val_idx = split_indices(x.shape[0], val_fraction, seed)
     x_train, y_train = x[train_idx.to(device)], y[train_idx.to(device)]
     x_val, y_val = x[val_idx.to(device)], y[val_idx.to(device)]
+    w_train = None if sample_weights is None else sample_weights.to(device)[train_idx.to(device)]
+    w_val = None if sample_weights is None else sample_weights.to(device)[val_idx.to(device)]  # early stopping
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -217,7 +242,7 @@ def fit_regressor(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     shuffle = torch.Generator().manual_seed(seed + 1)
 
-    best_val, best_epoch, best_state = _mse(model, x_val, y_val), 0, copy.deepcopy(model.state_dict())
+    best_val, best_epoch, best_state = _mse(model, x_val, y_val, w_val), 0, copy.deepcopy(model.state_dict())
     history: list[dict] = []
     epochs_run, since_best = 0, 0
     disable = None if progress is None else not progress
@@ -227,12 +252,13 @@ def fit_regressor(
         loss_sum = 0.0
         for start in range(0, x_train.shape[0], batch_size):
             batch = order[start : start + batch_size]
-            loss = ((model(x_train[batch]) - y_train[batch]) ** 2).mean()  # eq. 9 on a minibatch
+            sq = (model(x_train[batch]) - y_train[batch]) ** 2  # eq. 9 on a minibatch
+            loss = sq.mean() if w_train is None else (w_train[batch] * sq).sum() / w_train[batch].sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach().item() * batch.numel()
-        val_mse = _mse(model, x_val, y_val)
+        val_mse = _mse(model, x_val, y_val, w_val)
         history.append({"epoch": epoch, "train_loss": loss_sum / x_train.shape[0], "val_mse": val_mse})
         epochs_run = epoch
         if val_mse < best_val:

@@ -23,7 +23,7 @@ from disa.stages import common
 from disa.stages.common import stage
 from disa.embeddings import PromptEmbedder, embed_with_cache
 from disa.io import atomic_write_parquet, atomic_write_text
-from disa.regressor import FitReport, LogZRegressor, fit_regressor, load_regressor, save_regressor
+from disa.regressor import FitReport, LogZRegressor, fit_regressor, load_regressor, save_regressor, se_weights
 
 __all__ = ["run_fit_z", "read_labels", "prompt_texts_by_id", "format_fit_table", "FrozenLogZ"]
 
@@ -54,6 +54,18 @@ def read_log_z_table(path) -> tuple[dict[str, float], dict]:
     meta = json.loads((table.schema.metadata or {}).get(TABLE_METADATA_KEY, b"{}"))
     cols = table.to_pydict()
     return dict(zip(cols["prompt_id"], cols["log_z"])), meta
+
+
+def read_label_se(labels_path) -> torch.Tensor:
+    """The labels' ``log_z_se`` column (P,), in the file's row order (as ``read_labels``)."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(str(labels_path)).names
+    if "log_z_se" not in names:
+        raise ValueError(f"{labels_path}: no log_z_se column (fit_z.weight_by_se needs labels from this version of "
+                         "`disa label`; run it again)")
+    return torch.tensor(pq.read_table(str(labels_path), columns=["log_z_se"]).column("log_z_se").to_pylist(),
+                        dtype=torch.float64)
 
 
 def read_labels(labels_path: Union[str, os.PathLike]) -> tuple[list[str], torch.Tensor]:
@@ -148,6 +160,7 @@ def run_fit_z(
     cache_path: Optional[Union[str, os.PathLike]] = None,
     verbose: bool = True,
     extra_meta: Optional[dict] = None,
+    weight_by_se: bool = False,
     **fit_kw,
 ) -> FitReport:
     """Stage 2: fit the frozen ``log Z`` regressor and save it to ``out_dir``.
@@ -157,6 +170,7 @@ def run_fit_z(
     embedder: a ``PromptEmbedder``; its fingerprint is stored so Stage 3 can check it uses the same one.
     cache_path: optional ``.safetensors`` embedding cache (see ``embed_with_cache``).
     fit_kw: forwarded to ``fit_regressor`` (hidden, lr, max_epochs, patience, val_fraction, seed, ...).
+    weight_by_se: weight each prompt by ``se_weights`` of the labels' ``log_z_se`` column.
 
     Writes ``model.safetensors`` + ``config.json`` (``load_regressor`` reads them; ``extra_meta`` is recorded
     in it, e.g. the target the labels estimate), ``report.json`` (the ``FitReport`` plus the held-out prompt
@@ -165,6 +179,8 @@ def run_fit_z(
     Returns the ``FitReport``.
     """
     ids, labels = read_labels(labels_path)
+    if weight_by_se:
+        fit_kw["sample_weights"] = se_weights(read_label_se(labels_path))
     texts_by_id = prompt_texts_by_id(prompts, render=render)
     missing = [i for i in ids if i not in texts_by_id]
     if missing:
@@ -181,7 +197,9 @@ def run_fit_z(
         "embedding_dim": int(embeddings.shape[1]),
         "labels_path": str(Path(labels_path).resolve()),
         "n_prompts": len(ids),
-        "fit": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in fit_kw.items()},
+        "fit": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in fit_kw.items()
+                if k != "sample_weights"},
+        "weight_by_se": weight_by_se,
         **(extra_meta or {}),
     }
     save_regressor(model, out_dir, meta)
@@ -287,7 +305,7 @@ def run(cfg) -> dict:
             str(rd.labels), texts, embedder, str(rd.log_z), cache_path=str(rd.embeddings_cache), verbose=False,
             extra_meta={"target": labels_meta["target"], "labels_n": labels_meta.get("n")},
             hidden=f.hidden, lr=f.lr, max_epochs=f.max_epochs, patience=f.patience, val_fraction=f.val_fraction,
-            seed=f.seed,
+            seed=f.seed, weight_by_se=f.weight_by_se,
         )
     except ValueError as e:
         if "too few for a train/validation split" in str(e):

@@ -4,11 +4,18 @@ Reads every ``shard-*.parquet`` written by :mod:`disa.stages.sample`, groups row
 prompt may have any number of samples; shorter groups are masked), applies the reward transform, and calls
 :func:`disa.estimators.label_prompts`. Writes ``labels.parquet`` with one row per prompt:
 
-``prompt_id, log_z, log_z_geometric, ess, max_weight, reward_rate, n, reward_scale, reward_shift``
+``prompt_id, log_z, log_z_geometric, ess, max_weight, reward_rate, n, reward_scale, reward_shift,
+estimator, log_z_se, reliable`` (+ ``n_recommended`` when a target standard error is given)
 
 ``reward_scale`` / ``reward_shift`` are the per-prompt affine map ``r~ = a r + b`` used for the label
 (``raw``: 1, 0; ``affine`` and ``group``: the proposal group's frozen normalisation), so Stage 3 can apply
-the very same ``r~`` to its own rollouts. ``reward_rate`` is the raw reward's mean under q.
+the very same ``r~`` to its own rollouts. ``reward_rate`` is the raw reward's mean under q. ``estimator``
+names the label's estimator (:mod:`disa.label_estimators`: ``lse`` is eq. 8), ``log_z_se`` is its delta-method
+standard error in nats, ``reliable`` is False where the ESS or the standard error says not to trust it.
+
+Samples may come from two proposals: rows whose optional ``proposal`` column reads ``reference`` were drawn
+from ``pi_ref``, all others from ``q``. Then every label is weighted against the mixture
+``(n_q q + n_ref pi_ref) / N`` of each prompt's own counts (multiple importance sampling, balance heuristic).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 
 from disa import estimators
 from disa.estimators import REWARD_TRANSFORMS
+from disa.label_estimators import LABEL_ESTIMATORS, label_with_se, recommended_n, reliability
 from disa.io import atomic_write_parquet
 from disa.run_dir import LABELS_METADATA_KEY
 from disa.stages import common
@@ -31,8 +39,11 @@ from disa.stages.common import stage
 from disa.stages.sample import list_shards
 
 REQUIRED_COLUMNS = ("prompt_id", "sample_idx", "reward", "logp_ref", "logp_q")
+PROPOSAL_COLUMN = "proposal"  # optional: "reference" marks a sample drawn from pi_ref
+REFERENCE_PROPOSAL = "reference"
 LABEL_COLUMNS = (
     "prompt_id", "log_z", "log_z_geometric", "ess", "max_weight", "reward_rate", "n", "reward_scale", "reward_shift",
+    "estimator", "log_z_se", "reliable",
 )
 
 
@@ -49,8 +60,9 @@ def read_shard(path: str) -> dict[str, list]:
     missing = [c for c in REQUIRED_COLUMNS if c not in schema_names]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}")
-    data = pq.read_table(path, columns=list(REQUIRED_COLUMNS)).to_pydict()
-    for col in REQUIRED_COLUMNS:
+    columns = list(REQUIRED_COLUMNS) + ([PROPOSAL_COLUMN] if PROPOSAL_COLUMN in schema_names else [])
+    data = pq.read_table(path, columns=columns).to_pydict()
+    for col in columns:
         for row, value in enumerate(data[col], start=1):
             if value is None:
                 raise ValueError(f"{path}, row {row}: column {col!r} is null")
@@ -77,10 +89,12 @@ def collect_groups(samples_dir: str) -> tuple[list[str], dict[str, dict[str, lis
                 raise ValueError(f"duplicate sample (prompt_id={pid!r}, sample_idx={key[1]}) in {seen[key]} and {where}")
             seen[key] = where
             if pid not in groups:
-                groups[pid] = {"reward": [], "logp_ref": [], "logp_q": []}
+                groups[pid] = {"reward": [], "logp_ref": [], "logp_q": [], "from_reference": []}
                 order.append(pid)
             for col in ("reward", "logp_ref", "logp_q"):
                 groups[pid][col].append(float(data[col][row]))
+            tag = data[PROPOSAL_COLUMN][row] if PROPOSAL_COLUMN in data else None
+            groups[pid]["from_reference"].append(1.0 if tag == REFERENCE_PROPOSAL else 0.0)
     return order, groups
 
 
@@ -108,6 +122,10 @@ def run_labelling(
     reward_transform: str = "raw",
     out_path: Optional[str] = None,
     metadata: Optional[dict] = None,
+    estimator: str = "lse",
+    max_se: float = 0.5,
+    min_ess: float = 2.0,
+    target_se: Optional[float] = None,
 ) -> pa.Table:
     """Label every prompt found in ``samples_dir``'s shards; write ``out_path`` (default
     ``<samples_dir>/labels.parquet``) and return the table (columns ``LABEL_COLUMNS``).
@@ -119,6 +137,8 @@ def run_labelling(
     """
     if reward_transform not in REWARD_TRANSFORMS:
         raise ValueError(f"reward_transform must be one of {REWARD_TRANSFORMS}, got {reward_transform!r}")
+    if estimator not in LABEL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {LABEL_ESTIMATORS}, got {estimator!r}")
     estimators.check_beta(beta)
     order, groups = collect_groups(samples_dir)
     width = max(len(g["reward"]) for g in groups.values())
@@ -136,17 +156,35 @@ def run_labelling(
         scale, shift = reward_affine_map(reward_transform, rewards, mask)
         shaped = estimators.affine_transform(rewards, scale, shift) * mask
 
+    from_ref = _to_padded(order, groups, "from_reference", width).bool() & mask
+    strata = None
+    if bool(from_ref.any()):  # two proposals: weight every sample against the per-prompt mixture
+        counts = torch.stack([(mask & ~from_ref).sum(dim=1), from_ref.sum(dim=1)], dim=1).double()
+        shares = torch.log(counts / counts.sum(dim=1, keepdim=True))
+        logp_q = torch.logsumexp(torch.stack([logp_q, logp_ref], dim=2) + shares[:, None, :], dim=2)
+        logp_q = logp_q.masked_fill(~mask, 0.0)
+        strata = from_ref.long()
     labels = estimators.label_prompts(logp_ref, logp_q, shaped, beta, mask=mask, raw_rewards=rewards)
-    table = pa.table(
-        {
-            "prompt_id": pa.array(order, pa.string()),
-            **{k: pa.array(labels[k].double().tolist(), pa.float64())
-               for k in ("log_z", "log_z_geometric", "ess", "max_weight", "reward_rate")},
-            "n": pa.array([int(v) for v in labels["n"].tolist()], pa.int32()),
-            "reward_scale": pa.array(scale.double().tolist(), pa.float64()),
-            "reward_shift": pa.array(shift.double().tolist(), pa.float64()),
-        }
-    )
+    # the control variate's base: r~ of the smallest raw reward any response can get (0, or a lower one seen)
+    base_raw = min(0.0, float(rewards[mask].min()))
+    log_z, se = label_with_se(estimator, (logp_ref - logp_q).masked_fill(~mask, 0.0), shaped, beta,
+                              base_reward=scale * base_raw + shift, mask=mask, strata=strata)
+    if estimator != "lse":  # eq. 8 keeps the exact numbers of label_prompts
+        labels["log_z"] = log_z
+    columns = {
+        "prompt_id": pa.array(order, pa.string()),
+        **{k: pa.array(labels[k].double().tolist(), pa.float64())
+           for k in ("log_z", "log_z_geometric", "ess", "max_weight", "reward_rate")},
+        "n": pa.array([int(v) for v in labels["n"].tolist()], pa.int32()),
+        "reward_scale": pa.array(scale.double().tolist(), pa.float64()),
+        "reward_shift": pa.array(shift.double().tolist(), pa.float64()),
+        "estimator": pa.array([estimator] * len(order), pa.string()),
+        "log_z_se": pa.array(se.double().tolist(), pa.float64()),
+        "reliable": pa.array(reliability(labels["ess"], se, min_ess=min_ess, max_se=max_se).tolist(), pa.bool_()),
+    }
+    if target_se is not None:
+        columns["n_recommended"] = pa.array(recommended_n(se, labels["n"], target_se).tolist(), pa.int64())
+    table = pa.table(columns)
     if out_path is None:
         base = samples_dir[: -len("samples")] if os.path.basename(os.path.normpath(samples_dir)) == "samples" else samples_dir
         out_path = os.path.join(base, "labels.parquet")
@@ -166,13 +204,43 @@ def run(cfg) -> dict:
     samples_meta = json.loads(rd.samples_meta.read_text()) if rd.samples_meta.exists() else {}
     metadata = {"format_version": 1, "target": cfg.target.to_dict(), "n": samples_meta.get("n"),
                 "samples": samples_meta}
+    lab = cfg.label
+    metadata["label"] = lab.to_dict()
     table = run_labelling(str(rd.samples), beta=cfg.target.beta, reward_transform=cfg.target.reward_transform,
-                          out_path=str(rd.labels), metadata=metadata)
-    cols = table.to_pydict()
-    mean = lambda name: sum(cols[name]) / len(cols[name])  # noqa: E731
-    result = {"rows": table.num_rows, "mean_log_z": mean("log_z"), "mean_ess": mean("ess"),
-              "mean_reward_rate": mean("reward_rate"), "path": str(rd.labels)}
-    common.say("label", f"{table.num_rows} prompts -> {rd.labels}; mean log Z label {result['mean_log_z']:.4f} "
-               f"(beta {cfg.target.beta}, r~ {cfg.target.reward_transform}), mean ESS {result['mean_ess']:.2f}, "
-               f"mean reward rate under q {result['mean_reward_rate']:.4f}")
+                          out_path=str(rd.labels), metadata=metadata, estimator=lab.estimator, max_se=lab.max_se,
+                          min_ess=lab.min_ess, target_se=lab.target_se)
+    result = label_summary(table.to_pydict())
+    result["path"] = str(rd.labels)
+    common.say("label", f"{table.num_rows} prompts -> {rd.labels}; estimator {lab.estimator} (beta {cfg.target.beta}, "
+               f"r~ {cfg.target.reward_transform})")
+    for line in summary_lines(result, lab):
+        common.say("label", line)
     return result
+
+
+def label_summary(cols: dict) -> dict:
+    """Means and counts of a label table's columns (``disa label``'s printed summary)."""
+    rows = len(cols["log_z"])
+    mean = lambda name: sum(cols[name]) / rows  # noqa: E731
+    ses = sorted(cols["log_z_se"])
+    out = {"rows": rows, "mean_log_z": mean("log_z"), "mean_ess": mean("ess"), "mean_reward_rate": mean("reward_rate"),
+           "mean_se": mean("log_z_se"), "median_se": ses[rows // 2], "max_se": ses[-1],
+           "unreliable": rows - sum(bool(v) for v in cols["reliable"]),
+           "unreliable_ids": [p for p, ok in zip(cols["prompt_id"], cols["reliable"]) if not ok]}
+    if "n_recommended" in cols:
+        need = sorted(cols["n_recommended"])
+        out.update({"n_recommended_median": need[rows // 2], "n_recommended_p90": need[min(rows - 1, int(0.9 * rows))],
+                    "n_recommended_max": need[-1]})
+    return out
+
+
+def summary_lines(s: dict, lab) -> list[str]:
+    lines = [f"mean log Z label {s['mean_log_z']:.4f}, mean ESS {s['mean_ess']:.2f}, mean reward rate "
+             f"{s['mean_reward_rate']:.4f}",
+             f"standard error (nats): mean {s['mean_se']:.4f}, median {s['median_se']:.4f}, max {s['max_se']:.4f}",
+             f"{s['unreliable']} of {s['rows']} labels flagged unreliable (ESS < {lab.min_ess:g}, or SE 0 or "
+             f"> {lab.max_se:g})" + (f", e.g. {s['unreliable_ids'][:5]}" if s["unreliable"] else "")]
+    if "n_recommended_median" in s:
+        lines.append(f"N per prompt for a standard error of {lab.target_se:g}: median {s['n_recommended_median']}, "
+                     f"90th percentile {s['n_recommended_p90']}, max {s['n_recommended_max']} (se ~ 1/sqrt(N))")
+    return lines

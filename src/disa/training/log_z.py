@@ -1,5 +1,6 @@
 """Where trajectory balance reads ``log Z(x)`` (eq. 5): a frozen offline source, a learned head, or zero.
 
+A fourth source needs no model at all: ``batch`` (:func:`batch_log_z`), each group's own estimate.
 DISA (eq. 10) reads a frozen per-prompt ``log Z`` computed offline (a table, the Stage 2 regressor, or the
 Stage 1 labels): the trainer receives it as ``log_z_fn(texts, ids) -> (P,)`` and never optimises it. FlowRL
 learns ``log Z_phi(x)`` jointly with the policy: ``LogZHead``, a projection of the policy's LAST hidden states
@@ -24,8 +25,25 @@ from disa.objectives import ObjectiveSpec
 FROZEN_SOURCES = ("table", "regressor", "labels")
 
 
+def batch_log_z(policy_logp: torch.Tensor, ref_logp: torch.Tensor, rewards: torch.Tensor, beta: float,
+                group_size: int) -> torch.Tensor:
+    """The model-free ``log Z`` of Trajectory Balance with Asynchrony, per rollout ``(P * G,)``, detached.
+
+    Per prompt, the group mean of ``log pi_ref(y) - log pi_theta(y) + beta r~(y)`` over its ``G`` rollouts: the
+    value of ``log Z`` that minimises the group's summed squared residual (eq. 5) with the policy held fixed. All
+    inputs are per-rollout ``(P * G,)`` sequence log-probs (sums, or token means for a length-normalised
+    objective) grouped consecutively. Under ``y ~ pi_theta`` it is ``log Z - KL(pi_theta || pi*)``: biased low
+    until the policy reaches ``pi*``, and recomputed from every batch, so it needs neither Stage 1 nor a head.
+    """
+    shapes = {tuple(t.shape) for t in (policy_logp, ref_logp, rewards)}
+    if len(shapes) != 1 or policy_logp.dim() != 1 or policy_logp.numel() % group_size:
+        raise ValueError(f"batch_log_z: expected three (P * G,) tensors with G = {group_size}, got shapes {shapes}")
+    residual = (ref_logp - policy_logp + beta * rewards).detach().double().view(-1, group_size)
+    return residual.mean(dim=1).repeat_interleave(group_size).float()
+
+
 def resolve_log_z_kind(source: str, spec: ObjectiveSpec) -> Optional[str]:
-    """``train.log_z`` + the objective's declaration -> None, "frozen", "learned" or "zero".
+    """``train.log_z`` + the objective's declaration -> None, "frozen", "learned", "zero" or "batch".
 
     ``auto`` is the objective's own declaration; table / regressor / labels are all a frozen offline source
     (the caller builds it). Objectives outside trajectory balance read no log Z, so anything but ``auto`` is
@@ -46,9 +64,9 @@ def resolve_log_z_kind(source: str, spec: ObjectiveSpec) -> Optional[str]:
                               f"{'detaches' if spec.log_z == 'frozen' else 'does not read'} log Z, so the head "
                               "would never learn; only an objective that trains log Z (flowrl) can use a learned head")
         return "learned"
-    if source == "zero":
-        return "zero"
-    raise ConfigError(f"train.log_z: {source!r} is not one of auto, table, regressor, labels, learned, zero")
+    if source in ("zero", "batch"):
+        return source
+    raise ConfigError(f"train.log_z: {source!r} is not one of auto, table, regressor, labels, learned, zero, batch")
 
 
 def read_frozen_log_z(log_z_fn: Callable[[list[str], list[Any]], torch.Tensor], texts: Sequence[str],

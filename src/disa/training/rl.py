@@ -40,7 +40,9 @@ from disa.training.checkpoints import (
     read_checkpoint_json,
     save_training_checkpoint,
 )
+from disa.objectives.tb import sequence_logprob
 from disa.training.log_z import (
+    batch_log_z,
     LogZHead,
     check_log_z_fn_is_frozen,
     policy_hidden_size,
@@ -268,8 +270,17 @@ class RLTrainer(PolicyUpdate):
             prompt_index=flat_prompt_index, prompt_ids=flat_prompt_ids, response_ids=flat_responses,
             completions=completions, finish_reasons=[s.finish_reason for s in samples], raw_rewards=raw.flatten(),
             rewards=rewards.flatten(), advantages=advantages.flatten(), old_logp=pad_rows(old, width), mask=mask,
-            ref_logp=ref, log_z=self._rollout_log_z(prompt_indices),
+            ref_logp=ref, log_z=self._rollout_log_z(prompt_indices) if self.log_z_kind != "batch"
+            else self._batch_log_z(old, ref, mask, rewards),
         )
+
+    def _batch_log_z(self, old: list[Tensor], ref: Tensor, mask: Tensor, rewards: Tensor) -> Tensor:
+        """``train.log_z: batch``: each group's mean of ``log pi_ref - log pi_old + beta r~`` (see ``batch_log_z``),
+        on the log-probs the objective's residual uses (sums, or token means when it length-normalises)."""
+        mean = self.objective_kwargs.get("length_normalize", self.spec.default("length_normalize")) is True
+        seq = lambda t: sequence_logprob(t.float(), mask.float(), mean)  # noqa: E731
+        return batch_log_z(seq(pad_rows(old, mask.shape[1])), seq(ref), rewards.flatten().float(),
+                           self.target.beta, self.config.group_size)
 
     def _target_rewards(self, raw: Tensor, prompt_indices: Sequence[int]) -> Tensor:
         """``r~`` for trajectory balance, ``(P, G)``; policy gradient reads advantages of the raw reward instead,

@@ -275,6 +275,15 @@ class EvalConfig(Section):
     stop: list = _f([], "Stop strings for evaluation.")
     batch_size: int = _f(8, "Prompts per generation batch.", "positive")
     seed: int = _f(1234, "Evaluation sampling seed.")
+    bootstrap: int = _f(1000, "Bootstrap resamples over prompts for the confidence intervals (0: none).",
+                        "non_negative")
+    confidence: float = _f(0.95, "Coverage of the bootstrap intervals.", "open_unit")
+    benchmarks: list = _f([], "Benchmarks from local files, each {name: aime24|aime25|amc23|math500|minerva|"
+                          "olympiadbench|humaneval|livecodebench|codeforces, path: FILE} (humaneval needs no path); "
+                          "see disa.benchmarks. Empty: data.eval_prompts with data.verifier.")
+    select_holdout: int = _f(0, "`disa eval --select`: this many training prompts (a seeded slice, the same for "
+                             "every method) score every checkpoint by Mean@k; the best is evaluated (App. D.1).",
+                             "non_negative")
 
     def check(self) -> None:
         if not self.pass_at or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k

@@ -62,11 +62,16 @@ def summarize(
     k: int,
     pass_at: Sequence[int],
     correct_threshold: float = 1.0,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> tuple[dict, list[dict]]:
     """Summary dict and per-prompt rows from each prompt's ``k`` responses and rewards (in sampling order).
 
     Summary keys: ``prompts``, ``k``, ``mean_at_k`` (Mean@k), ``pass_at`` (``{"1": pass@1, ...}``, unbiased),
-    ``distinct_correct`` (mean number of distinct correct responses per prompt), ``mean_reward``.
+    ``distinct_correct`` (mean number of distinct correct responses per prompt), ``mean_reward``, ``ci``
+    (percentile bootstrap over prompts, one shared draw: ``{"mean_at_k": {"mean", "lo", "hi", "std"},
+    "pass@1": ...}``; absent when ``bootstrap`` is 0) and ``pass_curve`` (mean pass@k for k = 1..k).
     """
     if not prompt_ids:
         raise ValueError("no prompts to evaluate")
@@ -94,7 +99,15 @@ def summarize(
         "distinct_correct": float(sum(distinct) / len(distinct)),
         "mean_reward": float(sum(sum(r) for r in rewards) / sum(num_samples)),
         "correct_threshold": correct_threshold,
+        "pass_curve": [float(v) for v in metrics.pass_at_k_curve(num_samples, num_correct)],
     }
+    if bootstrap:
+        idx = metrics.bootstrap_indices(len(prompt_ids), bootstrap, seed)
+        summary["ci"] = {"mean_at_k": metrics.bootstrap_ci(per_mean, confidence=confidence, indices=idx)}
+        for kk in pass_at:
+            per = [row["pass_at"][str(kk)] for row in rows]
+            summary["ci"][f"pass@{kk}"] = metrics.bootstrap_ci(per, confidence=confidence, indices=idx)
+        summary["ci_confidence"], summary["ci_resamples"] = confidence, bootstrap
     return summary, rows
 
 
@@ -110,14 +123,24 @@ def format_markdown(summary: dict, rows: list[dict]) -> str:
     info = [f"policy `{summary.get('policy', '?')}`", f"{summary['prompts']} prompts", f"k = {k} samples per prompt"]
     if "temperature" in summary:
         info.append(f"temperature {summary['temperature']}, top-p {summary['top_p']}, seed {summary['seed']}")
-    lines += [", ".join(info), "", "| metric | value |", "|---|---|", f"| Mean@{k} | {summary['mean_at_k']:.4f} |"]
-    lines += [f"| pass@{kk} | {summary['pass_at'][kk]:.4f} |" for kk in pass_keys]
+    ci = summary.get("ci", {})
+
+    def interval(key: str) -> str:
+        return f" [{ci[key]['lo']:.4f}, {ci[key]['hi']:.4f}] |" if key in ci else ""
+
+    head = ["| metric | value | bootstrap interval |", "|---|---|---|"] if ci else ["| metric | value |", "|---|---|"]
+    lines += [", ".join(info), "", *head,
+              f"| Mean@{k} | {summary['mean_at_k']:.4f} |{interval('mean_at_k')}"]
+    lines += [f"| pass@{kk} | {summary['pass_at'][kk]:.4f} |{interval(f'pass@{kk}')}" for kk in pass_keys]
     lines += [
         f"| distinct correct answers per prompt | {summary['distinct_correct']:.3f} |",
         f"| mean reward | {summary['mean_reward']:.4f} |",
     ]
     if "truncated_frac" in summary:
         lines.append(f"| truncated responses | {summary['truncated_frac']:.3f} |")
+    if ci:
+        lines += ["", f"Brackets: {100 * summary['ci_confidence']:.0f}% percentile bootstrap interval over prompts "
+                  f"({summary['ci_resamples']} resamples)."]
     lines += ["", "## Per prompt", ""]
     header = ["prompt", "correct", f"Mean@{k}"] + [f"pass@{kk}" for kk in pass_keys] + ["distinct correct"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -147,6 +170,8 @@ def run_evaluation(
     correct_threshold: float = 1.0,
     policy: Optional[str] = None,
     progress: bool = True,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
 ) -> dict:
     """Draw ``k`` samples per prompt with ``generator``, verify them, write ``eval.json`` / ``eval.md`` /
     ``eval_samples.parquet`` into ``out_dir`` and return the summary (see :func:`summarize`).
@@ -202,7 +227,8 @@ def run_evaluation(
     finally:
         bar.close()
 
-    summary, rows = summarize([r.id for r in prompts], responses, rewards, k, list(pass_at), correct_threshold)
+    summary, rows = summarize([r.id for r in prompts], responses, rewards, k, list(pass_at), correct_threshold,
+                              bootstrap=bootstrap, confidence=confidence, seed=seed)
     n = len(columns["finish_reason"])
     summary.update({
         "samples": n,
@@ -304,6 +330,7 @@ def run(cfg, checkpoint: Optional[str] = None) -> dict:
             records, generator=generator, verifier=cfg.data.verifier, out_dir=out_dir, k=e.k, pass_at=list(e.pass_at),
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, stop=e.stop, seed=e.seed,
             batch_size=e.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, policy=str(folder),
+            bootstrap=e.bootstrap, confidence=e.confidence,
         )
     finally:
         del generator, model

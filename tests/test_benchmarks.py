@@ -126,3 +126,49 @@ def test_codeforces_open_r1_and_deepcoder_layouts(tmp_path):
     bad = [{"problem": "Echo.", "tests": json.dumps([{"in": "x"}])}]
     with pytest.raises(BenchmarkError, match="row 0: tests must be"):
         load_benchmark("codeforces", str(write_jsonl(tmp_path / "bad.jsonl", bad)))
+
+
+def test_disa_eval_selects_a_checkpoint_then_runs_benchmarks(tiny_gpt2_path, tmp_path):
+    """`disa eval` with eval.select_holdout and eval.benchmarks on fake checkpoints (copies of a tiny GPT-2)."""
+    import shutil
+
+    import yaml
+
+    from disa import cli
+    from disa.verifiers import register_verifier
+
+    @register_verifier("test_digit_count")
+    def digit_count(prompts, completions, **columns):
+        return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        shutil.copytree(tiny_gpt2_path, run / "checkpoints" / f"checkpoint-{step}" / "policy")
+    prompts = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "prompt": f"{i} + {i} =", "answer": str(2 * i)}
+                                                     for i in range(6)])
+    math500 = write_jsonl(tmp_path / "math500.jsonl", [{"unique_id": f"m{i}", "problem": f"{i}*2?", "answer": str(2 * i)}
+                                                       for i in range(3)])
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(run), "data": {"prompts": str(prompts), "verifier": "test_digit_count"},
+        "models": {"reference": tiny_gpt2_path, "device": "cpu"},
+        "eval": {"k": 3, "pass_at": [1, 3], "max_new_tokens": 4, "batch_size": 8, "bootstrap": 200,
+                 "select_holdout": 2, "benchmarks": [{"name": "math500", "path": str(math500)}]},
+    }))
+    assert cli.main(["eval", "-c", str(config)]) == 0
+    selection = json.loads((run / "eval" / "selection" / "selection.json").read_text())
+    assert len(selection["held_out_ids"]) == 2 and set(selection["scores"]) == {"1", "2"}
+    best = max(selection["scores"].values())
+    assert selection["selected_step"] == min(int(s) for s, v in selection["scores"].items() if v == best)
+    out = run / "eval" / f"checkpoint-{selection['selected_step']}"
+    table = json.loads((out / "benchmarks.json").read_text())
+    assert table["benchmarks"]["math500"]["prompts"] == 3
+    assert table["average"]["mean_at_k"] == table["benchmarks"]["math500"]["mean_at_k"]["value"]
+    row = table["benchmarks"]["math500"]["pass@3"]
+    assert row["lo"] <= row["value"] <= row["hi"]
+    assert "| math500 | 3 |" in (out / "benchmarks.md").read_text()
+    summary = json.loads((out / "math500" / "eval.json").read_text())["summary"]
+    assert summary["verifier"] == "math" and len(summary["pass_curve"]) == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text().replace("math500", "gsm9k"))
+    assert cli.main(["eval", "-c", str(bad)]) == 2

@@ -307,34 +307,147 @@ def eval_name(cfg, folder: Path) -> str:
     return name or "model"
 
 
-@stage("eval")
-def run(cfg, checkpoint: Optional[str] = None) -> dict:
-    """``disa eval``: ``eval.k`` samples per eval prompt -> Mean@k, pass@k, distinct correct -> ``eval.json``/``.md``
-    and ``eval_samples.parquet`` in ``eval/<policy name>/`` (evaluating another checkpoint keeps this one), copied
-    to ``output_dir`` as the latest evaluation."""
-    rd = common.run_dir(cfg)
-    folder = policy_folder(cfg, checkpoint)
-    out_dir = rd.eval / eval_name(cfg, folder)
-    records = common.prompts(cfg, "eval_prompts")
-    common.verifier(cfg)
-    rd.ensure_writable()
+BENCHMARKS_JSON = "benchmarks.json"
+BENCHMARKS_MD = "benchmarks.md"
+SELECTION_JSON = "selection.json"
+
+
+def _generator_for(cfg, folder: Path):
     e = cfg.eval
-    model = None
     if cfg.sample.backend == "vllm" and not (folder / "adapter_config.json").is_file():
-        generator = common.generator(cfg, str(folder), e.batch_size, seed=e.seed)
-    else:
-        model, tokenizer = load_policy(cfg, folder)
-        generator = common.generator(cfg, model, e.batch_size, tokenizer=tokenizer, progress=False)
+        return common.generator(cfg, str(folder), e.batch_size, seed=e.seed), None
+    model, tokenizer = load_policy(cfg, folder)
+    return common.generator(cfg, model, e.batch_size, tokenizer=tokenizer, progress=False), model
+
+
+def evaluate_sets(cfg, folder: Path, sets: Sequence[tuple]) -> list[dict]:
+    """Load ``folder`` once and run :func:`run_evaluation` on each ``(records, verifier, verifier_kwargs, out_dir)``."""
+    e = cfg.eval
+    generator, model = _generator_for(cfg, folder)
     try:
-        summary = run_evaluation(
-            records, generator=generator, verifier=cfg.data.verifier, out_dir=out_dir, k=e.k, pass_at=list(e.pass_at),
+        return [run_evaluation(
+            records, generator=generator, verifier=verifier, out_dir=out_dir, k=e.k, pass_at=list(e.pass_at),
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, stop=e.stop, seed=e.seed,
-            batch_size=e.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, policy=str(folder),
-            bootstrap=e.bootstrap, confidence=e.confidence,
-        )
+            batch_size=e.batch_size, verifier_kwargs=kwargs, policy=str(folder), bootstrap=e.bootstrap,
+            confidence=e.confidence, progress=False,
+        ) for records, verifier, kwargs, out_dir in sets]
     finally:
         del generator, model
         common.free()
+
+
+def benchmark_specs(cfg) -> list[tuple[str, Optional[str], Optional[int]]]:
+    """``(name, path, limit)`` of each ``eval.benchmarks`` entry (a name, or ``{name, path, limit}``)."""
+    from disa.benchmarks import BENCHMARKS
+    from disa.config import ConfigError
+
+    specs = []
+    for i, entry in enumerate(cfg.eval.benchmarks):
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - {"name", "path", "limit"}:
+            raise ConfigError(f"eval.benchmarks[{i}]: expected a name or {{name, path, limit}}, got {entry!r}")
+        if entry["name"] not in BENCHMARKS:
+            raise ConfigError(f"eval.benchmarks[{i}]: unknown benchmark {entry['name']!r}; known: {sorted(BENCHMARKS)}")
+        specs.append((entry["name"], entry.get("path"), entry.get("limit")))
+    return specs
+
+
+def benchmark_table(summaries: dict[str, dict]) -> dict:
+    """Per-benchmark Mean@k / pass@k with their intervals, and the unweighted average over benchmarks."""
+    first = next(iter(summaries.values()))
+    keys = ["mean_at_k"] + [f"pass@{kk}" for kk in first["pass_at"]]
+
+    def value(s: dict, key: str) -> float:
+        return s["mean_at_k"] if key == "mean_at_k" else s["pass_at"][key.split("@")[1]]
+
+    rows = {name: {key: {"value": value(s, key), **({"lo": s["ci"][key]["lo"], "hi": s["ci"][key]["hi"]}
+                                                    if "ci" in s else {})} for key in keys} | {"prompts": s["prompts"]}
+            for name, s in summaries.items()}
+    average = {key: metrics.macro_average({n: value(s, key) for n, s in summaries.items()}) for key in keys}
+    return {"k": first["k"], "benchmarks": rows, "average": average}
+
+
+def format_benchmarks(table: dict) -> str:
+    keys = list(table["average"])
+    names = [f"Mean@{table['k']}" if key == "mean_at_k" else key for key in keys]
+    lines = ["# Benchmarks", "", "| benchmark | problems | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(keys)]
+    for bench, row in table["benchmarks"].items():
+        cells = [f"{row[k]['value']:.4f}" + (f" [{row[k]['lo']:.3f}, {row[k]['hi']:.3f}]" if "lo" in row[k] else "")
+                 for k in keys]
+        lines.append(f"| {bench} | {row['prompts']} | " + " | ".join(cells) + " |")
+    lines.append("| **average** | | " + " | ".join(f"{table['average'][k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def select_policy(cfg) -> Path:
+    """App. D.1: score every checkpoint of the run by Mean@k on a seeded held-out slice of the training prompts
+    (``eval.select_holdout`` prompts, the same slice and rule for every method) and return the best one's policy."""
+    from disa.config import ConfigError
+    from disa.training.checkpoints import checkpoint_step
+
+    rd = common.run_dir(cfg)
+    ckpts = sorted((p for p in rd.checkpoints.glob("checkpoint-*") if checkpoint_step(p) is not None),
+                   key=checkpoint_step) if rd.checkpoints.is_dir() else []
+    if not ckpts:
+        raise ConfigError(f"{rd.checkpoints}: no checkpoint-<step>/ to select from; run `disa train` first")
+    records = common.prompts(cfg, "prompts")
+    try:
+        keep = set(metrics.held_out_slice([r.id for r in records], cfg.eval.select_holdout, seed=cfg.eval.seed))
+    except ValueError as err:
+        raise ConfigError(f"eval.select_holdout: {err}") from None
+    held_out = [r for r in records if r.id in keep]
+    scores = {}
+    for ckpt in ckpts:
+        [summary] = evaluate_sets(cfg, ckpt / "policy", [(held_out, cfg.data.verifier, cfg.data.verifier_kwargs,
+                                                          rd.eval / "selection" / ckpt.name)])
+        scores[checkpoint_step(ckpt)] = summary["mean_at_k"]
+    best = metrics.select_checkpoint(scores)
+    chosen = next(c for c in ckpts if checkpoint_step(c) == best)
+    atomic_write_text(rd.eval / "selection" / SELECTION_JSON, json.dumps(
+        {"rule": "highest held-out Mean@k, ties to the earliest step", "held_out_ids": sorted(keep),
+         "scores": {str(s): v for s, v in scores.items()}, "selected_step": best, "selected": str(chosen)}, indent=2) + "\n")
+    common.say("eval", f"checkpoint selection on {len(held_out)} held-out training prompts: "
+               + ", ".join(f"step {s}: {v:.4f}" for s, v in scores.items()) + f" -> {chosen.name}")
+    return chosen / "policy"
+
+
+@stage("eval")
+def run(cfg, checkpoint: Optional[str] = None) -> dict:
+    """``disa eval``: ``eval.k`` samples per eval prompt -> Mean@k, pass@k (bootstrap intervals), distinct correct ->
+    ``eval.json``/``.md`` and ``eval_samples.parquet`` in ``eval/<policy name>/`` (evaluating another checkpoint keeps
+    this one), copied to ``output_dir`` as the latest evaluation. ``eval.benchmarks`` adds one sub-folder per
+    benchmark and ``benchmarks.json``/``.md`` with the average; ``eval.select_holdout`` picks the checkpoint first."""
+    from disa.benchmarks import BENCHMARKS, load_benchmark
+
+    rd = common.run_dir(cfg)
+    e = cfg.eval
+    specs = benchmark_specs(cfg)
+    rd.ensure_writable()
+    if checkpoint is None and e.select_holdout:
+        folder = select_policy(cfg)
+    else:
+        folder = policy_folder(cfg, checkpoint)
+    out_dir = rd.eval / eval_name(cfg, folder)
+    main_set = not specs or cfg.data.eval_prompts is not None
+    sets = []
+    if main_set:
+        common.verifier(cfg)
+        sets.append((common.prompts(cfg, "eval_prompts"), cfg.data.verifier, cfg.data.verifier_kwargs, out_dir))
+    for name, path, limit in specs:
+        sets.append((load_benchmark(name, path, limit), BENCHMARKS[name].verifier,
+                     cfg.data.verifier_kwargs if BENCHMARKS[name].verifier == cfg.data.verifier else {}, out_dir / name))
+    summaries = evaluate_sets(cfg, folder, sets)
+    result = {"eval_dir": str(out_dir)}
+    if specs:
+        table = benchmark_table({name: s for (name, _, _), s in zip(specs, summaries[int(main_set):])})
+        atomic_write_text(out_dir / BENCHMARKS_JSON, json.dumps(table, indent=2) + "\n")
+        atomic_write_text(out_dir / BENCHMARKS_MD, format_benchmarks(table))
+        common.say("eval", f"{len(specs)} benchmarks, average Mean@{e.k} {table['average']['mean_at_k']:.4f} -> "
+                   f"{out_dir / BENCHMARKS_MD}")
+        result["benchmarks"] = table
+    if not main_set:
+        return result
+    summary = summaries[0]
     for name in (EVAL_SAMPLES, EVAL_JSON, EVAL_MD):  # the latest evaluation, also at the top of the run
         tmp = rd.root / f"{name}.tmp"
         shutil.copyfile(out_dir / name, tmp)
@@ -343,4 +456,4 @@ def run(cfg, checkpoint: Optional[str] = None) -> dict:
     common.say("eval", f"{summary['prompts']} prompts x k={e.k} from {folder}: Mean@{e.k} {summary['mean_at_k']:.4f}, "
                f"{passes}, distinct correct {summary['distinct_correct']:.3f} per prompt -> {out_dir / EVAL_JSON}, "
                f"{out_dir / EVAL_MD} (latest also in {rd.root / EVAL_JSON})")
-    return {**summary, "eval_dir": str(out_dir)}
+    return {**summary, **result}

@@ -1,0 +1,64 @@
+"""The studies' pure parts against hand-computed values; the testbed runs are slow-marked."""
+
+import numpy as np
+import pytest
+import torch
+
+from disa.estimators import label_prompts
+from disa.studies import n_budget as nb
+
+
+def test_kmeans_two_clusters_by_hand():
+    x = np.array([[0, 0], [0, 1], [10, 0], [10, 1]], dtype=float)
+    labels, centers, sse = nb.kmeans(x, 2, seed=0)
+    assert sse == pytest.approx(1.0)  # four points each 0.5 from their centre
+    assert labels[0] == labels[1] != labels[2] == labels[3]
+    assert nb.kmeans(x, 1)[2] == pytest.approx(4 * (25 + 0.25))
+    with pytest.raises(ValueError):
+        nb.kmeans(x, 5)
+
+
+def test_elbow_by_hand():
+    # scaled points (0, 1), (.25, .111), (.5, .056), (.75, .022), (1, 0): farthest below the chord at k = 2
+    assert nb.elbow_k([1, 2, 3, 4, 5], [100, 20, 15, 12, 10]) == 2
+    assert nb.elbow_k([1, 2, 3, 4, 5], [100, 80, 60, 15, 10]) == 4
+    assert nb.elbow_k([1, 2, 3], [5, 5, 5]) == 1
+    with pytest.raises(ValueError):
+        nb.elbow_k([1, 2], [3, 1])
+
+
+def test_stratified_subset_proportional():
+    labels = [0] * 4 + [1] * 6 + [2] * 2
+    picked = nb.stratified_subset(labels, 6, seed=0)
+    counts = np.bincount(np.asarray(labels)[picked], minlength=3)
+    assert counts.tolist() == [2, 3, 1] and len(set(picked)) == 6
+    # a tiny cluster still gets one when the size allows: quotas .9, 1.8, .3 -> 1, 1, 1
+    counts = np.bincount(np.asarray([0] * 3 + [1] * 6 + [2])[nb.stratified_subset([0] * 3 + [1] * 6 + [2], 3)])
+    assert counts.tolist() == [1, 1, 1]
+    with pytest.raises(ValueError):
+        nb.stratified_subset(labels, 13)
+
+
+def test_subsample_of_the_whole_pool_is_the_pool_label_and_stats_by_hand():
+    rng = np.random.default_rng(0)
+    ref, q = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
+    r = (rng.random((3, 6)) < 0.5).astype(float)
+    pool = label_prompts(*(torch.as_tensor(a) for a in (ref, q, r)), 2.0)["log_z"].numpy()
+    labels = nb.subsample_labels(ref, q, r, 2.0, 6, 4)
+    np.testing.assert_allclose(labels, np.tile(pool, (4, 1)))
+    # labels (2 subsamples x 2 prompts) [[1, 3], [3, 5]] against reference [2, 2]: variances 2 and 2,
+    # mean labels 2 and 4 -> bias (0 + 2) / 4, RMSE sqrt((1 + 1 + 1 + 9) / 4)
+    stats = nb.label_stats(np.array([[1.0, 3.0], [3.0, 5.0]]), np.array([2.0, 2.0]))
+    assert stats == pytest.approx({"variance": 2.0, "relative_bias": 0.5, "rmse": np.sqrt(3.0)})
+    with pytest.raises(ValueError, match="undefined"):
+        nb.label_stats(np.ones((2, 2)), np.zeros(2))
+
+
+def test_budget_rows_variance_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    pool = {"logp_ref": rng.normal(size=(4, 64)), "logp_q": rng.normal(size=(4, 64)),
+            "reward": (rng.random((4, 64)) < 0.3).astype(float)}
+    rows = nb.budget_rows(pool, 1.0, [2, 8, 32], num_subsamples=30)
+    variances = [r["variance_vs_pool"] for r in rows]
+    assert variances[0] > variances[1] > variances[2] > 0
+    assert "rmse_vs_exact" not in rows[0]

@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         if verb == "eval":
             p.add_argument("--checkpoint", default=None, help="policy folder (default: the last training checkpoint)")
+    study = sub.add_parser("study", help="run one of the paper's studies on the exact testbed (disa.studies)")
+    study.add_argument("name", help="n_budget, beta_sweep, proposal or sft_vs_disa")
+    study.add_argument("--quick", action="store_true", help="the small testbed")
+    study.add_argument("--out", default=None, help="output folder (default: runs/study-NAME)")
+    study.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
+    report = sub.add_parser("report", help="one self-contained HTML page for a run or study folder (disa.report)")
+    report.add_argument("run_dir", help="a run directory (output_dir) or a study/demo output folder")
+    report.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/report.html)")
     cfg = sub.add_parser("config", help="print every config field with its default and help text, then every "
                          "registered objective with its hyperparameters")
     _add_config_args(cfg, required=False)
@@ -78,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                      settings=settings)
             return 0
 
+        if args.verb in ("study", "report"):
+            from disa.report import cli_study_or_report
+
+            return cli_study_or_report(args)
         from disa.config import describe, load_config
 
         cfg = load_config(args.config, args.overrides)  # loads the config's plugins too

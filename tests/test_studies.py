@@ -62,3 +62,39 @@ def test_budget_rows_variance_shrinks_with_n():
     variances = [r["variance_vs_pool"] for r in rows]
     assert variances[0] > variances[1] > variances[2] > 0
     assert "rmse_vs_exact" not in rows[0]
+
+
+def test_beta_sweep_target_row_by_hand():
+    import math
+
+    from disa.studies.beta_sweep import target_row
+
+    # pi_ref puts 1/2 on two correct answers (1/4 each); exp(beta) = 3 -> P* = 1.5 / 2 = 0.75
+    row = target_row([np.log([0.25, 0.25])], math.log(3.0), k=2)
+    assert row["target_accuracy"] == pytest.approx(0.75)
+    assert row["target_pass_at_2"] == pytest.approx(1 - 0.25**2)
+    assert row["kl_target_ref"] == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+
+
+def test_unknown_study_is_an_error(capsys):
+    from disa import cli
+
+    assert cli.main(["study", "nope"]) == 2
+    assert "unknown study" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["n_budget", "beta_sweep", "proposal"])
+def test_study_runs_on_the_quick_testbed(name, tmp_path):
+    import json
+
+    from disa import cli
+
+    out = tmp_path / name
+    assert cli.main(["study", name, "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["testbed"] == "quick" and results["rows"]
+    assert (out / f"{name}.png").stat().st_size > 1000 and (out / "report.html").is_file()
+    if name == "n_budget":
+        variances = [r["variance_vs_pool"] for r in results["rows"]]
+        assert variances == sorted(variances, reverse=True)

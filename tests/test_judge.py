@@ -86,3 +86,29 @@ def test_non_json_reply_and_http_error_and_unreachable(server):
         judge_diversity(config, ["p"], [["a"]])
     with pytest.raises(JudgeError, match="cannot reach"):
         judge_diversity(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=2), ["p"], [["a"]])
+
+
+def test_eval_records_judge_and_judge_free_diversity(server, tmp_path, monkeypatch):
+    from disa.data import PromptRecord
+    from disa.generation import Sample
+    from disa.stages.evaluate import run_evaluation
+
+    class TwoAnswers:
+        tokenizer = None
+
+        def generate(self, prompts, k, **kw):
+            return [[Sample(text=f"so \\boxed{{{j % 2}}}", prompt_ids=[1], response_ids=[2, 3], logprob=-1.0,
+                            finish_reason="stop") for j in range(k)] for _ in prompts]
+
+    FakeJudge.replies = ["Score: 2", "Score: 3"]
+    monkeypatch.setenv("JUDGE_KEY", "sk-env")
+    records = [PromptRecord(id="a", prompt="1-1?", answer="0"), PromptRecord(id="b", prompt="1*1?", answer="1")]
+    summary = run_evaluation(records, generator=TwoAnswers(), verifier="math", out_dir=tmp_path, k=4, pass_at=[1, 4],
+                             progress=False, bootstrap=100,
+                             judge={"base_url": server, "model": "j", "api_key_env": "JUDGE_KEY"})
+    assert summary["judge"]["scores"] == [2.0, 3.0] and summary["judge"]["mean"] == 2.5
+    assert FakeJudge.seen[0][1] == "Bearer sk-env" and "1-1?" in FakeJudge.seen[0][2]["messages"][0]["content"]
+    assert summary["diversity"]["distinct_answers"] == 2.0 and summary["diversity"]["distinct_solutions"] == 2.0
+    assert summary["mean_at_k"] == 0.5 and summary["pass_curve"] == [0.5, pytest.approx(5 / 6), 1.0, 1.0]
+    md = (tmp_path / "eval.md").read_text()
+    assert "LLM-judge diversity (1-5, j) | 2.500" in md and "distinct final answers per prompt | 2.000" in md

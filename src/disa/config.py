@@ -284,8 +284,12 @@ class EvalConfig(Section):
     select_holdout: int = _f(0, "`disa eval --select`: this many training prompts (a seeded slice, the same for "
                              "every method) score every checkpoint by Mean@k; the best is evaluated (App. D.1).",
                              "non_negative")
+    judge: dict = _f({}, "LLM-judge diversity (App. D.5) on an OpenAI-compatible endpoint: {base_url, model, "
+                     "api_key_env, temperature, max_tokens, timeout_s, retries}; empty: no judge.")
 
     def check(self) -> None:
+        if self.judge and not {"base_url", "model"} <= set(self.judge):
+            self._bad("judge", f"needs base_url and model, got {sorted(self.judge)}")
         if not self.pass_at or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k
                                    for k in self.pass_at):
             self._bad("pass_at", f"every k must be an int in [1, eval.k={self.k}], got {self.pass_at}")

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from disa import metrics
+from disa import diversity, metrics
 from disa.data import PromptRecord, render_prompt
 from disa.generation import Generator
 from disa.io import atomic_write_parquet, atomic_write_text
@@ -138,6 +138,14 @@ def format_markdown(summary: dict, rows: list[dict]) -> str:
     ]
     if "truncated_frac" in summary:
         lines.append(f"| truncated responses | {summary['truncated_frac']:.3f} |")
+    div = summary.get("diversity", {})
+    lines += [f"| {name} per prompt | {div[key]:.3f} |" for key, name in (
+        ("distinct_answers", "distinct final answers"), ("distinct_solutions", "distinct normalised solutions"),
+        ("distinct_2", "distinct-2"), ("self_bleu", "self-BLEU")) if key in div]
+    if "judge" in summary:
+        j = summary["judge"]
+        lines.append(f"| LLM-judge diversity (1-5, {j['judge_model']}) | {j['mean']:.3f} ± {j['std']:.3f} "
+                     f"({j['judged']} judged, {j['missing']} missing) |")
     if ci:
         lines += ["", f"Brackets: {100 * summary['ci_confidence']:.0f}% percentile bootstrap interval over prompts "
                   f"({summary['ci_resamples']} resamples)."]
@@ -172,6 +180,7 @@ def run_evaluation(
     progress: bool = True,
     bootstrap: int = 1000,
     confidence: float = 0.95,
+    judge: Optional[dict] = None,
 ) -> dict:
     """Draw ``k`` samples per prompt with ``generator``, verify them, write ``eval.json`` / ``eval.md`` /
     ``eval_samples.parquet`` into ``out_dir`` and return the summary (see :func:`summarize`).
@@ -240,7 +249,10 @@ def run_evaluation(
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "diversity": diversity.diversity_table(responses),
     })
+    if judge:
+        summary["judge"] = run_judge(judge, texts, responses)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,6 +260,16 @@ def run_evaluation(
     atomic_write_text(out_dir / EVAL_JSON, json.dumps({"summary": summary, "prompts": rows}, indent=2) + "\n")
     atomic_write_text(out_dir / EVAL_MD, format_markdown(summary, rows))
     return summary
+
+
+def run_judge(judge: dict, problems: Sequence[str], responses: Sequence[Sequence[str]]) -> dict:
+    """``eval.judge`` ({base_url, model, api_key_env, ...}) -> the LLM-judge diversity scores (disa.judge)."""
+    from disa.judge import JudgeConfig, judge_diversity
+
+    options = dict(judge)
+    key_env = options.pop("api_key_env", None)
+    config = JudgeConfig(**options, api_key=os.environ.get(key_env) if key_env else None)
+    return judge_diversity(config, problems, responses)
 
 
 # ----------------------------------------------------------------------------------------------- the verb
@@ -329,7 +351,7 @@ def evaluate_sets(cfg, folder: Path, sets: Sequence[tuple]) -> list[dict]:
             records, generator=generator, verifier=verifier, out_dir=out_dir, k=e.k, pass_at=list(e.pass_at),
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, stop=e.stop, seed=e.seed,
             batch_size=e.batch_size, verifier_kwargs=kwargs, policy=str(folder), bootstrap=e.bootstrap,
-            confidence=e.confidence, progress=False,
+            confidence=e.confidence, progress=False, judge=e.judge or None,
         ) for records, verifier, kwargs, out_dir in sets]
     finally:
         del generator, model

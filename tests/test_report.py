@@ -77,3 +77,5 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert colours is not None and len(colours) > 50
     # the matplotlib default blue (31, 119, 180) of the histograms and curves is drawn
     assert any(abs(r - 31) < 12 and abs(g - 119) < 12 and abs(b - 180) < 12 for _, (r, g, b) in colours)
+    # the tables' header cells (CSS background #eef) are drawn
+    assert any((r, g, b) == (238, 238, 255) and n > 200 for n, (r, g, b) in colours)

@@ -169,6 +169,9 @@ def test_disa_eval_selects_a_checkpoint_then_runs_benchmarks(tiny_gpt2_path, tmp
     assert "| math500 | 3 |" in (out / "benchmarks.md").read_text()
     summary = json.loads((out / "math500" / "eval.json").read_text())["summary"]
     assert summary["verifier"] == "math" and len(summary["pass_curve"]) == 3
+    assert cli.main(["report", str(run)]) == 0  # the run's page shows the selection and benchmark tables
+    page = (run / "report.html").read_text()
+    assert "benchmarks.md" in page and "selection/checkpoint-1/eval.md" in page and "<td>math500</td>" in page
     bad = tmp_path / "bad.yaml"
     bad.write_text(config.read_text().replace("math500", "gsm9k"))
     assert cli.main(["eval", "-c", str(bad)]) == 2

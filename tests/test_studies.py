@@ -98,3 +98,34 @@ def test_study_runs_on_the_quick_testbed(name, tmp_path):
     if name == "n_budget":
         variances = [r["variance_vs_pool"] for r in results["rows"]]
         assert variances == sorted(variances, reverse=True)
+
+
+def test_n_budget_on_a_tiny_model_pipeline_run(tiny_gpt2_path, tmp_path):
+    """`disa sample` with a larger N, then `disa study n_budget -c CONFIG` on that run's pool."""
+    import json
+
+    import yaml
+
+    from disa import cli
+    from disa.verifiers import register_verifier
+
+    @register_verifier("test_study_digit")
+    def has_digit(prompts, completions, **columns):
+        return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i} plus {i} is"}) + "\n" for i in range(6)))
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"), "data": {"prompts": str(prompts), "verifier": "test_study_digit"},
+        "models": {"reference": tiny_gpt2_path, "device": "cpu"}, "target": {"beta": 2.0},
+        "sample": {"n": 8, "max_new_tokens": 6, "batch_size": 8, "seed": 0},
+    }))
+    assert cli.main(["sample", "-c", str(config)]) == 0
+    out = tmp_path / "study"
+    assert cli.main(["study", "n_budget", "-c", str(config), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["pool_size"] == 8 and [r["n"] for r in results["rows"]] == [1, 2, 4]
+    assert 1 <= results["elbow_k"] <= 6 and sum(results["cluster_sizes"]) == 6
+    assert "relative_bias_vs_exact" not in results["rows"][0] and (out / "n_budget.png").is_file()
+    assert cli.main(["study", "beta_sweep", "-c", str(config), "--out", str(out)]) == 2

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--quick", action="store_true", help="the small testbed")
     study.add_argument("--out", default=None, help="output folder (default: runs/study-NAME)")
     study.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
+    _add_config_args(study, required=False)  # n_budget -c CONFIG: on a pipeline run's samples instead
     report = sub.add_parser("report", help="one self-contained HTML page for a run or study folder (disa.report)")
     report.add_argument("run_dir", help="a run directory (output_dir) or a study/demo output folder")
     report.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/report.html)")

@@ -123,30 +123,23 @@ def budget_rows(pool: dict, beta: float, ns: Sequence[int], num_subsamples: int,
 
 
 # --------------------------------------------------------------------------- the study
-def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0) -> dict:
-    from disa.demo import QUICK_SETTINGS, FULL_SETTINGS, sample_and_score
-    from disa.embeddings import ModelPoolEmbedder
-    from disa.studies.common import new_figure, save_figure, testbed_setup, write_results
-
-    settings = QUICK_SETTINGS if quick else FULL_SETTINGS
-    pool_size, num_subsamples, subset_size = (64, 40, 16) if quick else (256, 100, 32)
-    out = Path(out_dir)
-    s = testbed_setup(quick, cache_dir)
-    truths = s["truths"]
-    emb = ModelPoolEmbedder(s["ref"], s["tokenizer"], batch_size=64).embed([t.text for t in truths], progress=False)
-    emb = emb.double().numpy()
-    ks = list(range(1, min(10, len(truths)) + 1))
-    sse = sse_curve(emb, ks, seed)
+def choose_subset(embeddings: np.ndarray, size: int, seed: int) -> tuple[list[int], list[int], list[float], int, list[int]]:
+    """k-means SSE for k = 1..10, the elbow k, and a stratified subset: ``(subset, ks, sse, k, cluster_sizes)``."""
+    m = embeddings.shape[0]
+    if m < 3:  # no curve to find an elbow on
+        return list(range(m)), [1], [0.0], 1, [m]
+    ks = list(range(1, min(10, m) + 1))
+    sse = sse_curve(embeddings, ks, seed)
     k = elbow_k(ks, sse)
-    labels, _, _ = kmeans(emb, k, seed)
-    subset = stratified_subset(labels, min(subset_size, len(truths)), seed)
-    chosen = [truths[i] for i in subset]
-    pool = sample_and_score(s["proposal"], s["ref"], s["tokenizer"], chosen, pool_size, settings.max_new_tokens,
-                            out / "pool", seed)
-    exact = np.array([t.log_z(settings.beta) for t in chosen])
-    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= pool_size // 2]
-    rows = budget_rows(pool, settings.beta, ns, num_subsamples, exact, seed)
+    labels, _, _ = kmeans(embeddings, k, seed)
+    return stratified_subset(labels, min(size, m), seed), ks, sse, k, np.bincount(labels).tolist()
 
+
+def write_outputs(out: Path, results: dict, notes: str) -> None:
+    from disa.studies.common import new_figure, save_figure, write_results
+
+    rows, ks, sse, k = results["rows"], results["ks"], results["sse"], results["elbow_k"]
+    out.mkdir(parents=True, exist_ok=True)
     plt, fig, (a0, a1, a2) = new_figure(3)
     a0.plot(ks, sse, "o-")
     a0.axvline(k, color="red", ls="--", label=f"elbow k={k}")
@@ -155,17 +148,69 @@ def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0) -> dic
     a1.loglog([r["n"] for r in rows], [r["variance_vs_pool"] for r in rows], "o-")
     a1.set(xlabel="N", ylabel="label variance", title="variance across subsamples")
     for key, name in (("relative_bias_vs_pool", "vs pool"), ("relative_bias_vs_exact", "vs exact")):
-        a2.semilogx([r["n"] for r in rows], [r[key] for r in rows], "o-", label=name)
+        if key in rows[0]:
+            a2.semilogx([r["n"] for r in rows], [r[key] for r in rows], "o-", label=name)
     a2.axhline(0, color="gray", lw=0.5)
     a2.set(xlabel="N", ylabel="relative bias", title="bias of the LSE label")
     a2.legend()
     save_figure(plt, fig, out / "n_budget.png")
+    cols = [c for c in ("n", "variance_vs_pool", "relative_bias_vs_pool", "rmse_vs_pool", "relative_bias_vs_exact",
+                        "rmse_vs_exact") if c in rows[0]]
+    write_results(out, "N budget (App. D.3)", results, {"label vs N": (rows, cols)}, notes)
+
+
+def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0) -> dict:
+    from disa.demo import QUICK_SETTINGS, FULL_SETTINGS, sample_and_score
+    from disa.embeddings import ModelPoolEmbedder
+    from disa.studies.common import testbed_setup
+
+    settings = QUICK_SETTINGS if quick else FULL_SETTINGS
+    pool_size, num_subsamples, subset_size = (64, 40, 16) if quick else (256, 100, 32)
+    out = Path(out_dir)
+    s = testbed_setup(quick, cache_dir)
+    truths = s["truths"]
+    emb = ModelPoolEmbedder(s["ref"], s["tokenizer"], batch_size=64).embed([t.text for t in truths], progress=False)
+    subset, ks, sse, k, sizes = choose_subset(emb.double().numpy(), subset_size, seed)
+    chosen = [truths[i] for i in subset]
+    pool = sample_and_score(s["proposal"], s["ref"], s["tokenizer"], chosen, pool_size, settings.max_new_tokens,
+                            out / "pool", seed)
+    exact = np.array([t.log_z(settings.beta) for t in chosen])
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= pool_size // 2]
+    rows = budget_rows(pool, settings.beta, ns, num_subsamples, exact, seed)
     results = {"testbed": "quick" if quick else "full", "beta": settings.beta, "pool_size": pool_size,
                "num_subsamples": num_subsamples, "ks": ks, "sse": sse, "elbow_k": k, "subset": [t.id for t in chosen],
-               "cluster_sizes": np.bincount(labels).tolist(), "rows": rows}
-    cols = ["n", "variance_vs_pool", "relative_bias_vs_pool", "rmse_vs_pool", "relative_bias_vs_exact", "rmse_vs_exact"]
-    write_results(out, "N budget (App. D.3)", results, {"label vs N": (rows, cols)},
-                  f"{'Quick' if quick else 'Full'} testbed, beta={settings.beta}, strong proposal. k-means elbow k={k} "
-                  f"(SSE over k=1..{ks[-1]}), {len(chosen)} prompts sampled per cluster size, pool of {pool_size} "
-                  f"samples per prompt, {num_subsamples} random size-N subsets per N.")
+               "cluster_sizes": sizes, "rows": rows}
+    write_outputs(out, results, f"{'Quick' if quick else 'Full'} testbed, beta={settings.beta}, strong proposal. "
+                  f"k-means elbow k={k} (SSE over k=1..{ks[-1]}), {len(chosen)} prompts sampled per cluster size, pool "
+                  f"of {pool_size} samples per prompt, {num_subsamples} random size-N subsets per N.")
+    return results
+
+
+def run_from_config(cfg, out_dir: str, subset_size: int = 32, num_subsamples: int = 100, seed: int = 0) -> dict:
+    """The same study on a pipeline run: the pool is the run's ``disa sample`` output (sample with a large
+    ``sample.n``), the embeddings are Stage 2's embedder's, the label uses the raw reward at ``target.beta``.
+    No exact log Z exists here, so the bias is against the pool label only."""
+    from disa.stages import common
+    from disa.stages.label import collect_groups
+
+    rd = common.run_dir(cfg)
+    order, groups = collect_groups(str(rd.require(rd.samples, "sample", "Stage 1 samples")))
+    m = min(len(groups[p]["reward"]) for p in order)
+    if m < 2:
+        raise ValueError(f"{rd.samples}: the N-budget study needs at least 2 samples per prompt, found {m}")
+    texts = common.reference_texts(cfg, common.prompts(cfg, "prompts"))
+    missing = [p for p in order if p not in texts]
+    if missing:
+        raise ValueError(f"{rd.samples}: prompt ids not in data.prompts: {missing[:5]}")
+    emb = common.embedder(cfg).embed([texts[p] for p in order], progress=False).double().cpu().numpy()
+    subset, ks, sse, k, sizes = choose_subset(emb, subset_size, seed)
+    pool = {key: np.array([groups[order[i]][key][:m] for i in subset], dtype=np.float64)
+            for key in ("logp_ref", "logp_q", "reward")}
+    ns = [2**i for i in range(int(np.log2(m)) + 1) if 2**i <= max(1, m // 2)]
+    rows = budget_rows(pool, cfg.target.beta, ns, num_subsamples, None, seed)
+    results = {"run": str(rd.root), "beta": cfg.target.beta, "pool_size": m, "num_subsamples": num_subsamples,
+               "ks": ks, "sse": sse, "elbow_k": k, "subset": [order[i] for i in subset], "cluster_sizes": sizes,
+               "rows": rows}
+    write_outputs(Path(out_dir), results, f"Run {rd.root}: raw reward, beta={cfg.target.beta}, elbow k={k}, "
+                  f"{len(subset)} prompts, pool of {m} samples per prompt, {num_subsamples} random size-N subsets per N.")
     return results

@@ -32,7 +32,7 @@ def markdown_to_html(text: str) -> str:
 
     def flush() -> None:
         if table:
-            rows = [[html.escape(c.strip()) for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))] for line in table
+            rows = [[_bold(html.escape(c.strip())) for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))] for line in table
                     if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
             head, body = rows[0], rows[1:]
             out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
@@ -52,6 +52,10 @@ def markdown_to_html(text: str) -> str:
             out.append(f"<p>{html.escape(line)}</p>")
     flush()
     return "\n".join(out)
+
+
+def _bold(cell: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", cell)
 
 
 def png_tag(png: bytes, alt: str) -> str:
@@ -133,8 +137,10 @@ def _training_section(root: Path) -> list[str]:
         if not keys:
             keys = [k for k in cols if k != "step"][:3]
         for key in keys:
-            parts.append(png_tag(_figure_png(lambda ax, k=key: (ax.plot(step, cols[k]), ax.set(xlabel="step", ylabel=k))),
-                                 f"{f.parent.name} {key}"))
+            title = str(f.parent.relative_to(root)) if f.parent != root else root.name
+            parts.append(png_tag(_figure_png(lambda ax, k=key, t=title: (ax.plot(step, cols[k]),
+                                                                         ax.set(xlabel="step", ylabel=k, title=t))),
+                                 f"{title} {key}"))
     return (["<h2>Training curves</h2>", *[f"<p>{html.escape(str(f.relative_to(root)))}</p>" for f in files], *parts]
             if parts else [])
 

@@ -88,3 +88,18 @@ def test_select_checkpoint_rule():
         metrics.select_checkpoint({1: float("nan"), 2: 0.3})
     with pytest.raises(ValueError, match="no checkpoint"):
         metrics.select_checkpoint({})
+
+
+def test_eval_summary_intervals_and_curve():
+    from disa.stages.evaluate import format_markdown, summarize
+
+    responses = [["x", "y"], ["x", "x"], ["z", "w"]]
+    rewards = [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+    summary, _ = summarize(["a", "b", "c"], responses, rewards, k=2, pass_at=[1, 2], bootstrap=500, seed=0)
+    assert summary["pass_curve"] == [pytest.approx(0.5), pytest.approx(2 / 3)]
+    assert set(summary["ci"]) == {"mean_at_k", "pass@1", "pass@2"}
+    ci = summary["ci"]["pass@2"]
+    assert ci["mean"] == pytest.approx(2 / 3) and 0.0 <= ci["lo"] <= ci["mean"] <= ci["hi"] <= 1.0
+    assert "| pass@2 | 0.6667 | [" in format_markdown(summary, [])
+    plain, _ = summarize(["a", "b", "c"], responses, rewards, k=2, pass_at=[1], bootstrap=0)
+    assert "ci" not in plain and "bootstrap" not in format_markdown(plain, [])

@@ -7,6 +7,8 @@
     disa train    -c CONFIG                   Stage 3: RL with the chosen objective
     disa eval     -c CONFIG [--checkpoint P]  Mean@k, pass@k, distinct correct answers
     disa run      -c CONFIG                   all of the above in order
+    disa study NAME [--quick] [-c CONFIG]     a paper study on the testbed (n_budget also on a run): table + plots
+    disa report RUN_DIR                       one self-contained HTML page for a run, study or demo folder
     disa config  [-c CONFIG]                  every config field with its default and help, and every objective
 """
 

@@ -279,10 +279,11 @@ class EvalConfig(Section):
                         "non_negative")
     confidence: float = _f(0.95, "Coverage of the bootstrap intervals.", "open_unit")
     benchmarks: list = _f([], "Benchmarks from local files, each {name: aime24|aime25|amc23|math500|minerva|"
-                          "olympiadbench|humaneval|livecodebench|codeforces, path: FILE} (humaneval needs no path); "
+                          "olympiadbench|humaneval|humaneval_plus|livecodebench|codeforces, path: FILE, limit: N} (humaneval needs no path); "
                           "see disa.benchmarks. Empty: data.eval_prompts with data.verifier.")
-    select_holdout: int = _f(0, "`disa eval --select`: this many training prompts (a seeded slice, the same for "
-                             "every method) score every checkpoint by Mean@k; the best is evaluated (App. D.1).",
+    select_holdout: int = _f(0, "`disa eval` without --checkpoint: this many training prompts (a seeded slice, the "
+                             "same for every method) score every checkpoint by Mean@k; the best is evaluated "
+                             "(App. D.1). 0: the last checkpoint.",
                              "non_negative")
     judge: dict = _f({}, "LLM-judge diversity (App. D.5) on an OpenAI-compatible endpoint: {base_url, model, "
                      "api_key_env, temperature, max_tokens, timeout_s, retries}; empty: no judge.")

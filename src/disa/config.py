@@ -310,8 +310,22 @@ class EvalConfig(Section):
     stop: list = _f([], "Stop strings for evaluation.")
     batch_size: int = _f(8, "Prompts per generation batch.", "positive")
     seed: int = _f(1234, "Evaluation sampling seed.", "non_negative")
+    bootstrap: int = _f(1000, "Bootstrap resamples over prompts for the confidence intervals (0: none).",
+                        "non_negative")
+    confidence: float = _f(0.95, "Coverage of the bootstrap intervals.", "open_unit")
+    benchmarks: list = _f([], "Benchmarks from local files, each {name: aime24|aime25|amc23|math500|minerva|"
+                          "olympiadbench|humaneval|humaneval_plus|livecodebench|codeforces, path: FILE, limit: N} (humaneval needs no path); "
+                          "see disa.benchmarks. Empty: data.eval_prompts with data.verifier.")
+    select_holdout: int = _f(0, "`disa eval` without --checkpoint: this many training prompts (a seeded slice, the "
+                             "same for every method) score every checkpoint by Mean@k; the best is evaluated "
+                             "(App. D.1). 0: the last checkpoint.",
+                             "non_negative")
+    judge: dict = _f({}, "LLM-judge diversity (App. D.5) on an OpenAI-compatible endpoint: {base_url, model, "
+                     "api_key_env, temperature, max_tokens, timeout_s, retries}; empty: no judge.")
 
     def check(self) -> None:
+        if self.judge and not {"base_url", "model"} <= set(self.judge):
+            self._bad("judge", f"needs base_url and model, got {sorted(self.judge)}")
         if not self.pass_at or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k
                                    for k in self.pass_at):
             self._bad("pass_at", f"every k must be an int in [1, eval.k={self.k}], got {self.pass_at}")

@@ -197,3 +197,99 @@ def kl_divergence(p, q, atol: float = 1e-6) -> torch.Tensor:
     p, q = _check_distributions(p, q, atol)
     terms = torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
     return terms.sum(dim=-1)
+
+
+# --------------------------------------------------------------------------- uncertainty and curves
+def percentile_interval(statistics: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap statistics (percentile method, linear interpolation)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    stats = np.asarray(statistics, dtype=np.float64)
+    if stats.ndim != 1 or stats.size == 0:
+        raise ValueError("statistics must be a non-empty 1-D sequence")
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def bootstrap_indices(num_problems: int, num_resamples: int, seed: int = 0) -> np.ndarray:
+    """``(num_resamples, num_problems)`` problem indices drawn with replacement; one draw shared by every
+    metric of an evaluation so that their intervals come from the same resampled problem sets."""
+    num_problems = _check_count("num_problems", num_problems, minimum=1)
+    num_resamples = _check_count("num_resamples", num_resamples, minimum=1)
+    return np.random.default_rng(seed).integers(0, num_problems, size=(num_resamples, num_problems))
+
+
+def bootstrap_ci(
+    per_problem: Sequence[float],
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    indices: Optional[np.ndarray] = None,
+) -> dict[str, float]:
+    """Mean of per-problem scores with a percentile bootstrap interval over problems.
+
+    Problems, not samples, are resampled: the paper's benchmarks have few problems (AIME: 30), and that is
+    where the uncertainty of a Mean@k or pass@k lies. Returns ``{"mean", "lo", "hi", "std"}`` (``std``: the
+    bootstrap standard error). ``indices`` (from :func:`bootstrap_indices`) overrides the draw.
+    """
+    values = np.asarray(per_problem, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError("per_problem must be a non-empty 1-D sequence of per-problem scores")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("per_problem has a non-finite score")
+    if indices is None:
+        indices = bootstrap_indices(values.size, num_resamples, seed)
+    elif indices.ndim != 2 or indices.shape[1] != values.size:
+        raise ValueError(f"indices must have shape (resamples, {values.size}), got {indices.shape}")
+    means = values[indices].mean(axis=1)
+    lo, hi = percentile_interval(means, confidence)
+    return {"mean": float(values.mean()), "lo": lo, "hi": hi, "std": float(means.std(ddof=1)) if means.size > 1 else 0.0}
+
+
+def pass_at_k_curve(num_samples: Sequence[int], num_correct: Sequence[int], max_k: Optional[int] = None) -> np.ndarray:
+    """Mean unbiased pass@k for k = 1 .. ``max_k`` (default: the smallest sample count), shape ``(max_k,)``.
+
+    Index ``k - 1`` holds pass@k. Computing all of them from one set of ``n`` samples is how the paper draws
+    pass@k curves up to k = N without drawing new samples for each k.
+    """
+    if len(num_samples) == 0:
+        raise ValueError("num_samples is empty: a pass@k curve needs at least one problem")
+    limit = min(int(n) for n in num_samples)
+    max_k = limit if max_k is None else _check_count("max_k", max_k, minimum=1)
+    if max_k > limit:
+        raise ValueError(f"max_k={max_k} exceeds the smallest per-problem sample count {limit}")
+    return np.array([mean_pass_at_k(num_samples, num_correct, k) for k in range(1, max_k + 1)])
+
+
+def macro_average(per_benchmark: dict[str, float]) -> float:
+    """Unweighted mean over benchmarks (the paper's "Avg" column: each benchmark counts once, whatever its size)."""
+    if not per_benchmark:
+        raise ValueError("per_benchmark is empty")
+    return float(np.mean([float(v) for v in per_benchmark.values()]))
+
+
+# --------------------------------------------------------------------------- checkpoint selection
+def held_out_slice(ids: Sequence[str], size: int, seed: int = 0) -> list[str]:
+    """``size`` prompt ids drawn without replacement by a seeded permutation (sorted input order first, so the
+    slice depends on the id set, not the file order); the same slice for every method of a comparison."""
+    size = _check_count("size", size, minimum=1)
+    unique = sorted(set(ids))
+    if size > len(unique):
+        raise ValueError(f"held-out slice of {size} prompts asked from {len(unique)} distinct ids")
+    order = np.random.default_rng(seed).permutation(len(unique))[:size]
+    return [unique[i] for i in sorted(order)]
+
+
+def select_checkpoint(scores: dict[int, float]) -> int:
+    """The step with the highest held-out score; ties go to the earliest step (less training, same score).
+
+    One rule for every method (App. D.1): the score is the held-out Mean@k, never a test-set number.
+    """
+    if not scores:
+        raise ValueError("no checkpoint scores to select from")
+    bad = {s: v for s, v in scores.items() if not math.isfinite(float(v))}
+    if bad:
+        raise ValueError(f"non-finite held-out score for step(s) {sorted(bad)}")
+    best = max(float(v) for v in scores.values())
+    return min(int(s) for s, v in scores.items() if float(v) == best)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from disa import metrics
+from disa import diversity, metrics
 from disa.data import PromptRecord, render_prompt
 from disa.generation import Generator
 from disa.io import atomic_write_parquet, atomic_write_text
@@ -62,11 +62,16 @@ def summarize(
     k: int,
     pass_at: Sequence[int],
     correct_threshold: float = 1.0,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> tuple[dict, list[dict]]:
     """Summary dict and per-prompt rows from each prompt's ``k`` responses and rewards (in sampling order).
 
     Summary keys: ``prompts``, ``k``, ``mean_at_k`` (Mean@k), ``pass_at`` (``{"1": pass@1, ...}``, unbiased),
-    ``distinct_correct`` (mean number of distinct correct responses per prompt), ``mean_reward``.
+    ``distinct_correct`` (mean number of distinct correct responses per prompt), ``mean_reward``, ``ci``
+    (percentile bootstrap over prompts, one shared draw: ``{"mean_at_k": {"mean", "lo", "hi", "std"},
+    "pass@1": ...}``; absent when ``bootstrap`` is 0) and ``pass_curve`` (mean pass@k for k = 1..k).
     """
     if not prompt_ids:
         raise ValueError("no prompts to evaluate")
@@ -94,7 +99,15 @@ def summarize(
         "distinct_correct": float(sum(distinct) / len(distinct)),
         "mean_reward": float(sum(sum(r) for r in rewards) / sum(num_samples)),
         "correct_threshold": correct_threshold,
+        "pass_curve": [float(v) for v in metrics.pass_at_k_curve(num_samples, num_correct)],
     }
+    if bootstrap:
+        idx = metrics.bootstrap_indices(len(prompt_ids), bootstrap, seed)
+        summary["ci"] = {"mean_at_k": metrics.bootstrap_ci(per_mean, confidence=confidence, indices=idx)}
+        for kk in pass_at:
+            per = [row["pass_at"][str(kk)] for row in rows]
+            summary["ci"][f"pass@{kk}"] = metrics.bootstrap_ci(per, confidence=confidence, indices=idx)
+        summary["ci_confidence"], summary["ci_resamples"] = confidence, bootstrap
     return summary, rows
 
 
@@ -110,14 +123,32 @@ def format_markdown(summary: dict, rows: list[dict]) -> str:
     info = [f"policy `{summary.get('policy', '?')}`", f"{summary['prompts']} prompts", f"k = {k} samples per prompt"]
     if "temperature" in summary:
         info.append(f"temperature {summary['temperature']}, top-p {summary['top_p']}, seed {summary['seed']}")
-    lines += [", ".join(info), "", "| metric | value |", "|---|---|", f"| Mean@{k} | {summary['mean_at_k']:.4f} |"]
-    lines += [f"| pass@{kk} | {summary['pass_at'][kk]:.4f} |" for kk in pass_keys]
+    ci = summary.get("ci", {})
+
+    def interval(key: str) -> str:
+        return f" [{ci[key]['lo']:.4f}, {ci[key]['hi']:.4f}] |" if key in ci else ""
+
+    head = ["| metric | value | bootstrap interval |", "|---|---|---|"] if ci else ["| metric | value |", "|---|---|"]
+    lines += [", ".join(info), "", *head,
+              f"| Mean@{k} | {summary['mean_at_k']:.4f} |{interval('mean_at_k')}"]
+    lines += [f"| pass@{kk} | {summary['pass_at'][kk]:.4f} |{interval(f'pass@{kk}')}" for kk in pass_keys]
     lines += [
         f"| distinct correct answers per prompt | {summary['distinct_correct']:.3f} |",
         f"| mean reward | {summary['mean_reward']:.4f} |",
     ]
     if "truncated_frac" in summary:
         lines.append(f"| truncated responses | {summary['truncated_frac']:.3f} |")
+    div = summary.get("diversity", {})
+    lines += [f"| {name} per prompt | {div[key]:.3f} |" for key, name in (
+        ("distinct_answers", "distinct final answers"), ("distinct_solutions", "distinct normalised solutions"),
+        ("distinct_2", "distinct-2"), ("self_bleu", "self-BLEU")) if key in div]
+    if "judge" in summary:
+        j = summary["judge"]
+        lines.append(f"| LLM-judge diversity (1-5, {j['judge_model']}) | {j['mean']:.3f} ± {j['std']:.3f} "
+                     f"({j['judged']} judged, {j['missing']} missing) |")
+    if ci:
+        lines += ["", f"Brackets: {100 * summary['ci_confidence']:.0f}% percentile bootstrap interval over prompts "
+                  f"({summary['ci_resamples']} resamples)."]
     lines += ["", "## Per prompt", ""]
     header = ["prompt", "correct", f"Mean@{k}"] + [f"pass@{kk}" for kk in pass_keys] + ["distinct correct"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -147,6 +178,9 @@ def run_evaluation(
     correct_threshold: float = 1.0,
     policy: Optional[str] = None,
     progress: bool = True,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
+    judge: Optional[dict] = None,
 ) -> dict:
     """Draw ``k`` samples per prompt with ``generator``, verify them, write ``eval.json`` / ``eval.md`` /
     ``eval_samples.parquet`` into ``out_dir`` and return the summary (see :func:`summarize`).
@@ -202,7 +236,8 @@ def run_evaluation(
     finally:
         bar.close()
 
-    summary, rows = summarize([r.id for r in prompts], responses, rewards, k, list(pass_at), correct_threshold)
+    summary, rows = summarize([r.id for r in prompts], responses, rewards, k, list(pass_at), correct_threshold,
+                              bootstrap=bootstrap, confidence=confidence, seed=seed)
     n = len(columns["finish_reason"])
     summary.update({
         "samples": n,
@@ -214,7 +249,10 @@ def run_evaluation(
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "diversity": diversity.diversity_table(responses),
     })
+    if judge:
+        summary["judge"] = run_judge(judge, texts, responses)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +260,16 @@ def run_evaluation(
     atomic_write_text(out_dir / EVAL_JSON, json.dumps({"summary": summary, "prompts": rows}, indent=2) + "\n")
     atomic_write_text(out_dir / EVAL_MD, format_markdown(summary, rows))
     return summary
+
+
+def run_judge(judge: dict, problems: Sequence[str], responses: Sequence[Sequence[str]]) -> dict:
+    """``eval.judge`` ({base_url, model, api_key_env, ...}) -> the LLM-judge diversity scores (disa.judge)."""
+    from disa.judge import JudgeConfig, judge_diversity
+
+    options = dict(judge)
+    key_env = options.pop("api_key_env", None)
+    config = JudgeConfig(**options, api_key=os.environ.get(key_env) if key_env else None)
+    return judge_diversity(config, problems, responses)
 
 
 # ----------------------------------------------------------------------------------------------- the verb
@@ -281,33 +329,147 @@ def eval_name(cfg, folder: Path) -> str:
     return name or "model"
 
 
-@stage("eval")
-def run(cfg, checkpoint: Optional[str] = None) -> dict:
-    """``disa eval``: ``eval.k`` samples per eval prompt -> Mean@k, pass@k, distinct correct -> ``eval.json``/``.md``
-    and ``eval_samples.parquet`` in ``eval/<policy name>/`` (evaluating another checkpoint keeps this one), copied
-    to ``output_dir`` as the latest evaluation."""
-    rd = common.run_dir(cfg)
-    folder = policy_folder(cfg, checkpoint)
-    out_dir = rd.eval / eval_name(cfg, folder)
-    records = common.prompts(cfg, "eval_prompts")
-    common.verifier(cfg)
-    rd.ensure_writable()
+BENCHMARKS_JSON = "benchmarks.json"
+BENCHMARKS_MD = "benchmarks.md"
+SELECTION_JSON = "selection.json"
+
+
+def _generator_for(cfg, folder: Path):
     e = cfg.eval
-    model = None
     if cfg.sample.backend == "vllm" and not (folder / "adapter_config.json").is_file():
-        generator = common.generator(cfg, str(folder), e.batch_size, seed=e.seed)
-    else:
-        model, tokenizer = load_policy(cfg, folder)
-        generator = common.generator(cfg, model, e.batch_size, tokenizer=tokenizer, progress=False)
+        return common.generator(cfg, str(folder), e.batch_size, seed=e.seed), None
+    model, tokenizer = load_policy(cfg, folder)
+    return common.generator(cfg, model, e.batch_size, tokenizer=tokenizer, progress=False), model
+
+
+def evaluate_sets(cfg, folder: Path, sets: Sequence[tuple]) -> list[dict]:
+    """Load ``folder`` once and run :func:`run_evaluation` on each ``(records, verifier, verifier_kwargs, out_dir)``."""
+    e = cfg.eval
+    generator, model = _generator_for(cfg, folder)
     try:
-        summary = run_evaluation(
-            records, generator=generator, verifier=cfg.data.verifier, out_dir=out_dir, k=e.k, pass_at=list(e.pass_at),
+        return [run_evaluation(
+            records, generator=generator, verifier=verifier, out_dir=out_dir, k=e.k, pass_at=list(e.pass_at),
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, stop=e.stop, seed=e.seed,
-            batch_size=e.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, policy=str(folder),
-        )
+            batch_size=e.batch_size, verifier_kwargs=kwargs, policy=str(folder), bootstrap=e.bootstrap,
+            confidence=e.confidence, progress=False, judge=e.judge or None,
+        ) for records, verifier, kwargs, out_dir in sets]
     finally:
         del generator, model
         common.free()
+
+
+def benchmark_specs(cfg) -> list[tuple[str, Optional[str], Optional[int]]]:
+    """``(name, path, limit)`` of each ``eval.benchmarks`` entry (a name, or ``{name, path, limit}``)."""
+    from disa.benchmarks import BENCHMARKS
+    from disa.config import ConfigError
+
+    specs = []
+    for i, entry in enumerate(cfg.eval.benchmarks):
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - {"name", "path", "limit"}:
+            raise ConfigError(f"eval.benchmarks[{i}]: expected a name or {{name, path, limit}}, got {entry!r}")
+        if entry["name"] not in BENCHMARKS:
+            raise ConfigError(f"eval.benchmarks[{i}]: unknown benchmark {entry['name']!r}; known: {sorted(BENCHMARKS)}")
+        specs.append((entry["name"], entry.get("path"), entry.get("limit")))
+    return specs
+
+
+def benchmark_table(summaries: dict[str, dict]) -> dict:
+    """Per-benchmark Mean@k / pass@k with their intervals, and the unweighted average over benchmarks."""
+    first = next(iter(summaries.values()))
+    keys = ["mean_at_k"] + [f"pass@{kk}" for kk in first["pass_at"]]
+
+    def value(s: dict, key: str) -> float:
+        return s["mean_at_k"] if key == "mean_at_k" else s["pass_at"][key.split("@")[1]]
+
+    rows = {name: {key: {"value": value(s, key), **({"lo": s["ci"][key]["lo"], "hi": s["ci"][key]["hi"]}
+                                                    if "ci" in s else {})} for key in keys} | {"prompts": s["prompts"]}
+            for name, s in summaries.items()}
+    average = {key: metrics.macro_average({n: value(s, key) for n, s in summaries.items()}) for key in keys}
+    return {"k": first["k"], "benchmarks": rows, "average": average}
+
+
+def format_benchmarks(table: dict) -> str:
+    keys = list(table["average"])
+    names = [f"Mean@{table['k']}" if key == "mean_at_k" else key for key in keys]
+    lines = ["# Benchmarks", "", "| benchmark | problems | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(keys)]
+    for bench, row in table["benchmarks"].items():
+        cells = [f"{row[k]['value']:.4f}" + (f" [{row[k]['lo']:.3f}, {row[k]['hi']:.3f}]" if "lo" in row[k] else "")
+                 for k in keys]
+        lines.append(f"| {bench} | {row['prompts']} | " + " | ".join(cells) + " |")
+    lines.append("| **average** | | " + " | ".join(f"{table['average'][k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def select_policy(cfg) -> Path:
+    """App. D.1: score every checkpoint of the run by Mean@k on a seeded held-out slice of the training prompts
+    (``eval.select_holdout`` prompts, the same slice and rule for every method) and return the best one's policy."""
+    from disa.config import ConfigError
+    from disa.training.checkpoints import checkpoint_step
+
+    rd = common.run_dir(cfg)
+    ckpts = sorted((p for p in rd.checkpoints.glob("checkpoint-*") if checkpoint_step(p) is not None),
+                   key=checkpoint_step) if rd.checkpoints.is_dir() else []
+    if not ckpts:
+        raise ConfigError(f"{rd.checkpoints}: no checkpoint-<step>/ to select from; run `disa train` first")
+    records = common.prompts(cfg, "prompts")
+    try:
+        keep = set(metrics.held_out_slice([r.id for r in records], cfg.eval.select_holdout, seed=cfg.eval.seed))
+    except ValueError as err:
+        raise ConfigError(f"eval.select_holdout: {err}") from None
+    held_out = [r for r in records if r.id in keep]
+    scores = {}
+    for ckpt in ckpts:
+        [summary] = evaluate_sets(cfg, ckpt / "policy", [(held_out, cfg.data.verifier, cfg.data.verifier_kwargs,
+                                                          rd.eval / "selection" / ckpt.name)])
+        scores[checkpoint_step(ckpt)] = summary["mean_at_k"]
+    best = metrics.select_checkpoint(scores)
+    chosen = next(c for c in ckpts if checkpoint_step(c) == best)
+    atomic_write_text(rd.eval / "selection" / SELECTION_JSON, json.dumps(
+        {"rule": "highest held-out Mean@k, ties to the earliest step", "held_out_ids": sorted(keep),
+         "scores": {str(s): v for s, v in scores.items()}, "selected_step": best, "selected": str(chosen)}, indent=2) + "\n")
+    common.say("eval", f"checkpoint selection on {len(held_out)} held-out training prompts: "
+               + ", ".join(f"step {s}: {v:.4f}" for s, v in scores.items()) + f" -> {chosen.name}")
+    return chosen / "policy"
+
+
+@stage("eval")
+def run(cfg, checkpoint: Optional[str] = None) -> dict:
+    """``disa eval``: ``eval.k`` samples per eval prompt -> Mean@k, pass@k (bootstrap intervals), distinct correct ->
+    ``eval.json``/``.md`` and ``eval_samples.parquet`` in ``eval/<policy name>/`` (evaluating another checkpoint keeps
+    this one), copied to ``output_dir`` as the latest evaluation. ``eval.benchmarks`` adds one sub-folder per
+    benchmark and ``benchmarks.json``/``.md`` with the average; ``eval.select_holdout`` picks the checkpoint first."""
+    from disa.benchmarks import BENCHMARKS, load_benchmark
+
+    rd = common.run_dir(cfg)
+    e = cfg.eval
+    specs = benchmark_specs(cfg)
+    rd.ensure_writable()
+    if checkpoint is None and e.select_holdout:
+        folder = select_policy(cfg)
+    else:
+        folder = policy_folder(cfg, checkpoint)
+    out_dir = rd.eval / eval_name(cfg, folder)
+    main_set = not specs or cfg.data.eval_prompts is not None
+    sets = []
+    if main_set:
+        common.verifier(cfg)
+        sets.append((common.prompts(cfg, "eval_prompts"), cfg.data.verifier, cfg.data.verifier_kwargs, out_dir))
+    for name, path, limit in specs:
+        sets.append((load_benchmark(name, path, limit), BENCHMARKS[name].verifier,
+                     cfg.data.verifier_kwargs if BENCHMARKS[name].verifier == cfg.data.verifier else {}, out_dir / name))
+    summaries = evaluate_sets(cfg, folder, sets)
+    result = {"eval_dir": str(out_dir)}
+    if specs:
+        table = benchmark_table({name: s for (name, _, _), s in zip(specs, summaries[int(main_set):])})
+        atomic_write_text(out_dir / BENCHMARKS_JSON, json.dumps(table, indent=2) + "\n")
+        atomic_write_text(out_dir / BENCHMARKS_MD, format_benchmarks(table))
+        common.say("eval", f"{len(specs)} benchmarks, average Mean@{e.k} {table['average']['mean_at_k']:.4f} -> "
+                   f"{out_dir / BENCHMARKS_MD}")
+        result["benchmarks"] = table
+    if not main_set:
+        return result
+    summary = summaries[0]
     for name in (EVAL_SAMPLES, EVAL_JSON, EVAL_MD):  # the latest evaluation, also at the top of the run
         tmp = rd.root / f"{name}.tmp"
         shutil.copyfile(out_dir / name, tmp)
@@ -316,4 +478,4 @@ def run(cfg, checkpoint: Optional[str] = None) -> dict:
     common.say("eval", f"{summary['prompts']} prompts x k={e.k} from {folder}: Mean@{e.k} {summary['mean_at_k']:.4f}, "
                f"{passes}, distinct correct {summary['distinct_correct']:.3f} per prompt -> {out_dir / EVAL_JSON}, "
                f"{out_dir / EVAL_MD} (latest also in {rd.root / EVAL_JSON})")
-    return {**summary, "eval_dir": str(out_dir)}
+    return {**summary, **result}

@@ -1,0 +1,237 @@
+"""``disa report RUN_DIR``: one self-contained HTML page (plots embedded as base64 PNG, no external files).
+
+It shows whatever the folder holds: Stage 1 labels (log Z and ESS histograms), the Stage 2 regressor (loss
+curves, held-out MSE), training curves (``checkpoints/metrics.csv``), evaluation and benchmark tables
+(``eval.md``, ``eval/*/eval.md``, ``benchmarks.md``, with pass@k curves from ``eval.json``), and for a study or
+demo folder its ``results.md`` tables and its PNGs. ``export_tensorboard`` copies training metrics into a
+TensorBoard log when ``tensorboard`` is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+REPORT_FILE = "report.html"
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+        "margin:.6em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}"
+        "th{background:#eef}img{max-width:100%;border:1px solid #ddd;margin:.4em 0}h2{border-bottom:2px solid #99c}")
+
+
+# --------------------------------------------------------------------------- small pure helpers
+def markdown_to_html(text: str) -> str:
+    """Headings, pipe tables, images given as PNG data and paragraphs of a markdown file: what our .md outputs use."""
+    out, table = [], []
+
+    def flush() -> None:
+        if table:
+            rows = [[_bold(html.escape(c.strip())) for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))] for line in table
+                    if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
+            head, body = rows[0], rows[1:]
+            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.strip().startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        heading = re.match(r"^(#{1,4})\s+(.*)", line)
+        if heading:
+            level = min(len(heading.group(1)) + 2, 6)
+            out.append(f"<h{level}>{html.escape(heading.group(2))}</h{level}>")
+        elif line.strip() and not line.strip().startswith("!["):
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _bold(cell: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", cell)
+
+
+def png_tag(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _figure_png(draw) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def read_metrics_csv(path: Path) -> dict[str, list[float]]:
+    """Numeric columns of a metrics CSV (non-numeric cells become NaN)."""
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    cols: dict[str, list[float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            try:
+                cols.setdefault(k, []).append(float(v))
+            except (TypeError, ValueError):
+                cols.setdefault(k, []).append(float("nan"))
+    return cols
+
+
+# --------------------------------------------------------------------------- sections
+def _labels_section(root: Path) -> list[str]:
+    path = root / "labels.parquet"
+    if not path.is_file():
+        return []
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path).to_pydict()
+    parts = ["<h2>Stage 1 labels</h2>", f"<p>{len(t.get('log_z', []))} prompts from {html.escape(str(path))}</p>"]
+    for col, name in (("log_z", "log Z label"), ("ess", "effective sample size")):
+        if col in t:
+            parts.append(png_tag(_figure_png(lambda ax, c=col, n=name: (ax.hist(t[c], bins=30), ax.set(xlabel=n, ylabel="prompts"))), name))
+    return parts
+
+
+def _regressor_section(root: Path) -> list[str]:
+    path = root / "log_z" / "report.json"
+    if not path.is_file():
+        return []
+    rep = json.loads(path.read_text())
+    hist = rep.get("history", [])
+    parts = ["<h2>Stage 2 regressor</h2>", "<table><tr><th>held-out MSE</th><th>baseline MSE</th><th>R²</th>"
+             "<th>train MSE</th><th>best epoch</th></tr><tr>" + "".join(
+                 f"<td>{rep.get(k, float('nan')):.4g}</td>" for k in ("val_mse", "baseline_val_mse", "val_r2", "train_mse"))
+             + f"<td>{rep.get('best_epoch', '')}</td></tr></table>"]
+    if hist:
+        def draw(ax):
+            ax.plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], label="train")
+            ax.plot([h["epoch"] for h in hist], [h["val_mse"] for h in hist], label="held-out")
+            ax.set(xlabel="epoch", ylabel="MSE", yscale="log")
+            ax.legend()
+        parts.append(png_tag(_figure_png(draw), "regressor loss curves"))
+    return parts
+
+
+def _training_section(root: Path) -> list[str]:
+    files = sorted(root.glob("**/checkpoints/metrics.csv")) + sorted(root.glob("**/metrics.csv"))
+    files = list(dict.fromkeys(f for f in files if "eval" not in f.parts))[:8]
+    parts = []
+    for f in files:
+        cols = read_metrics_csv(f)
+        step = cols.get("step") or list(range(1, len(next(iter(cols.values()), [])) + 1))
+        keys = [k for k in ("loss", "reward_mean", "reward", "accuracy", "kl", "log_z_mean") if k in cols][:4]
+        if not keys:
+            keys = [k for k in cols if k != "step"][:3]
+        for key in keys:
+            title = str(f.parent.relative_to(root)) if f.parent != root else root.name
+            parts.append(png_tag(_figure_png(lambda ax, k=key, t=title: (ax.plot(step, cols[k]),
+                                                                         ax.set(xlabel="step", ylabel=k, title=t))),
+                                 f"{title} {key}"))
+    return (["<h2>Training curves</h2>", *[f"<p>{html.escape(str(f.relative_to(root)))}</p>" for f in files], *parts]
+            if parts else [])
+
+
+def _eval_section(root: Path) -> list[str]:
+    parts = []
+    for md in sorted(set(root.glob("eval/*/eval.md")) | set(root.glob("eval/*/*/eval.md"))
+                     | set(root.glob("eval/*/benchmarks.md")) | set(root.glob("eval.md"))):
+        parts += [f"<h3>{html.escape(str(md.relative_to(root)))}</h3>", markdown_to_html(md.read_text())]
+        js = md.with_name("eval.json")
+        if md.name == "eval.md" and js.is_file():
+            curve = json.loads(js.read_text())["summary"].get("pass_curve")
+            if curve and len(curve) > 1:
+                parts.append(png_tag(_figure_png(lambda ax, c=curve: (ax.plot(range(1, len(c) + 1), c, "o-"),
+                                                                      ax.set(xlabel="k", ylabel="pass@k", xscale="log"))),
+                                     "pass@k curve"))
+    return ["<h2>Evaluation</h2>", *parts] if parts else []
+
+
+def _results_section(root: Path) -> list[str]:
+    parts = []
+    for md in sorted(root.glob("**/results.md"))[:12]:
+        parts += [f"<h3>{html.escape(str(md.relative_to(root)))}</h3>", markdown_to_html(md.read_text())]
+    for png in sorted(root.glob("**/*.png"))[:40]:
+        parts.append(png_tag(png.read_bytes(), str(png.relative_to(root))))
+    return ["<h2>Study and demo results</h2>", *parts] if parts else []
+
+
+def build_report(run_dir, out: Optional[str] = None) -> Path:
+    """Write the HTML page for ``run_dir`` (default ``run_dir/report.html``) and return its path."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{str(root)!r} is not a folder (give a run directory or a study output folder)")
+    body = [*_labels_section(root), *_regressor_section(root), *_training_section(root), *_eval_section(root),
+            *_results_section(root)]
+    if not body:
+        raise FileNotFoundError(f"{root}: nothing to report (no labels.parquet, log_z/report.json, metrics.csv, "
+                                "eval.md or results.md)")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>disa report: {html.escape(root.name)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>disa report: {html.escape(str(root))}</h1>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+    from disa.io import atomic_write_text
+
+    path = Path(out) if out else root / REPORT_FILE
+    atomic_write_text(path, page)
+    return path
+
+
+def export_tensorboard(metrics_csv, log_dir) -> bool:
+    """Every numeric column of a training ``metrics.csv`` as TensorBoard scalars; False when not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return False
+    cols = read_metrics_csv(Path(metrics_csv))
+    steps = cols.pop("step", None) or list(range(1, len(next(iter(cols.values()), [])) + 1))
+    writer = SummaryWriter(str(log_dir))
+    for key, values in cols.items():
+        for s, v in zip(steps, values):
+            writer.add_scalar(key, v, int(s))
+    writer.close()
+    return True
+
+
+def cli_study_or_report(args) -> int:
+    """``disa study`` and ``disa report`` (kept here so that the CLI edit stays a few lines)."""
+    if args.verb == "report":
+        try:
+            path = build_report(args.run_dir, args.out)
+        except FileNotFoundError as err:
+            print(f"disa report: {err}", file=sys.stderr)
+            return 2
+        print(f"[report] {path}")
+        return 0
+    from disa.studies import STUDIES, run_study
+
+    if args.name not in STUDIES:
+        print(f"disa study: unknown study {args.name!r}; choose from {', '.join(STUDIES)}", file=sys.stderr)
+        return 2
+    out = args.out or f"runs/study-{args.name}"
+    if args.config:
+        if args.name != "n_budget":
+            print(f"disa study: only n_budget runs on a pipeline run (-c CONFIG); {args.name} runs on the testbed",
+                  file=sys.stderr)
+            return 2
+        from disa.config import load_config
+        from disa.studies.n_budget import run_from_config
+
+        run_from_config(load_config(args.config, args.overrides), out)
+    else:
+        run_study(args.name, out, quick=args.quick, cache_dir=args.cache_dir)
+    path = build_report(out)
+    print(f"[study] {args.name} -> {out}/results.md, {path}")
+    return 0

@@ -154,6 +154,8 @@ def test_disa_eval_selects_a_checkpoint_then_runs_benchmarks(tiny_gpt2_path, tmp
         "models": {"reference": tiny_gpt2_path, "device": "cpu"},
         "eval": {"k": 3, "pass_at": [1, 3], "max_new_tokens": 4, "batch_size": 8, "bootstrap": 200,
                  "select_holdout": 2, "benchmarks": [{"name": "math500", "path": str(math500)}]},
+        # every stage's responses must fit the tiny model's context (checked up front, for all stages)
+        "sample": {"max_new_tokens": 4}, "train": {"max_new_tokens": 4},
     }))
     assert cli.main(["eval", "-c", str(config)]) == 0
     selection = json.loads((run / "eval" / "selection" / "selection.json").read_text())

@@ -120,6 +120,7 @@ def test_n_budget_on_a_tiny_model_pipeline_run(tiny_gpt2_path, tmp_path):
         "output_dir": str(tmp_path / "run"), "data": {"prompts": str(prompts), "verifier": "test_study_digit"},
         "models": {"reference": tiny_gpt2_path, "device": "cpu"}, "target": {"beta": 2.0},
         "sample": {"n": 8, "max_new_tokens": 6, "batch_size": 8, "seed": 0},
+        "train": {"max_new_tokens": 6}, "eval": {"max_new_tokens": 6},  # within the tiny model's context
     }))
     assert cli.main(["sample", "-c", str(config)]) == 0
     out = tmp_path / "study"

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from disa.config import ConfigError, PipelineConfig, config_from_dict, describe, load_config
+from disa.config import ConfigError, PipelineConfig, config_from_dict, load_config
+from disa.config_help import describe
 
 
 def test_defaults_match_paper():
@@ -175,7 +176,7 @@ def test_more_ranges_are_checked(override, match):
 
 
 def test_starting_yaml_is_a_commented_config_that_loads_as_the_defaults():
-    from disa.config import starting_yaml
+    from disa.config_help import starting_yaml
 
     text = starting_yaml()
     data = yaml.safe_load(text)

@@ -150,7 +150,8 @@ def _dispatch(args) -> int:
 
         return cli_study_or_report(args)
 
-    from disa.config import load_config, starting_yaml
+    from disa.config import load_config
+    from disa.config_help import starting_yaml
 
     cfg = load_config(args.config, args.overrides)  # loads the config's plugins too
     if args.verb == "config":

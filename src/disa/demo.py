@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -174,15 +173,18 @@ def label_errors(labels: np.ndarray, exact: np.ndarray) -> dict[str, float]:
     return {"rmse": float(np.sqrt(np.mean(err**2))), "bias": float(np.mean(err))}
 
 
-def sample_and_score(model, ref_model, tokenizer, truths, n: int, max_new_tokens: int, out_dir: Path, seed: int) -> dict:
-    """Stage 1 sampling with the real stage code (Parquet shards in ``out_dir``); returns the samples as
+def sample_and_score(model, ref_model, tokenizer, truths, n: int, max_new_tokens: int, out_dir: Path, seed: int,
+                     q_model=None) -> dict:
+    """Stage 1 sampling from ``model``, scored under ``pi_ref`` and ``q_model`` (default: ``model``) with the real
+    stage code (Parquet shards in ``out_dir``); returns the samples as
     ``(P, n)`` float64 arrays ``logp_ref``, ``logp_q``, ``reward`` in ``truths`` order, and the columns."""
     import pyarrow.parquet as pq
 
     records = [PromptRecord(id=t.id, prompt=t.text) for t in truths]
     generator = HFGenerator(model, tokenizer, batch_size=32, device=None, progress=False)
     run_sampling(records, generator=generator, n=n, out_dir=str(out_dir), verifier="countdown",
-                 ref_model=ref_model, ref_tokenizer=tokenizer, proposal_model=model, proposal_tokenizer=tokenizer,
+                 ref_model=ref_model, ref_tokenizer=tokenizer, proposal_model=model if q_model is None else q_model,
+                 proposal_tokenizer=tokenizer,
                  shard_size=64, max_new_tokens=max_new_tokens, seed=seed, score_batch_size=64, progress=False)
     columns = pq.read_table(out_dir / "samples").to_pydict()
     row = {t.id: i for i, t in enumerate(truths)}

@@ -48,24 +48,10 @@ def sample_scored(gen_model, q_model, ref_model, tokenizer, truths, n: int, out_
                   max_new_tokens: int) -> dict:
     """``n`` samples per prompt drawn from ``gen_model`` with the real Stage 1 code, scored under ``pi_ref``
     and ``q``: ``(P, n)`` float64 arrays ``logp_ref``, ``logp_q``, ``reward`` in ``truths`` order."""
-    import pyarrow.parquet as pq
+    from disa.demo import sample_and_score
 
-    from disa.data import PromptRecord
-    from disa.generation.hf import HFGenerator
-    from disa.stages.sample import run_sampling
-
-    records = [PromptRecord(id=t.id, prompt=t.text) for t in truths]
-    run_sampling(records, generator=HFGenerator(gen_model, tokenizer, batch_size=32, device=None, progress=False),
-                 n=n, out_dir=str(out_dir), verifier="countdown", ref_model=ref_model, ref_tokenizer=tokenizer,
-                 proposal_model=q_model, proposal_tokenizer=tokenizer, shard_size=64, max_new_tokens=max_new_tokens,
-                 seed=seed, score_batch_size=64, progress=False)
-    columns = pq.read_table(out_dir / "samples").to_pydict()
-    row = {t.id: i for i, t in enumerate(truths)}
-    arrays = {name: np.zeros((len(truths), n)) for name in ("logp_ref", "logp_q", "reward")}
-    for j, (pid, idx) in enumerate(zip(columns["prompt_id"], columns["sample_idx"])):
-        for name, a in arrays.items():
-            a[row[pid], idx] = columns[name][j]
-    return arrays
+    samples = sample_and_score(gen_model, ref_model, tokenizer, truths, n, max_new_tokens, out_dir, seed, q_model=q_model)
+    return {name: samples[name] for name in ("logp_ref", "logp_q", "reward")}
 
 
 def batch_labels(from_q: dict, from_ref: dict, shares, estimator: str, beta: float, n: int, batch: int,

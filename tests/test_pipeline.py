@@ -357,3 +357,20 @@ def test_a_users_objective_is_usable_from_config_and_train(tiny_gpt2_path, tmp_p
     assert seen and all(entry == (2.0, 0.5) for entry in seen)  # beta from target.beta, scale from the config
     assert len(metrics_rows(tmp_path / "run")) == STEPS
     assert cli.main(["train", "-c", config, "--set", "train.objective_kwargs={beta: 1.0}"]) == 2
+
+
+def test_training_leaves_out_the_checkpoint_selection_slice():
+    """`disa eval` selects checkpoints on a seeded slice of the training prompts; `disa train` must not train on it."""
+    from disa import metrics
+    from disa.config import config_from_dict
+    from disa.data import PromptRecord
+    from disa.stages.train import training_records
+
+    records = [PromptRecord(id=f"p{i}", prompt=f"prompt {i}") for i in range(10)]
+    assert training_records(config_from_dict({}), records) == records  # nothing held out by default
+    cfg = config_from_dict({"eval": {"select_holdout": 3, "seed": 5}})
+    kept = training_records(cfg, records)
+    held = set(metrics.held_out_slice([r.id for r in records], 3, seed=5))
+    assert len(kept) == 7 and not held & {r.id for r in kept}
+    with pytest.raises(Exception, match="eval.select_holdout"):
+        training_records(config_from_dict({"eval": {"select_holdout": 10}}), records)

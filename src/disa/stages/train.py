@@ -149,6 +149,23 @@ def sft_examples(rd: RunDir, records, tokenizer) -> list[tuple[str, str]]:
     return examples
 
 
+def training_records(cfg: PipelineConfig, records) -> list:
+    """The prompts Stage 3 trains on: ``data.prompts`` less the held-out slice that ``disa eval`` selects
+    checkpoints on (``eval.select_holdout``), so that selection never scores a prompt the policy trained on."""
+    if not cfg.eval.select_holdout:
+        return list(records)
+    from disa import metrics
+
+    try:
+        held_out = set(metrics.held_out_slice([r.id for r in records], cfg.eval.select_holdout, seed=cfg.eval.seed))
+    except ValueError as err:
+        raise ConfigError(f"eval.select_holdout: {err}") from None
+    if len(held_out) == len(records):
+        raise ConfigError(f"eval.select_holdout: {len(held_out)} held-out prompts leave none of data.prompts to train on")
+    common.say("train", f"{len(held_out)} prompts held out for checkpoint selection (eval.select_holdout)")
+    return [r for r in records if r.id not in held_out]
+
+
 # ----------------------------------------------------------------------------------------------- one call
 def train_policy(policy, ref_model, tokenizer, prompts, reward_fn, train: TrainConfig, target: TargetConfig, *,
                  output_dir, log_z_fn=None, affine=None, sft_examples=None, generator=None, resume_from=None):
@@ -172,7 +189,7 @@ def run(cfg: PipelineConfig) -> dict:
 
     rd = common.run_dir(cfg)  # where this run writes
     stage1 = common.stage1_run_dir(cfg)  # where it reads Stage 1-2 files (stage1_dir, else output_dir)
-    records = common.prompts(cfg)
+    records = training_records(cfg, common.prompts(cfg))
     spec = get_spec(cfg.train.objective)
     supervised = spec.family == "supervised"
     reward_fn = None if supervised else common.verifier(cfg)

@@ -543,3 +543,63 @@ def test_checkpoint_records_config_and_target_and_resume_refuses_another_target(
     with pytest.raises(ValueError, match="trained towards target"):
         RLTrainer.resume(tmp_path / "run", policy, None, tok, PROMPTS, reward_fn,
                          target=TargetConfig(beta=3.0, reward_transform="group"))
+
+
+# ---------------------------------------------------------------------------------------------- no unneeded pass
+@pytest.mark.parametrize("objective, overrides, expected", [
+    ("grpo", dict(micro_batch_size=8), False),  # one optimiser step per batch: pi_old is the update's policy
+    ("grpo", dict(micro_batch_size=4), True),  # the second mini-batch sees a moved policy
+    ("grpo", dict(micro_batch_size=4, gradient_accumulation=2), False),
+    ("aspo", dict(micro_batch_size=8, updates_per_batch=2), True),
+    ("disa", dict(micro_batch_size=8), False),
+    ("disa", dict(micro_batch_size=4), True),  # clipped_is reads old_logp
+    ("disa", dict(micro_batch_size=4, objective_kwargs={"rollout_weight_mode": "on_policy"}), False),  # w = 1
+    ("tb", dict(micro_batch_size=8, log_z="batch"), True),  # batch log Z is formed from old_logp
+])
+def test_old_logp_pass_only_where_the_update_reads_a_moved_policy(tiny_gpt2_path, tmp_path, objective, overrides,
+                                                                   expected):
+    kw = {"log_z_fn": None} if overrides.get("log_z") == "batch" else {}
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, objective, **overrides), **kw)
+    assert trainer.old_logp_pass is expected
+    calls = []
+    score = trainer._score
+    trainer._score = lambda model, *a: calls.append(model) or score(model, *a)
+    rollouts = trainer.collect_rollouts([0, 1])
+    policy_passes = sum(m is trainer.policy for m in calls)
+    assert policy_passes == int(expected)
+    assert (rollouts.old_logp is not None) is expected
+    assert len(calls) - policy_passes == int(trainer.needs_ref)  # ref only where the objective declares it
+
+
+@pytest.mark.parametrize("objective", ["grpo", "gspo", "aspo", "disa"])
+def test_skipped_old_logp_pass_gives_the_same_loss_and_gradient(tiny_gpt2_path, tmp_path, objective):
+    """One optimiser step per batch: old_logp = the update's own log-probs, detached, matches a separate pass."""
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, objective, micro_batch_size=8))
+    assert not trainer.old_logp_pass
+    trainer.old_logp_pass = True
+    with_pass = with_varied_rewards(trainer, trainer.collect_rollouts([0, 1], seed=5))
+    skipped = dataclasses.replace(with_pass, old_logp=None)
+    rows = list(range(len(with_pass)))
+    results = []
+    for rollouts in (with_pass, skipped):
+        trainer.policy.zero_grad(set_to_none=True)
+        loss, _ = trainer._micro_loss(rollouts, rows)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None])
+        results.append((float(loss.detach()), grads))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert float(grad_a.norm()) > 0
+    assert torch.allclose(grad_a, grad_b, atol=1e-6, rtol=1e-5)
+
+
+def test_on_policy_trajectory_balance_steps_identically_without_the_pass(tiny_gpt2_path, tmp_path):
+    """on_policy TB never reads old_logp: two steps with and without the pass give identical numbers."""
+    histories = []
+    for force_pass in (True, False):
+        config = make_config(tmp_path / str(force_pass), "disa", micro_batch_size=4,
+                             objective_kwargs={"rollout_weight_mode": "on_policy"})
+        trainer = make_trainer(tiny_gpt2_path, config)
+        trainer.old_logp_pass = force_pass
+        histories.append([(row["loss"], row["grad_norm"], row["reward_mean"]) for row in (trainer.step(), trainer.step())])
+    assert histories[0] == histories[1]

@@ -7,8 +7,10 @@ One step, top to bottom (``RLTrainer.step``):
 3. score them with the verifier (TRL signature ``reward_fn(prompts, completions, **columns)``), transform the
    reward as the target says (``raw`` / ``affine`` / ``group``, shared with Stage 1) for trajectory balance,
    and form group advantages (GRPO) from the raw reward for policy gradient;
-4. compute, without gradient, ``old_logp`` under the policy that made the rollouts, ``ref_logp`` under
-   ``pi_ref`` and, for a frozen source, ``log Z`` (eq. 10);
+4. compute, without gradient, ``old_logp`` under the policy that made the rollouts (only where the update
+   reads it from a policy that has moved: see ``needs_old_logp_pass``; otherwise the update uses its own
+   log-probs, detached, as TRL does), ``ref_logp`` under ``pi_ref`` (only for objectives that declare it)
+   and, for a frozen source, ``log Z`` (eq. 10);
 5. ``updates_per_batch`` passes over the rollouts: mini-batches of ``micro_batch_size * gradient_accumulation``
    rollouts, one optimiser step each (``disa.training.step``);
 6. log one row of metrics, checkpoint every ``save_every`` steps.
@@ -167,6 +169,7 @@ class RLTrainer(PolicyUpdate):
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps)
         self.scaler = build_scaler(self.device, config.mixed_precision)
         self.aggregation = objective_aggregation(config.objective, config.objective_kwargs)
+        self.old_logp_pass = self.needs_old_logp_pass()
 
         self.global_step = 0
         self.history: list[dict] = []
@@ -211,6 +214,30 @@ class RLTrainer(PolicyUpdate):
             groups.append({"params": list(self.logz_head.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0,
                            "name": "logz_head"})
         return groups
+
+    def _objective_setting(self, name: str):
+        return self.objective_kwargs.get(name, self.spec.default(name))
+
+    def optimizer_steps_per_batch(self) -> int:
+        cfg = self.config
+        rollouts = cfg.prompts_per_step * cfg.group_size
+        mini = cfg.micro_batch_size * cfg.gradient_accumulation
+        return cfg.updates_per_batch * -(-rollouts // mini)
+
+    def needs_old_logp_pass(self) -> bool:
+        """Whether rollouts need a separate no-grad pass for ``old_logp`` (log pi_old of the sampled tokens).
+
+        Not needed when nothing reads it (trajectory balance with ``rollout_weight_mode='on_policy'``, whose
+        weight is 1), nor when every gradient is taken before the policy moves (one optimiser step per rollout
+        batch): then pi_old is the policy of the update's own forward, and its detached log-probs are old_logp
+        (equal to a separate pass up to float rounding). ``train.log_z: batch`` reads old_logp to form log Z."""
+        if self.log_z_kind == "batch":
+            return True
+        if self.spec.family == "supervised":
+            return False
+        if self.spec.family == "trajectory_balance" and self._objective_setting("rollout_weight_mode") == "on_policy":
+            return False
+        return self.optimizer_steps_per_batch() > 1
 
     # ------------------------------------------------------------------ prompt order
     def _epoch_permutation(self, epoch: int) -> list[int]:
@@ -260,7 +287,7 @@ class RLTrainer(PolicyUpdate):
         advantages = group_normalize(raw)
 
         width = max(len(r) for r in flat_responses)
-        old = self._score(self.policy, flat_prompt_ids, flat_responses)
+        old = self._score(self.policy, flat_prompt_ids, flat_responses) if self.old_logp_pass else None
         ref = None
         if self.needs_ref:
             with reference_context(self.ref_model, self.policy) as ref_model:
@@ -269,7 +296,7 @@ class RLTrainer(PolicyUpdate):
         return Rollouts(
             prompt_index=flat_prompt_index, prompt_ids=flat_prompt_ids, response_ids=flat_responses,
             completions=completions, finish_reasons=[s.finish_reason for s in samples], raw_rewards=raw.flatten(),
-            rewards=rewards.flatten(), advantages=advantages.flatten(), old_logp=pad_rows(old, width), mask=mask,
+            rewards=rewards.flatten(), advantages=advantages.flatten(), old_logp=None if old is None else pad_rows(old, width), mask=mask,
             ref_logp=ref, log_z=self._rollout_log_z(prompt_indices) if self.log_z_kind != "batch"
             else self._batch_log_z(old, ref, mask, rewards),
         )

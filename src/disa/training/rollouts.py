@@ -34,7 +34,7 @@ class Rollouts:
     raw_rewards: Tensor
     rewards: Tensor
     advantages: Tensor
-    old_logp: Tensor
+    old_logp: Optional[Tensor]  # None: the update uses its own log-probs, detached (see RLTrainer.needs_old_logp_pass)
     mask: Tensor
     ref_logp: Optional[Tensor] = None
     log_z: Optional[Tensor] = None

@@ -37,7 +37,7 @@ class PolicyUpdate:
         width, dev = logp.shape[1], self.device
         take = lambda t: None if t is None else t[rows].to(dev)  # noqa: E731
         inputs = {
-            "logp": logp, "mask": mask, "old_logp": rollouts.old_logp[rows, :width].to(dev),
+            "logp": logp, "mask": mask, "old_logp": logp.detach() if rollouts.old_logp is None else rollouts.old_logp[rows, :width].to(dev),
             "ref_logp": None if rollouts.ref_logp is None else rollouts.ref_logp[rows, :width].to(dev),
             "rewards": take(rollouts.rewards), "advantages": take(rollouts.advantages),
             "log_z": take(rollouts.log_z), "max_len": cfg.max_new_tokens,

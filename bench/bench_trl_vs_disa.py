@@ -1,0 +1,268 @@
+"""Stage 3 step time: TRL's ``GRPOTrainer`` against ``disa.training.RLTrainer`` on the same work.
+
+Same randomly initialised GPT-2, same prompts, 8 prompts x G = 8 rollouts per step, a forced response length,
+one optimiser step per rollout batch, no KL, float32 on the CPU (``--precision bf16``: bf16 autocast
+in both, TRL's own default), one thread. ``disa`` runs twice: objective
+``grpo`` (the same loss family as TRL's) and ``disa`` (trajectory balance with a frozen log Z, here a
+``LogZTable`` of zeros; it also scores ``log pi_ref`` under a frozen copy of the initial model).
+
+Forced length: the tokenizer's EOS id is one past the model's vocabulary, so neither sampler can ever draw it
+and every rollout is exactly ``--tokens`` long (checked after each run). Both trainers see the same model
+weights (seeded), the same prompts and the same reward function.
+
+Each (round, contender) runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own; rounds
+interleave the contenders (order rotating), so load from other jobs on the machine hits all of them alike.
+Per contender and step: *rollout* (the sampler), *scoring* (everything between sampling and the update:
+rewards, the no-grad log-prob passes), *update* (forward + backward + optimiser step). The first step of a
+run is a warm-up and is not counted.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_trl_vs_disa.py --shape tiny --rounds 3 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {"tiny": dict(n_layer=4, n_embd=128, n_head=4, tokens=24),
+          "medium": dict(n_layer=6, n_embd=512, n_head=8, tokens=64)}
+CONTENDERS = ("trl", "disa-grpo", "disa-disa")
+PROMPTS, GROUP, VOCAB = 8, 8, 512
+LR = 1e-5
+PRECISION = "fp32"  # --precision; TRL's GRPOConfig defaults to bf16 autocast, so it is set in both alike
+
+
+def build_tokenizer():
+    """A byte-level BPE of ``VOCAB - 1`` pieces plus an EOS the model cannot emit (id ``VOCAB - 1``... see
+    ``build_model``: the model's vocabulary stops before it). The pad id is an ordinary piece."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [" ".join(f"{a} plus {b} is {a + b}" for b in range(40)) for a in range(40)]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 2, special_tokens=["<pad>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.add_special_tokens(["<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", pad_token="<pad>")
+    tok.padding_side = "left"
+    return tok
+
+
+def build_model(tok, shape: dict):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    eos = tok.eos_token_id
+    config = GPT2Config(vocab_size=eos, n_positions=256, n_embd=shape["n_embd"], n_layer=shape["n_layer"],
+                        n_head=shape["n_head"], bos_token_id=tok.pad_token_id, eos_token_id=eos,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def prompt_texts() -> list[str]:
+    return [f"{a} plus {a + 3} is" for a in range(PROMPTS)]
+
+
+def reward_fn(prompts, completions, **_):
+    """A cheap deterministic reward with spread inside each group: the share of digits in the completion."""
+    return [sum(c.isdigit() for c in text) / max(1, len(text)) for text in completions]
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class PhaseTimer:
+    """Wraps bound methods of a trainer and adds their wall time into named buckets."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def wrap(self, obj, name: str, bucket: str):
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.totals[bucket] = self.totals.get(bucket, 0.0) + time.perf_counter() - t
+
+        setattr(obj, name, timed)
+
+
+def run_trl(shape: dict, steps: int, out_dir: str) -> tuple[list[dict], dict]:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = build_tokenizer()
+    model = build_model(tok, shape)
+    data = Dataset.from_list([{"prompt": p} for p in prompt_texts()])
+    args = GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+        max_completion_length=shape["tokens"], beta=0.0, num_iterations=1, learning_rate=LR, max_steps=steps,
+        gradient_accumulation_steps=1, temperature=1.0, top_p=1.0, top_k=0, use_cpu=True, report_to=[],
+        save_strategy="no", logging_steps=1, bf16=PRECISION == "bf16", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=data, processing_class=tok)
+    timer, steps_out = PhaseTimer(), []
+    timer.wrap(trainer, "_generate", "rollout")
+    timer.wrap(trainer, "_generate_and_score_completions", "rollout+scoring")
+    inner_step = trainer.training_step
+    lengths: list[int] = []
+
+    def step(model, inputs, *a, **k):
+        timer.totals.clear()
+        t = time.perf_counter()
+        loss = inner_step(model, inputs, *a, **k)
+        total = time.perf_counter() - t
+        gs = timer.totals.get("rollout+scoring", 0.0)
+        steps_out.append({"rollout": timer.totals.get("rollout", 0.0), "scoring": gs - timer.totals.get("rollout", 0.0),
+                          "update": total - gs, "step": total})
+        return loss
+
+    trainer.training_step = step
+    original = trainer._generate_and_score_completions
+
+    def record_lengths(*a, **k):
+        out = original(*a, **k)
+        lengths.extend(out["completion_mask"].sum(dim=1).tolist())
+        return out
+
+    trainer._generate_and_score_completions = record_lengths
+    rss0 = rss_mb()
+    trainer.train()
+    return steps_out, {"rss_before_train_mb": rss0, "lengths": sorted(set(int(x) for x in lengths))}
+
+
+def run_disa(shape: dict, steps: int, out_dir: str, objective: str) -> tuple[list[dict], dict]:
+    import copy
+
+    from disa.config import TargetConfig, TrainConfig
+    from disa.stages.fit_z import LogZTable
+    from disa.training import RLTrainer
+
+    tok = build_tokenizer()
+    model = build_model(tok, shape)
+    prompts = [{"id": str(i), "text": t} for i, t in enumerate(prompt_texts())]
+    ref, log_z = None, None
+    if objective == "disa":
+        ref = copy.deepcopy(model).eval()
+        log_z = LogZTable({p["id"]: 0.0 for p in prompts})
+    config = TrainConfig(objective=objective, group_size=GROUP, prompts_per_step=PROMPTS, num_steps=steps,
+                         max_new_tokens=shape["tokens"], lr=LR, micro_batch_size=PROMPTS * GROUP,
+                         mixed_precision="bf16" if PRECISION == "bf16" else "no",
+                         generation_batch_size=PROMPTS, updates_per_batch=1, save_every=0, seed=0)
+    trainer = RLTrainer(model, ref, tok, prompts, reward_fn, config, output_dir=out_dir,
+                        target=TargetConfig(beta=1.0, reward_transform="raw"), log_z_fn=log_z)
+    timer, steps_out, lengths = PhaseTimer(), [], set()
+    timer.wrap(trainer, "_generate", "rollout")
+    timer.wrap(trainer, "collect_rollouts", "rollout+scoring")
+    timer.wrap(trainer, "update", "update")
+    rss0 = rss_mb()
+    for _ in range(steps):
+        timer.totals.clear()
+        t = time.perf_counter()
+        row = trainer.step()
+        total = time.perf_counter() - t
+        lengths.update({int(row["response_length_max"]), int(row["response_length_mean"])})
+        gs = timer.totals["rollout+scoring"]
+        steps_out.append({"rollout": timer.totals["rollout"], "scoring": gs - timer.totals["rollout"],
+                          "update": timer.totals["update"], "step": total})
+    return steps_out, {"rss_before_train_mb": rss0, "lengths": sorted(lengths)}
+
+
+def worker(contender: str, shape_name: str, steps: int) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    shape = SHAPES[shape_name]
+    with tempfile.TemporaryDirectory() as out_dir:
+        if contender == "trl":
+            rows, info = run_trl(shape, steps, out_dir)
+        else:
+            rows, info = run_disa(shape, steps, out_dir, contender.split("-", 1)[1])
+    if info["lengths"] != [shape["tokens"]]:
+        raise SystemExit(f"{contender}: response lengths {info['lengths']}, expected all {shape['tokens']}")
+    print("RESULT " + json.dumps({"steps": rows[1:], "peak_rss_mb": rss_mb(), **info}))
+
+
+def run_round(contender: str, shape: str, steps: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run([sys.executable, __file__, "--worker", contender, "--shape", shape, "--steps", str(steps),
+                           "--precision", PRECISION],
+                          capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{contender} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def summarise(shape: str, results: dict[str, list[dict]]) -> str:
+    """Median per-phase seconds per step over every counted step of every round, the ratio to TRL per round
+    (median), and the peak RSS (max over rounds)."""
+    out = [f"shape {shape}: {SHAPES[shape]}, {PRECISION}, {PROMPTS} prompts x G={GROUP}, rounds {len(results['trl'])}",
+           f"{'contender':<10} {'rollout':>8} {'scoring':>8} {'update':>8} {'step':>8} {'TRL/this':>9} {'peak MB':>8}"
+           f" {'MB before':>9}"]
+    def med(runs, key):
+        return statistics.median(s[key] for r in runs for s in r["steps"])
+
+    trl_rounds = [statistics.median(s["step"] for s in r["steps"]) for r in results["trl"]]
+    for name, runs in results.items():
+        mine = [statistics.median(s["step"] for s in r["steps"]) for r in runs]
+        ratio = statistics.median(t / m for t, m in zip(trl_rounds, mine))
+        out.append(f"{name:<10} {med(runs, 'rollout'):8.3f} {med(runs, 'scoring'):8.3f} {med(runs, 'update'):8.3f} "
+                   f"{med(runs, 'step'):8.3f} {ratio:9.2f} {max(r['peak_rss_mb'] for r in runs):8.0f} "
+                   f"{max(r['rss_before_train_mb'] for r in runs):9.0f}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="steps per run; the first is a warm-up")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32 for both, or bf16 autocast for both (TRL's default is bf16)")
+    ap.add_argument("--json", help="also write every raw number here")
+    ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.steps < 2:
+        raise SystemExit("--steps must be >= 2 (the first step is a warm-up)")
+    global PRECISION
+    PRECISION = args.precision
+    if args.worker:
+        return worker(args.worker, args.shape, args.steps)
+    contenders = args.contenders.split(",")
+    raw = {}
+    for shape in (list(SHAPES) if args.shape == "both" else [args.shape]):
+        results: dict[str, list[dict]] = {c: [] for c in contenders}
+        for r in range(args.rounds):
+            order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+            for c in order:
+                results[c].append(run_round(c, shape, args.steps))
+                print(f"  round {r + 1} {c}: {statistics.median(s['step'] for s in results[c][-1]['steps']):.3f} s/step",
+                      file=sys.stderr, flush=True)
+        print(summarise(shape, results), flush=True)
+        raw[shape] = results
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

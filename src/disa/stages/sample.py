@@ -206,6 +206,33 @@ def prepare_out_dir(out_dir: str, meta: dict) -> None:
         os.remove(stale)  # a shard that a killed run left half-written
 
 
+def plan_sampling(prompts: Sequence[PromptRecord], *, out_dir: str, n: int, shard_size: int, seed: int,
+                  verifier_name: str, max_new_tokens: int, temperature: float, top_p: float,
+                  stop: Optional[Sequence[str]], extra_meta: dict) -> tuple[dict, int, list, int, int]:
+    """What every Stage 1 driver (in-process or Ray) does before it samples, once ``check_prompt_list`` passed:
+    write or check ``meta.json`` (the resume guard) and find the shards still to do.
+
+    Returns ``(gen_kwargs, num_shards, pending [(k, records)], skipped, rows already written)``."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+    meta = {
+        "format_version": FORMAT_VERSION, "n": n, "shard_size": shard_size, "seed": seed, "verifier": verifier_name,
+        "num_prompts": len(prompts), "prompt_ids_sha256": prompt_ids_digest(prompts), **gen_kwargs, **extra_meta,
+    }
+    prepare_out_dir(out_dir, meta)
+    num_shards = math.ceil(len(prompts) / shard_size)
+    pending, skipped, rows = [], 0, 0
+    for k in range(num_shards):
+        records = list(prompts[k * shard_size : (k + 1) * shard_size])
+        existing = finished_rows(shard_path(out_dir, k), len(records) * n)
+        if existing is None:
+            pending.append((k, records))
+        else:
+            skipped += 1
+            rows += existing
+    return gen_kwargs, num_shards, pending, skipped, rows
+
+
 def finished_rows(path: str, expected: int) -> Optional[int]:
     """Rows of a finished shard file, None when it does not exist; a wrong row count is an error."""
     if not os.path.exists(path):
@@ -260,37 +287,25 @@ def run_sampling(
         raise ValueError("ref_tokenizer is required when ref_model is a model object")
     proposal_model, proposal_tokenizer = _load_if_path(proposal_model, proposal_tokenizer)
     verifier_fn, verifier_name = resolve_verifier(verifier)
-
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
-    meta = {
-        "format_version": FORMAT_VERSION, "n": n, "shard_size": shard_size, "seed": seed, "verifier": verifier_name,
-        "num_prompts": len(prompts), "prompt_ids_sha256": prompt_ids_digest(prompts),
-        "generator": type(generator).__name__, **gen_kwargs,
+    model_names = {
+        "generator": type(generator).__name__,
         "ref_model": getattr(getattr(ref_model, "config", None), "_name_or_path", None),
         "proposal_model": getattr(getattr(proposal_model, "config", None), "_name_or_path", None),
-        **(extra_meta or {}),
     }
-    prepare_out_dir(out_dir, meta)
-
-    num_shards = math.ceil(len(prompts) / shard_size)
-    written = skipped = rows = 0
-    bar = tqdm(range(num_shards), desc="sample shards", unit="shard", disable=None if progress else True)
-    for k in bar:
-        records = prompts[k * shard_size : (k + 1) * shard_size]
-        path = shard_path(out_dir, k)
-        existing = finished_rows(path, len(records) * n)
-        if existing is not None:
-            skipped += 1
-            rows += existing
-            continue
+    gen_kwargs, num_shards, pending, skipped, rows = plan_sampling(
+        prompts, out_dir=out_dir, n=n, shard_size=shard_size, seed=seed, verifier_name=verifier_name,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
+        extra_meta={**model_names, **(extra_meta or {})},
+    )
+    written = 0
+    for k, records in tqdm(pending, desc="sample shards", unit="shard", disable=None if progress else True):
         table = sample_shard(
             records, generator=generator, n=n, verifier_fn=verifier_fn, verifier_name=verifier_name,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_model=proposal_model,
             proposal_tokenizer=proposal_tokenizer, gen_kwargs=gen_kwargs, seed=seed + k,
             score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
         )
-        atomic_write_parquet(table, path)
+        atomic_write_parquet(table, shard_path(out_dir, k))
         written += 1
         rows += table.num_rows
     return {"shards": num_shards, "written": written, "skipped": skipped, "rows": rows}

@@ -16,15 +16,12 @@ before any task starts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 from disa.data import PromptRecord
 from disa.io import atomic_write_parquet
-from disa.stages.sample import (
-    FORMAT_VERSION, check_prompt_list, finished_rows, prepare_out_dir, prompt_ids_digest, sample_shard, shard_path,
-)
+from disa.stages.sample import check_prompt_list, plan_sampling, sample_shard, shard_path
 from disa.verifiers import resolve_verifier
 
 
@@ -96,25 +93,11 @@ def run_sampling_ray(
     ray = _import_ray()
     check_prompt_list(prompts, shard_size, n)
     _, verifier_name = resolve_verifier(verifier)  # an unknown name fails here, before the cluster works
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
-    meta = {
-        "format_version": FORMAT_VERSION, "n": n, "shard_size": shard_size, "seed": seed, "verifier": verifier_name,
-        "num_prompts": len(prompts), "prompt_ids_sha256": prompt_ids_digest(prompts), "generator": "ray",
-        **gen_kwargs, **(extra_meta or {}),
-    }
-    prepare_out_dir(out_dir, meta)
-
-    num_shards = math.ceil(len(prompts) / shard_size)
-    pending, skipped, rows = [], 0, 0
-    for k in range(num_shards):
-        records = list(prompts[k * shard_size:(k + 1) * shard_size])
-        existing = finished_rows(shard_path(out_dir, k), len(records) * n)
-        if existing is None:
-            pending.append((k, records))
-        else:
-            skipped += 1
-            rows += existing
+    gen_kwargs, num_shards, pending, skipped, rows = plan_sampling(
+        prompts, out_dir=out_dir, n=n, shard_size=shard_size, seed=seed, verifier_name=verifier_name,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
+        extra_meta={"generator": "ray", **(extra_meta or {})},
+    )
     if not pending:
         return {"shards": num_shards, "written": 0, "skipped": skipped, "rows": rows}
 

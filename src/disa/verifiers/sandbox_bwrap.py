@@ -14,19 +14,12 @@ import subprocess
 import sys
 import threading
 
+from disa.verifiers.sandbox_child import CHILD_HEAD, RUN_PROGRAM
+
 BWRAP_INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)"
 
 # Runs inside bwrap before the program. Source text: it runs under `python -I -c`.
-_HARNESS = r'''
-import json, os, resource, sys
-config = json.loads(sys.argv[1])
-status_fd = config["status_fd"]
-
-def report(message):
-    try:
-        os.write(status_fd, (json.dumps(message) + "\n").encode())
-    except OSError:
-        pass
+_HARNESS = CHILD_HEAD + r'''
 
 def limit(kind, value):
     resource.setrlimit(kind, (value, value))
@@ -58,22 +51,7 @@ except Exception as err:
 
 sys.dont_write_bytecode = True
 report({"ready": True})
-sys.argv = ["solution.py"]
-main_globals = {"__name__": "__main__", "__file__": "solution.py", "__builtins__": __builtins__}
-try:
-    exec(compile(source, "solution.py", "exec"), main_globals)
-except MemoryError:
-    os.write(2, b"MemoryError\n")
-    os._exit(87)
-except SystemExit:
-    raise
-except BaseException:
-    import traceback
-    traceback.print_exc()
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(1)
-'''
+''' + RUN_PROGRAM
 
 _SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 

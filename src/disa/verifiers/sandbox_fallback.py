@@ -22,6 +22,8 @@ import sysconfig
 import threading
 import time
 
+from disa.verifiers.sandbox_child import CHILD_HEAD, RUN_PROGRAM
+
 _EXIT_REFUSED = 86  # the audit hook's exit status when it refuses an action
 _EXIT_MEMORY = 87  # the bootstrap's exit status when the program died of MemoryError
 _EXIT_BOOTSTRAP_FAILED = 88  # the bootstrap could not set up a layer it was asked for
@@ -39,17 +41,8 @@ _PREIMPORT = (
 ).split()
 
 
-_BOOTSTRAP = r'''
-import json, os, resource, sys
-config = json.loads(sys.argv[1])
-status_fd = config["status_fd"]
+_BOOTSTRAP = CHILD_HEAD + r'''
 os.set_inheritable(status_fd, False)
-
-def report(message):
-    try:
-        os.write(status_fd, (json.dumps(message) + "\n").encode())
-    except OSError:
-        pass
 
 isolation = {"netns": False, "uid": None, "audit_hook": False}
 with open(config["program_path"], "rb") as f:
@@ -148,24 +141,7 @@ if config["audit_hook"]:
     isolation["audit_hook"] = True
 
 report({"isolation": isolation})
-sys.argv = ["solution.py"]
-main_globals = {"__name__": "__main__", "__file__": "solution.py", "__builtins__": __builtins__}
-try:
-    code = compile(source, "solution.py", "exec")
-    exec(code, main_globals)
-except MemoryError:
-    sys.stderr.write("MemoryError\n")
-    sys.stderr.flush()
-    os._exit(87)
-except SystemExit:
-    raise
-except BaseException:
-    import traceback
-    traceback.print_exc()
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(1)
-'''
+''' + RUN_PROGRAM
 
 
 # ----------------------------------------------------------------------------------------------

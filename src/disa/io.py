@@ -19,6 +19,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file beside ``dst``, so a reader never sees half a copy."""
+    import shutil
+
+    dst = Path(dst)
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with non-finite floats as None and numpy scalars as Python numbers (valid JSON)."""
     if isinstance(value, float):

@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from disa.config import ConfigError, TargetConfig
 

@@ -18,18 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from disa import diversity, metrics
 from disa.data import PromptRecord, render_prompt
 from disa.generation import Generator
-from disa.io import atomic_write_parquet, atomic_write_text
+from disa.io import atomic_copy, atomic_write_parquet, atomic_write_text
 from disa.stages import common
 from disa.stages.common import stage
 from disa.verifiers import check_rewards, repeat_columns, resolve_verifier
@@ -471,9 +469,7 @@ def run(cfg, checkpoint: Optional[str] = None) -> dict:
         return result
     summary = summaries[0]
     for name in (EVAL_SAMPLES, EVAL_JSON, EVAL_MD):  # the latest evaluation, also at the top of the run
-        tmp = rd.root / f"{name}.tmp"
-        shutil.copyfile(out_dir / name, tmp)
-        os.replace(tmp, rd.root / name)
+        atomic_copy(out_dir / name, rd.root / name)
     passes = ", ".join(f"pass@{kk} {v:.4f}" for kk, v in summary["pass_at"].items())
     common.say("eval", f"{summary['prompts']} prompts x k={e.k} from {folder}: Mean@{e.k} {summary['mean_at_k']:.4f}, "
                f"{passes}, distinct correct {summary['distinct_correct']:.3f} per prompt -> {out_dir / EVAL_JSON}, "

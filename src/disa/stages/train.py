@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from disa.config import ConfigError, PipelineConfig, SFTConfig, TargetConfig, TrainConfig
+from disa.config import ConfigError, PipelineConfig, TargetConfig, TrainConfig
 from disa.objectives import get_spec
 from disa.run_dir import RunDir, check_target
 from disa.stages import common

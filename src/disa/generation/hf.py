@@ -39,11 +39,12 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def load_model_and_tokenizer(path: str, *, device="auto", dtype="float32"):
-    """Load a local causal LM folder and its tokenizer, in eval mode on ``device``."""
+    """Load a local causal LM folder and its tokenizer, in eval mode on ``device``. Local files only: a path
+    that is not a folder fails here instead of being taken for a hub repository id and downloaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     return model.to(resolve_device(device)).eval(), tokenizer
 
 

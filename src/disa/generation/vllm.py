@@ -41,7 +41,7 @@ def _checkpoint_eos_ids(model_path: str):
     from transformers import GenerationConfig
 
     try:
-        return GenerationConfig.from_pretrained(model_path).eos_token_id
+        return GenerationConfig.from_pretrained(model_path, local_files_only=True).eos_token_id
     except OSError:
         return None
 

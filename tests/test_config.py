@@ -44,8 +44,9 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"train": {"top_p": 1.5}}, r"train\.top_p"),
         ({"eval": {"k": 4, "pass_at": [1, 8]}}, r"eval\.pass_at"),
         ({"fit_z": 3}, r"fit_z: expected a mapping"),
-        ({"models": {"cpu_threads": 0}}, r"models\.cpu_threads: must be >= 1"),
-        ({"models": {"cpu_threads": "all"}}, r"models\.cpu_threads: expected int"),
+        ({"models": {"cpu_threads": 0}}, r"models\.cpu_threads: must be 'auto', an int >= 1 or null, got 0"),
+        ({"models": {"cpu_threads": "all"}}, r"models\.cpu_threads: must be 'auto', an int >= 1 or null, got 'all'"),
+        ({"models": {"cpu_threads": 1.5}}, r"models\.cpu_threads: expected str, got float"),
     ],
 )
 def test_bad_fields_are_named(data, match):
@@ -185,3 +186,25 @@ def test_starting_yaml_is_a_commented_config_that_loads_as_the_defaults():
     assert config_from_dict(data) == config_from_dict({})
     assert "  # Proposal samples per prompt, N (paper: 8).\n  n: 8\n" in text  # help above each field
     assert "#   train.objective=disa" in text  # the objectives, as comments
+
+
+def test_cpu_threads_auto_takes_the_free_cores_and_says_so(monkeypatch, capsys):
+    import torch
+
+    import disa.threads
+    from disa.stages.common import apply_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(disa.threads, "machine_load", lambda: (4, 2.2))
+        apply_cpu_threads("sample", "auto")
+        assert torch.get_num_threads() == 2
+        assert "disa sample: 2 torch thread(s) on 4 core(s), load average 2.2 (models.cpu_threads: auto)" in capsys.readouterr().out
+        apply_cpu_threads("sample", 3)
+        assert torch.get_num_threads() == 3
+        apply_cpu_threads("sample", None)  # torch's default is left alone
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert load_config(None).models.cpu_threads == "auto"
+    assert load_config(None, ["models.cpu_threads=2"]).models.cpu_threads == 2

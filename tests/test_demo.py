@@ -168,25 +168,45 @@ def test_progress_lines_give_the_eta_from_the_rate_so_far():
     assert lines[-1].startswith("[disa testbed] testbed pi_ref: 200/200 steps (100%), 1m40s elapsed, ETA 0s")
 
 
-@pytest.mark.parametrize("threads, cores, load, warns", [(2, 2, 0.1, False), (2, 2, 4.5, True), (1, 2, 6.0, False),
-                                                          (2, 16, 3.0, False), (2, 2, None, False)])
-def test_the_build_says_its_threads_and_warns_on_a_busy_machine(threads, cores, load, warns):
+@pytest.mark.parametrize("wanted, cores, load, expected", [
+    (2, 2, 0.1, 2), (2, 2, 0.5, 2), (2, 2, 0.9, 1), (2, 2, 6.0, 1), (2, 16, 3.0, 2), (8, 16, 10.2, 6),
+    (2, 2, None, 2), (1, 2, 6.0, 1)])
+def test_threads_are_chosen_from_the_free_cores(wanted, cores, load, expected):
+    from disa.threads import choose_threads
+
+    assert choose_threads(wanted, cores, load) == expected
+
+
+@pytest.mark.parametrize("threads, chosen, cores, load, says_variant, says_busy", [
+    (2, True, 2, 0.1, False, False), (1, True, 2, 4.5, True, False), (2, False, 2, 4.5, False, True),
+    (1, False, 2, 6.0, True, False), (2, False, 16, 3.0, False, False)])
+def test_the_build_says_its_threads_and_why(threads, chosen, cores, load, says_variant, says_busy):
     from disa.testbed.progress import thread_note
 
-    note = thread_note(threads, cores, load)
-    assert note.startswith(f"{threads} torch thread(s) on {cores} core(s)")
-    assert ("--build-threads 1" in note) == warns
+    note = thread_note(threads, 2, chosen, cores, load)
+    assert note.startswith(f"{threads} torch thread(s) on {cores} core(s), load average {load:.1f}")
+    assert ("equally valid variant" in note) == (says_variant and chosen)
+    assert ("--build-threads auto picks 1" in note) == says_busy
 
 
-def test_another_thread_count_is_another_testbed_cached_apart(tmp_path):
+def test_another_thread_count_is_another_testbed_cached_apart(tmp_path, monkeypatch, capsys):
     from disa.testbed import TestbedConfig
+    from disa.testbed import models
 
     tiny = TestbedConfig(n_train_prompts=4, n_eval_prompts=2, n_embd=8, n_layer=1, n_head=1, ref_steps=2,
                          proposal_steps=1, batch_size=4, familiarity_levels=(0.5,))
-    default = build_testbed(tmp_path, config=tiny)  # a config's default: 2 threads, the documented builds
-    one = build_testbed(tmp_path, config=tiny, num_threads=1)
-    assert default.root.name == tiny.fingerprint() and one.root.name == tiny.fingerprint() + "-threads1"
-    assert build_testbed(tmp_path, config=tiny, num_threads=1).root == one.root  # cached
+    monkeypatch.setattr(models, "machine_load", lambda: (2, 5.0))  # busy: auto builds on 1 thread
+    busy = build_testbed(tmp_path, config=tiny)
+    assert busy.root.name == tiny.fingerprint() + "-threads1"
+    assert "chosen for the load" in capsys.readouterr().err
+    documented = build_testbed(tmp_path, config=tiny, num_threads=2)  # a config's documented count: 2
+    assert documented.root.name == tiny.fingerprint()
+    assert "--build-threads auto picks 1" in capsys.readouterr().err  # a forced count on a busy machine: warned
+    monkeypatch.setattr(models, "machine_load", lambda: (2, 0.0))  # idle: a cached testbed is taken as it is,
+    assert build_testbed(tmp_path, config=tiny).root == documented.root  # the documented one first
+    assert "building" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="num_threads"):
+        build_testbed(tmp_path, config=tiny, num_threads=0)
 
 
 def test_smoothing_starts_at_the_first_value_and_skips_nans():

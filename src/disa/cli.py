@@ -56,6 +56,18 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
+def _threads_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'auto', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from disa import __version__
 
@@ -75,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "grpo, gspo, aspo, sft; ablations disa_labels, disa_exact (log Z from the Stage 1 labels / the "
                       "exact value); transform study disa_affine, disa_group")
     demo.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
-    demo.add_argument("--build-threads", type=int, default=None, metavar="N",
-                      help="torch threads for building the testbed (default: 1 for --quick, 2 for the full one, as "
-                           "the documented results were built; results depend on it, so another N builds another "
-                           "testbed, cached apart; 1 is much faster on a busy machine)")
+    demo.add_argument("--build-threads", type=_threads_arg, default="auto", metavar="N|auto",
+                      help="torch threads for building the testbed (default auto: a cached testbed as it is; to "
+                           "build, the documented count, 1 for --quick and 2 for the full one, when that many cores "
+                           "are free, else fewer. Results depend on it, so another count builds another testbed, "
+                           "cached apart; contended threads are several times slower)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                       help="change one budget field of disa.demo.DemoSettings (repeatable), e.g. --set num_steps=300 "
                            "--set updates_per_batch=2 --set rollout_weight=clipped_is")
@@ -138,9 +151,6 @@ def _dispatch(args) -> int:
             settings = settings_with(QUICK_SETTINGS if args.quick else FULL_SETTINGS, args.overrides)
         except ValueError as e:
             print(f"disa demo: {e}", file=sys.stderr)
-            return 2
-        if args.build_threads is not None and args.build_threads < 1:
-            print(f"disa demo: --build-threads must be >= 1, got {args.build_threads}", file=sys.stderr)
             return 2
         run_demo(out_dir=args.out, quick=args.quick, seeds=args.seeds, methods=methods, cache_dir=args.cache_dir,
                  settings=settings, build_threads=args.build_threads)

@@ -27,7 +27,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
@@ -132,9 +132,15 @@ class ModelsConfig(Section):
     policy: Optional[str] = _f(None, "Local path to start the policy from (default: the reference).")
     device: str = _f("auto", "cpu, cuda, cuda:1 or auto.")
     dtype: str = _f("float32", "Model weights dtype.", ("float32", "bfloat16", "float16"))
-    cpu_threads: Optional[int] = _f(None, "torch intra-op threads on the CPU (null: torch's default, every core). "
-                                    "Set 1 for tiny models or a shared machine, where extra threads mostly wait.",
-                                    "at_least_one")
+    cpu_threads: Optional[Union[int, str]] = _f(
+        "auto", "torch intra-op threads on the CPU: auto (every core this process may use, less the 1-minute load "
+        "average of other jobs, at least 1; said in the output), an int, or null (torch's default, every core). "
+        "Set 1 for tiny models, where extra threads mostly wait.")
+
+    def check(self) -> None:
+        t = self.cpu_threads
+        if t is not None and t != "auto" and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            self._bad("cpu_threads", f"must be 'auto', an int >= 1 or null, got {t!r}")
 
 
 @dataclass
@@ -369,7 +375,12 @@ def check_field_type(path: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return check_field_type(path, value, args[0])
+        for arg in args[:-1]:  # the first type that takes the value (``int | str`` takes 2 and "auto")
+            try:
+                return check_field_type(path, value, arg)
+            except ConfigError:
+                pass
+        return check_field_type(path, value, args[-1])
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

@@ -29,8 +29,7 @@ def stage(verb: str):
             from disa.stages.validate import check_inputs
 
             check_inputs(cfg, verb, kwargs.get("checkpoint"))
-            if cfg.models.cpu_threads is not None:
-                torch.set_num_threads(cfg.models.cpu_threads)
+            apply_cpu_threads(verb, cfg.models.cpu_threads)
             try:
                 return fn(cfg, *args, **kwargs)
             except DataError as e:
@@ -40,6 +39,20 @@ def stage(verb: str):
         return wrapper
 
     return deco
+
+
+def apply_cpu_threads(verb: str, setting) -> None:
+    """``models.cpu_threads``: ``auto`` picks the free cores of this machine now (and says so), an int is taken
+    as it is, null leaves torch's default."""
+    from disa.threads import choose_threads, describe, machine_load
+
+    if setting == "auto":
+        cores, load = machine_load()
+        threads = choose_threads(cores, cores, load)
+        torch.set_num_threads(threads)
+        say(verb, f"{describe(threads, cores, load)} (models.cpu_threads: auto)")
+    elif setting is not None:
+        torch.set_num_threads(setting)
 
 
 def say(verb: str, message: str) -> None:

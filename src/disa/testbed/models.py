@@ -37,7 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from disa.scoring import pad_batch, token_logprobs
-from disa.testbed.progress import ProgressLines, machine_load, thread_note
+from disa.testbed.progress import ProgressLines, thread_note
+from disa.threads import choose_threads, machine_load
 from disa.testbed.task import (
     Prompt,
     make_prompts,
@@ -434,7 +435,7 @@ def build_testbed(
     quick: bool = False,
     seed: int = 0,
     config: TestbedConfig | None = None,
-    num_threads: int | None = None,
+    num_threads: int | str | None = "auto",
 ) -> Testbed:
     """Build (or load from cache) the testbed: tokenizer, ``pi_ref``, proposal ``q``, prompt splits.
 
@@ -442,21 +443,36 @@ def build_testbed(
     :func:`default_cache_root`) and is rebuilt only if that directory is missing or incomplete. ``quick``
     selects :data:`QUICK_CONFIG` (seconds; for tests) instead of :data:`FULL_CONFIG` (a few minutes);
     ``config`` overrides both, and ``seed`` replaces the config's seed. ``num_threads`` sets torch's CPU
-    threads during training (default: 1 for quick, 2 for full, as the documented results were built); since
-    float results depend on it, another count builds another testbed, cached in ``<fingerprint>-threads<n>``.
+    threads during training. Float results depend on it, so a count other than the documented one (1 for quick,
+    2 otherwise) builds another testbed, cached in ``<fingerprint>-threads<n>``. ``"auto"`` (or None) takes a
+    cached testbed as it is, the documented one first; to build, it uses the documented count when the machine
+    has that many free cores and fewer when others' jobs hold them (:func:`disa.threads.choose_threads`).
     """
     base = config if config is not None else (QUICK_CONFIG if quick else FULL_CONFIG)
     cfg = dataclasses.replace(base, seed=seed)
     root_parent = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    default_threads = 1 if base == QUICK_CONFIG else 2  # how the cached (and documented) testbeds were built
-    threads = num_threads if num_threads is not None else default_threads
-    # float results depend on the thread count, so another count is another testbed, cached apart
-    root = root_parent / (cfg.fingerprint() + ("" if threads == default_threads else f"-threads{threads}"))
+    documented = 1 if base == QUICK_CONFIG else 2  # how the cached (and documented) testbeds were built
+
+    def root_for(threads: int) -> Path:  # another thread count is another testbed, cached apart
+        return root_parent / (cfg.fingerprint() + ("" if threads == documented else f"-threads{threads}"))
+
+    chosen = num_threads in (None, "auto")
+    cores, load = machine_load()
+    if chosen:
+        for threads in sorted(range(1, documented + 1), key=lambda t: t != documented):
+            if (root_for(threads) / _COMPLETE_MARKER).exists():
+                return _read_testbed(root_for(threads), cfg)
+        threads = choose_threads(documented, cores, load)
+    elif isinstance(num_threads, int) and not isinstance(num_threads, bool) and num_threads >= 1:
+        threads = num_threads
+    else:
+        raise ValueError(f"num_threads must be an int >= 1, 'auto' or None, got {num_threads!r}")
+    root = root_for(threads)
     if (root / _COMPLETE_MARKER).exists():
         return _read_testbed(root, cfg)
 
     print(f"[disa testbed] building {root} ({cfg.ref_steps} + {cfg.proposal_steps} training steps) with "
-          f"{thread_note(threads, *machine_load())}", file=sys.stderr, flush=True)
+          f"{thread_note(threads, documented, chosen, cores, load)}", file=sys.stderr, flush=True)
     root_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root_parent))
     try:

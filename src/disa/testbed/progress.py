@@ -3,9 +3,10 @@ and the thread count it uses against the machine's cores and load."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+
+from disa.threads import choose_threads, describe
 
 
 class ProgressLines:
@@ -33,21 +34,15 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def machine_load() -> tuple[int, float | None]:
-    """(CPU cores this process may use, 1-minute load average or None where the OS has none)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = None
-    return cores, load
-
-
-def thread_note(threads: int, cores: int, load: float | None) -> str:
-    """What the build says about its threads; warns when other work leaves them fewer free cores than threads."""
-    load_text = "load unknown" if load is None else f"load average {load:.1f}"
-    note = f"{threads} torch thread(s) on {cores} core(s), {load_text}"
-    if threads > 1 and load is not None and cores - load < threads - 0.5:  # fewer free cores than threads
-        note += (f"; the machine is busy, and contended threads are several times slower: "
-                 f"--build-threads 1 builds faster (a different, equally valid testbed, cached apart)")
+def thread_note(threads: int, documented: int, chosen: bool, cores: int, load: float | None) -> str:
+    """What the build says about its threads: the count, the load it was chosen from, and what a count other
+    than the ``documented`` one means; warns when a count the user forced is more than the free cores."""
+    note = describe(threads, cores, load)
+    if chosen and threads != documented:
+        note += (f" (chosen for the load; the documented testbed is built on {documented}: this is an equally valid "
+                 f"variant, cached apart, whose numbers differ slightly from docs/results.md; "
+                 f"--build-threads {documented} builds that one)")
+    elif not chosen and choose_threads(threads, cores, load) < threads:
+        note += (f"; the machine is busy and contended threads are several times slower: "
+                 f"--build-threads auto picks {choose_threads(threads, cores, load)}")
     return note

@@ -1,6 +1,7 @@
 """The CLI's manners: the same flags in every verb, help that says what a verb reads and writes, --version,
 `disa config` as a loadable commented YAML, and baselines that read Stage 1 files from another run."""
 
+import sys
 import shutil
 from pathlib import Path
 
@@ -108,3 +109,19 @@ def test_run_with_stage1_dir_runs_only_train_and_eval(stage1_run, tmp_path, monk
     assert code == 0
     assert "disa sample" not in printed and "disa train: grpo, 2 steps" in printed and "disa eval" in printed
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "eval", "eval.json", "eval.md", "eval_samples.parquet"]
+
+
+def test_library_progress_bars_are_off_without_a_terminal(monkeypatch):
+    import io
+
+    from transformers.utils import logging as hf_logging
+
+    from disa.cli import quiet_library_bars
+
+    try:
+        hf_logging.enable_progress_bar()
+        monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log file: no terminal
+        quiet_library_bars()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

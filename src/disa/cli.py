@@ -122,8 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_bars() -> None:
+    """Without a terminal (a log, CI, a pipe), transformers' per-load and per-save bars print two raw lines for
+    every model it reads or writes, which buries the stages' own output; ours stay (tqdm drops them itself)."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_bars()
     try:
         return _dispatch(args)
     except Exception as e:  # one line for the user; the traceback only with --debug

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 REPORT_TO = ("auto", "tensorboard", "none")
 TENSORBOARD_DIR = "tensorboard"
-INSTALL_HINT = "report_to: tensorboard needs the tensorboard package: pip install tensorboard (or 'disa[tensorboard]')"
+INSTALL_HINT = "'tensorboard' needs the tensorboard package: pip install tensorboard (or 'disa[tensorboard]')"
 
 
 def tensorboard_installed() -> bool:

@@ -3,6 +3,7 @@
 import base64
 import json
 import pickle
+import re
 import zlib
 
 import pyarrow as pa
@@ -87,18 +88,90 @@ def _compress(cases):
     return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(cases)))).decode()
 
 
-def test_livecodebench_private_tests_and_functional_skipped(tmp_path):
+def test_livecodebench_stdin_problem_with_private_tests(tmp_path):
     rows = [
         {"question_id": "abc1", "question_content": "Add.", "public_test_cases": json.dumps(
             [{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}]),
-         "private_test_cases": _compress([{"input": "2 2\n", "output": "4\n", "testtype": "stdin"}])},
-        {"question_id": "lc1", "question_content": "Solve.", "public_test_cases": json.dumps(
-            [{"input": "[1]", "output": "1", "testtype": "functional"}]), "private_test_cases": "[]"},
+         "private_test_cases": _compress([{"input": "2 2\n", "output": "4\n", "testtype": "stdin"}]),
+         "metadata": "{}", "starter_code": ""},
     ]
     records = load_benchmark("livecodebench", str(write_jsonl(tmp_path / "lcb.jsonl", rows)))
     assert [r.id for r in records] == ["abc1"]
     assert records[0].tests == [{"input": "1 2\n", "output": "3\n"}, {"input": "2 2\n", "output": "4\n"}]
-    assert records[0].metadata["skipped_functional"] == 1
+    assert records[0].metadata == {"testtype": "stdin"} and "program_prefix" not in records[0].extra
+
+
+# A LeetCode-style problem written for these tests (not a dataset row): pairs summing to a target.
+PAIRS_STARTER = "class Solution:\n    def countPairs(self, nums: List[int], target: int) -> List[int]:\n        "
+PAIRS_CASES = [{"input": "[1, 2, 3, 4]\n5", "output": "[2, 2]", "testtype": "functional"},
+               {"input": "[]\n0", "output": "[0, 0]", "testtype": "functional"}]
+PAIRS_PRIVATE = [{"input": "[5, 5, 5]\n10", "output": "[3, 3]", "testtype": "functional"}]
+
+
+def pairs_row(**overrides):
+    row = {"question_id": "lc-pairs", "question_content": "Return [number of pairs i<j with nums[i]+nums[j] == "
+           "target, the same number].", "starter_code": PAIRS_STARTER,
+           "metadata": json.dumps({"func_name": "countPairs"}), "public_test_cases": json.dumps(PAIRS_CASES),
+           "private_test_cases": _compress(PAIRS_PRIVATE)}
+    row.update(overrides)
+    return row
+
+
+def test_livecodebench_functional_problem_becomes_call_tests(tmp_path):
+    (rec,) = load_benchmark("livecodebench", str(write_jsonl(tmp_path / "lcb.jsonl", [pairs_row()])))
+    assert rec.metadata == {"testtype": "functional", "func_name": "countPairs"}
+    assert len(rec.tests) == 3 and all("Solution().countPairs(*_args)" in t for t in rec.tests)
+    assert "[5, 5, 5]" not in rec.prompt and "class Solution:" in rec.prompt  # tests stay out of the prompt
+    assert rec.extra["program_prefix"].startswith("import ")
+    top_level = pairs_row(starter_code="def countPairs(nums, target):\n    ")
+    (rec,) = load_benchmark("livecodebench", str(write_jsonl(tmp_path / "top.jsonl", [top_level])))
+    assert "_json.dumps(countPairs(*_args))" in rec.tests[0]
+
+
+CORRECT = """```python
+class Solution:
+    def countPairs(self, nums: List[int], target: int) -> List[int]:
+        n = sum(1 for a, b in combinations(nums, 2) if a + b == target)
+        return (n, n)  # a tuple: equal to the JSON list after the round trip
+```"""
+WRONG = CORRECT.replace("a + b == target", "a + b >= target")
+RAISES = CORRECT.replace("n = sum(", "n = 1 // 0 + sum(")
+EXITS_IN_CALL = CORRECT.replace("n = sum(", "raise SystemExit(0)\n        n = sum(")
+EXITS_ON_IMPORT = CORRECT.replace("class Solution:", "import sys\nsys.exit(0)\nclass Solution:")
+HARD_EXIT = CORRECT.replace("n = sum(", "__import__('os')._exit(0)\n        n = sum(")
+LIES = CORRECT.replace("return (n, n)", "class Eq(list):\n            def __eq__(self, other): return True\n"
+                       "        return Eq()")
+
+
+def test_livecodebench_functional_judged_in_the_sandbox(tmp_path):
+    (rec,) = load_benchmark("livecodebench", str(write_jsonl(tmp_path / "lcb.jsonl", [pairs_row()])))
+    completions = [CORRECT, WRONG, RAISES, EXITS_IN_CALL, EXITS_ON_IMPORT, HARD_EXIT, LIES]
+    n = len(completions)
+    rewards = get_verifier("code")(["p"] * n, completions, tests=[rec.tests] * n,
+                                   program_prefix=[rec.extra["program_prefix"]] * n, max_workers=2)
+    assert list(rewards) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    without_prelude = get_verifier("code")(["p"], [CORRECT], tests=[rec.tests])  # List is not defined
+    assert list(without_prelude) == [0.0]
+
+
+def test_livecodebench_functional_malformed_rows_name_file_row_and_field(tmp_path):
+    cases = [
+        (pairs_row(metadata="{}"), "row 0: field metadata.func_name"),
+        (pairs_row(metadata=json.dumps({"func_name": "x; import os"})), "row 0: field metadata.func_name"),
+        (pairs_row(starter_code=None), "row 0: missing field (one of starter_code)"),
+        (pairs_row(public_test_cases=json.dumps([{"input": "[1, 2\n5", "output": "[0, 0]", "testtype": "functional"}])),
+         "row 0, public_test_cases[0]: input line 1 is not a JSON value"),
+        (pairs_row(public_test_cases=json.dumps([{"input": "[1]\n5", "output": "zero", "testtype": "functional"}])),
+         "row 0, public_test_cases[0]: output is not a JSON value"),
+        (pairs_row(public_test_cases=json.dumps([{"input": "[1]\n5", "testtype": "functional"}])),
+         "row 0, public_test_cases[0]: a test case must be an object with input and output"),
+        (pairs_row(private_test_cases=json.dumps([{"input": "1\n", "output": "1\n", "testtype": "stdin"}])),
+         "row 0: testtype must be all stdin or all functional"),
+    ]
+    for i, (row, message) in enumerate(cases):
+        path = write_jsonl(tmp_path / f"bad{i}.jsonl", [row])
+        with pytest.raises(BenchmarkError, match=re.escape(f"{path}, {message}")):
+            load_benchmark("livecodebench", str(path))
 
 
 def test_livecodebench_refuses_a_pickle_with_code():

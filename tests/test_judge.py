@@ -6,7 +6,16 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from disa.judge import JudgeConfig, JudgeError, build_prompt, judge_diversity, parse_score
+from disa.judge import (
+    SYSTEM_PROMPT,
+    JudgeConfig,
+    JudgeError,
+    build_messages,
+    build_prompt,
+    judge_diversity,
+    parse_score,
+    pool_judge,
+)
 
 
 class FakeJudge(BaseHTTPRequestHandler):
@@ -45,32 +54,56 @@ def server():
     httpd.server_close()
 
 
-def test_parse_score():
-    assert parse_score("Score: 4") == 4.0
-    assert parse_score("I think... **Score: 2.5**") == 2.5
-    assert parse_score(" 3 ") == 3.0
-    assert parse_score("Score: 7") is None and parse_score("four") is None and parse_score("") is None
-    assert parse_score(None) is None
+def test_parse_score_takes_one_integer_from_1_to_5():
+    assert parse_score("Score: 4") == 4 and isinstance(parse_score("4"), int)
+    assert parse_score("**Score: 2**") == 2 and parse_score(" 3 ") == 3 and parse_score("5.") == 5
+    assert parse_score("Score: 4.0") == 4  # integral, written as a decimal
+    assert parse_score("2.5") is None and parse_score("Score: 2.5") is None  # App. D.5: one integer
+    assert parse_score("Score: 7") is None and parse_score("Score: 10") is None and parse_score("0") is None
+    assert parse_score("four") is None and parse_score("") is None and parse_score(None) is None
 
 
-def test_prompt_lists_every_response():
-    prompt = build_prompt("Add 2 and 3.", ["a", "b", "c"])
-    assert "Add 2 and 3." in prompt and "--- Response 3 ---\nc" in prompt and "3 responses" in prompt
+def test_messages_are_system_then_user_with_every_response_and_the_rubric():
+    messages = build_messages("Add 2 and 3.", ["a", "b", "c"])
+    assert [m["role"] for m in messages] == ["system", "user"] and messages[0]["content"] == SYSTEM_PROMPT
+    prompt = messages[1]["content"]
+    assert prompt == build_prompt("Add 2 and 3.", ["a", "b", "c"])
+    assert "Add 2 and 3." in prompt and "--- Attempt 3 ---\nc" in prompt and "3 ATTEMPTED SOLUTIONS" in prompt
+    # the paper's levels: attempts (of every 16) on the dominant approach, 14+ / 11-13 / 7-10 / 4-6 / at most 3
+    for level in ("1 (minimal): 14 or more of every 16", "2 (low): 11 to 13 of every 16", "3 (moderate): 7 to 10",
+                  "4 (high): 4 to 6", "5 (maximal): no approach dominates (at most 3 of every 16"):
+        assert level in prompt, level
+    assert "x" * 10 in build_prompt("p", ["x" * 50], max_chars=10) and "x" * 11 not in build_prompt("p", ["x" * 50],
+                                                                                                  max_chars=10)
     with pytest.raises(ValueError):
         build_prompt("x", [])
 
 
-def test_judge_mean_std_with_retry_on_malformed_replies(server):
-    FakeJudge.replies = ["Score: 4", "Score: 2", "no idea", "Score: 9", "  5 ", "n/a", "n/a", "n/a"]
+def test_judge_mean_and_empirical_std_over_problems(server):
+    FakeJudge.replies = ["Score: 4", "2", "no idea", "3.5", "  5 ", "n/a", "Score: 9", "n/a"]
     config = JudgeConfig(base_url=server, model="judge-1", api_key="sk-test", retries=2)
     result = judge_diversity(config, ["p1", "p2", "p3", "p4"], [["a", "b"], ["c"], ["d", "e"], ["f"]])
-    # p3: "no idea" and "Score: 9" are rejected, the third try "5" counts; p4: three bad replies -> missing
-    assert result["scores"] == [4.0, 2.0, 5.0, None]
+    # p3: "no idea" and "3.5" (not an integer) are rejected, the third try "5" counts; p4: three bad replies -> missing
+    assert result["scores"] == [4, 2, 5, None]
     assert result["mean"] == pytest.approx(11 / 3) and result["missing"] == 1 and result["judged"] == 3
-    assert result["std"] == pytest.approx(((1 / 3) ** 2 + (5 / 3) ** 2 + (4 / 3) ** 2) ** 0.5 / 2 ** 0.5)
+    # empirical std (ddof=0): deviations 1/3, -5/3, 4/3 -> sqrt((1 + 25 + 16) / 9 / 3)
+    assert result["std"] == pytest.approx((42 / 27) ** 0.5)
     path, auth, body = FakeJudge.seen[0]
     assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
-    assert body["model"] == "judge-1" and body["temperature"] == 0.0 and "p1" in body["messages"][0]["content"]
+    assert body["model"] == "judge-1" and body["temperature"] == 0.0
+    assert [m["role"] for m in body["messages"]] == ["system", "user"] and "p1" in body["messages"][1]["content"]
+
+
+def test_pooling_weighs_problems_not_sets():
+    aime24 = {"scores": [1, 2, None], "judge_model": "j"}
+    aime25 = {"scores": [5], "judge_model": "j"}
+    pooled = pool_judge({"aime24": aime24, "aime25": aime25})
+    assert pooled["mean"] == pytest.approx(8 / 3)  # not (1.5 + 5) / 2
+    assert pooled["std"] == pytest.approx(((5 / 3) ** 2 + (2 / 3) ** 2 + (7 / 3) ** 2) ** 0.5 / 3 ** 0.5)
+    assert pooled["judged"] == 3 and pooled["missing"] == 1 and pooled["sets"] == ["aime24", "aime25"]
+    assert pool_judge({"one": {"scores": [3], "judge_model": "j"}})["std"] == 0.0
+    with pytest.raises(ValueError):
+        pool_judge({})
 
 
 def test_non_json_reply_and_http_error_and_unreachable(server):
@@ -107,8 +140,23 @@ def test_eval_records_judge_and_judge_free_diversity(server, tmp_path, monkeypat
                              progress=False, bootstrap=100,
                              judge={"base_url": server, "model": "j", "api_key_env": "JUDGE_KEY"})
     assert summary["judge"]["scores"] == [2.0, 3.0] and summary["judge"]["mean"] == 2.5
-    assert FakeJudge.seen[0][1] == "Bearer sk-env" and "1-1?" in FakeJudge.seen[0][2]["messages"][0]["content"]
+    assert FakeJudge.seen[0][1] == "Bearer sk-env" and "1-1?" in FakeJudge.seen[0][2]["messages"][1]["content"]
     assert summary["diversity"]["distinct_answers"] == 2.0 and summary["diversity"]["distinct_solutions"] == 2.0
     assert summary["mean_at_k"] == 0.5 and summary["pass_curve"] == [0.5, pytest.approx(5 / 6), 1.0, 1.0]
     md = (tmp_path / "eval.md").read_text()
     assert "LLM-judge diversity (1-5, j) | 2.500" in md and "distinct final answers per prompt | 2.000" in md
+
+
+def test_benchmarks_table_pools_the_judged_benchmarks():
+    from disa.stages.evaluate import benchmark_table, format_benchmarks
+
+    def summary(scores):
+        return {"k": 8, "mean_at_k": 0.5, "pass_at": {"1": 0.5}, "prompts": len(scores),
+                "judge": {"scores": scores, "judge_model": "gpt-4o-mini"}}
+
+    table = benchmark_table({"aime24": summary([1, 2]), "aime25": summary([5, None]),
+                             "math500": {"k": 8, "mean_at_k": 0.9, "pass_at": {"1": 0.9}, "prompts": 3}})
+    assert table["judge"]["sets"] == ["aime24", "aime25"] and table["judge"]["mean"] == pytest.approx(8 / 3)
+    assert table["judge"]["missing"] == 1 and "scores" not in table["judge"]
+    assert "over the problems of aime24, aime25: 2.667 ± 1.700 (3 judged, 1 missing)" in format_benchmarks(table)
+    assert "judge" not in benchmark_table({"math500": {"k": 8, "mean_at_k": 0.9, "pass_at": {"1": 0.9}, "prompts": 3}})

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from disa import cli
-from disa.report import build_report, export_tensorboard, markdown_to_html, read_metrics_csv
+from disa.report import build_report, markdown_to_html, read_metrics_csv
 
 
 def test_markdown_to_html_tables_headings_and_escaping():
@@ -53,10 +53,6 @@ def test_report_cli_errors_and_metrics_csv(tmp_path, capsys):
     (tmp_path / "m.csv").write_text("step,loss\n1,2.5\n2,x\n")
     cols = read_metrics_csv(tmp_path / "m.csv")
     assert cols["step"] == [1.0, 2.0] and cols["loss"][0] == 2.5 and cols["loss"][1] != cols["loss"][1]
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        assert export_tensorboard(tmp_path / "m.csv", tmp_path / "tb") is False
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 
 from disa.verifiers import get_verifier
 from disa.verifiers.code import (
+    call_test,
     code_reward,
     extract_program,
     normalize_output,
@@ -84,6 +85,21 @@ def test_assert_tests_and_partial_credit():
     tests = ["assert add(1, 2) == 3", "assert add(2, 2) == 5", "assert add(-1, 1) == 0"]
     assert code_reward(program, tests) == 0.0  # all-or-nothing by default
     assert code_reward(program, tests, partial_credit=True) == pytest.approx(2 / 3)
+
+
+def test_call_tests_compare_json_rebuilt_values_and_program_prefix_column():
+    tests = [call_test("Solution().pair", ["1", "[2, 3]"], "[1, [2, 3]]"), call_test("pair", ["1", "2"], "[1, 2]")]
+    assert "_json.loads('[1, [2, 3]]')" in tests[0] and "pair(*_args)" in tests[1]
+    method = "class Solution:\n    def pair(self, a, b):\n        return (a, b)\n"  # tuple == JSON list
+    assert code_reward(method, tests[0]) == 1.0 and code_reward(method, call_test("Solution().pair", ["1", "2"], "[2, 1]")) == 0.0
+    assert code_reward("def pair(a, b):\n    return {a, b}\n", tests[1]) == 0.0  # a set is not JSON
+    for bad in ("Solution.pair", "Solution().pair()", "x; import os", "Solution().a.b"):
+        with pytest.raises(ValueError, match="NAME or NAME"):
+            call_test(bad, [], "1")
+    needs_prefix = "def pair(a, b):\n    return [PREFIXED, b]\n"
+    rewards = get_verifier("code")(["p"] * 2, [needs_prefix] * 2, tests=[tests[1]] * 2,
+                                   program_prefix=["PREFIXED = 1\n", None])
+    assert list(rewards) == [1.0, 0.0]
 
 
 def test_stdio_formats_apps_and_json():

@@ -229,7 +229,10 @@ class OptimisationConfig(Section):
     save_every: int = _f(50, "Checkpoint every this many steps; 0 = only at the end. The last step is always saved.",
                          "non_negative")
     keep_checkpoints: int = _f(0, "Keep only the newest k checkpoints (0 = keep all).", "non_negative")
-    log_with: str = _f("csv", "csv (metrics.csv) or tensorboard.", ("csv", "tensorboard"))
+    report_to: str = _f("auto", "Where step metrics go besides metrics.csv (always written), as transformers' "
+                        "report_to: auto (TensorBoard when the tensorboard package is installed), tensorboard (an "
+                        "error up front when it is not), none. Scalars land in <train dir>/tensorboard/.",
+                        ("auto", "tensorboard", "none"))
     seed: int = _f(0, "Seeds data order, sampling and initialisation (step s of RL uses (seed, s)).", "non_negative")
 
     def check(self) -> None:

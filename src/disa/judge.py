@@ -1,10 +1,25 @@
-"""The LLM-judge diversity protocol (App. D.5): for each problem, the judge reads the problem and a policy's
-responses and scores how different their solution approaches are, 1 (all the same) to 5 (all different); we
-report the mean and standard deviation over problems.
+"""The LLM-judge diversity protocol of App. D.5: for each problem, the judge reads the problem and all of one
+policy's responses to it in one request and returns one integer from 1 (the responses share one approach) to 5
+(no approach dominates); we report the mean and the empirical standard deviation over problems.
+
+What follows the paper (App. D.5, itself the diversity prompt of FlowRL, Zhu et al. 2025) and what is ours:
+
+* protocol, as in the paper: a system message that sets the task (diversity of solution *approaches*, subtle
+  methodological differences count, correctness does not), a user message with the problem, every response and
+  the 1-5 rubric; one integer per problem (a reply such as "2.5" is not a score); the rubric's levels are
+  those of the paper, defined by how many responses share the most common approach and how many distinct
+  strategies appear, written for 16 responses (14+, 11-13, 7-10, 4-6, at most 3 of 16 on the dominant approach);
+  the score per problem is averaged over problems, and the spread is the empirical standard deviation of the
+  per-problem scores (``ddof=0``);
+* ours: the wording (the paper's text is not reproduced); the rubric's counts are phrased "of every 16" so that
+  they read the same for any number of responses (the paper sent the 16-response text unchanged with its own
+  number of rollouts, a number our copy of the paper does not show);
+  each response is cut to ``max_chars`` characters; a reply without a valid score is asked again and then
+  recorded as missing, never filled in; temperature 0 by default. Which problems (the paper: AIME 2024 + 2025,
+  pooled: :func:`pool_judge`) and how many responses (``eval.k``) are the caller's choice.
 
 The judge is any OpenAI-compatible chat-completions endpoint (``POST {base_url}/chat/completions``), called with
-the standard library only. A reply without a score in 1..5 is retried, then recorded as missing (never as a
-made-up number); the summary says how many were missing.
+the standard library only.
 """
 
 from __future__ import annotations
@@ -15,29 +30,35 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-JUDGE_PROMPT = """You are judging the DIVERSITY of solutions, not their correctness.
+SYSTEM_PROMPT = ("You judge how DIVERSE a set of attempted solutions to one competition problem is: how many "
+                 "different problem-solving strategies they use. Subtle differences of method count (a different "
+                 "setup, choice of variables, technique or decomposition); wording, notation, arithmetic slips and "
+                 "whether an attempt is correct or finished do not.")
 
-Problem:
+JUDGE_PROMPT = """PROBLEM:
 {problem}
 
-Below are {count} responses written for this problem.
+{count} ATTEMPTED SOLUTIONS:
 {responses}
 
-Rate how different the solution APPROACHES are (method, key idea, structure), ignoring wording and formatting:
-1 = all responses use essentially the same approach
-2 = minor variations of one approach
-3 = two clearly different approaches
-4 = several different approaches
-5 = almost every response uses a different approach
+Score the diversity of the approaches from 1 to 5. The counts below are out of every 16 attempts; scale them to the
+number of attempts shown.
+1 (minimal): 14 or more of every 16 attempts follow essentially the same approach (same setup, same variables, same
+  path); they differ only trivially.
+2 (low): 11 to 13 of every 16 follow the main approach; 1 or 2 other approaches appear, rarely; the rest are small
+  variations inside the main method.
+3 (moderate): 7 to 10 of every 16 follow the most common approach; 2 or 3 clearly different approaches are present.
+4 (high): 4 to 6 of every 16 follow the most common approach; 3 or 4 distinct strategies are well represented.
+5 (maximal): no approach dominates (at most 3 of every 16 share one method); 4 or more distinct strategies.
 
-Answer with the score only, as: Score: N"""
+Judge the variety of the approaches attempted, not their quality. Reply with the single integer only."""
 
-_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([1-5](?:\.\d+)?)\b", re.IGNORECASE)
-_BARE = re.compile(r"^\s*\**([1-5](?:\.\d+)?)\**\s*\.?\s*$")
+_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d*)?)(?![\d.])", re.IGNORECASE)
+_BARE = re.compile(r"^\s*\**(\d+(?:\.\d*)?)\**\s*\.?\s*$")
 
 
 class JudgeError(RuntimeError):
@@ -56,28 +77,36 @@ class JudgeConfig:
 
 
 def build_prompt(problem: str, responses: Sequence[str], max_chars: int = 4000) -> str:
-    """The App. D.5-style prompt; each response is cut to ``max_chars`` so that long ones fit the judge's window."""
+    """The user message of App. D.5 (our wording): the problem, every response (each cut to ``max_chars``
+    characters so that long ones fit the judge's window) and the 1-5 rubric."""
     if not responses:
         raise ValueError("the judge needs at least one response")
-    body = "\n".join(f"--- Response {i + 1} ---\n{r[:max_chars]}" for i, r in enumerate(responses))
+    body = "\n".join(f"--- Attempt {i + 1} ---\n{r[:max_chars]}" for i, r in enumerate(responses))
     return JUDGE_PROMPT.format(problem=problem, count=len(responses), responses=body)
 
 
-def parse_score(text: str) -> Optional[float]:
-    """The 1..5 score in a judge reply ("Score: 4", "**4**", "4"); None when there is none or it is out of range."""
+def build_messages(problem: str, responses: Sequence[str], max_chars: int = 4000) -> list[dict]:
+    """System + user messages, as App. D.5 sends them."""
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": build_prompt(problem, responses, max_chars)}]
+
+
+def parse_score(text: str) -> Optional[int]:
+    """The integer 1..5 of a judge reply ("4", "**4**", "Score: 4"); None when there is none, it is out of range,
+    or it is not an integer ("2.5": the protocol asks for one integer)."""
     if not isinstance(text, str):
         return None
     m = _SCORE.search(text) or _BARE.match(text)
-    if not m:
+    if not m or not float(m.group(1)).is_integer():
         return None
-    value = float(m.group(1))
-    return value if 1.0 <= value <= 5.0 else None
+    value = int(float(m.group(1)))
+    return value if 1 <= value <= 5 else None
 
 
-def chat(config: JudgeConfig, prompt: str) -> str:
+def chat(config: JudgeConfig, messages: Sequence[dict]) -> str:
     """One chat-completions call; the reply's text. Errors name the endpoint and what came back."""
     url = config.base_url.rstrip("/") + "/chat/completions"
-    payload = {"model": config.model, "messages": [{"role": "user", "content": prompt}],
+    payload = {"model": config.model, "messages": list(messages),
                "temperature": config.temperature, "max_tokens": config.max_tokens}
     headers = {"Content-Type": "application/json"}
     if config.api_key:
@@ -96,11 +125,11 @@ def chat(config: JudgeConfig, prompt: str) -> str:
         raise JudgeError(f"{url}: not a chat completion: {raw[:200]!r}") from None
 
 
-def judge_problem(config: JudgeConfig, problem: str, responses: Sequence[str], sleep_s: float = 0.0) -> Optional[float]:
+def judge_problem(config: JudgeConfig, problem: str, responses: Sequence[str], sleep_s: float = 0.0) -> Optional[int]:
     """The score of one problem, asking again (up to ``config.retries`` times) when a reply has no valid score."""
-    prompt = build_prompt(problem, responses)
+    messages = build_messages(problem, responses)
     for attempt in range(config.retries + 1):
-        score = parse_score(chat(config, prompt))
+        score = parse_score(chat(config, messages))
         if score is not None:
             return score
         if sleep_s:
@@ -108,12 +137,27 @@ def judge_problem(config: JudgeConfig, problem: str, responses: Sequence[str], s
     return None
 
 
+def score_summary(scores: Sequence[Optional[float]]) -> dict:
+    """Mean and empirical standard deviation (``ddof=0``, App. D.5) over the problems with a score."""
+    valid = np.array([s for s in scores if s is not None], dtype=np.float64)
+    return {"mean": float(valid.mean()) if valid.size else float("nan"),
+            "std": float(valid.std(ddof=0)) if valid.size else float("nan"),
+            "judged": int(valid.size), "missing": len(scores) - int(valid.size)}
+
+
 def judge_diversity(config: JudgeConfig, problems: Sequence[str], responses: Sequence[Sequence[str]]) -> dict:
     """Scores per problem and their mean and std (over problems with a valid score)."""
     if len(problems) != len(responses):
         raise ValueError(f"problems and responses must align, got {len(problems)} and {len(responses)}")
     scores = [judge_problem(config, p, r) for p, r in zip(problems, responses)]
-    valid = np.array([s for s in scores if s is not None], dtype=np.float64)
-    return {"scores": scores, "mean": float(valid.mean()) if valid.size else float("nan"),
-            "std": float(valid.std(ddof=1)) if valid.size > 1 else float("nan"),
-            "judged": int(valid.size), "missing": len(scores) - int(valid.size), "judge_model": config.model}
+    return {"scores": scores, **score_summary(scores), "judge_model": config.model}
+
+
+def pool_judge(summaries: Mapping[str, dict]) -> dict:
+    """One mean and std over the problems of several judged sets (the paper pools AIME 2024 and 2025), not the
+    average of their means: a set with more problems weighs more."""
+    if not summaries:
+        raise ValueError("no judged set to pool")
+    scores = [s for summary in summaries.values() for s in summary["scores"]]
+    models = sorted({summary.get("judge_model", "") for summary in summaries.values()})
+    return {"sets": list(summaries), "scores": scores, **score_summary(scores), "judge_model": ", ".join(models)}

@@ -3,8 +3,7 @@
 It shows whatever the folder holds: Stage 1 labels (log Z and ESS histograms), the Stage 2 regressor (loss
 curves, held-out MSE), training curves (``checkpoints/metrics.csv``), evaluation and benchmark tables
 (``eval.md``, ``eval/*/eval.md``, ``benchmarks.md``, with pass@k curves from ``eval.json``), and for a study or
-demo folder its ``results.md`` tables and its PNGs. ``export_tensorboard`` copies training metrics into a
-TensorBoard log when ``tensorboard`` is installed.
+demo folder its ``results.md`` tables and its PNGs.
 """
 
 from __future__ import annotations
@@ -187,22 +186,6 @@ def build_report(run_dir, out: Optional[str] = None) -> Path:
     path = Path(out) if out else root / REPORT_FILE
     atomic_write_text(path, page)
     return path
-
-
-def export_tensorboard(metrics_csv, log_dir) -> bool:
-    """Every numeric column of a training ``metrics.csv`` as TensorBoard scalars; False when not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return False
-    cols = read_metrics_csv(Path(metrics_csv))
-    steps = cols.pop("step", None) or list(range(1, len(next(iter(cols.values()), [])) + 1))
-    writer = SummaryWriter(str(log_dir))
-    for key, values in cols.items():
-        for s, v in zip(steps, values):
-            writer.add_scalar(key, v, int(s))
-    writer.close()
-    return True
 
 
 def cli_study_or_report(args) -> int:

@@ -15,8 +15,12 @@ Accepted layouts (column names are matched case-insensitively, first match wins)
   ``test + check(entry_point)`` asserts;
 * LiveCodeBench (code_generation_lite): ``question_content``, ``public_test_cases`` and ``private_test_cases``
   (JSON, or the release's base64/zlib/pickled JSON string, decoded with an unpickler that accepts only plain
-  strings); only ``testtype: stdin`` problems are kept (LeetCode-style ``functional`` ones need a class harness
-  this loader does not build; how many were dropped is reported);
+  strings). ``testtype: stdin`` problems become stdin/stdout cases; LeetCode-style ``functional`` ones
+  (``metadata`` ``{"func_name": ...}``, ``starter_code``; each test's ``input`` one JSON value per line, one
+  line per argument, ``output`` a JSON value) become one judge-sandbox assert per test that calls
+  ``Solution().<func_name>(*args)`` (or ``<func_name>(*args)`` when the starter code has no ``class Solution``)
+  and compares the JSON-rebuilt return value (:func:`disa.verifiers.code.call_test`); those rows carry
+  ``program_prefix`` = :data:`LEETCODE_PRELUDE`, the imports LeetCode's starter code assumes;
 * CodeForces: open-r1/codeforces (``description``, ``input_format``, ``output_format``, ``official_tests`` or
   ``examples``) or the DeepCoder layout (``problem``, ``tests`` as JSON ``[{input, output}]``).
 
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import pickle
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +46,15 @@ from disa.data import PromptRecord
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 STDIO_INSTRUCTION = ("Write a complete Python 3 program that reads the input from standard input and writes the "
                      "answer to standard output. Put the program in one ```python code block.")
+STARTER_INSTRUCTION = ("Complete the starter code below so that it solves the problem. Your function is called "
+                       "with each test's arguments and its return value is checked: do not read input or print. "
+                       "Reply with the whole code (starter code included) in one ```python code block.")
+# Names LeetCode's starter code uses without importing them (List, Optional, deque, ...), and a deeper recursion
+# limit; prepended to the program of every functional LiveCodeBench problem (our list, not LiveCodeBench's).
+LEETCODE_PRELUDE = ("import bisect, collections, functools, heapq, itertools, math, operator, re, string, sys\n"
+                    "from typing import *\nfrom collections import *\nfrom functools import *\n"
+                    "from itertools import *\nfrom heapq import *\nfrom bisect import *\nfrom math import *\n"
+                    "sys.setrecursionlimit(50_000)\n")
 FUNCTION_INSTRUCTION = ("Complete the following Python function. Reply with the whole function (imports included) "
                         "in one ```python code block.")
 
@@ -116,7 +131,7 @@ def decode_livecodebench_tests(cell, *, where: str) -> list:
 
 
 def livecodebench_records(rows: list[dict], source: str) -> list[PromptRecord]:
-    out, functional = [], 0
+    out = []
     for i, row in enumerate(rows):
         where = f"{source}, row {i}"
         question = as_text(pick(row, ("question_content",), where=where), where=where, field="question_content")
@@ -124,20 +139,49 @@ def livecodebench_records(rows: list[dict], source: str) -> list[PromptRecord]:
         for field in ("public_test_cases", "private_test_cases"):
             cell = pick(row, (field,), where=where, required=False)
             if cell is not None:
-                cases += decode_livecodebench_tests(cell, where=f"{where}, {field}")
-        if any(c.get("testtype") == "functional" for c in cases):
-            functional += 1
-            continue
-        tests = [{"input": c["input"], "output": c["output"]} for c in cases]
-        if not tests:
+                cases += [(f"{where}, {field}[{j}]", c) for j, c in
+                          enumerate(decode_livecodebench_tests(cell, where=f"{where}, {field}"))]
+        if not cases:
             raise BenchmarkError(f"{where}: no test cases in public_test_cases / private_test_cases")
-        out.append(PromptRecord(id=maybe_id(row, i, ("question_id", "id")), prompt=f"{question}\n\n{STDIO_INSTRUCTION}",
-                                tests=tests, metadata={"skipped_functional": functional}))
-    if functional:
-        for r in out:
-            r.metadata["skipped_functional"] = functional
+        for case_where, case in cases:
+            if not isinstance(case, dict) or "input" not in case or "output" not in case:
+                raise BenchmarkError(f"{case_where}: a test case must be an object with input and output")
+        kinds = {c.get("testtype", "stdin") for _, c in cases}
+        if len(kinds) > 1 or not kinds <= {"stdin", "functional"}:
+            raise BenchmarkError(f"{where}: testtype must be all stdin or all functional, got {sorted(map(str, kinds))}")
+        rid = maybe_id(row, i, ("question_id", "id"))
+        if kinds == {"functional"}:
+            out.append(_functional_record(rid, question, row, cases, where))
+        else:
+            out.append(PromptRecord(id=rid, prompt=f"{question}\n\n{STDIO_INSTRUCTION}", metadata={"testtype": "stdin"},
+                                    tests=[{"input": c["input"], "output": c["output"]} for _, c in cases]))
     _check_unique(out, source)
     return out
+
+
+def _functional_record(rid: str, question: str, row: dict, cases: list, where: str) -> PromptRecord:
+    """A LeetCode-style problem: one judge assert per test, calling the starter code's function."""
+    from disa.verifiers.code import call_test
+
+    meta = load_json_cell(pick(row, ("metadata",), where=where), where=where, field="metadata")
+    name = meta.get("func_name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name.isidentifier():
+        raise BenchmarkError(f"{where}: field metadata.func_name must name the function to call, got {name!r}")
+    starter = as_text(pick(row, ("starter_code",), where=where), where=where, field="starter_code")
+    call = f"Solution().{name}" if re.search(r"^\s*class\s+Solution\b", starter, re.MULTILINE) else name
+    tests = []
+    for case_where, case in cases:
+        args = [line for line in str(case["input"]).split("\n") if line.strip()]
+        for n, text in enumerate(args + [str(case["output"])]):
+            field = "output" if n == len(args) else f"input line {n + 1}"
+            try:
+                json.loads(text)
+            except ValueError as err:
+                raise BenchmarkError(f"{case_where}: {field} is not a JSON value ({err}): {text[:80]!r}") from None
+        tests.append(call_test(call, args, str(case["output"])))
+    prompt = f"{question}\n\n{STARTER_INSTRUCTION}\n\n```python\n{starter.rstrip()}\n```"
+    return PromptRecord(id=rid, prompt=prompt, tests=tests, metadata={"testtype": "functional", "func_name": name},
+                        extra={"program_prefix": LEETCODE_PRELUDE})
 
 
 def codeforces_records(rows: list[dict], source: str) -> list[PromptRecord]:

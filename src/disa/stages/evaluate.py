@@ -384,7 +384,13 @@ def benchmark_table(summaries: dict[str, dict]) -> dict:
                                                     if "ci" in s else {})} for key in keys} | {"prompts": s["prompts"]}
             for name, s in summaries.items()}
     average = {key: metrics.macro_average({n: value(s, key) for n, s in summaries.items()}) for key in keys}
-    return {"k": first["k"], "benchmarks": rows, "average": average}
+    table = {"k": first["k"], "benchmarks": rows, "average": average}
+    judged = {name: s["judge"] for name, s in summaries.items() if "judge" in s}
+    if judged:  # App. D.5: one mean and std over the problems of every judged benchmark (the paper: AIME 24 + 25)
+        from disa.judge import pool_judge
+
+        table["judge"] = {k: v for k, v in pool_judge(judged).items() if k != "scores"}
+    return table
 
 
 def format_benchmarks(table: dict) -> str:
@@ -396,6 +402,10 @@ def format_benchmarks(table: dict) -> str:
                  for k in keys]
         lines.append(f"| {bench} | {row['prompts']} | " + " | ".join(cells) + " |")
     lines.append("| **average** | | " + " | ".join(f"{table['average'][k]:.4f}" for k in keys) + " |")
+    if "judge" in table:
+        j = table["judge"]
+        lines += ["", f"LLM-judge diversity (1-5, {j['judge_model']}) over the problems of {', '.join(j['sets'])}: "
+                  f"{j['mean']:.3f} ± {j['std']:.3f} ({j['judged']} judged, {j['missing']} missing)"]
     return "\n".join(lines) + "\n"
 
 

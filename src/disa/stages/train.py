@@ -31,7 +31,7 @@ from disa.stages import common
 from disa.stages.common import stage
 
 # Fields that may change between a run and its resume (the run's length and bookkeeping, not its maths).
-RESUMABLE_CHANGES = {"num_steps", "num_epochs", "save_every", "keep_checkpoints", "log_with", "eval_every"}
+RESUMABLE_CHANGES = {"num_steps", "num_epochs", "save_every", "keep_checkpoints", "report_to", "eval_every"}
 
 
 def check_resume(ckpt: Path, train: TrainConfig, target: Optional[TargetConfig]) -> None:

@@ -276,6 +276,11 @@ def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -
                    "the Stage 1 files")
     generates = verb in ("sample", "train", "eval", "run")
     supervised = cfg.train.objective == "sft"
+    if verb in ("train", "run"):
+        from disa.training.logger import report_to_problem
+
+        field = "train.sft.report_to" if supervised else "train.report_to"
+        out += [p for p in [report_to_problem((cfg.train.sft if supervised else cfg.train).report_to, field)] if p]
     if generates and not (verb == "train" and supervised):
         verifier = _verifier_problem(cfg)
         out += [verifier] if verifier else []

@@ -178,7 +178,7 @@ class RLTrainer(PolicyUpdate):
         resume_step = None
         if resume_from is not None:
             resume_step = self._load_checkpoint(find_checkpoint(resume_from))
-        self.logger = MetricsLogger(self.output_dir, config.log_with, resume_step=resume_step)
+        self.logger = MetricsLogger(self.output_dir, config.report_to, resume_step=resume_step)
 
     # ------------------------------------------------------------------ construction
     def _check_inputs(self, ref_model, log_z_fn, affine) -> None:
@@ -378,12 +378,12 @@ class RLTrainer(PolicyUpdate):
                 row = self.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", reward=f"{row['reward_mean']:.3f}")
+            last = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
+            if not (last / "trainer_state.json").exists():
+                self.save_checkpoint()
         finally:
             bar.close()
-        last = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
-        if not (last / "trainer_state.json").exists():
-            self.save_checkpoint()
-        self.logger.close()
+            self.logger.close()  # also on a crash: TensorBoard's event file is complete
         return self.history
 
     # ------------------------------------------------------------------ checkpoints

@@ -132,7 +132,7 @@ def train_sft(
         state = load_training_checkpoint(find_checkpoint(resume_from), policy=policy, optimizer=optimizer,
                                          scheduler=scheduler, scaler=scaler)
         step, history = int(state["step"]), list(state["history"])
-    logger = MetricsLogger(output_dir, config.log_with, resume_step=step if resume_from is not None else None)
+    logger = MetricsLogger(output_dir, config.report_to, resume_step=step if resume_from is not None else None)
 
     mini = config.micro_batch_size * config.gradient_accumulation
     steps_per_epoch = math.ceil(len(examples) / mini)
@@ -175,11 +175,11 @@ def train_sft(
             bar.set_postfix(loss=f"{loss_value:.4g}")
             if config.save_every and step % config.save_every == 0:
                 save()
+        if not (output_dir / f"{CHECKPOINT_PREFIX}{step}" / "trainer_state.json").exists():
+            save()
     finally:
         bar.close()
-    if not (output_dir / f"{CHECKPOINT_PREFIX}{step}" / "trainer_state.json").exists():
-        save()
-    logger.close()
+        logger.close()  # also on a crash: TensorBoard's event file is complete
     policy.eval()
     return policy, history
 

@@ -14,6 +14,11 @@ Test format (the row's ``tests`` column), any of:
 * any of the above JSON-encoded in a string starting with ``[`` or ``{`` (Parquet columns often
   hold JSON).
 
+Call-based (LeetCode-style) problems use assert tests built by :func:`call_test`: the judge calls the
+program's function or method with JSON arguments and compares the JSON-rebuilt return value with the expected
+JSON value. A row may also carry a ``program_prefix`` column (e.g. ``from typing import *``, which LeetCode's
+starter code assumes): the code verifier runs ``program_prefix + program``.
+
 Reward is all-or-nothing by default (1.0 only when every test passes, as in the paper);
 ``partial_credit=True`` gives the fraction of tests passed. Isolation is in
 :mod:`disa.verifiers.sandbox` (bubblewrap; a weaker fallback where it cannot run, refused by
@@ -121,6 +126,27 @@ def parse_tests(tests: Any) -> list[dict | str]:
     return cases
 
 
+def call_test(call: str, args_json: Sequence[str], expected_json: str) -> str:
+    """Assert code for the judge sandbox: ``call(*args) == expected``, both sides rebuilt through JSON.
+
+    ``call`` is a dotted path the program defines (``Solution().twoSum`` or ``two_sum``); ``args_json`` one JSON
+    text per argument, ``expected_json`` the JSON return value. The JSON round trip makes a tuple equal a list
+    (as LeetCode's checker does) and makes anything JSON cannot hold (a set, an object) a failure; the values
+    are parsed inside the judge, so the program never sees them.
+    """
+    head, _, attr = call.partition("().")
+    names = [head] + ([attr] if attr else [])
+    if not all(n.isidentifier() for n in names) or call != (f"{head}().{attr}" if attr else head):
+        raise ValueError(f"call must be NAME or NAME().METHOD, got {call!r}")
+    return (
+        "import json as _json\n"
+        f"_args = [_json.loads(_a) for _a in {list(args_json)!r}]\n"
+        f"_expected = _json.loads({expected_json!r})\n"
+        f"_got = _json.loads(_json.dumps({call}(*_args)))\n"
+        "assert _got == _expected, 'returned %.200r, expected %.200r' % (_got, _expected)\n"
+    )
+
+
 def _as_text(value: Any) -> str:
     if isinstance(value, list):  # some datasets store lines as a list
         return "\n".join(str(v) for v in value)
@@ -214,7 +240,8 @@ def code_verifier(
     if len(tests) != len(completions):
         raise ValueError(f"column 'tests' has {len(tests)} rows but there are {len(completions)} completions")
     sandbox_options = {k: v for k, v in columns.items() if k in SANDBOX_KEYS}
-    programs = [extract_program(completion_text(c)) for c in completions]
+    prefixes = columns.get("program_prefix") or [None] * len(completions)
+    programs = [(prefix or "") + extract_program(completion_text(c)) for c, prefix in zip(completions, prefixes)]
     for row, cell in enumerate(tests):
         try:
             parse_tests(cell)

@@ -208,3 +208,8 @@ def test_cpu_threads_auto_takes_the_free_cores_and_says_so(monkeypatch, capsys):
         torch.set_num_threads(before)
     assert load_config(None).models.cpu_threads == "auto"
     assert load_config(None, ["models.cpu_threads=2"]).models.cpu_threads == 2
+
+
+def test_a_renamed_field_says_its_new_name():
+    with pytest.raises(ConfigError, match=r"train\.log_with: renamed to train\.report_to"):
+        config_from_dict({"train": {"log_with": "tensorboard"}})

@@ -56,6 +56,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "positive_finite": (lambda v: 0 < v < math.inf, "must be > 0 and finite"),
     "at_least_one": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
 }
+RENAMED = {"log_with": "report_to"}  # old field name -> new, for a one-line error on an older config or checkpoint
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias"}
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 # Where the trajectory-balance objectives read log Z (``disa.training.log_z``): auto = the objective's own
@@ -408,6 +409,9 @@ def _build(cls, data: Any, path: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     where = f"{path}." if path else ""
+    renamed = [name for name in unknown if RENAMED.get(name) in names]
+    if renamed:  # a config or checkpoint written by an older disa
+        raise ConfigError(f"{where}{renamed[0]}: renamed to {where}{RENAMED[renamed[0]]}; rename it in the file")
     if unknown:
         raise ConfigError(f"{where}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
     kwargs = {}

@@ -8,7 +8,8 @@ refuse to mix two experiments.
       log_z/{model.safetensors, config.json, report.json, embeddings.safetensors, table.parquet}
                                            disa fit-z    the frozen regressor and, in table.parquet, its
                                                          prediction for every labelled prompt
-      checkpoints/checkpoint-<step>/       disa train    + train_config.json, target.json; metrics.csv
+      checkpoints/checkpoint-<step>/       disa train    + train_config.json, target.json; metrics.csv and
+                                                         tensorboard/ (train.report_to) beside them
       eval/<policy>/, eval.json, eval.md   disa eval     one folder per evaluated policy; top level: the latest
 
 A later stage reads what an earlier one recorded (``recorded_target``, ``check_target``) and refuses a config

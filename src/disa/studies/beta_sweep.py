@@ -108,7 +108,7 @@ def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds:
     from disa.studies.n_budget import label_stats, subsample_labels
 
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
-    pool_size, num_subsamples, pass_samples = (32, 40, 16) if quick else (64, 100, 32)
+    pool_size, num_subsamples, pass_samples = (32, 40, 32) if quick else (64, 100, 64)
     out = Path(out_dir)
     s = testbed_setup(quick, cache_dir)
     truths = s["truths"]
@@ -133,7 +133,7 @@ def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds:
 
 
 def write_testbed_outputs(out: Path, results: dict, settings, quick: bool) -> None:
-    from disa.studies.common import legend_below, new_figure, save_figure, write_results
+    from disa.studies.common import beta_axis, legend_below, new_figure, save_figure, seeds_phrase, write_results
     from disa.studies.pipeline import display_rows, seeds_note
 
     rows, trained, n_pass = results["rows"], results["trained"], results["pass_samples"]
@@ -153,7 +153,10 @@ def write_testbed_outputs(out: Path, results: dict, settings, quick: bool) -> No
     a2.semilogx(tb, [r["policy_accuracy"] for r in trained], "o-", label="DISA accuracy")
     a2.semilogx(tb, [r["target_accuracy"] for r in trained], "s--", label="pi* accuracy")
     a2.semilogx(tb, [r["kl_target_policy"] for r in trained], "^-", label="KL(pi*||DISA)")
-    a2.set(xlabel="beta", ylabel="probability / nats", title=f"trained DISA ({results['seeds']} seed(s))")
+    a2.set(xlabel="beta", ylabel="probability / nats",
+           title=f"DISA trained per beta ({seeds_phrase(results['seeds'])})")
+    for ax, bs in ((a0, betas), (a1, betas), (a2, tb)):
+        beta_axis(ax, bs)
     legend_below(a2)
     for r, color in zip(trained, ("C0", "C1", "C2", "C3", "C4", "C5")):
         ks = np.arange(1, len(r["sampled_pass_curve"]) + 1)
@@ -182,7 +185,8 @@ def write_testbed_outputs(out: Path, results: dict, settings, quick: bool) -> No
         f"{'Quick' if quick else 'Full'} testbed, {results['prompts']} training prompts, strong proposal, "
         f"N={settings.n_samples} labels from {results['num_subsamples']} random subsets of a {results['pool_size']}-sample "
         "pool; target columns are exact. Trained policies: the demo's DISA run (strong proposal, its Stage 1/2) at "
-        "each beta, scored exactly against that beta's pi*.")
+        "each beta, scored exactly against that beta's pi*. The sampled pass@k draws use one sampling seed for every "
+        "policy (common random numbers), so their errors against the exact values are correlated across rows.")
 
 
 # --------------------------------------------------------------------------- on a pipeline run
@@ -266,7 +270,7 @@ def share_samples(source, dest) -> None:
 
 
 def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
-    from disa.studies.common import legend_below, new_figure, save_figure, write_results
+    from disa.studies.common import beta_axis, legend_below, new_figure, save_figure, seeds_phrase, write_results
     from disa.studies.pipeline import display_rows, plot_pass_curves, seeds_note
 
     rows, trained, ref, k = results["rows"], results["trained"], results["reference"], results["k"]
@@ -277,15 +281,19 @@ def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
            title=f"N={results['n']} label, pool of {results['pool_size']}")
     a1.semilogx(betas, [r["mean_ess"] for r in rows], "o-")
     a1.set(xlabel="beta", ylabel=f"mean ESS (of {results['n']})", title="importance weights, same samples")
+    beta_axis(a0, betas)
+    beta_axis(a1, betas)
     tb = [r["beta"] for r in trained]
     for key, marker in (("mean_at_k", "o"), (f"pass@{k}", "s")):
         line, = a2.semilogx(tb, [r[key] for r in trained], marker + "-", label=f"DISA {key}")
         a2.axhline(ref[key], color=line.get_color(), ls="--", lw=1, label=f"pi_ref {key}")
-    a2.set(xlabel="beta", ylabel="sampled (disa eval)", title=f"DISA trained per beta ({results['seeds']} seed(s))")
+    a2.set(xlabel="beta", ylabel="sampled (disa eval)",
+           title=f"DISA per beta, same Stage 1 ({seeds_phrase(results['seeds'])})")
+    beta_axis(a2, tb)
     a2.set_ylim(bottom=0)
     legend_below(a2)
     plot_pass_curves(a3, {**{f"DISA beta={r['beta']:g}": r["pass_curve"] for r in trained},
-                          "pi_ref (untrained)": ref["pass_curve"]}, "pass@k, k = 1..eval.k")
+                          "pi_ref (untrained)": ref["pass_curve"]}, f"pass@k of each policy, k = 1..{k}")
     legend_below(a3)
     save_figure(plt, fig, out / "beta_sweep.png")
     cols = ["beta", "label_variance", "mean_label", "mean_ess", "reward_rate"]

@@ -65,3 +65,14 @@ def save_figure(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def beta_axis(ax, betas) -> None:
+    """A log x axis whose ticks are exactly the betas swept, written plainly (no 2x10^0 minor labels)."""
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(list(betas), [f"{b:g}" for b in betas])
+
+
+def seeds_phrase(seeds: int) -> str:
+    return "one seed" if seeds == 1 else f"mean of {seeds} seeds"

@@ -65,7 +65,7 @@ def downstream(policy, setup: dict, settings) -> dict:
 
 
 def write_testbed_outputs(out: Path, results: dict, quick: bool, prompts: int) -> None:
-    from disa.studies.common import legend_below, new_figure, save_figure, write_results
+    from disa.studies.common import legend_below, new_figure, save_figure, seeds_phrase, write_results
     from disa.studies.pipeline import display_rows, seeds_note
 
     rows, ref, seeds = results["rows"], results["reference"], results["seeds"]
@@ -85,7 +85,7 @@ def write_testbed_outputs(out: Path, results: dict, quick: bool, prompts: int) -
                label=f"DISA from {row['proposal']}" if row is not ref else row["proposal"])
     a1.set_xticks(np.arange(len(keys)), ["accuracy", "KL(pi*||pi)", "TV to pi*", "distinct\ncorrect@k",
                                          "held-out\naccuracy"], fontsize=7)
-    a1.set(ylabel="exact value", title=f"trained DISA ({results['num_steps']} steps, {seeds} seed(s))")
+    a1.set(ylabel="exact value", title=f"DISA, {results['num_steps']} steps ({seeds_phrase(seeds)})")
     legend_below(a1, ncol=1)
     save_figure(plt, fig, out / "proposal.png")
     cols = ["proposal", "label_rmse", "label_bias", "mean_ess", "reward_rate", "stage2_val_mse",
@@ -132,7 +132,7 @@ def run_from_config(cfg, out_dir: str, seeds: int = 1) -> dict:
 
 
 def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
-    from disa.studies.common import legend_below, new_figure, save_figure, write_results
+    from disa.studies.common import legend_below, new_figure, save_figure, seeds_phrase, write_results
     from disa.studies.pipeline import display_rows, plot_pass_curves, seeds_note
 
     rows, ref, k, seeds = results["rows"], results["reference"], results["k"], results["seeds"]
@@ -149,7 +149,7 @@ def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
         ax.set(ylabel=ylabel, title=title)
         legend_below(ax, ncol=1)
     plot_pass_curves(a2, {**{f"DISA from {r['proposal']}": r["pass_curve"] for r in rows},
-                          "pi_ref (untrained)": ref["pass_curve"]}, f"disa eval ({seeds} seed(s))")
+                          "pi_ref (untrained)": ref["pass_curve"]}, f"DISA per proposal, disa eval ({seeds_phrase(seeds)})")
     legend_below(a2, ncol=1)
     save_figure(plt, fig, out / "proposal.png")
     cols = ["proposal", "mean_label", "label_spread", "mean_label_se", "mean_ess", "reward_rate", "stage2_val_mse",

@@ -33,10 +33,13 @@ def run_from_config(cfg, out_dir: str, seeds: int = 1) -> dict:
         stage("fit_z", disa)
         sft = derived_config(disa, out / f"seed{s}" / "sft", {"stage1_dir": disa.output_dir,
                                                                "train.objective": "sft", "train.objective_kwargs": {}})
-        stage1_stats = label_row(labels)
-        per_seed.append([{"method": "DISA", **train_and_evaluate(disa), "stage1_reward_rate": stage1_stats["reward_rate"]},
-                         {"method": "SFT (LoRA, reward-1 samples)", **train_and_evaluate(sft),
-                          "stage1_reward_rate": stage1_stats["reward_rate"]}])
+        rate = label_row(labels)["reward_rate"]
+        if correct_samples(disa) == 0:  # nothing to fine-tune on: the SFT policy is pi_ref unchanged
+            sft_row = {**evaluate_reference(sft, out / f"seed{s}" / "sft"), "sft_examples": 0}
+        else:
+            sft_row = train_and_evaluate(sft)
+        per_seed.append([{"method": "DISA", **train_and_evaluate(disa), "stage1_reward_rate": rate},
+                         {"method": "SFT (LoRA, reward-1 samples)", **sft_row, "stage1_reward_rate": rate}])
     rows = mean_over_seeds(per_seed)
     reference = evaluate_reference(cfg, out)
     results = {"run": "pipeline", "config_output_dir": cfg.output_dir, "n": cfg.sample.n, "k": cfg.eval.k,
@@ -45,8 +48,17 @@ def run_from_config(cfg, out_dir: str, seeds: int = 1) -> dict:
     return results
 
 
+def correct_samples(cfg) -> int:
+    """Reward-1 samples in a run's Stage 1 files: what the SFT baseline fine-tunes on."""
+    from disa.run_dir import RunDir
+    from disa.stages.label import collect_groups
+
+    order, groups = collect_groups(str(RunDir(cfg.output_dir).samples))
+    return int(sum(r >= 1.0 for p in order for r in groups[p]["reward"]))
+
+
 def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
-    from disa.studies.common import legend_below, new_figure, save_figure, write_results
+    from disa.studies.common import legend_below, new_figure, save_figure, seeds_phrase, write_results
     from disa.studies.pipeline import display_rows, plot_pass_curves, seeds_note
 
     rows, ref, k, seeds = results["rows"], results["reference"], results["k"], results["seeds"]
@@ -60,7 +72,7 @@ def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
     for j, row in enumerate(everyone):
         a1.bar(np.arange(len(keys)) + (j - 1) * width, [row[c] for c in keys], width, label=row["method"])
     a1.set_xticks(np.arange(len(keys)), [f"Mean@{k}", f"pass@{k}", "distinct correct\nper prompt"], fontsize=7)
-    a1.set(ylabel="sampled (disa eval)", title=f"disa eval, k={k} ({seeds} seed(s))")
+    a1.set(ylabel="sampled (disa eval)", title=f"disa eval, k={k} ({seeds_phrase(seeds)})")
     legend_below(a1, ncol=1)
     save_figure(plt, fig, out / "sft_vs_disa.png")
     cols = ["method", "sft_examples", "mean_at_k", "pass@1", f"pass@{k}", "distinct_correct", "distinct_solutions",
@@ -70,4 +82,4 @@ def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
         f"Config output_dir {cfg.output_dir}: Stage 1 from models.proposal={cfg.models.proposal or cfg.models.reference} "
         f"(N={results['n']}, reward rate {rows[0]['stage1_reward_rate']:.4g}); DISA trains from its labels and Stage 2 "
         f"regressor, SFT (train.sft: LoRA, {cfg.train.sft.num_epochs} epochs) on its reward-1 samples through "
-        "stage1_dir. sft_examples: how many reward-1 samples SFT had.")
+        "stage1_dir. sft_examples: how many reward-1 samples SFT had (a seed with none leaves SFT at pi_ref, scored as such).")

@@ -152,12 +152,16 @@ def write_testbed_outputs(out: Path, results: dict, settings, quick: bool) -> No
     tb = [r["beta"] for r in trained]
     a2.semilogx(tb, [r["policy_accuracy"] for r in trained], "o-", label="DISA accuracy")
     a2.semilogx(tb, [r["target_accuracy"] for r in trained], "s--", label="pi* accuracy")
-    a2.semilogx(tb, [r["kl_target_policy"] for r in trained], "^-", label="KL(pi*||DISA)")
-    a2.set(xlabel="beta", ylabel="probability / nats",
-           title=f"DISA trained per beta ({seeds_phrase(results['seeds'])})")
+    a2.set(xlabel="beta", ylabel="P(correct), exact", title=f"DISA trained per beta ({seeds_phrase(results['seeds'])})")
+    a2.set_ylim(0, 1.05)
+    kl_axis = a2.twinx()  # KL has its own scale: on the accuracy axis it flattens the accuracies
+    kl_axis.plot(tb, [r["kl_target_policy"] for r in trained], "^:", color="C2", label="KL(pi*||DISA), right axis")
+    kl_axis.set_ylabel("nats")
     for ax, bs in ((a0, betas), (a1, betas), (a2, tb)):
         beta_axis(ax, bs)
-    legend_below(a2)
+    handles = [h for ax in (a2, kl_axis) for h in ax.get_legend_handles_labels()[0]]
+    a2.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+              fontsize=7, frameon=False)
     for r, color in zip(trained, ("C0", "C1", "C2", "C3", "C4", "C5")):
         ks = np.arange(1, len(r["sampled_pass_curve"]) + 1)
         a3.plot(ks, r["sampled_pass_curve"], "-", color=color, label=f"beta={r['beta']:g} sampled")

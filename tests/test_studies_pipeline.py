@@ -141,6 +141,7 @@ def test_mean_over_seeds_and_display_by_hand():
     assert rows == [{"m": "a", "x": 2.0, "x_std": pytest.approx(math.sqrt(2.0)), "c": [0.5, 1.0]}]
     assert display_rows(rows, ["m", "x"], 2) == [{"m": "a", "x": "2 ± 1.4"}]
     assert mean_over_seeds([[{"x": 1.0}]]) == [{"x": 1.0, "x_std": 0.0}]
+    assert mean_over_seeds([[{"beta": 3.0, "x": 1}], [{"beta": 3.0, "x": 2}]]) == [{"beta": 3.0, "x": 1.5, "x_std": pytest.approx(0.7071, abs=1e-4)}]
 
 
 def test_derived_config_changes_fields_and_names_a_bad_one(tiny_countdown, tmp_path):

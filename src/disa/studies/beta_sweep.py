@@ -166,7 +166,7 @@ def write_testbed_outputs(out: Path, results: dict, settings, quick: bool) -> No
         ks = np.arange(1, len(r["sampled_pass_curve"]) + 1)
         a3.plot(ks, r["sampled_pass_curve"], "-", color=color, label=f"beta={r['beta']:g} sampled")
         a3.plot(ks, r["exact_pass_curve"], ":", color=color, label=f"beta={r['beta']:g} exact")
-    a3.set(xlabel="k", ylabel="pass@k", title=f"DISA pass@k (seed 0, {n_pass} draws/prompt)")
+    a3.set(xlabel="k", ylabel="pass@k", title=f"DISA pass@k (seed 0, {n_pass} draws/prompt)", xscale="log")
     a3.set_ylim(bottom=0)
     legend_below(a3)
     save_figure(plt, fig, out / "beta_sweep.png")
@@ -289,7 +289,8 @@ def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
     beta_axis(a1, betas)
     tb = [r["beta"] for r in trained]
     for key, marker in (("mean_at_k", "o"), (f"pass@{k}", "s")):
-        line, = a2.semilogx(tb, [r[key] for r in trained], marker + "-", label=f"DISA {key}")
+        line = a2.errorbar(tb, [r[key] for r in trained], yerr=[r.get(f"{key}_std", 0.0) for r in trained],
+                           fmt=marker + "-", capsize=3, label=f"DISA {key}" + (" ± std" if results["seeds"] > 1 else ""))[0]
         a2.axhline(ref[key], color=line.get_color(), ls="--", lw=1, label=f"pi_ref {key}")
     a2.set(xlabel="beta", ylabel="sampled (disa eval)",
            title=f"DISA per beta, same Stage 1 ({seeds_phrase(results['seeds'])})")

@@ -118,15 +118,19 @@ def disa_changes(cfg: PipelineConfig) -> dict[str, Any]:
                                                       "train.log_z": "auto"}
 
 
-def mean_over_seeds(per_seed: Sequence[Sequence[dict]]) -> list[dict]:
+SETTING_KEYS = ("beta", "proposal", "method")  # what a row is about, not a measurement
+
+
+def mean_over_seeds(per_seed: Sequence[Sequence[dict]], keep: Sequence[str] = SETTING_KEYS) -> list[dict]:
     """Rows averaged over seeds (row i of every seed describes the same setting): numbers become their mean and
-    gain a ``<key>_std`` (sample std; 0 with one seed), lists are averaged element-wise, the rest is kept."""
+    gain a ``<key>_std`` (sample std; 0 with one seed), lists are averaged element-wise; ``keep`` keys (the
+    setting) and non-numbers are kept from the first seed."""
     out = []
     for rows in zip(*per_seed):
         merged = {}
         for key, first in rows[0].items():
             values = [r[key] for r in rows]
-            if isinstance(first, bool) or not isinstance(first, (int, float, list)):
+            if key in keep or isinstance(first, bool) or not isinstance(first, (int, float, list)):
                 merged[key] = first
             elif isinstance(first, list):
                 merged[key] = np.mean(np.asarray(values, dtype=np.float64), axis=0).tolist()

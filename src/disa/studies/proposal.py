@@ -150,7 +150,7 @@ def write_pipeline_outputs(out: Path, results: dict, cfg) -> None:
         ax.set(ylabel=ylabel, title=title)
         legend_below(ax, ncol=1)
     plot_pass_curves(a2, {**{f"DISA from {r['proposal']}": r["pass_curve"] for r in rows},
-                          "pi_ref (untrained)": ref["pass_curve"]}, f"DISA per proposal, disa eval ({seeds_phrase(seeds)})")
+                          "pi_ref (untrained)": ref["pass_curve"]}, f"DISA per proposal ({seeds_phrase(seeds)})")
     legend_below(a2, ncol=1)
     save_figure(plt, fig, out / "proposal.png")
     cols = ["proposal", "mean_label", "label_spread", "mean_label_se", "mean_ess", "reward_rate", "stage2_val_mse",

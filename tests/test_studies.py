@@ -129,4 +129,5 @@ def test_n_budget_on_a_tiny_model_pipeline_run(tiny_gpt2_path, tmp_path):
     assert results["pool_size"] == 8 and [r["n"] for r in results["rows"]] == [1, 2, 4]
     assert 1 <= results["elbow_k"] <= 6 and sum(results["cluster_sizes"]) == 6
     assert "relative_bias_vs_exact" not in results["rows"][0] and (out / "n_budget.png").is_file()
-    assert cli.main(["study", "beta_sweep", "-c", str(config), "--out", str(out)]) == 2
+    # this config names no models.proposal: the proposal study, which compares it with pi_ref, refuses it
+    assert cli.main(["study", "proposal", "-c", str(config), "--out", str(out / "p")]) == 2

@@ -157,7 +157,7 @@ def display_rows(rows: Sequence[dict], columns: Sequence[str], seeds: int) -> li
 
 
 def seeds_note(seeds: int) -> str:
-    return "one seed (no spread is reported)" if seeds == 1 else f"mean ± std over {seeds} seeds"
+    return "one seed, so no spread" if seeds == 1 else f"mean ± std over {seeds} seeds"
 
 
 def plot_pass_curves(ax, curves: Mapping[str, Sequence[float]], title: str) -> None:

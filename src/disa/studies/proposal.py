@@ -74,19 +74,21 @@ def write_testbed_outputs(out: Path, results: dict, quick: bool, prompts: int) -
     keys = ["label_rmse", "stage2_val_mse", "regressor_rmse_vs_exact"]
     for j, row in enumerate(rows):  # one colour per proposal in both panels (C0 is pi_ref's)
         a0.bar(np.arange(len(keys)) + (j - 0.5) * width, [row[k] for k in keys], width, label=row["proposal"],
-               color=f"C{j + 1}")
+               color=f"C{j + 1}", yerr=[row.get(f"{k}_std", 0.0) for k in keys], capsize=2)
     a0.set_xticks(np.arange(len(keys)), ["label RMSE\nvs exact", "Stage 2\nval MSE", "regressor RMSE\nvs exact"],
                   fontsize=7)
-    a0.set(ylabel="nats (MSE: nats^2)", title=f"Stage 1-2, N={results['n']}, beta={results['beta']:g}")
+    a0.set(ylabel="nats (MSE: nats^2)", title=f"Stage 1-2, N={results['n']}, beta={results['beta']:g}"
+           + (" (± std)" if seeds > 1 else ""))
     legend_below(a0)
     keys = list(EXACT_COLUMNS)
     width = 0.27
     for j, row in enumerate([ref, *rows]):
         a1.bar(np.arange(len(keys)) + (j - 1) * width, [row[k] for k in keys], width, color=f"C{j}",
+               yerr=[row.get(f"{k}_std", 0.0) for k in keys], capsize=2,
                label=f"DISA from {row['proposal']}" if row is not ref else row["proposal"])
     a1.set_xticks(np.arange(len(keys)), ["accuracy", "KL(pi*||pi)", "TV to pi*", "distinct\ncorrect@k",
                                          "held-out\naccuracy"], fontsize=7)
-    a1.set(ylabel="exact value", title=f"DISA per proposal, {results['num_steps']} steps ({seeds_phrase(seeds)})")
+    a1.set(ylabel="exact value", title=f"DISA, {results['num_steps']} steps ({seeds_phrase(seeds)})")
     legend_below(a1, ncol=1)
     save_figure(plt, fig, out / "proposal.png")
     cols = ["proposal", "label_rmse", "label_bias", "mean_ess", "reward_rate", "stage2_val_mse",

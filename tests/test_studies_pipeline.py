@@ -131,6 +131,8 @@ def test_a_config_without_what_the_study_needs_is_a_clear_error(tiny_countdown, 
     assert "models.reference" in capsys.readouterr().err
     assert cli.main(["study", "sft_vs_disa", "-c", str(tiny_countdown), "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert cli.main(["study", "n_budget", "-c", str(tiny_countdown), "--seeds", "2", "--out", str(tmp_path / "z")]) == 1
+    assert "does not apply" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -25,6 +25,8 @@ def run_study(name: str, out_dir: str, quick: bool = False, cache_dir=None, seed
         raise ValueError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if name == "n_budget" and seeds != 1:
+        raise ValueError("n_budget trains nothing, so --seeds does not apply (its spread is over random subsets)")
     from importlib import import_module
 
     from disa.testbed.models import torch_threads
@@ -41,6 +43,8 @@ def run_study_from_config(name: str, cfg, out_dir: str, seeds: int = 1) -> dict:
         raise ValueError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if name == "n_budget" and seeds != 1:
+        raise ValueError("n_budget trains nothing, so --seeds does not apply (its spread is over random subsets)")
     from importlib import import_module
 
     module = import_module(f"disa.studies.{name}")

@@ -7,7 +7,6 @@ its pass@k (k i.i.d. draws) and KL(pi* || pi_ref), the distance Stage 3 has to t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 

@@ -2,7 +2,10 @@
 
 Per beta, from one pool of strong-proposal samples: the variance of the N-sample label across random subsets,
 its relative bias and RMSE against the exact log Z; and, exactly, the target's accuracy P*(correct),
-its pass@k (k i.i.d. draws) and KL(pi* || pi_ref), the distance Stage 3 has to travel from pi_ref.
+its pass@k (k i.i.d. draws) and KL(pi* || pi_ref), the distance Stage 3 has to travel from pi_ref. At a few
+betas a DISA policy is trained (the demo's runner) and scored exactly, with its pass@k for k = 1..n both sampled
+(the unbiased estimator ``disa eval`` uses) and exact. On a pipeline config (:func:`run_from_config`): the label's
+variance and ESS per beta from one pool, and DISA trained per beta with the real stages, scored by ``disa eval``.
 """
 
 from __future__ import annotations

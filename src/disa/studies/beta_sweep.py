@@ -152,7 +152,8 @@ def write_testbed_outputs(out: Path, results: dict, settings, quick: bool) -> No
     a1.set(xlabel="beta", ylabel="probability / scaled KL", title="the target pi* (exact)")
     legend_below(a1)
     tb = [r["beta"] for r in trained]
-    a2.semilogx(tb, [r["policy_accuracy"] for r in trained], "o-", label="DISA accuracy")
+    a2.errorbar(tb, [r["policy_accuracy"] for r in trained], yerr=[r.get("policy_accuracy_std", 0.0) for r in trained],
+                fmt="o-", capsize=3, label="DISA accuracy" + (" ± std" if results["seeds"] > 1 else ""))
     a2.semilogx(tb, [r["target_accuracy"] for r in trained], "s--", label="pi* accuracy")
     a2.set(xlabel="beta", ylabel="P(correct), exact", title=f"DISA trained per beta ({seeds_phrase(results['seeds'])})")
     a2.set_ylim(0, 1.05)

@@ -98,6 +98,15 @@ def test_study_runs_on_the_quick_testbed(name, tmp_path):
     if name == "n_budget":
         variances = [r["variance_vs_pool"] for r in results["rows"]]
         assert variances == sorted(variances, reverse=True)
+    if name == "proposal":  # a DISA policy trained from each proposal, scored exactly
+        assert [r["proposal"] for r in results["rows"]] == ["weak (pi_ref)", "strong q"]
+        assert all(0 < r["policy_accuracy"] < 1 and r["kl_target_policy"] > 0 for r in results["rows"])
+    if name == "beta_sweep":  # sampled pass@k next to the exact one, k = 1..32
+        for row in results["trained"]:
+            sampled, exact = np.array(row["sampled_pass_curve"]), np.array(row["exact_pass_curve"])
+            assert sampled.shape == exact.shape == (32,) and np.all(np.diff(exact) >= 0)
+            assert exact[0] == pytest.approx(row["policy_accuracy"], abs=1e-6)
+            assert np.abs(sampled - exact).max() < 0.15
 
 
 def test_n_budget_on_a_tiny_model_pipeline_run(tiny_gpt2_path, tmp_path):
@@ -129,4 +138,5 @@ def test_n_budget_on_a_tiny_model_pipeline_run(tiny_gpt2_path, tmp_path):
     assert results["pool_size"] == 8 and [r["n"] for r in results["rows"]] == [1, 2, 4]
     assert 1 <= results["elbow_k"] <= 6 and sum(results["cluster_sizes"]) == 6
     assert "relative_bias_vs_exact" not in results["rows"][0] and (out / "n_budget.png").is_file()
-    assert cli.main(["study", "beta_sweep", "-c", str(config), "--out", str(out)]) == 2
+    # this config names no models.proposal: the proposal study, which compares it with pi_ref, refuses it
+    assert cli.main(["study", "proposal", "-c", str(config), "--out", str(out / "p")]) == 2

@@ -7,7 +7,7 @@
     disa train    -c CONFIG                   Stage 3: RL with the chosen objective
     disa eval     -c CONFIG [--checkpoint P]  Mean@k, pass@k, distinct correct answers
     disa run      -c CONFIG                   all of the above in order
-    disa study NAME [--quick] [-c CONFIG]     a paper study on the testbed (n_budget also on a run): table + plots
+    disa study NAME [--quick] [-c CONFIG]     a paper study on the testbed, or with -c on the pipeline: table + plots
     disa report RUN_DIR                       one self-contained HTML page for a run, study or demo folder
     disa config  [-c CONFIG]                  every config field as a commented YAML config, and every objective
     disa --version
@@ -104,12 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         if verb == "eval":
             p.add_argument("--checkpoint", default=None, help="policy folder (default: the last training checkpoint)")
-    study = sub.add_parser("study", help="run one of the paper's studies on the exact testbed (disa.studies)")
+    study = sub.add_parser("study", help="run one of the paper's studies on the exact testbed, or with -c on the "
+                           "pipeline's stages (disa.studies)")
     study.add_argument("name", help="n_budget, beta_sweep, proposal or sft_vs_disa")
     study.add_argument("--quick", action="store_true", help="the small testbed")
     study.add_argument("--out", default=None, help="output folder (default: runs/study-NAME)")
     study.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
-    _add_config_args(study, required=False)  # n_budget -c CONFIG: on a pipeline run's samples instead
+    study.add_argument("--seeds", type=int, default=1, help="seeds of the studies that train (mean ± std); "
+                       "n_budget trains nothing")
+    _add_config_args(study, required=False)  # -c CONFIG: sub-runs of the pipeline's stages instead of the testbed
     report = sub.add_parser("report", help="one self-contained HTML page for a run or study folder (disa.report)")
     report.add_argument("run_dir", help="a run directory (output_dir) or a study/demo output folder")
     report.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/report.html)")

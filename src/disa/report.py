@@ -204,17 +204,17 @@ def cli_study_or_report(args) -> int:
         print(f"disa study: unknown study {args.name!r}; choose from {', '.join(STUDIES)}", file=sys.stderr)
         return 2
     out = args.out or f"runs/study-{args.name}"
+    seeds = getattr(args, "seeds", 1)
+    if seeds < 1:
+        print(f"disa study: --seeds must be >= 1, got {seeds}", file=sys.stderr)
+        return 2
     if args.config:
-        if args.name != "n_budget":
-            print(f"disa study: only n_budget runs on a pipeline run (-c CONFIG); {args.name} runs on the testbed",
-                  file=sys.stderr)
-            return 2
         from disa.config import load_config
-        from disa.studies.n_budget import run_from_config
+        from disa.studies import run_study_from_config
 
-        run_from_config(load_config(args.config, args.overrides), out)
+        run_study_from_config(args.name, load_config(args.config, args.overrides), out, seeds=seeds)
     else:
-        run_study(args.name, out, quick=args.quick, cache_dir=args.cache_dir)
+        run_study(args.name, out, quick=args.quick, cache_dir=args.cache_dir, seeds=seeds)
     path = build_report(out)
     print(f"[study] {args.name} -> {out}/results.md, {path}")
     return 0

@@ -30,7 +30,8 @@ VERBS = {
 READS_WRITES = {
     "sample": ("data.prompts, models.reference, models.proposal",
                "meta.json, samples/shard-*.parquet (resumes from the shards already written)"),
-    "label": ("samples/ (of stage1_dir, else output_dir)", "labels.parquet (records target.beta and r~)"),
+    "label": ("samples/ of output_dir (with stage1_dir set it refuses: label the Stage 1 run itself)",
+              "labels.parquet (records target.beta and r~)"),
     "fit-z": ("labels.parquet, data.prompts, models.reference (the prompt embedder)",
               "log_z/{model.safetensors, config.json, report.json, table.parquet}"),
     "train": ("data.prompts, models.policy/reference, and what train.objective declares: labels.parquet and "

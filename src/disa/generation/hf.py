@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from disa.generation import Generator, Sample, check_generation_args, encode_prompt, finalize_sample
+from disa.generation.decode_loop import check_decoder, sample_with_cache
 from disa.scoring import model_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,6 +118,8 @@ class HFGenerator(Generator):
 
     ``batch_size`` counts prompts per ``generate`` call (each expanded to ``n`` rows). Prompts are sorted by
     length before batching to keep left padding small; results come back in the caller's order.
+    ``decoder``: ``"loop"`` (:func:`disa.generation.decode_loop.sample_with_cache`, the same tokens and
+    log-probs as ``generate`` for a fixed seed, less overhead per step) or ``"generate"`` (``model.generate``).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class HFGenerator(Generator):
         device: Optional[str] = "auto",
         dtype="float32",
         progress: bool = True,
+        decoder: str = "loop",
     ):
         if isinstance(model_or_path, str):
             model, loaded_tok = load_model_and_tokenizer(model_or_path, device=device, dtype=dtype)
@@ -141,6 +145,7 @@ class HFGenerator(Generator):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
+        self.decoder = check_decoder(decoder)
         self.eos_ids = eos_token_ids(model, tokenizer)
         if not self.eos_ids:
             raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")
@@ -178,12 +183,18 @@ class HFGenerator(Generator):
                     results[i] = batch[j * n : (j + 1) * n]
         return [results[i] for i in range(len(prompts))]
 
-    @torch.inference_mode()
-    def _generate_batch(self, prompt_rows, n, max_new_tokens, temperature, top_p, stop) -> list[Sample]:
+    def _sample_loop(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, stop):
+        from transformers import StopStringCriteria
+
+        criterion = StopStringCriteria(self.tokenizer, list(stop)) if stop else None
+        return sample_with_cache(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, eos_ids=self.eos_ids, pad_id=self.pad_id, stop_criterion=criterion,
+        )
+
+    def _sample_generate(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, stop):
         from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-        rows = [p for p in prompt_rows for _ in range(n)]  # each prompt repeated n times, adjacent
-        input_ids, attention_mask = left_pad(rows, self.pad_id)
         greedy = temperature == 0
         recorder = RawLogprobRecorder()
         processors = [recorder]
@@ -204,7 +215,16 @@ class HFGenerator(Generator):
                 generation_config=config, logits_processor=LogitsProcessorList(processors), **extra,
             )
         generated = sequences[:, input_ids.shape[1]:].cpu()
-        token_lp = recorder.finish(sequences, generated.shape[1])
+        return generated, recorder.finish(sequences, generated.shape[1])
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompt_rows, n, max_new_tokens, temperature, top_p, stop) -> list[Sample]:
+        rows = [p for p in prompt_rows for _ in range(n)]  # each prompt repeated n times, adjacent
+        input_ids, attention_mask = left_pad(rows, self.pad_id)
+        if self.decoder == "loop":
+            generated, token_lp = self._sample_loop(input_ids, attention_mask, max_new_tokens, temperature, top_p, stop)
+        else:
+            generated, token_lp = self._sample_generate(input_ids, attention_mask, max_new_tokens, temperature, top_p, stop)
 
         samples, to_rescore = [], []
         for r, prompt in enumerate(rows):

@@ -108,3 +108,38 @@ def test_cache_keyword_reads_the_forward_signature(generators):
 
     params = inspect.signature(type(loop.model).forward).parameters
     assert cache_keyword(loop.model) == ("cache" if "cache" in params else "past_key_values")
+
+
+def test_loop_through_a_peft_wrapper_matches_generate(tiny_llama_path):
+    """Under LoRA the trainer hands the generator the PEFT wrapper: the cache and positions still reach the model."""
+    pytest.importorskip("peft")
+    from disa.training.models import apply_lora
+
+    base = HFGenerator(tiny_llama_path, batch_size=2, device="cpu", progress=False)
+    policy = apply_lora(base.model, {"r": 4}).eval()
+    with torch.no_grad():  # a non-zero adapter, so the wrapper's forward matters
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    loop = HFGenerator(policy, base.tokenizer, batch_size=2, device="cpu", progress=False, decoder="loop")
+    gen = HFGenerator(policy, base.tokenizer, batch_size=2, device="cpu", progress=False, decoder="generate")
+    a, b = raw_draws(loop, 0.9, 0.95), raw_draws(gen, 0.9, 0.95)
+    assert torch.equal(a[0], b[0])
+    assert torch.allclose(a[1], b[1], atol=1e-6, rtol=0)
+
+
+def test_loop_refuses_a_model_that_skips_its_cache(generators):
+    """Training mode + gradient checkpointing turns transformers' cache off; the loop must say so, not decode
+    from an empty cache."""
+    loop, _ = generators["gpt2"]
+    model = loop.model
+    ids, mask = left_pad([[5, 6, 7]], loop.pad_id)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="did not fill its KV cache"):
+            sample_with_cache(model, ids, mask, max_new_tokens=3, temperature=1.0, top_p=1.0,
+                              eos_ids=loop.eos_ids, pad_id=loop.pad_id)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()

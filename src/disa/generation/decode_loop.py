@@ -97,6 +97,10 @@ def sample_with_cache(
         return model(input_ids=ids, attention_mask=None if mask is None else mask[:, :width], **extra, **fixed)
 
     out = forward(input_ids, prompt_len)
+    if fixed[cache_keyword(model)].get_seq_length() != prompt_len:
+        # e.g. a model in training mode with gradient checkpointing, where transformers turns the cache off
+        raise RuntimeError("the model did not fill its KV cache during prefill (is it in training mode with gradient "
+                           "checkpointing?); call model.eval() first, or use decoder='generate'")
     steps = 0
     for t in range(max_new_tokens):
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)

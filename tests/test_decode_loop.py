@@ -143,3 +143,16 @@ def test_loop_refuses_a_model_that_skips_its_cache(generators):
     finally:
         model.gradient_checkpointing_disable()
         model.eval()
+
+
+def test_config_picks_the_decoder(tiny_gpt2_path):
+    """``sample.hf_decoder`` reaches every pipeline generator (Stage 1, eval and Stage 3 go through it); a wrong
+    value names the field."""
+    from disa.config import ConfigError, config_from_dict
+    from disa.stages import common
+
+    assert config_from_dict({}).sample.hf_decoder == "loop"
+    cfg = config_from_dict({"sample": {"hf_decoder": "generate"}, "models": {"device": "cpu"}})
+    assert common.generator(cfg, tiny_gpt2_path, 2).decoder == "generate"
+    with pytest.raises(ConfigError, match="hf_decoder"):
+        config_from_dict({"sample": {"hf_decoder": "fast"}})

@@ -156,3 +156,19 @@ def test_config_picks_the_decoder(tiny_gpt2_path):
     assert common.generator(cfg, tiny_gpt2_path, 2).decoder == "generate"
     with pytest.raises(ConfigError, match="hf_decoder"):
         config_from_dict({"sample": {"hf_decoder": "fast"}})
+
+
+def test_models_that_prepare_generate_inputs_their_own_way_fall_back_to_generate(generators):
+    """A class overriding one of generate's input hooks (here a subclass of the tiny GPT-2) gets generate."""
+    from disa.generation.decode_loop import loop_unsupported
+
+    loop, _ = generators["gpt2"]
+    assert loop_unsupported(loop.model) is None and loop.decoder == "loop"
+    base_cls = type(loop.model)
+    custom_cls = type("CustomPositions" + base_cls.__name__, (base_cls,), {
+        "prepare_inputs_for_generation": lambda self, *a, **k: base_cls.prepare_inputs_for_generation(self, *a, **k)})
+    custom = custom_cls(loop.model.config).eval()
+    assert "overrides generate's prepare_inputs_for_generation" in loop_unsupported(custom)
+    with pytest.warns(UserWarning, match="not the lean loop"):
+        gen = HFGenerator(custom, loop.tokenizer, device="cpu", progress=False)
+    assert gen.decoder == "generate"

@@ -20,6 +20,27 @@ import torch
 Tensor = torch.Tensor
 
 DECODERS = ("loop", "generate")
+# generate's hooks for building a step's inputs and cache; a model class that overrides one (Gemma3's
+# token types, Qwen2-VL's 3-D positions, Mamba's state) prepares inputs in ways this loop does not reproduce
+GENERATE_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation",
+                  "_prepare_position_ids_for_generation", "_prepare_cache_for_generation")
+
+
+def loop_unsupported(model) -> Optional[str]:
+    """Why the loop cannot stand in for ``generate`` on ``model`` (then the caller uses ``generate``), or None."""
+    from transformers import GenerationMixin
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(base)
+    if getattr(base.config, "is_encoder_decoder", False):
+        return f"{cls.__name__} is an encoder-decoder model"
+    supports_dynamic = getattr(cls, "_supports_default_dynamic_cache", None)
+    if callable(supports_dynamic) and not supports_dynamic():
+        return f"{cls.__name__} does not use transformers' DynamicCache"
+    for hook in GENERATE_HOOKS:
+        if hasattr(GenerationMixin, hook) and getattr(cls, hook, None) is not getattr(GenerationMixin, hook):
+            return f"{cls.__name__} overrides generate's {hook}"
+    return None
 
 
 def cache_keyword(model) -> str:
@@ -133,4 +154,4 @@ def check_decoder(decoder: str) -> str:
     return decoder
 
 
-__all__ = ["sample_with_cache", "cache_keyword", "new_cache", "warpers", "DECODERS", "check_decoder"]
+__all__ = ["sample_with_cache", "cache_keyword", "new_cache", "warpers", "loop_unsupported", "DECODERS", "check_decoder"]

@@ -1,4 +1,7 @@
-"""The default back-end: batched ``transformers`` ``model.generate`` with exact response log-probs.
+"""The default back-end: batched ``transformers`` decoding with exact response log-probs.
+
+Two decoders draw the same tokens for a fixed seed: the lean cached loop of :mod:`disa.generation.decode_loop`
+(default; it records the log-probs itself) and ``model.generate`` (``decoder="generate"``), described next.
 
 How the log-prob is obtained without keeping ``(rows, T, V)`` logits in memory: a logits processor placed
 *first* sees the raw logits of every step, keeps their log-softmax for one step, and at the next step reads
@@ -11,6 +14,7 @@ the recorder or changes the sampling distribution behind the caller's back.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -18,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from disa.generation import Generator, Sample, check_generation_args, encode_prompt, finalize_sample
-from disa.generation.decode_loop import check_decoder, sample_with_cache
+from disa.generation.decode_loop import check_decoder, loop_unsupported, sample_with_cache
 from disa.scoring import model_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,7 +123,8 @@ class HFGenerator(Generator):
     ``batch_size`` counts prompts per ``generate`` call (each expanded to ``n`` rows). Prompts are sorted by
     length before batching to keep left padding small; results come back in the caller's order.
     ``decoder``: ``"loop"`` (:func:`disa.generation.decode_loop.sample_with_cache`, the same tokens and
-    log-probs as ``generate`` for a fixed seed, less overhead per step) or ``"generate"`` (``model.generate``).
+    log-probs as ``generate`` for a fixed seed, less overhead per step; a model whose class changes how
+    ``generate`` prepares its inputs falls back to ``generate``, with a warning) or ``"generate"``.
     """
 
     def __init__(
@@ -146,6 +151,9 @@ class HFGenerator(Generator):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
         self.decoder = check_decoder(decoder)
+        if self.decoder == "loop" and (reason := loop_unsupported(model)):
+            warnings.warn(f"HFGenerator: decoding with model.generate, not the lean loop: {reason}", stacklevel=2)
+            self.decoder = "generate"
         self.eos_ids = eos_token_ids(model, tokenizer)
         if not self.eos_ids:
             raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")

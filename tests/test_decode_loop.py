@@ -172,3 +172,17 @@ def test_models_that_prepare_generate_inputs_their_own_way_fall_back_to_generate
     with pytest.warns(UserWarning, match="not the lean loop"):
         gen = HFGenerator(custom, loop.tokenizer, device="cpu", progress=False)
     assert gen.decoder == "generate"
+
+
+def test_prefill_applies_the_lm_head_at_the_last_position_only(generators):
+    """As generate does (``logits_to_keep=1``): a prompt of L tokens must not cost an (rows, L, V) logits tensor."""
+    loop, _ = generators["llama"]
+    widths = []
+    handle = loop.model.register_forward_hook(lambda module, args, out: widths.append(out.logits.shape[1]))
+    try:
+        ids, mask = left_pad([[5, 6, 7, 8, 9], [8, 9]], loop.pad_id)
+        sample_with_cache(loop.model, ids, mask, max_new_tokens=3, temperature=1.0, top_p=1.0,
+                          eos_ids=loop.eos_ids, pad_id=loop.pad_id)
+    finally:
+        handle.remove()
+    assert widths and widths == [1] * len(widths)

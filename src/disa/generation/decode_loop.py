@@ -103,10 +103,14 @@ def sample_with_cache(
     logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    fixed = {"use_cache": True, "return_dict": True, cache_keyword(model): new_cache(model)}
+    cache = new_cache(model)
+    fixed = {"use_cache": True, "return_dict": True, cache_keyword(model): cache}
+    params = inspect.signature(type(base).forward).parameters
+    if "logits_to_keep" in params:  # as generate: the prefill applies the LM head at the last position only
+        fixed["logits_to_keep"] = 1
     # as generate: positions count real tokens only (left padding), and an all-ones mask is dropped
     position_ids = None
-    if "position_ids" in inspect.signature(type(base).forward).parameters:
+    if "position_ids" in params:
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     mask = None
     if not bool((attention_mask == 1).all()):
@@ -118,7 +122,7 @@ def sample_with_cache(
         return model(input_ids=ids, attention_mask=None if mask is None else mask[:, :width], **extra, **fixed)
 
     out = forward(input_ids, prompt_len)
-    if fixed[cache_keyword(model)].get_seq_length() != prompt_len:
+    if cache.get_seq_length() != prompt_len:
         # e.g. a model in training mode with gradient checkpointing, where transformers turns the cache off
         raise RuntimeError("the model did not fill its KV cache during prefill (is it in training mode with gradient "
                            "checkpointing?); call model.eval() first, or use decoder='generate'")

@@ -15,6 +15,8 @@ buffer). Rows that have ended get the pad id, as in ``generate``, and the loop e
 from __future__ import annotations
 
 import inspect
+from typing import Optional
+
 import torch
 
 Tensor = torch.Tensor
@@ -34,7 +36,7 @@ def loop_unsupported(model) -> Optional[str]:
     cls = type(base)
     if getattr(base.config, "is_encoder_decoder", False):
         return f"{cls.__name__} is an encoder-decoder model"
-    supports_dynamic = getattr(cls, "_supports_default_dynamic_cache", None)
+    supports_dynamic = getattr(base, "_supports_default_dynamic_cache", None)  # classmethod in 5.x, method in 4.x
     if callable(supports_dynamic) and not supports_dynamic():
         return f"{cls.__name__} does not use transformers' DynamicCache"
     for hook in GENERATE_HOOKS:
@@ -117,19 +119,20 @@ def sample_with_cache(
         mask = torch.ones((rows, prompt_len + max_new_tokens), dtype=attention_mask.dtype, device=device)
         mask[:, :prompt_len] = attention_mask
 
-    def forward(ids: Tensor, width: int):
+    def next_logits(ids: Tensor, width: int) -> Tensor:
+        """The step's raw last-position logits as float32 (a copy: the model's output is dropped)."""
         extra = {} if position_ids is None else {"position_ids": position_ids}
-        return model(input_ids=ids, attention_mask=None if mask is None else mask[:, :width], **extra, **fixed)
+        out = model(input_ids=ids, attention_mask=None if mask is None else mask[:, :width], **extra, **fixed)
+        return out.logits[:, -1].to(copy=True, dtype=torch.float32)
 
-    out = forward(input_ids, prompt_len)
+    logits = next_logits(input_ids, prompt_len)
     if cache.get_seq_length() != prompt_len:
         # e.g. a model in training mode with gradient checkpointing, where transformers turns the cache off
         raise RuntimeError("the model did not fill its KV cache during prefill (is it in training mode with gradient "
                            "checkpointing?); call model.eval() first, or use decoder='generate'")
     steps = 0
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
-        del out
+        raw_logp = torch.log_softmax(logits, dim=-1)  # before the warpers, as the recorder inside generate
         scores = logits
         for warp in steps_warpers:
             scores = warp(input_ids, scores)
@@ -139,7 +142,7 @@ def sample_with_cache(
             chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         chosen = torch.where(unfinished, chosen, pad_id)
         tokens[:, t] = chosen
-        logps[:, t] = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(1)
+        logps[:, t] = raw_logp.gather(-1, chosen[:, None]).squeeze(1)
         steps = t + 1
         unfinished &= ~torch.isin(chosen, eos)
         if stop_criterion is not None:
@@ -148,7 +151,7 @@ def sample_with_cache(
             break
         if position_ids is not None:
             position_ids = position_ids[:, -1:] + 1
-        out = forward(chosen[:, None], prompt_len + steps)
+        logits = next_logits(chosen[:, None], prompt_len + steps)
     return tokens[:, :steps].cpu(), logps[:, :steps].cpu()
 
 

@@ -2,7 +2,8 @@
 
 Same randomly initialised GPT-2, same prompts, 8 prompts x G = 8 rollouts per step, a forced response length,
 one optimiser step per rollout batch, no KL, float32 on the CPU (``--precision bf16``: bf16 autocast
-in both, TRL's own default), one thread. ``disa`` runs twice: objective
+in both, TRL's own default), one thread. Gradient checkpointing: TRL's default is on, disa's off; ``--grad-ckpt
+on|off`` sets it alike in both (``defaults``, the default, keeps each side's). ``disa`` runs twice: objective
 ``grpo`` (the same loss family as TRL's) and ``disa`` (trajectory balance with a frozen log Z, here a
 ``LogZTable`` of zeros; it also scores ``log pi_ref`` under a frozen copy of the initial model).
 
@@ -37,6 +38,15 @@ CONTENDERS = ("trl", "disa-grpo", "disa-disa")
 PROMPTS, GROUP, VOCAB = 8, 8, 512
 LR = 1e-5
 PRECISION = "fp32"  # --precision; TRL's GRPOConfig defaults to bf16 autocast, so it is set in both alike
+# --grad-ckpt: TRL's GRPOConfig defaults to gradient checkpointing (recompute activations in backward), disa's
+# TrainConfig does not; "defaults" keeps each side's default, "on" / "off" sets both alike
+GRAD_CKPT = "defaults"
+
+
+def grad_ckpt(side: str) -> bool:
+    if GRAD_CKPT == "defaults":
+        return side == "trl"
+    return GRAD_CKPT == "on"
 
 
 def build_tokenizer():
@@ -116,6 +126,7 @@ def run_trl(shape: dict, steps: int, out_dir: str) -> tuple[list[dict], dict]:
         max_completion_length=shape["tokens"], beta=0.0, num_iterations=1, learning_rate=LR, max_steps=steps,
         gradient_accumulation_steps=1, temperature=1.0, top_p=1.0, top_k=0, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, bf16=PRECISION == "bf16", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        gradient_checkpointing=grad_ckpt("trl"),
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=data, processing_class=tok)
     timer, steps_out = PhaseTimer(), []
@@ -165,7 +176,8 @@ def run_disa(shape: dict, steps: int, out_dir: str, objective: str) -> tuple[lis
     config = TrainConfig(objective=objective, group_size=GROUP, prompts_per_step=PROMPTS, num_steps=steps,
                          max_new_tokens=shape["tokens"], lr=LR, micro_batch_size=PROMPTS * GROUP,
                          mixed_precision="bf16" if PRECISION == "bf16" else "no",
-                         generation_batch_size=PROMPTS, updates_per_batch=1, save_every=0, seed=0)
+                         generation_batch_size=PROMPTS, updates_per_batch=1, save_every=0, seed=0,
+                         gradient_checkpointing=grad_ckpt("disa"))
     trainer = RLTrainer(model, ref, tok, prompts, reward_fn, config, output_dir=out_dir,
                         target=TargetConfig(beta=1.0, reward_transform="raw"), log_z_fn=log_z)
     timer, steps_out, lengths = PhaseTimer(), [], set()
@@ -203,7 +215,7 @@ def worker(contender: str, shape_name: str, steps: int) -> None:
 def run_round(contender: str, shape: str, steps: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run([sys.executable, __file__, "--worker", contender, "--shape", shape, "--steps", str(steps),
-                           "--precision", PRECISION],
+                           "--precision", PRECISION, "--grad-ckpt", GRAD_CKPT],
                           capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -214,7 +226,8 @@ def run_round(contender: str, shape: str, steps: int) -> dict:
 def summarise(shape: str, results: dict[str, list[dict]]) -> str:
     """Median per-phase seconds per step over every counted step of every round, the ratio to TRL per round
     (median), and the peak RSS (max over rounds)."""
-    out = [f"shape {shape}: {SHAPES[shape]}, {PRECISION}, {PROMPTS} prompts x G={GROUP}, rounds {len(results['trl'])}",
+    out = [f"shape {shape}: {SHAPES[shape]}, {PRECISION}, gradient checkpointing {GRAD_CKPT}, {PROMPTS} prompts x "
+           f"G={GROUP}, rounds {len(results['trl'])}",
            f"{'contender':<10} {'rollout':>8} {'scoring':>8} {'update':>8} {'step':>8} {'TRL/this':>9} {'peak MB':>8}"
            f" {'MB before':>9}"]
     def med(runs, key):
@@ -238,13 +251,15 @@ def main() -> None:
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="fp32 for both, or bf16 autocast for both (TRL's default is bf16)")
+    ap.add_argument("--grad-ckpt", choices=["defaults", "on", "off"], default="defaults",
+                    help="gradient checkpointing: each side's default (TRL on, disa off), or on / off in both")
     ap.add_argument("--json", help="also write every raw number here")
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 2:
         raise SystemExit("--steps must be >= 2 (the first step is a warm-up)")
-    global PRECISION
-    PRECISION = args.precision
+    global PRECISION, GRAD_CKPT
+    PRECISION, GRAD_CKPT = args.precision, args.grad_ckpt
     if args.worker:
         return worker(args.worker, args.shape, args.steps)
     contenders = args.contenders.split(",")

@@ -163,7 +163,10 @@ class SampleConfig(Section):
     temperature: float = _f(1.0, "Proposal sampling temperature (the paper: 1, the distribution q itself).", "positive_finite")
     top_p: float = _f(1.0, "Proposal nucleus sampling; < 1 leaves out some of pi_ref's responses (eq. 7).", "unit")
     stop: list = _f([], "Stop strings: the response is cut after the first one.")
-    backend: str = _f("hf", "Generation backend: hf (transformers generate) or vllm (if installed).", ("hf", "vllm"))
+    backend: str = _f("hf", "Generation backend: hf (transformers) or vllm (if installed).", ("hf", "vllm"))
+    hf_decoder: str = _f("loop", "hf backend's decoding: loop (a lean cached loop, the same draws as generate for a "
+                         "fixed seed, less overhead per token) or generate (transformers' model.generate).",
+                         ("loop", "generate"))
     batch_size: int = _f(8, "Prompts per generation / re-scoring batch.", "positive")
     shard_size: int = _f(64, "Prompts per Parquet shard: the unit of resume after a crash.", "positive")
     seed: int = _f(0, "Sampling seed.", "non_negative")

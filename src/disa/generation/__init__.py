@@ -1,5 +1,8 @@
 """Sampling responses from a causal LM: one interface, two back-ends (``hf`` default, ``vllm`` optional).
 
+The ``hf`` back-end decodes with a lean cached loop (:mod:`disa.generation.decode_loop`) by default, or with
+``model.generate`` (``decoder="generate"``); both draw the same tokens for a fixed seed.
+
 Every back-end returns, per prompt, ``n`` :class:`Sample` objects whose ``logprob`` is the sum of the
 response tokens' log-probabilities under the model's *unprocessed* distribution (temperature 1, no top-p /
 top-k truncation): exactly the number :func:`disa.scoring.score_responses` gives when it re-scores
@@ -178,7 +181,8 @@ def finalize_sample(
 
 
 def make_generator(backend: str, model_path, **kwargs) -> Generator:
-    """Build a generator by back-end name: ``"hf"`` (transformers ``generate``) or ``"vllm"``."""
+    """Build a generator by back-end name: ``"hf"`` (transformers; ``decoder="loop"`` or ``"generate"``) or
+    ``"vllm"``."""
     if backend == "hf":
         from disa.generation.hf import HFGenerator
 

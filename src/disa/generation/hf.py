@@ -1,4 +1,7 @@
-"""The default back-end: batched ``transformers`` ``model.generate`` with exact response log-probs.
+"""The default back-end: batched ``transformers`` decoding with exact response log-probs.
+
+Two decoders draw the same tokens for a fixed seed: the lean cached loop of :mod:`disa.generation.decode_loop`
+(default; it records the log-probs itself) and ``model.generate`` (``decoder="generate"``), described next.
 
 How the log-prob is obtained without keeping ``(rows, T, V)`` logits in memory: a logits processor placed
 *first* sees the raw logits of every step, keeps their log-softmax for one step, and at the next step reads
@@ -11,6 +14,7 @@ the recorder or changes the sampling distribution behind the caller's back.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -18,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from disa.generation import Generator, Sample, check_generation_args, encode_prompt, finalize_sample
+from disa.generation.decode_loop import check_decoder, loop_unsupported, sample_with_cache
 from disa.scoring import model_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,6 +122,9 @@ class HFGenerator(Generator):
 
     ``batch_size`` counts prompts per ``generate`` call (each expanded to ``n`` rows). Prompts are sorted by
     length before batching to keep left padding small; results come back in the caller's order.
+    ``decoder``: ``"loop"`` (:func:`disa.generation.decode_loop.sample_with_cache`, the same tokens and
+    log-probs as ``generate`` for a fixed seed, less overhead per step; a model whose class changes how
+    ``generate`` prepares its inputs falls back to ``generate``, with a warning) or ``"generate"``.
     """
 
     def __init__(
@@ -128,6 +136,7 @@ class HFGenerator(Generator):
         device: Optional[str] = "auto",
         dtype="float32",
         progress: bool = True,
+        decoder: str = "loop",
     ):
         if isinstance(model_or_path, str):
             model, loaded_tok = load_model_and_tokenizer(model_or_path, device=device, dtype=dtype)
@@ -141,6 +150,10 @@ class HFGenerator(Generator):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
+        self.decoder = check_decoder(decoder)
+        if self.decoder == "loop" and (reason := loop_unsupported(model)):
+            warnings.warn(f"HFGenerator: decoding with model.generate, not the lean loop: {reason}", stacklevel=2)
+            self.decoder = "generate"
         self.eos_ids = eos_token_ids(model, tokenizer)
         if not self.eos_ids:
             raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")
@@ -178,12 +191,18 @@ class HFGenerator(Generator):
                     results[i] = batch[j * n : (j + 1) * n]
         return [results[i] for i in range(len(prompts))]
 
-    @torch.inference_mode()
-    def _generate_batch(self, prompt_rows, n, max_new_tokens, temperature, top_p, stop) -> list[Sample]:
+    def _sample_loop(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, stop):
+        from transformers import StopStringCriteria
+
+        criterion = StopStringCriteria(self.tokenizer, list(stop)) if stop else None
+        return sample_with_cache(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, eos_ids=self.eos_ids, pad_id=self.pad_id, stop_criterion=criterion,
+        )
+
+    def _sample_generate(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, stop):
         from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-        rows = [p for p in prompt_rows for _ in range(n)]  # each prompt repeated n times, adjacent
-        input_ids, attention_mask = left_pad(rows, self.pad_id)
         greedy = temperature == 0
         recorder = RawLogprobRecorder()
         processors = [recorder]
@@ -204,7 +223,16 @@ class HFGenerator(Generator):
                 generation_config=config, logits_processor=LogitsProcessorList(processors), **extra,
             )
         generated = sequences[:, input_ids.shape[1]:].cpu()
-        token_lp = recorder.finish(sequences, generated.shape[1])
+        return generated, recorder.finish(sequences, generated.shape[1])
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompt_rows, n, max_new_tokens, temperature, top_p, stop) -> list[Sample]:
+        rows = [p for p in prompt_rows for _ in range(n)]  # each prompt repeated n times, adjacent
+        input_ids, attention_mask = left_pad(rows, self.pad_id)
+        if self.decoder == "loop":
+            generated, token_lp = self._sample_loop(input_ids, attention_mask, max_new_tokens, temperature, top_p, stop)
+        else:
+            generated, token_lp = self._sample_generate(input_ids, attention_mask, max_new_tokens, temperature, top_p, stop)
 
         samples, to_rescore = [], []
         for r, prompt in enumerate(rows):

@@ -168,8 +168,10 @@ def generator(cfg: PipelineConfig, model, batch_size: int, *, tokenizer=None, se
                               tensor_parallel_size=cfg.sample.tensor_parallel_size,
                               max_model_len=cfg.sample.max_model_len or None)
     if isinstance(model, str):
-        return make_generator("hf", model, batch_size=batch_size, device=str(device(cfg)), dtype=cfg.models.dtype)
-    return make_generator("hf", model, tokenizer=tokenizer, batch_size=batch_size, device=None, progress=progress)
+        return make_generator("hf", model, batch_size=batch_size, device=str(device(cfg)), dtype=cfg.models.dtype,
+                              decoder=cfg.sample.hf_decoder)
+    return make_generator("hf", model, tokenizer=tokenizer, batch_size=batch_size, device=None, progress=progress,
+                          decoder=cfg.sample.hf_decoder)
 
 
 def embedder(cfg: PipelineConfig):

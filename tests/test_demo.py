@@ -177,34 +177,36 @@ def test_threads_are_chosen_from_the_free_cores(wanted, cores, load, expected):
     assert choose_threads(wanted, cores, load) == expected
 
 
-@pytest.mark.parametrize("threads, chosen, cores, load, says_variant, says_busy", [
-    (2, True, 2, 0.1, False, False), (1, True, 2, 4.5, True, False), (2, False, 2, 4.5, False, True),
-    (1, False, 2, 6.0, True, False), (2, False, 16, 3.0, False, False)])
-def test_the_build_says_its_threads_and_why(threads, chosen, cores, load, says_variant, says_busy):
+@pytest.mark.parametrize("threads, cores, load, says_variant, busy_hint", [
+    (1, 2, 0.1, False, None), (1, 2, 6.0, False, None), (2, 2, 0.1, True, None), (2, 2, 4.5, True, 1),
+    (2, 16, 3.0, True, None)])
+def test_the_build_says_its_threads_and_why(threads, cores, load, says_variant, busy_hint):
     from disa.testbed.progress import thread_note
 
-    note = thread_note(threads, 2, chosen, cores, load)
+    note = thread_note(threads, 1, cores, load)
     assert note.startswith(f"{threads} torch thread(s) on {cores} core(s), load average {load:.1f}")
-    assert ("equally valid variant" in note) == (says_variant and chosen)
-    assert ("--build-threads auto picks 1" in note) == says_busy
+    assert ("equally valid variant" in note) == says_variant
+    assert ("--build-threads 1 builds faster" in note) == (busy_hint == 1)
 
 
-def test_another_thread_count_is_another_testbed_cached_apart(tmp_path, monkeypatch, capsys):
+def test_the_build_does_not_depend_on_the_load_unless_asked(tmp_path, monkeypatch, capsys):
     from disa.testbed import TestbedConfig
     from disa.testbed import models
 
     tiny = TestbedConfig(n_train_prompts=4, n_eval_prompts=2, n_embd=8, n_layer=1, n_head=1, ref_steps=2,
                          proposal_steps=1, batch_size=4, familiarity_levels=(0.5,))
-    monkeypatch.setattr(models, "machine_load", lambda: (2, 5.0))  # busy: auto builds on 1 thread
-    busy = build_testbed(tmp_path, config=tiny)
-    assert busy.root.name == tiny.fingerprint() + "-threads1"
-    assert "chosen for the load" in capsys.readouterr().err
-    documented = build_testbed(tmp_path, config=tiny, num_threads=2)  # a config's documented count: 2
+    monkeypatch.setattr(models, "machine_load", lambda: (2, 0.0))  # idle
+    documented = build_testbed(tmp_path, config=tiny)  # default: 1 thread, the documented build
     assert documented.root.name == tiny.fingerprint()
-    assert "--build-threads auto picks 1" in capsys.readouterr().err  # a forced count on a busy machine: warned
-    monkeypatch.setattr(models, "machine_load", lambda: (2, 0.0))  # idle: a cached testbed is taken as it is,
-    assert build_testbed(tmp_path, config=tiny).root == documented.root  # the documented one first
-    assert "building" not in capsys.readouterr().err
+    assert json.loads((documented.root / "build.json").read_text())["build_threads"] == 1
+    auto = build_testbed(tmp_path, config=tiny, num_threads="auto")  # every free core: 2, cached apart
+    assert auto.root.name == tiny.fingerprint() + "-threads2"
+    assert "equally valid variant" in capsys.readouterr().err
+    monkeypatch.setattr(models, "machine_load", lambda: (2, 5.0))  # busy: the default is the same testbed
+    assert build_testbed(tmp_path, config=tiny).root == documented.root
+    assert build_testbed(tmp_path, config=tiny, num_threads="auto").root.name == tiny.fingerprint()  # 1 free core
+    assert "building" not in capsys.readouterr().err  # both were cached
+    build_testbed(tmp_path, config=tiny, num_threads=2)  # cached: nothing to say
     with pytest.raises(ValueError, match="num_threads"):
         build_testbed(tmp_path, config=tiny, num_threads=0)
 

@@ -88,11 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "grpo, gspo, aspo, sft; ablations disa_labels, disa_exact (log Z from the Stage 1 labels / the "
                       "exact value); transform study disa_affine, disa_group")
     demo.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
-    demo.add_argument("--build-threads", type=_threads_arg, default="auto", metavar="N|auto",
-                      help="torch threads for building the testbed (default auto: a cached testbed as it is; to "
-                           "build, the documented count, 1 for --quick and 2 for the full one, when that many cores "
-                           "are free, else fewer. Results depend on it, so another count builds another testbed, "
-                           "cached apart; contended threads are several times slower)")
+    demo.add_argument("--build-threads", type=_threads_arg, default=None, metavar="N|auto",
+                      help="torch threads for building the testbed (default 1, whatever the load, as docs/results.md "
+                           "was built; auto: every free core, a faster build on an idle machine). Results depend "
+                           "on it, so another count builds another testbed, cached apart")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                       help="change one budget field of disa.demo.DemoSettings (repeatable), e.g. --set num_steps=300 "
                            "--set updates_per_batch=2 --set rollout_weight=clipped_is")
@@ -111,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--quick", action="store_true", help="the small testbed")
     study.add_argument("--out", default=None, help="output folder (default: runs/study-NAME)")
     study.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
+    study.add_argument("--build-threads", type=_threads_arg, default=None, metavar="N|auto",
+                       help="torch threads for building the testbed, as in disa demo (default 1, the documented build)")
     study.add_argument("--seeds", type=int, default=1, help="seeds of the studies that train (mean ± std); "
                        "n_budget trains nothing")
     _add_config_args(study, required=False)  # -c CONFIG: sub-runs of the pipeline's stages instead of the testbed

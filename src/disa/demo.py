@@ -325,11 +325,11 @@ def run_demo(
     methods: Optional[Sequence[str]] = None,
     cache_dir: Optional[str] = None,
     settings: Optional[DemoSettings] = None,
-    build_threads: int | str = "auto",
+    build_threads: int | str | None = None,
 ) -> dict:
     """Run the demo (module docstring); returns the results dict also written to ``out_dir/results.json``.
-    ``build_threads``: torch threads for building the testbed when it is not cached (``"auto"``: chosen from the
-    machine's load, see :func:`disa.testbed.build_testbed`).
+    ``build_threads``: torch threads for building the testbed when it is not cached (None: the documented 1;
+    ``"auto"``: every free core; see :func:`disa.testbed.build_testbed`).
 
     Runs on one CPU thread: the testbed's models are so small that a second intra-op thread only adds
     synchronisation (the test suite measured one 32x64 layer ~150x slower with two contended threads)."""
@@ -337,7 +337,7 @@ def run_demo(
         return _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads)
 
 
-def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads="auto") -> dict:
+def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads=None) -> dict:
     methods = list(methods or DEFAULT_METHODS)
     known = METHODS + ABLATIONS + tuple(TRANSFORM_STUDY)
     unknown = [m for m in methods if m not in known]

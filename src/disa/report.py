@@ -214,7 +214,8 @@ def cli_study_or_report(args) -> int:
 
         run_study_from_config(args.name, load_config(args.config, args.overrides), out, seeds=seeds)
     else:
-        run_study(args.name, out, quick=args.quick, cache_dir=args.cache_dir, seeds=seeds)
+        run_study(args.name, out, quick=args.quick, cache_dir=args.cache_dir, seeds=seeds,
+                  build_threads=getattr(args, "build_threads", None))
     path = build_report(out)
     print(f"[study] {args.name} -> {out}/results.md, {path}")
     return 0

@@ -18,9 +18,11 @@ from __future__ import annotations
 STUDIES = ("n_budget", "beta_sweep", "proposal", "sft_vs_disa")
 
 
-def run_study(name: str, out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1) -> dict:
+def run_study(name: str, out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1,
+              build_threads=None) -> dict:
     """Run study ``name`` on the testbed into ``out_dir``; returns its results dict. ``seeds``: how many seeds the
-    studies that train run (mean ± std); n_budget trains nothing and takes one."""
+    studies that train run (mean ± std); n_budget trains nothing and takes one. ``build_threads``: as
+    :func:`disa.testbed.build_testbed`'s ``num_threads`` (None: the documented build)."""
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
     if seeds < 1:
@@ -34,7 +36,8 @@ def run_study(name: str, out_dir: str, quick: bool = False, cache_dir=None, seed
     module = import_module(f"disa.studies.{name}")
     extra = {} if name == "n_budget" else {"seeds": seeds}
     with torch_threads(1):
-        return module.run(out_dir=out_dir, quick=quick, cache_dir=cache_dir, seed=seed, **extra)
+        return module.run(out_dir=out_dir, quick=quick, cache_dir=cache_dir, seed=seed, build_threads=build_threads,
+                          **extra)
 
 
 def run_study_from_config(name: str, cfg, out_dir: str, seeds: int = 1) -> dict:

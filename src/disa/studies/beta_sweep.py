@@ -23,7 +23,7 @@ PASS_KS = (1, 2, 4, 8, 16, 32)  # the pass@k columns of the table (up to the sam
 
 
 def trained_rows(out: Path, quick: bool, cache_dir, settings, betas=TRAIN_BETAS, seeds: int = 1,
-                 pass_samples: int = 32, truths=None, tokenizer=None) -> list[dict]:
+                 pass_samples: int = 32, truths=None, tokenizer=None, build_threads=None) -> list[dict]:
     """Train DISA towards pi*_beta for each beta (the demo's runner, ``seeds`` seeds) and score it exactly against
     that beta's target: accuracy, KL(pi* || pi), TV, distinct correct answers, held-out accuracy; and, with
     ``truths``, pass@k for k = 1..``pass_samples`` both sampled (the eval stage's unbiased estimator from
@@ -35,7 +35,7 @@ def trained_rows(out: Path, quick: bool, cache_dir, settings, betas=TRAIN_BETAS,
     rows = []
     for beta in betas:
         res = _run_demo(out / f"train_beta{beta:g}", quick, seeds, ["disa"], cache_dir,
-                        dataclasses.replace(settings, beta=beta))
+                        dataclasses.replace(settings, beta=beta), build_threads)
         stats = {k: v for k, v in res["summary"]["methods"]["disa"].items() if isinstance(v, dict) and "mean" in v}
         row = {"beta": beta}
         for name, key in (("policy_accuracy", "p_correct"), ("target_accuracy", "p_correct_target"),
@@ -104,7 +104,7 @@ def target_row(ref_logp_correct: Sequence[np.ndarray], beta: float, k: int) -> d
             "kl_target_ref": float(kl.mean())}
 
 
-def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1) -> dict:
+def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1, build_threads=None) -> dict:
     from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, sample_and_score
     from disa.studies.common import testbed_setup
     from disa.studies.n_budget import label_stats, subsample_labels
@@ -112,7 +112,7 @@ def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds:
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
     pool_size, num_subsamples, pass_samples = (32, 40, 32) if quick else (64, 100, 64)
     out = Path(out_dir)
-    s = testbed_setup(quick, cache_dir)
+    s = testbed_setup(quick, cache_dir, build_threads=build_threads)
     truths = s["truths"]
     pool = sample_and_score(s["proposal"], s["ref"], s["tokenizer"], truths, pool_size, settings.max_new_tokens,
                             out / "pool", seed)
@@ -126,7 +126,7 @@ def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds:
                      "rmse": stats["rmse"], "mean_exact_log_z": float(exact.mean()),
                      **target_row([t.ref_logp for t in truths], beta, settings.k)})
     trained = trained_rows(out, quick, cache_dir, settings, seeds=seeds, pass_samples=pass_samples, truths=truths,
-                           tokenizer=s["tokenizer"])
+                           tokenizer=s["tokenizer"], build_threads=build_threads)
     results = {"testbed": "quick" if quick else "full", "n": settings.n_samples, "pool_size": pool_size,
                "num_subsamples": num_subsamples, "prompts": len(truths), "seeds": seeds,
                "pass_samples": pass_samples, "rows": rows, "trained": trained}

@@ -9,13 +9,13 @@ from typing import Sequence
 from disa.io import atomic_write_text, json_safe
 
 
-def testbed_setup(quick: bool, cache_dir=None, eval_truths: bool = False) -> dict:
+def testbed_setup(quick: bool, cache_dir=None, eval_truths: bool = False, build_threads=None) -> dict:
     """The testbed's tokenizer, pi_ref, strong proposal and the exact truths of its training prompts (and, with
     ``eval_truths``, of its held-out prompts)."""
     from disa.demo import prompt_truths
     from disa.testbed import build_testbed
 
-    tb = build_testbed(cache_dir, quick=quick)
+    tb = build_testbed(cache_dir, quick=quick, num_threads=build_threads)
     ref = tb.load_ref().requires_grad_(False)
     proposal = tb.load_proposal().requires_grad_(False)
     out = {"testbed": tb, "tokenizer": tb.tokenizer, "ref": ref, "proposal": proposal,

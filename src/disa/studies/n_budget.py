@@ -159,7 +159,7 @@ def write_outputs(out: Path, results: dict, notes: str) -> None:
     write_results(out, "N budget (App. D.3)", results, {"label vs N": (rows, cols)}, notes)
 
 
-def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0) -> dict:
+def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, build_threads=None) -> dict:
     from disa.demo import QUICK_SETTINGS, FULL_SETTINGS, sample_and_score
     from disa.embeddings import ModelPoolEmbedder
     from disa.studies.common import testbed_setup
@@ -167,7 +167,7 @@ def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0) -> dic
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
     pool_size, num_subsamples, subset_size = (64, 40, 16) if quick else (256, 100, 32)
     out = Path(out_dir)
-    s = testbed_setup(quick, cache_dir)
+    s = testbed_setup(quick, cache_dir, build_threads=build_threads)
     truths = s["truths"]
     emb = ModelPoolEmbedder(s["ref"], s["tokenizer"], batch_size=64).embed([t.text for t in truths], progress=False)
     subset, ks, sse, k, sizes = choose_subset(emb.double().numpy(), subset_size, seed)

@@ -14,7 +14,7 @@ import torch
 EXACT_COLUMNS = ("policy_accuracy", "kl_target_policy", "tv_to_target", "distinct_correct", "heldout_accuracy")
 
 
-def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1) -> dict:
+def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1, build_threads=None) -> dict:
     from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, label_errors, run_stage2, sample_and_score, train_method
     from disa.estimators import label_prompts
     from disa.studies.common import testbed_setup
@@ -22,7 +22,7 @@ def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds:
 
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
     out = Path(out_dir)
-    s = testbed_setup(quick, cache_dir, eval_truths=True)
+    s = testbed_setup(quick, cache_dir, eval_truths=True, build_threads=build_threads)
     truths, tb = s["truths"], s["testbed"]
     exact = np.array([t.log_z(settings.beta) for t in truths])
     per_seed = []

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 
-def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1) -> dict:
+def run(out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1, build_threads=None) -> dict:
     from disa.demo import _run_demo
 
-    return _run_demo(out_dir, quick, seeds, ["disa", "sft"], cache_dir, None)
+    return _run_demo(out_dir, quick, seeds, ["disa", "sft"], cache_dir, None, build_threads)
 
 
 def run_from_config(cfg, out_dir: str, seeds: int = 1) -> dict:

@@ -49,7 +49,10 @@ from disa.testbed.task import (
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
 # Every character a prompt or a canonical response can contain. Prompts use digits, spaces, "->" and "=".
 ALPHABET = "0123456789+-*() >="
-BUILD_FORMAT_VERSION = 1  # bump when the build recipe changes so old caches are not reused
+BUILD_FORMAT_VERSION = 2  # bump when the build recipe changes so old caches are not reused
+# (2: a build on 1 thread is the unsuffixed one, and the build records its thread count; caches of version 1
+# named a 2-thread full build without a suffix)
+DOCUMENTED_BUILD_THREADS = 1  # docs/results.md was made on this build; float results depend on the count
 _COMPLETE_MARKER = "build.json"
 
 
@@ -435,7 +438,7 @@ def build_testbed(
     quick: bool = False,
     seed: int = 0,
     config: TestbedConfig | None = None,
-    num_threads: int | str | None = "auto",
+    num_threads: int | str | None = None,
 ) -> Testbed:
     """Build (or load from cache) the testbed: tokenizer, ``pi_ref``, proposal ``q``, prompt splits.
 
@@ -443,41 +446,36 @@ def build_testbed(
     :func:`default_cache_root`) and is rebuilt only if that directory is missing or incomplete. ``quick``
     selects :data:`QUICK_CONFIG` (seconds; for tests) instead of :data:`FULL_CONFIG` (a few minutes);
     ``config`` overrides both, and ``seed`` replaces the config's seed. ``num_threads`` sets torch's CPU
-    threads during training. Float results depend on it, so a count other than the documented one (1 for quick,
-    2 otherwise) builds another testbed, cached in ``<fingerprint>-threads<n>``. ``"auto"`` (or None) takes a
-    cached testbed as it is, the documented one first; to build, it uses the documented count when the machine
-    has that many free cores and fewer when others' jobs hold them (:func:`disa.threads.choose_threads`).
+    threads during training: None builds on :data:`DOCUMENTED_BUILD_THREADS` (1), whatever the machine, so the
+    models do not depend on how busy it was; float results depend on the count, so another one builds another
+    testbed, cached in ``<fingerprint>-threads<n>``. ``"auto"`` takes every free core
+    (:func:`disa.threads.choose_threads`): a faster build on an idle machine, of a variant testbed.
     """
     base = config if config is not None else (QUICK_CONFIG if quick else FULL_CONFIG)
     cfg = dataclasses.replace(base, seed=seed)
     root_parent = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    documented = 1 if base == QUICK_CONFIG else 2  # how the cached (and documented) testbeds were built
-
-    def root_for(threads: int) -> Path:  # another thread count is another testbed, cached apart
-        return root_parent / (cfg.fingerprint() + ("" if threads == documented else f"-threads{threads}"))
-
-    chosen = num_threads in (None, "auto")
+    documented = DOCUMENTED_BUILD_THREADS
     cores, load = machine_load()
-    if chosen:
-        for threads in sorted(range(1, documented + 1), key=lambda t: t != documented):
-            if (root_for(threads) / _COMPLETE_MARKER).exists():
-                return _read_testbed(root_for(threads), cfg)
-        threads = choose_threads(documented, cores, load)
+    if num_threads is None:
+        threads = documented
+    elif num_threads == "auto":
+        threads = choose_threads(cores, cores, load)
     elif isinstance(num_threads, int) and not isinstance(num_threads, bool) and num_threads >= 1:
         threads = num_threads
     else:
         raise ValueError(f"num_threads must be an int >= 1, 'auto' or None, got {num_threads!r}")
-    root = root_for(threads)
+    # another thread count is another testbed, cached apart
+    root = root_parent / (cfg.fingerprint() + ("" if threads == documented else f"-threads{threads}"))
     if (root / _COMPLETE_MARKER).exists():
         return _read_testbed(root, cfg)
 
     print(f"[disa testbed] building {root} ({cfg.ref_steps} + {cfg.proposal_steps} training steps) with "
-          f"{thread_note(threads, documented, chosen, cores, load)}", file=sys.stderr, flush=True)
+          f"{thread_note(threads, documented, cores, load)}", file=sys.stderr, flush=True)
     root_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root_parent))
     try:
         with torch_threads(threads):
-            _build_into(staging, cfg)
+            _build_into(staging, cfg, threads)
         try:
             staging.rename(root)
         except OSError:  # another process finished the same build first: keep theirs
@@ -489,7 +487,7 @@ def build_testbed(
     return _read_testbed(root, cfg)
 
 
-def _build_into(out: Path, cfg: TestbedConfig) -> None:
+def _build_into(out: Path, cfg: TestbedConfig, threads: int) -> None:
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(out / "tokenizer")
     prompts = make_prompts(cfg.n_train_prompts + cfg.n_eval_prompts, cfg.seed)
@@ -515,6 +513,7 @@ def _build_into(out: Path, cfg: TestbedConfig) -> None:
 
     meta = {
         "version": BUILD_FORMAT_VERSION,
+        "build_threads": threads,
         "config": dataclasses.asdict(cfg),
         "train_prompts": prompt_rows(train),
         "eval_prompts": prompt_rows(evaluation),

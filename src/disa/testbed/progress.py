@@ -34,15 +34,14 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def thread_note(threads: int, documented: int, chosen: bool, cores: int, load: float | None) -> str:
-    """What the build says about its threads: the count, the load it was chosen from, and what a count other
-    than the ``documented`` one means; warns when a count the user forced is more than the free cores."""
+def thread_note(threads: int, documented: int, cores: int, load: float | None) -> str:
+    """What the build says about its threads: the count and the load, what a count other than the
+    ``documented`` one means, and a warning when the count is more than the free cores."""
     note = describe(threads, cores, load)
-    if chosen and threads != documented:
-        note += (f" (chosen for the load; the documented testbed is built on {documented}: this is an equally valid "
-                 f"variant, cached apart, whose numbers differ slightly from docs/results.md; "
-                 f"--build-threads {documented} builds that one)")
-    elif not chosen and choose_threads(threads, cores, load) < threads:
+    if threads != documented:
+        note += (f"; the documented testbed is built on {documented}: this is an equally valid variant, cached "
+                 f"apart, whose numbers differ slightly from docs/results.md")
+    if choose_threads(threads, cores, load) < threads:
         note += (f"; the machine is busy and contended threads are several times slower: "
-                 f"--build-threads auto picks {choose_threads(threads, cores, load)}")
+                 f"--build-threads {choose_threads(threads, cores, load)} builds faster")
     return note

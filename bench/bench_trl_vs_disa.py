@@ -1,11 +1,14 @@
 """Stage 3 step time: TRL's ``GRPOTrainer`` against ``disa.training.RLTrainer`` on the same work.
 
 Same randomly initialised GPT-2, same prompts, 8 prompts x G = 8 rollouts per step, a forced response length,
-one optimiser step per rollout batch, no KL, float32 on the CPU (``--precision bf16``: bf16 autocast
+one optimiser step per rollout batch, float32 on the CPU (``--precision bf16``: bf16 autocast
 in both, TRL's own default), one thread. Gradient checkpointing: TRL's default is on, disa's off; ``--grad-ckpt
 on|off`` sets it alike in both (``defaults``, the default, keeps each side's). ``disa`` runs twice: objective
 ``grpo`` (the same loss family as TRL's) and ``disa`` (trajectory balance with a frozen log Z, here a
-``LogZTable`` of zeros; it also scores ``log pi_ref`` under a frozen copy of the initial model).
+``LogZTable`` of zeros; it also scores ``log pi_ref`` under a frozen copy of the initial model). TRL also runs
+twice: ``trl`` with ``beta=0`` (no KL: TRL builds no reference model) and ``trl-kl`` with ``beta=0.04`` (its KL
+term: a frozen reference loaded from the same weights, scored with one no-grad forward per step), the
+like-for-like contender of ``disa-disa``.
 
 Forced length: the tokenizer's EOS id is one past the model's vocabulary, so neither sampler can ever draw it
 and every rollout is exactly ``--tokens`` long (checked after each run). Both trainers see the same model

@@ -1,11 +1,14 @@
 """Stage 3 step time: TRL's ``GRPOTrainer`` against ``disa.training.RLTrainer`` on the same work.
 
 Same randomly initialised GPT-2, same prompts, 8 prompts x G = 8 rollouts per step, a forced response length,
-one optimiser step per rollout batch, no KL, float32 on the CPU (``--precision bf16``: bf16 autocast
+one optimiser step per rollout batch, float32 on the CPU (``--precision bf16``: bf16 autocast
 in both, TRL's own default), one thread. Gradient checkpointing: TRL's default is on, disa's off; ``--grad-ckpt
 on|off`` sets it alike in both (``defaults``, the default, keeps each side's). ``disa`` runs twice: objective
 ``grpo`` (the same loss family as TRL's) and ``disa`` (trajectory balance with a frozen log Z, here a
-``LogZTable`` of zeros; it also scores ``log pi_ref`` under a frozen copy of the initial model).
+``LogZTable`` of zeros; it also scores ``log pi_ref`` under a frozen copy of the initial model). TRL also runs
+twice: ``trl`` with ``beta=0`` (no KL: TRL builds no reference model) and ``trl-kl`` with ``beta=0.04`` (its KL
+term: a frozen reference loaded from the same weights, scored with one no-grad forward per step), the
+like-for-like contender of ``disa-disa``.
 
 Forced length: the tokenizer's EOS id is one past the model's vocabulary, so neither sampler can ever draw it
 and every rollout is exactly ``--tokens`` long (checked after each run). Both trainers see the same model
@@ -34,7 +37,8 @@ import time
 
 SHAPES = {"tiny": dict(n_layer=4, n_embd=128, n_head=4, tokens=24),
           "medium": dict(n_layer=6, n_embd=512, n_head=8, tokens=64)}
-CONTENDERS = ("trl", "disa-grpo", "disa-disa")
+CONTENDERS = ("trl", "trl-kl", "disa-grpo", "disa-disa")
+KL_BETA = 0.04  # trl-kl: GRPOConfig(beta=KL_BETA), so TRL builds a frozen reference model and scores it every step
 PROMPTS, GROUP, VOCAB = 8, 8, 512
 LR = 1e-5
 PRECISION = "fp32"  # --precision; TRL's GRPOConfig defaults to bf16 autocast, so it is set in both alike
@@ -114,21 +118,32 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-def run_trl(shape: dict, steps: int, out_dir: str) -> tuple[list[dict], dict]:
+def run_trl(shape: dict, steps: int, out_dir: str, beta: float = 0.0) -> tuple[list[dict], dict]:
+    """TRL's ``GRPOTrainer``; ``beta > 0`` adds its KL term, so every step also scores ``log pi_ref`` (one no-grad
+    forward of a frozen reference model over prompt + completion, LM head at completion positions only)."""
     from datasets import Dataset
+    from transformers import GPT2LMHeadModel
     from trl import GRPOConfig, GRPOTrainer
 
     tok = build_tokenizer()
     model = build_model(tok, shape)
+    if beta > 0:
+        # TRL builds its reference with from_pretrained(model.config._name_or_path): save the seeded model and
+        # reload it, so policy and reference start from these exact weights
+        path = os.path.join(out_dir, "init_model")
+        model.save_pretrained(path)
+        model = GPT2LMHeadModel.from_pretrained(path)
     data = Dataset.from_list([{"prompt": p} for p in prompt_texts()])
     args = GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
-        max_completion_length=shape["tokens"], beta=0.0, num_iterations=1, learning_rate=LR, max_steps=steps,
+        max_completion_length=shape["tokens"], beta=beta, num_iterations=1, learning_rate=LR, max_steps=steps,
         gradient_accumulation_steps=1, temperature=1.0, top_p=1.0, top_k=0, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, bf16=PRECISION == "bf16", disable_tqdm=True, seed=0, dataloader_num_workers=0,
         gradient_checkpointing=grad_ckpt("trl"),
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=data, processing_class=tok)
+    if (trainer.ref_model is not None) != (beta > 0):
+        raise SystemExit(f"trl: beta={beta} but ref_model is {type(trainer.ref_model).__name__}")
     timer, steps_out = PhaseTimer(), []
     timer.wrap(trainer, "_generate", "rollout")
     timer.wrap(trainer, "_generate_and_score_completions", "rollout+scoring")
@@ -203,8 +218,8 @@ def worker(contender: str, shape_name: str, steps: int) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     shape = SHAPES[shape_name]
     with tempfile.TemporaryDirectory() as out_dir:
-        if contender == "trl":
-            rows, info = run_trl(shape, steps, out_dir)
+        if contender in ("trl", "trl-kl"):
+            rows, info = run_trl(shape, steps, out_dir, beta=KL_BETA if contender == "trl-kl" else 0.0)
         else:
             rows, info = run_disa(shape, steps, out_dir, contender.split("-", 1)[1])
     if info["lengths"] != [shape["tokens"]]:
@@ -224,21 +239,26 @@ def run_round(contender: str, shape: str, steps: int) -> dict:
 
 
 def summarise(shape: str, results: dict[str, list[dict]]) -> str:
-    """Median per-phase seconds per step over every counted step of every round, the ratio to TRL per round
-    (median), and the peak RSS (max over rounds)."""
+    """Median per-phase seconds per step over every counted step of every round, the ratio to each TRL contender
+    present per round (median; > 1: faster than that TRL run), and the peak RSS (max over rounds)."""
+    baselines = [b for b in ("trl", "trl-kl") if b in results]
     out = [f"shape {shape}: {SHAPES[shape]}, {PRECISION}, gradient checkpointing {GRAD_CKPT}, {PROMPTS} prompts x "
-           f"G={GROUP}, rounds {len(results['trl'])}",
-           f"{'contender':<10} {'rollout':>8} {'scoring':>8} {'update':>8} {'step':>8} {'TRL/this':>9} {'peak MB':>8}"
-           f" {'MB before':>9}"]
+           f"G={GROUP}, rounds {len(next(iter(results.values())))}",
+           f"{'contender':<10} {'rollout':>8} {'scoring':>8} {'update':>8} {'step':>8}"
+           + "".join(f" {b.upper() + '/this':>12}" for b in baselines) + f" {'peak MB':>8} {'MB before':>9}"]
+
     def med(runs, key):
         return statistics.median(s[key] for r in runs for s in r["steps"])
 
-    trl_rounds = [statistics.median(s["step"] for s in r["steps"]) for r in results["trl"]]
+    def per_round(runs):
+        return [statistics.median(s["step"] for s in r["steps"]) for r in runs]
+
     for name, runs in results.items():
-        mine = [statistics.median(s["step"] for s in r["steps"]) for r in runs]
-        ratio = statistics.median(t / m for t, m in zip(trl_rounds, mine))
+        mine = per_round(runs)
+        ratios = "".join(f" {statistics.median(t / m for t, m in zip(per_round(results[b]), mine)):12.2f}"
+                         for b in baselines)
         out.append(f"{name:<10} {med(runs, 'rollout'):8.3f} {med(runs, 'scoring'):8.3f} {med(runs, 'update'):8.3f} "
-                   f"{med(runs, 'step'):8.3f} {ratio:9.2f} {max(r['peak_rss_mb'] for r in runs):8.0f} "
+                   f"{med(runs, 'step'):8.3f}{ratios} {max(r['peak_rss_mb'] for r in runs):8.0f} "
                    f"{max(r['rss_before_train_mb'] for r in runs):9.0f}")
     return "\n".join(out)
 

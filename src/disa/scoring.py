@@ -61,7 +61,7 @@ def token_logprobs(
     gradients, are those of the full-logits path (see :func:`_logits_at` for models it cannot restrict).
     """
     if response_mask is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **no_cache_kwargs(model)).logits
         return _gather_logprobs(logits[:, :-1, :], input_ids[:, 1:])
     keep = response_mask[:, : input_ids.shape[1] - 1].to(device=input_ids.device, dtype=torch.bool)
     logits, selected = _logits_at(model, input_ids, attention_mask, keep)
@@ -69,6 +69,13 @@ def token_logprobs(
         return _gather_logprobs(logits[:, :-1, :], input_ids[:, 1:]).masked_fill(~keep, 0.0)
     picked = _gather_logprobs(logits, input_ids[:, 1:][keep])  # (N,)
     return picked.new_zeros(keep.shape).masked_scatter(keep, picked)
+
+
+def no_cache_kwargs(model) -> dict:
+    """``{"use_cache": False}`` for a model whose config declares ``use_cache`` (transformers' causal LMs, also
+    through PEFT), else ``{}``. A scoring or training forward never reads the key/value cache, and building it
+    copies every layer's keys and values (and, with gradient, keeps them alive); the outputs are the same."""
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
 def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -92,8 +99,9 @@ def _logits_at(
     """
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    extra = no_cache_kwargs(model)
     if not isinstance(head, torch.nn.Module):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits, False
+        return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits, False
     calls = {"seen": 0, "selected": 0}
 
     def select(module, args):
@@ -107,7 +115,7 @@ def _logits_at(
 
     handle = head.register_forward_pre_hook(select)
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
     finally:
         handle.remove()
     if calls["selected"] == 0:
@@ -116,7 +124,7 @@ def _logits_at(
     if calls["seen"] == 1 and logits.dim() == 3 and logits.shape[:2] == (1, n):
         return logits[0], True
     # the head was restricted but the output is not the (1, N, V) it should then be: redo the plain call
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits, False
+    return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits, False
 
 
 def model_device(model) -> torch.device:

@@ -87,6 +87,7 @@ class KeepLastHidden:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.config = getattr(model, "config", None)  # read by disa.scoring.no_cache_kwargs
         self.last_hidden: Optional[Tensor] = None
 
     def __call__(self, **inputs):

@@ -23,11 +23,11 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from worker import run_worker  # noqa: E402
 
 SHAPES = ("tiny", "medium", "testbed")
 DECODERS = ("loop", "generate")
@@ -77,13 +77,7 @@ def worker(shape: str, decoder: str, calls: int) -> None:
 
 
 def run_one(shape: str, decoder: str, calls: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run([sys.executable, __file__, "--worker", decoder, "--shape", shape, "--calls", str(calls)],
-                          capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{shape}/{decoder} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(__file__, ["--worker", decoder, "--shape", shape, "--calls", str(calls)], f"{shape}/{decoder}")
 
 
 def summarise(shape: str, results: dict[str, list[dict]]) -> str:

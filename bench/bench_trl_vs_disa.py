@@ -30,10 +30,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from worker import run_worker
 
 SHAPES = {"tiny": dict(n_layer=4, n_embd=128, n_head=4, tokens=24),
           "medium": dict(n_layer=6, n_embd=512, n_head=8, tokens=64)}
@@ -228,14 +229,8 @@ def worker(contender: str, shape_name: str, steps: int) -> None:
 
 
 def run_round(contender: str, shape: str, steps: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run([sys.executable, __file__, "--worker", contender, "--shape", shape, "--steps", str(steps),
-                           "--precision", PRECISION, "--grad-ckpt", GRAD_CKPT],
-                          capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{contender} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(__file__, ["--worker", contender, "--shape", shape, "--steps", str(steps),
+                                 "--precision", PRECISION, "--grad-ckpt", GRAD_CKPT], contender)
 
 
 def summarise(shape: str, results: dict[str, list[dict]]) -> str:

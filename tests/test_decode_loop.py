@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from disa.generation.decode_loop import cache_keyword, check_decoder, sample_with_cache, warpers
+from disa.generation.decode_loop import cache_keyword, check_decoder, forward_params, sample_with_cache, warpers
 from disa.generation.hf import HFGenerator, left_pad
 
 PROMPTS = ["What is 2 + 3?", "def add(a, b):", "the quick brown fox jumps over the lazy dog; THE", "x"]
@@ -107,7 +107,7 @@ def test_cache_keyword_reads_the_forward_signature(generators):
     import inspect
 
     params = inspect.signature(type(loop.model).forward).parameters
-    assert cache_keyword(loop.model) == ("cache" if "cache" in params else "past_key_values")
+    assert cache_keyword(forward_params(loop.model)) == ("cache" if "cache" in params else "past_key_values")
 
 
 def test_loop_through_a_peft_wrapper_matches_generate(tiny_llama_path):

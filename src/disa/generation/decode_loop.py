@@ -28,11 +28,16 @@ GENERATE_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_gen
                   "_prepare_position_ids_for_generation", "_prepare_cache_for_generation")
 
 
+def base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def loop_unsupported(model) -> Optional[str]:
     """Why the loop cannot stand in for ``generate`` on ``model`` (then the caller uses ``generate``), or None."""
     from transformers import GenerationMixin
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     cls = type(base)
     if getattr(base.config, "is_encoder_decoder", False):
         return f"{cls.__name__} is an encoder-decoder model"
@@ -45,11 +50,15 @@ def loop_unsupported(model) -> Optional[str]:
     return None
 
 
-def cache_keyword(model) -> str:
+def forward_params(model):
+    """The parameters of the model's ``forward``; a PEFT wrapper forwards ``**kwargs``, so the base model's
+    signature decides which keywords it takes."""
+    return inspect.signature(type(base_model(model)).forward).parameters
+
+
+def cache_keyword(params) -> str:
     """The forward keyword that takes the KV cache: ``cache`` (transformers >= 5.x renamed it) or
-    ``past_key_values``. A PEFT wrapper forwards ``**kwargs``, so the base model's signature decides."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(type(base).forward).parameters
+    ``past_key_values``; ``params`` from :func:`forward_params`."""
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -57,7 +66,7 @@ def new_cache(model):
     """An empty ``DynamicCache`` for ``model`` (what ``generate`` builds by default)."""
     from transformers import DynamicCache
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     try:
         return DynamicCache(config=base.config.get_text_config(decoder=True))
     except TypeError:  # older transformers: no config argument
@@ -104,10 +113,9 @@ def sample_with_cache(
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cache = new_cache(model)
-    fixed = {"use_cache": True, "return_dict": True, cache_keyword(model): cache}
-    params = inspect.signature(type(base).forward).parameters
+    params = forward_params(model)
+    fixed = {"use_cache": True, "return_dict": True, cache_keyword(params): cache}
     if "logits_to_keep" in params:  # as generate: the prefill applies the LM head at the last position only
         fixed["logits_to_keep"] = 1
     # as generate: positions count real tokens only (left padding), and an all-ones mask is dropped
@@ -161,4 +169,4 @@ def check_decoder(decoder: str) -> str:
     return decoder
 
 
-__all__ = ["sample_with_cache", "cache_keyword", "new_cache", "warpers", "loop_unsupported", "DECODERS", "check_decoder"]
+__all__ = ["sample_with_cache", "forward_params", "cache_keyword", "new_cache", "warpers", "loop_unsupported", "DECODERS", "check_decoder"]

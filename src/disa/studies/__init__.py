@@ -18,11 +18,8 @@ from __future__ import annotations
 STUDIES = ("n_budget", "beta_sweep", "proposal", "sft_vs_disa")
 
 
-def run_study(name: str, out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1,
-              build_threads=None) -> dict:
-    """Run study ``name`` on the testbed into ``out_dir``; returns its results dict. ``seeds``: how many seeds the
-    studies that train run (mean ± std); n_budget trains nothing and takes one. ``build_threads``: as
-    :func:`disa.testbed.build_testbed`'s ``num_threads`` (None: the documented build)."""
+def _study_module(name: str, seeds: int):
+    """The study's module and the keyword arguments it takes for ``seeds``, after checking both."""
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
     if seeds < 1:
@@ -31,10 +28,17 @@ def run_study(name: str, out_dir: str, quick: bool = False, cache_dir=None, seed
         raise ValueError("n_budget trains nothing, so --seeds does not apply (its spread is over random subsets)")
     from importlib import import_module
 
+    return import_module(f"disa.studies.{name}"), ({} if name == "n_budget" else {"seeds": seeds})
+
+
+def run_study(name: str, out_dir: str, quick: bool = False, cache_dir=None, seed: int = 0, seeds: int = 1,
+              build_threads=None) -> dict:
+    """Run study ``name`` on the testbed into ``out_dir``; returns its results dict. ``seeds``: how many seeds the
+    studies that train run (mean ± std); n_budget trains nothing and takes one. ``build_threads``: as
+    :func:`disa.testbed.build_testbed`'s ``num_threads`` (None: the documented build)."""
     from disa.testbed.models import torch_threads
 
-    module = import_module(f"disa.studies.{name}")
-    extra = {} if name == "n_budget" else {"seeds": seeds}
+    module, extra = _study_module(name, seeds)
     with torch_threads(1):
         return module.run(out_dir=out_dir, quick=quick, cache_dir=cache_dir, seed=seed, build_threads=build_threads,
                           **extra)
@@ -42,13 +46,5 @@ def run_study(name: str, out_dir: str, quick: bool = False, cache_dir=None, seed
 
 def run_study_from_config(name: str, cfg, out_dir: str, seeds: int = 1) -> dict:
     """Run study ``name`` on a pipeline config (``disa study NAME -c CONFIG``) into ``out_dir``."""
-    if name not in STUDIES:
-        raise ValueError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
-    if name == "n_budget" and seeds != 1:
-        raise ValueError("n_budget trains nothing, so --seeds does not apply (its spread is over random subsets)")
-    from importlib import import_module
-
-    module = import_module(f"disa.studies.{name}")
-    return module.run_from_config(cfg, out_dir, **({} if name == "n_budget" else {"seeds": seeds}))
+    module, extra = _study_module(name, seeds)
+    return module.run_from_config(cfg, out_dir, **extra)

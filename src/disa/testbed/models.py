@@ -396,7 +396,7 @@ def prompt_rows(prompts: Sequence[Prompt]) -> list[dict]:
 def _load_model(path: Path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     model.eval()
     return model
 
@@ -419,7 +419,7 @@ def _read_testbed(root: Path, config: TestbedConfig) -> Testbed:
     def prompts(key: str) -> list[Prompt]:
         return [Prompt(tuple(r["numbers"]), r["target"]) for r in meta[key]]
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer", local_files_only=True)
     return Testbed(
         root=root,
         ref_path=root / "ref",

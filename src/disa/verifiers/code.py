@@ -28,6 +28,7 @@ Reward is all-or-nothing by default (1.0 only when every test passes, as in the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,9 @@ from disa.verifiers.sandbox import (  # noqa: F401  (re-exported: the public API
     run_in_sandbox,
 )
 from disa.verifiers.sandbox_fallback import default_sandbox_python, kill_processes_of_uid, processes_of_uid  # noqa: F401
-from disa.verifiers.sandbox_judge import run_assert_test
+from disa.verifiers.sandbox_judge import prepare_tests, run_assert_test
+
+logger = logging.getLogger(__name__)
 
 _LIMIT_KEYS = {f.name for f in fields(SandboxLimits)}
 _START_KEYS = {"backend", "require_os_isolation", "python_executable", "allow_subprocess", "audit_hook",
@@ -58,6 +61,7 @@ class CodeTestReport:
     num_tests: int
     num_passed: int
     results: list[SandboxResult]
+    error: str | None = None  # set when running the tests raised (the completion then scores 0)
 
     @property
     def fraction_passed(self) -> float:
@@ -153,6 +157,24 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+def check_tests(tests: Any) -> list[dict | str]:
+    """:func:`parse_tests`, and every assert case must compile (``ValueError`` otherwise)."""
+    cases = parse_tests(tests)
+    for index, case in enumerate(cases):
+        if isinstance(case, str):
+            try:
+                prepare_tests(case)
+            except ValueError as err:
+                raise ValueError(f"tests[{index}]: {err}") from err
+    return cases
+
+
+def stdout_cap(expected_output: str, configured: int) -> int:
+    """The stdout cap for one stdin/stdout case: never below what a correct answer needs (twice the
+    expected output plus 64 KiB, room for trailing whitespace), nor below the configured cap."""
+    return max(configured, 2 * len(expected_output.encode("utf-8")) + 64 * 1024)
+
+
 def run_tests(program: str, tests: Any, *, stop_on_failure: bool = True, **sandbox_options) -> CodeTestReport:
     """Run ``program`` against every case of ``tests`` (see :func:`parse_tests`).
 
@@ -160,13 +182,15 @@ def run_tests(program: str, tests: Any, *, stop_on_failure: bool = True, **sandb
     all-or-nothing scoring needs no more, and a program that times out once will time out again.
     """
     cases = parse_tests(tests)
+    limits, _ = sandbox_config(sandbox_options)
     results: list[SandboxResult] = []
     passed = 0
     for case in cases:
         if isinstance(case, str):
             result = _run_assert_case(program, case, sandbox_options)
         else:
-            result = run_in_sandbox(program, case["input"], **sandbox_options)
+            cap = stdout_cap(case["output"], limits.max_output_bytes)
+            result = run_in_sandbox(program, case["input"], **dict(sandbox_options, max_output_bytes=cap))
             if result.status == "ok" and normalize_output(result.stdout) != normalize_output(case["output"]):
                 result.status, result.passed = "wrong_answer", False
         results.append(result)
@@ -176,12 +200,19 @@ def run_tests(program: str, tests: Any, *, stop_on_failure: bool = True, **sandb
     return CodeTestReport(num_tests=len(cases), num_passed=passed, results=results)
 
 
-def _run_assert_case(program: str, tests: str, sandbox_options: dict) -> SandboxResult:
+def sandbox_config(sandbox_options: dict) -> tuple[SandboxLimits, dict]:
+    """Split sandbox options into checked limits and start options; ``TypeError``/``ValueError``
+    for unknown keys or bad limits (configuration errors, raised before any program runs)."""
     unknown = set(sandbox_options) - SANDBOX_KEYS
     if unknown:
         raise TypeError(f"unknown sandbox options: {sorted(unknown)}")
     limits = SandboxLimits(**{k: v for k, v in sandbox_options.items() if k in _LIMIT_KEYS})
-    start = {k: v for k, v in sandbox_options.items() if k in _START_KEYS}
+    limits.check()
+    return limits, {k: v for k, v in sandbox_options.items() if k in _START_KEYS}
+
+
+def _run_assert_case(program: str, tests: str, sandbox_options: dict) -> SandboxResult:
+    limits, start = sandbox_config(sandbox_options)
     return run_assert_test(program, tests, limits=limits, **start)
 
 
@@ -207,16 +238,32 @@ def run_tests_batch(
     """Run many programs concurrently on a thread pool of at most ``max_workers`` sandboxes.
 
     Threads suffice: each worker only waits on its subprocess. Order of the output matches input.
+    Bad options and test sets that do not parse raise before anything runs; after that, a program
+    whose run raises gets a report with ``error`` set and no test passed (logged as a warning), so
+    one completion never costs the batch. Only :class:`SandboxUnavailable` still raises.
     """
     if len(programs) != len(tests):
         raise ValueError(f"got {len(programs)} programs but {len(tests)} test sets")
     workers = max_workers if max_workers is not None else default_max_workers()
     if workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {workers}")
+    sandbox_config(sandbox_options)
+    num_cases = []
+    for index, cell in enumerate(tests):
+        try:
+            num_cases.append(len(check_tests(cell)))
+        except ValueError as err:
+            raise ValueError(f"test set {index}: {err}") from err
     from tqdm.auto import tqdm
 
     def one(index: int) -> CodeTestReport:
-        return run_tests(programs[index], tests[index], stop_on_failure=stop_on_failure, **sandbox_options)
+        try:
+            return run_tests(programs[index], tests[index], stop_on_failure=stop_on_failure, **sandbox_options)
+        except SandboxUnavailable:
+            raise  # configuration: no program can be judged as asked
+        except Exception as err:  # one completion's failure is its own 0, never the batch's
+            logger.warning("code tests of program %d raised, scored 0: %r", index, err)
+            return CodeTestReport(num_tests=num_cases[index], num_passed=0, results=[], error=repr(err))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         iterator = pool.map(one, range(len(programs)))
@@ -244,7 +291,7 @@ def code_verifier(
     programs = [(prefix or "") + extract_program(completion_text(c)) for c, prefix in zip(completions, prefixes)]
     for row, cell in enumerate(tests):
         try:
-            parse_tests(cell)
+            check_tests(cell)
         except ValueError as err:
             raise ValueError(f"column 'tests' row {row}: {err}") from err
     reports = run_tests_batch(programs, tests, max_workers=max_workers,

@@ -110,6 +110,7 @@ class RunningSandbox:
             pass
 
     def finish(self) -> SandboxResult:
+        """Drain, reap and clean up; every descriptor is closed and the uid released on every path."""
         try:
             out, err, status_raw, timed_out, overflowed = _read_capped(
                 self.process, self.status_read_fd, self.deadline, self.limits.max_output_bytes)
@@ -120,11 +121,8 @@ class RunningSandbox:
             self._kill_group()
             returncode = self.process.wait()
         finally:
-            self._kill_group()
-            self.process.stdout.close()
-            self.process.stderr.close()
-            os.close(self.status_read_fd)
-            self._cleanup(self)
+            _each(self._kill_group, self.process.stdout.close, self.process.stderr.close,
+                  lambda: os.close(self.status_read_fd), lambda: self._cleanup(self))
         return self._result(out, err, status_raw, returncode, timed_out, overflowed)
 
     def _result(self, out, err, status_raw, returncode, timed_out, overflowed) -> SandboxResult:
@@ -133,9 +131,9 @@ class RunningSandbox:
         if self.level == "bwrap":
             returncode = _bwrap_returncode(returncode)
         isolation = dict(self.isolation)
-        isolation.update(next((m["isolation"] for m in messages if "isolation" in m), {}))
-        refusal = next((m["refused"] for m in messages if "refused" in m), None)
-        bootstrap_error = next((m["bootstrap_error"] for m in messages if "bootstrap_error" in m), None)
+        isolation.update(_first_field(messages, "isolation", dict) or {})
+        refusal = _first_field(messages, "refused", str)
+        bootstrap_error = _first_field(messages, "bootstrap_error", str)
         stderr_text = err[:cap].decode("utf-8", "replace")
         if self.level == "bwrap" and not any("ready" in m for m in messages) and not timed_out:
             bootstrap_error = bootstrap_error or stderr_text.strip()[:300] or "harness did not start"
@@ -167,19 +165,39 @@ def _bwrap_returncode(code: int | None) -> int | None:
     return code
 
 
-def _read_capped(process: subprocess.Popen, status_read_fd: int, deadline: float, cap: int):
-    """Drain stdout, stderr and the status pipe until EOF, the deadline, or ``cap`` bytes.
+def _each(*actions: Callable[[], object]) -> None:
+    """Run every action even when one raises; then re-raise the first error."""
+    first: BaseException | None = None
+    for action in actions:
+        try:
+            action()
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the rest ran
+            first = first or err
+    if first is not None:
+        raise first
+
+
+MAX_STATUS_BYTES = 64 * 1024  # the harness writes a few short lines; more is a program writing to it
+MAX_STATUS_MESSAGES = 64
+
+
+def _read_capped(process: subprocess.Popen, status_read_fd: int, deadline: float, cap: int,
+                 status_cap: int = MAX_STATUS_BYTES):
+    """Drain stdout, stderr and the status pipe until EOF, the deadline, or a cap.
 
     Returns (stdout, stderr, status, timed_out, overflowed). Reading stops as soon as stdout or
-    stderr passes ``cap``: holding a runaway writer's output in memory is what the cap prevents.
+    stderr passes ``cap``, or the status pipe passes ``status_cap`` (only a program writing to a
+    descriptor it found can fill it): holding a runaway writer's output in memory is what the caps
+    prevent. No more than a cap plus one read (64 KiB) is ever held per stream.
     """
     buffers = {"stdout": bytearray(), "stderr": bytearray(), "status": bytearray()}
+    caps = {"stdout": cap, "stderr": cap, "status": status_cap}
     selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ, "stdout")
-    selector.register(process.stderr, selectors.EVENT_READ, "stderr")
-    selector.register(status_read_fd, selectors.EVENT_READ, "status")
     open_streams, timed_out, overflowed = 3, False, False
     try:
+        selector.register(process.stdout, selectors.EVENT_READ, "stdout")
+        selector.register(process.stderr, selectors.EVENT_READ, "stderr")
+        selector.register(status_read_fd, selectors.EVENT_READ, "status")
         while open_streams and not overflowed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -193,23 +211,48 @@ def _read_capped(process: subprocess.Popen, status_read_fd: int, deadline: float
                     open_streams -= 1
                     continue
                 buffers[key.data] += chunk
-                if key.data != "status" and len(buffers[key.data]) > cap:
+                if len(buffers[key.data]) > caps[key.data]:
                     overflowed = True
     finally:
         selector.close()
-    return buffers["stdout"], buffers["stderr"], buffers["status"], timed_out, overflowed
+    return buffers["stdout"], buffers["stderr"], buffers["status"][:status_cap], timed_out, overflowed
 
 
 def _parse_status_messages(raw: bytes) -> list[dict]:
+    """The JSON objects among the first lines of the status pipe. The program can write to it too,
+    so nothing here may raise: what does not parse (bad UTF-8, bad JSON, nesting deep enough for a
+    RecursionError) is skipped, and each field's type is checked where it is read."""
     messages = []
-    for line in raw.decode("utf-8", "replace").splitlines()[:64]:
+    for line in raw[:MAX_STATUS_BYTES].split(b"\n")[:MAX_STATUS_MESSAGES]:
         try:
-            message = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the program may scribble on the pipe; ignore what is not ours
+            message = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError, MemoryError):
+            continue
         if isinstance(message, dict):
             messages.append(message)
     return messages
+
+
+def _first_field(messages: list[dict], name: str, kind: type):
+    """The first message's ``name`` field of type ``kind``; wrong types are ignored (a program
+    may write to the pipe), and of a dict only the entries with short plain values are kept."""
+    for message in messages:
+        value = message.get(name)
+        if type(value) is not kind:
+            continue
+        if kind is str:
+            return value[:1000]
+        if kind is dict:
+            return {k: v for k, v in value.items() if isinstance(k, str) and _short_plain(v)}
+    return None
+
+
+def _short_plain(value) -> bool:
+    """A scalar, or a short list of scalars: what the harness reports about its layers."""
+    scalars = (str, int, float, bool, type(None))
+    if isinstance(value, list):
+        return len(value) <= 64 and all(isinstance(v, scalars) for v in value)
+    return isinstance(value, scalars) and not (isinstance(value, str) and len(value) > 1000)
 
 
 def _classify(returncode, timed_out, overflowed, refusal, bootstrap_error) -> str:
@@ -226,13 +269,16 @@ def _classify(returncode, timed_out, overflowed, refusal, bootstrap_error) -> st
     return "ok" if returncode == 0 else "runtime_error"
 
 
+def _closer(fd: int) -> Callable[[], None]:
+    return lambda: os.close(fd)
+
+
 def _temp_fd(data: bytes) -> int:
     """An unlinked temporary file holding ``data``, rewound; the fd is the only way to it."""
-    handle = tempfile.TemporaryFile()
-    handle.write(data)
-    handle.flush()
-    fd = os.dup(handle.fileno())
-    handle.close()
+    with tempfile.TemporaryFile() as handle:
+        handle.write(data)
+        handle.flush()
+        fd = os.dup(handle.fileno())
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
@@ -280,10 +326,11 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
         if workdir:
             _remove_tree(workdir)
 
-    status_read_fd, status_write_fd = os.pipe()
-    program_fd = _temp_fd(program.encode("utf-8")) if level == "bwrap" else None
-    stdin_fd = _temp_fd(stdin.encode("utf-8"))
+    status_read_fd = status_write_fd = program_fd = stdin_fd = None
     try:
+        status_read_fd, status_write_fd = os.pipe()
+        program_fd = _temp_fd(program.encode("utf-8")) if level == "bwrap" else None
+        stdin_fd = _temp_fd(stdin.encode("utf-8"))
         if level == "bwrap":
             config = {"status_fd": status_write_fd, "program_fd": program_fd, "uid": uid,
                       "cpu_s": limits.cpu_seconds, "max_file_bytes": int(limits.max_file_bytes),
@@ -305,13 +352,10 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
                                    cwd=cwd, env=env, pass_fds=(status_write_fd, *fds, *pass_fds),
                                    start_new_session=True, close_fds=True)
     except BaseException:
-        os.close(status_read_fd)
-        cleanup()
+        _each(*(_closer(fd) for fd in (status_read_fd,) if fd is not None), cleanup)
         raise
     finally:
-        for fd in (status_write_fd, program_fd, stdin_fd):
-            if fd is not None:
-                os.close(fd)
+        _each(*(_closer(fd) for fd in (status_write_fd, program_fd, stdin_fd) if fd is not None))
     return RunningSandbox(process, status_read_fd, started + limits.timeout_s, limits, started,
                           level, isolation, cleanup)
 

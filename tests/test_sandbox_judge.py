@@ -90,7 +90,7 @@ def test_values_round_trip_exactly_and_flat():
     assert back == (1,) and len(tokens) == 2 * 50_000 + 4
     back, _ = _round_trip(float("nan"))
     assert back != back
-    ints = list(range(3_000_000))
+    ints = list(range(300_000))
     back, tokens = _round_trip(ints)
     assert tokens[:3] == ["H", "l", "i"] and len(tokens) == 4 and back == ints
     back, _ = _round_trip(iter([1, 2]))
@@ -361,7 +361,7 @@ HOSTILE = [  # (program, tests): every one is wrong, so every one must score 0
     (OVERSIZE_STATUS + "print(3)\n", [{"input": "", "output": "3"}]),
     (ROUTE_PIPE + "def add(a, b):\n    return 0\n", "assert add(1, 2) == 3"),
     (ROUTE_FRAME + "def add(a, b):\n    return None\n", "assert abs(add(1, 2) - 3) < 1e-9"),
-    ("def add(a, b):\n    x = []\n    for _ in range(10**5):\n        x = [x]\n    return x\n",
+    ("def add(a, b):\n    x = []\n    for _ in range(30_000):\n        x = [x]\n    return x\n",
      call_test("add", ["1", "2"], "3")),  # a recursion bomb for the judge's json.dumps and repr
 ]
 
@@ -398,7 +398,7 @@ def test_parent_stays_healthy_over_forty_hostile_runs():
     fds, rss = _fd_count(), _rss_mb()
     _hostile_rounds(5)
     assert _fd_count() == fds
-    assert _rss_mb() - rss < 30
+    assert _rss_mb() - rss < 20
 
 
 @pytest.mark.slow
@@ -408,7 +408,7 @@ def test_parent_stays_healthy_over_a_thousand_hostile_runs():
     fds, rss = _fd_count(), _rss_mb()
     _hostile_rounds(125)
     assert _fd_count() == fds
-    assert _rss_mb() - rss < 30
+    assert _rss_mb() - rss < 20
 
 
 # ---------------------------------------------------------------- one completion never costs the batch

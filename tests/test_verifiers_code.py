@@ -26,6 +26,7 @@ from disa.verifiers.code import (
     run_in_sandbox,
     run_tests,
     run_tests_batch,
+    stdout_cap,
 )
 
 AS_ROOT = os.geteuid() == 0
@@ -255,3 +256,11 @@ def test_registered_code_verifier():
     assert verifier(["p", "p"], completions, tests=[ADD_TESTS, ADD_TESTS], partial_credit=True) == [1.0, 0.5]
     with pytest.raises(ValueError, match="column 'tests' row 1"):
         verifier(["p", "p"], completions, tests=[ADD_TESTS, [{"bad": 1}]])
+    with pytest.raises(ValueError, match=r"column 'tests' row 0: tests\[1\]: assert tests do not compile"):
+        verifier(["p", "p"], completions, tests=[["assert f(1) == 1", "assert f("], ADD_TESTS])
+
+
+def test_stdout_cap_fits_the_expected_output():
+    assert stdout_cap("3\n", 64 * 1024) == 64 * 1024 + 4
+    assert stdout_cap("é" * 100_000, 10) == 2 * 200_000 + 64 * 1024  # bytes, not characters
+    assert stdout_cap("", 1 << 20) == 1 << 20

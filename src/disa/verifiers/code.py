@@ -5,7 +5,8 @@ Test format (the row's ``tests`` column), any of:
 * a list of stdin/stdout cases ``[{"input": "1 2\\n", "output": "3\\n"}, ...]``: the program runs
   once per case with ``input`` on stdin; the case passes when it exits with status 0 and its
   stdout equals ``output`` after trailing whitespace is stripped from every line and trailing
-  blank lines are dropped (the comparison happens in the parent, out of the program's reach);
+  blank lines are dropped (the comparison happens in the parent, out of the program's reach); its
+  stdout cap is at least twice the expected output plus 64 KiB (:func:`stdout_cap`);
 * the APPS/TACO layout ``{"inputs": [...], "outputs": [...]}`` (same cases, column-wise);
 * a string of assert-based Python (``"assert add(1, 2) == 3"``): judged in a second sandbox that
   calls into the program (:mod:`disa.verifiers.sandbox_judge`); the program never sees the tests
@@ -20,7 +21,9 @@ JSON value. A row may also carry a ``program_prefix`` column (e.g. ``from typing
 starter code assumes): the code verifier runs ``program_prefix + program``.
 
 Reward is all-or-nothing by default (1.0 only when every test passes, as in the paper);
-``partial_credit=True`` gives the fraction of tests passed. Isolation is in
+``partial_credit=True`` gives the fraction of tests passed. In a batch, bad options and test sets that do
+not parse raise before anything runs; after that a completion whose run raises scores 0 with a logged
+warning, never failing the batch (only :class:`SandboxUnavailable` still raises). Isolation is in
 :mod:`disa.verifiers.sandbox` (bubblewrap; a weaker fallback where it cannot run, refused by
 ``require_os_isolation=True``). What it guarantees and what it does not: ``docs/sandbox.md``.
 """

@@ -8,7 +8,9 @@ its own ipc/uts namespaces. A harness run before the program sets rlimits (CPU, 
 file size, processes, no core files) and, when we are root, drops to an unprivileged uid from a
 flock'ed pool, so that ``RLIMIT_NPROC`` counts only this sandbox. The parent enforces the wall
 clock by killing bwrap, which takes the whole pid namespace with it, whatever the program does
-with its pipes.
+with its pipes. Every byte the parent reads from a sandbox is capped before it is decoded
+(stdout/stderr at ``max_output_bytes``, the status pipe at 64 KiB), and the status pipe is parsed
+as untrusted (the program can write to it too): nothing a program writes can raise in the parent.
 
 Without a usable ``bwrap`` the fallback backend (:mod:`disa.verifiers.sandbox_fallback`) runs with
 weaker, Python-level layers; results say which one ran (``SandboxResult.isolation_level``) and
@@ -47,8 +49,10 @@ class SandboxResult:
     ``status``: "ok" (exit 0), "wrong_answer" (set by the test runner, never by the sandbox),
     "timeout" (wall or CPU limit), "memory" (``MemoryError`` under ``RLIMIT_AS``), "runtime_error"
     (non-zero exit or signal), "refused" (the fallback's audit hook stopped an action),
-    "output_limit" (more than ``max_output_bytes`` written), "sandbox_error" (the sandbox itself
-    failed to start). ``isolation_level`` is "bwrap" or "fallback".
+    "output_limit" (more than ``max_output_bytes`` written on stdout or stderr, or more than
+    ``MAX_STATUS_BYTES`` on the private status pipe, which only a program writing to a descriptor
+    it found can fill), "sandbox_error" (the sandbox itself failed to start). ``isolation_level``
+    is "bwrap" or "fallback".
     """
 
     status: str

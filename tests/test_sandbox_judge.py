@@ -64,6 +64,10 @@ def test_program_names_are_what_the_tests_read_and_do_not_define():
     assert "__judge_boolop__(True, lambda" in source
     with pytest.raises(ValueError, match="do not compile"):
         prepare_tests("assert f(1) ==\n")
+    limit = sys.get_int_max_str_digits()
+    huge = "assert f() == " + "7" * 5000 + "\n"  # a literal over the default 4,300 digits
+    assert prepare_tests(huge) == ("__judge_assert__(lambda: f() == " + "7" * 5000 + ", None, 1)", ("f",))
+    assert sys.get_int_max_str_digits() == limit
 
 
 def test_asserts_a_lambda_cannot_hold_are_kept():
@@ -165,13 +169,14 @@ def test_correct_but_large_programs_score_one():
     previous = sys.get_int_max_str_digits()
     sys.set_int_max_str_digits(0)
     try:
-        big_json = json.dumps(7 ** 20000)
+        big_json, big_literal = json.dumps(7 ** 20000), str(7 ** 6000)
     finally:
         sys.set_int_max_str_digits(previous)
     nest = "def nest(n):\n    x = []\n    for _ in range(n):\n        x = [x]\n    return x\n"
     cases = [
         ("def f():\n    return 7 ** 20000\n", "assert f() == 7 ** 20000 and str(f()) == str(7 ** 20000)\n"),
         ("class Solution:\n    def big(self):\n        return 7 ** 20000\n", call_test("Solution().big", [], big_json)),
+        ("def f():\n    return 7 ** 6000\n", f"assert f() == {big_literal}\n"),
         (nest.replace("nest", "f"), nest + "assert f(3000) == nest(3000) and f(3000) != nest(2999)\n"),
         (nest.replace("nest", "f"), call_test("f", ["300"], json.dumps(_nest(300)))),
         ("data = iter(range(5))\ndef take():\n    return next(data)\ngen = (i * i for i in range(4))\n",

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import functools
 import json
 import os
 import signal
 import symtable
+import sys
 import threading
 
 from disa.verifiers.sandbox import SandboxLimits, SandboxResult, start_sandbox
@@ -445,8 +447,8 @@ class _AssertRewriter(ast.NodeTransformer):
     """``assert T, M`` -> ``__judge_assert__(lambda: T', lambda: M, line)``, where in ``T'`` every
     ``and``/``or`` evaluates all its operands and ``all``/``any`` of a generator all its items.
 
-    Asserts that a lambda cannot hold (``await``, ``yield``, ``:=``) or that sit directly in a class
-    body (a lambda there cannot see the class's names) are left as they are."""
+    Asserts that a lambda cannot hold (``await``, ``yield``, ``:=``, a bare ``super()``) or that sit
+    directly in a class body (a lambda there cannot see the class's names) are left as they are."""
 
     def __init__(self):
         self._in_class_body = False
@@ -467,7 +469,8 @@ class _AssertRewriter(ast.NodeTransformer):
 
     def visit_Assert(self, node):
         unsafe = (ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr)
-        if self._in_class_body or any(isinstance(n, unsafe) for n in ast.walk(node)):
+        if self._in_class_body or any(isinstance(n, unsafe) or (isinstance(n, ast.Name) and n.id == "super")
+                                      for n in ast.walk(node)):
             return node
         message = _thunk(node.msg) if node.msg is not None else ast.Constant(None)
         call = ast.Call(ast.Name("__judge_assert__", ast.Load()),
@@ -495,6 +498,21 @@ def _evaluate_all(expr: ast.expr) -> ast.expr:
     return expr
 
 
+_int_digits_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _any_int_literal():
+    """Parse and unparse int literals of any size, as the judge compiles them (it sets no limit)."""
+    with _int_digits_lock:
+        previous = sys.get_int_max_str_digits()
+        sys.set_int_max_str_digits(0)
+        try:
+            yield
+        finally:
+            sys.set_int_max_str_digits(previous)
+
+
 @functools.lru_cache(maxsize=256)
 def prepare_tests(tests: str) -> tuple[str, tuple[str, ...]]:
     """The tests as the judge runs them (asserts rewritten) and the names to ask the program for.
@@ -502,14 +520,18 @@ def prepare_tests(tests: str) -> tuple[str, tuple[str, ...]]:
     Raises ``ValueError`` when the tests are not valid Python."""
     if not isinstance(tests, str):
         raise TypeError(f"tests must be a str, got {type(tests).__name__}")
-    try:
-        tree = ast.parse(tests, "tests.py")
-        names = program_names(tests)
-    except (SyntaxError, ValueError) as err:
-        raise ValueError(f"assert tests do not compile: {err}") from err
-    source = ast.unparse(ast.fix_missing_locations(_AssertRewriter().visit(tree)))
-    compile(source, "tests.py", "exec")  # the rewrite keeps the tests valid
-    return source, tuple(names)
+    with _any_int_literal():
+        try:
+            tree = ast.parse(tests, "tests.py")
+            names = tuple(program_names(tests))
+        except (SyntaxError, ValueError) as err:
+            raise ValueError(f"assert tests do not compile: {err}") from err
+        source = ast.unparse(ast.fix_missing_locations(_AssertRewriter().visit(tree)))
+        try:
+            compile(source, "tests.py", "exec")
+        except SyntaxError:  # a construct the rewrite does not foresee: run them as written
+            return tests, names
+    return source, names
 
 
 # ---------------------------------------------------------------------------------- running

@@ -275,8 +275,9 @@ def test_builtins_hijack_scores_zero(route):
 
 
 @needs_bwrap
-@pytest.mark.parametrize("reply", [b'{"bogus": 1}', b"[" * 100_000, b'{"ok": ["l", 999999999]}', b'{"ok": ["i", 3]}',
-                                   b'{"error": [1, 2]}', b'{"ok": ["n"], "missing": true}', b"\xff"])
+@pytest.mark.parametrize("reply", [b'{"bogus": 1}', b"[" * 100_000, b'{"id": 1, "ok": ["l", 999999999]}',
+                                   b'{"id": 1, "ok": ["i", 3]}', b'{"id": 1, "error": [1, 2]}', b'{"ok": ["n"]}',
+                                   b'{"id": 2, "ok": ["n"]}', b'{"id": 1, "ok": ["n"], "missing": true}', b"\xff"])
 def test_garbled_replies_fail_the_run_only(reply):
     program = ("import os, sys\n"
                f"os.write(sys._getframe(1).f_globals['RESPONSES_FD'], {reply!r} + b'\\n')\n"

@@ -14,7 +14,8 @@ The judge trusts nothing the program sends. It binds only the names the tests re
 define themselves (found with :mod:`symtable`), never a dunder name or a builtin's name, asking the
 program for each one (the program announces nothing; a name it lacks stays unbound), and installs
 the real ``builtins`` after binding. Every reply is plain data decoded with strict type checks; a
-reply that is not one (a forged or garbled line, a desync) fails the run.
+reply that is not one (a forged or garbled line, a reply not numbered as the request it answers)
+fails the run.
 
 Values cross as a flat list of tagged tokens (no nesting in the JSON, so depth costs no recursion;
 ints in hex, so size is not capped by ``sys.int_max_str_digits``; homogeneous lists of plain
@@ -220,12 +221,13 @@ sys.set_int_max_str_digits(0)
 user_globals = {"__name__": "__main__", "__file__": "solution.py", "__builtins__": __builtins__}
 exec(compile(USER_SOURCE, "solution.py", "exec"), user_globals)
 for line in os.fdopen(REQUESTS_FD, "rb"):
+    request_id = None
     try:
         request = json.loads(line)
-        op = request["op"]
+        op, request_id = request["op"], request["id"]
         if op == "get":
             if request["name"] not in user_globals:
-                send({"missing": True})
+                send({"id": request_id, "missing": True})
                 continue
             value = user_globals[request["name"]]
             try:
@@ -245,6 +247,7 @@ for line in os.fdopen(REQUESTS_FD, "rb"):
                 reply = {"ok": encode(next(target), to_handle)}
     except BaseException as err:
         reply = {"error": describe(err)}
+    reply["id"] = request_id
     send(reply)
 '''
 
@@ -261,7 +264,7 @@ class Fatal(BaseException):
 class ProgramError(Exception):
     """An exception raised by the program's code that is not a builtin exception type."""
 
-state = {"fatal": None, "quiet": False, "failures": 0, "first_failure": None}
+state = {"fatal": None, "quiet": False, "failures": 0, "first_failure": None, "requests": 0}
 MISSING = object()
 
 def fatal(reason):
@@ -302,10 +305,12 @@ def ask(request):
         raise Fatal(state["fatal"])
     if state["quiet"]:
         raise ProgramError("the program is not called while a failure message is built")
+    state["requests"] += 1
+    request["id"] = state["requests"]
     send(request)
     reply = receive()
-    if type(reply) is not dict or len(reply) != 1:
-        fatal("malformed reply")
+    if type(reply) is not dict or len(reply) != 2 or reply.get("id") != request["id"]:
+        fatal("malformed reply, or a reply to another request")
     if "error" in reply:
         raise_program_error(reply["error"])
     if reply.get("missing") is True and request["op"] == "get":

@@ -346,7 +346,16 @@ def test_a_program_learning_across_ten_runs_learns_nothing():
 # ---------------------------------------------------------------- the parent survives any program
 
 
-STATUS_FLOOD = "import os\ndata = b'x' * 65536\nwhile True:\n    for fd in range(3, 64):\n        try:\n            os.write(fd, data)\n        except OSError:\n            pass\n"
+STATUS_FLOOD = (
+    "import os\n"
+    "data = b'x' * 65536\n"
+    "while True:\n"
+    "    for fd in range(3, 64):\n"
+    "        try:\n"
+    "            os.write(fd, data)\n"
+    "        except OSError:\n"
+    "            pass\n"
+)
 STATUS_GARBAGE = (
     "import os, json\n"
     "lines = [b'[' * 30_000, b'{' * 20_000, b'\\xff\\xfe', json.dumps({'refused': 5, 'isolation': [1],\n"
@@ -358,7 +367,14 @@ STATUS_GARBAGE = (
     "        except OSError:\n"
     "            pass\n"
 )
-OVERSIZE_STATUS = "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'{\"ready\": \"' + b'y' * 100_000 + b'\"}\\n')\n    except OSError:\n        pass\n"
+OVERSIZE_STATUS = (
+    "import os\n"
+    "for fd in range(3, 64):\n"
+    "    try:\n"
+    "        os.write(fd, b'{\"ready\": \"' + b'y' * 100_000 + b'\"}\\n')\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
 HOSTILE = [  # (program, tests): every one is wrong, so every one must score 0
     (STATUS_FLOOD, [{"input": "", "output": "3"}]),
     (STATUS_FLOOD + "def add(a, b):\n    return a + b\n", "assert add(1, 2) == 3"),

@@ -159,3 +159,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert any(all(abs(a - b) < 6 for a, b in zip(rgb, c)) for c in drawn), method
     # the tables' header cells (CSS background #eef) are drawn
     assert any((r, g, b) == (238, 238, 255) and n > 200 for n, (r, g, b) in colours)
+
+
+def test_quick_demo_says_its_numbers_are_a_smoke_run_and_where_the_real_ones_are():
+    from pathlib import Path
+
+    from disa.demo_report import QUICK_NOTICE, results_markdown
+
+    repo = Path(__file__).resolve().parents[1]
+    results = json.loads((repo / "docs" / "results" / "demo-results.json").read_text())
+    assert results["quick"] is False and QUICK_NOTICE not in results_markdown(results)
+    quick = results_markdown({**results, "quick": True})
+    assert f"**{QUICK_NOTICE}**" in quick and "not representative" in QUICK_NOTICE
+    assert quick.replace(f"\n**{QUICK_NOTICE}**\n", "").replace("(quick)", "(full)") == results_markdown(results)
+    assert (repo / "docs" / "results" / "demo.md").is_file() and "docs/results/demo.md" in QUICK_NOTICE

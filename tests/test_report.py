@@ -132,6 +132,12 @@ def test_each_evaluation_is_shown_once(tmp_path):
     assert page.count("<td>Mean@4</td><td>0.5000</td>") == 1
     (root / "eval.md").write_text("# Evaluation\n\n| metric | value |\n|---|---|\n| Mean@4 | 0.2500 |\n")
     assert eval_files(root) == [root / "eval.md", latest]  # an older run's own top-level evaluation is kept
+    # a folder of runs (`disa report runs`): every run's evaluations, each once
+    other = root / "grpo_run"
+    (other / "eval" / "checkpoint-9").mkdir(parents=True)
+    (other / "eval" / "checkpoint-9" / "eval.md").write_text("# Evaluation\n")
+    (other / "eval.md").write_text("# Evaluation\n")
+    assert eval_files(root) == [root / "eval.md", latest, other / "eval" / "checkpoint-9" / "eval.md"]
 
 
 @pytest.mark.slow

@@ -203,13 +203,16 @@ def _training_section(root: Path) -> list[str]:
 
 
 def eval_files(root: Path) -> list[Path]:
-    """Each evaluation's markdown once: ``eval/*/eval.md`` (and benchmark sub-folders), plus the run's top-level
-    ``eval.md`` only when it is not a copy of one of those (runs made before ``eval/`` existed)."""
-    found = sorted(set(root.glob("eval/*/eval.md")) | set(root.glob("eval/*/*/eval.md"))
-                   | set(root.glob("eval/*/benchmarks.md")))
-    top = root / "eval.md"
-    if top.is_file() and not any(f.name == "eval.md" and f.read_bytes() == top.read_bytes() for f in found):
-        found.insert(0, top)
+    """Each evaluation's markdown once, in every run under ``root``: ``eval/*/eval.md`` (and benchmark
+    sub-folders), plus a run's top-level ``eval.md`` only when it is not a copy of one of its ``eval/`` files
+    (runs made before ``eval/`` existed)."""
+    found = sorted(set(root.glob("**/eval/*/eval.md")) | set(root.glob("**/eval/*/*/eval.md"))
+                   | set(root.glob("**/eval/*/benchmarks.md")))
+    tops = [p for p in sorted(root.glob("**/eval.md")) if "eval" not in p.relative_to(root).parts[:-1]]
+    for top in reversed(tops):
+        copies = [f for f in found if f.name == "eval.md" and top.parent / "eval" in f.parents]
+        if not any(f.read_bytes() == top.read_bytes() for f in copies):
+            found.insert(0, top)
     return found
 
 

@@ -225,8 +225,11 @@ def evaluate_with_judge(out_dir, judge):
     from disa.data import PromptRecord
     from disa.stages.evaluate import run_evaluation
 
+    def boxed_equals_answer(prompts, completions, answer, **columns):  # no math-verify timeouts on a busy machine
+        return [float(c.endswith(f"{{{a}}}")) for c, a in zip(completions, answer)]
+
     records = [PromptRecord(id="a", prompt="1-1?", answer="0"), PromptRecord(id="b", prompt="1*1?", answer="1")]
-    return run_evaluation(records, generator=TwoAnswersGenerator(), verifier="math", out_dir=out_dir, k=4,
+    return run_evaluation(records, generator=TwoAnswersGenerator(), verifier=boxed_equals_answer, out_dir=out_dir, k=4,
                           pass_at=[1, 4], progress=False, bootstrap=100, judge=judge)
 
 

@@ -154,9 +154,11 @@ def chat(config: JudgeConfig, messages: Sequence[dict]) -> str:
                 raw = resp.read()
             break
         except urllib.error.HTTPError as err:
+            with err:  # the error is also the response: close its connection
+                body, retry_after = err.read()[:200], err.headers.get("Retry-After")
             if err.code not in RETRYABLE_STATUS or attempt == config.http_retries:
-                raise JudgeError(f"{url}: HTTP {err.code}{tries}: {err.read()[:200]!r}") from None
-            time.sleep(backoff_delay(config, attempt, err.headers.get("Retry-After")))
+                raise JudgeError(f"{url}: HTTP {err.code}{tries}: {body!r}") from None
+            time.sleep(backoff_delay(config, attempt, retry_after))
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             if attempt == config.http_retries:
                 raise JudgeError(f"{url}: cannot reach the judge{tries} ({err})") from None

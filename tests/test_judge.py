@@ -2,7 +2,8 @@
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
 import pytest
 
@@ -10,7 +11,9 @@ from disa.judge import (
     SYSTEM_PROMPT,
     JudgeConfig,
     JudgeError,
+    backoff_delay,
     build_messages,
+    chat,
     build_prompt,
     judge_diversity,
     parse_score,
@@ -19,15 +22,24 @@ from disa.judge import (
 
 
 class FakeJudge(BaseHTTPRequestHandler):
-    replies: list = []  # popped in order: a str is a chat reply, a bytes a raw HTTP body, an int an HTTP status
+    # popped in order: a str is a chat reply, a bytes a raw HTTP body, an int an HTTP status. A dict maps a text
+    # found in the user message (the problem) to that problem's own list, so concurrent problems get theirs.
+    replies: list | dict = []
     seen: list = []
+    lock = threading.Lock()
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeJudge.seen.append((self.path, self.headers.get("Authorization"), body))
-        reply = FakeJudge.replies.pop(0)
+        with FakeJudge.lock:
+            FakeJudge.seen.append((self.path, self.headers.get("Authorization"), body))
+            queue = FakeJudge.replies
+            if isinstance(queue, dict):
+                queue = next(q for key, q in queue.items() if key in body["messages"][1]["content"])
+            reply = queue.pop(0) if queue else 500
         if isinstance(reply, int):
             self.send_response(reply)
+            if reply == 429:
+                self.send_header("Retry-After", "0")
             self.end_headers()
             self.wfile.write(b"boom")
             return
@@ -43,9 +55,9 @@ class FakeJudge(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server():
-    httpd = HTTPServer(("127.0.0.1", 0), FakeJudge)
+@pytest.fixture(params=[HTTPServer], ids=["serial"])
+def server(request):
+    httpd = request.param(("127.0.0.1", 0), FakeJudge)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     FakeJudge.replies, FakeJudge.seen = [], []
@@ -80,7 +92,8 @@ def test_messages_are_system_then_user_with_every_response_and_the_rubric():
 
 
 def test_judge_mean_and_empirical_std_over_problems(server):
-    FakeJudge.replies = ["Score: 4", "2", "no idea", "3.5", "  5 ", "n/a", "Score: 9", "n/a"]
+    FakeJudge.replies = {"p1": ["Score: 4"], "p2": ["2"], "p3": ["no idea", "3.5", "  5 "],
+                         "p4": ["n/a", "Score: 9", "n/a"]}
     config = JudgeConfig(base_url=server, model="judge-1", api_key="sk-test", retries=2)
     result = judge_diversity(config, ["p1", "p2", "p3", "p4"], [["a", "b"], ["c"], ["d", "e"], ["f"]])
     # p3: "no idea" and "3.5" (not an integer) are rejected, the third try "5" counts; p4: three bad replies -> missing
@@ -88,7 +101,8 @@ def test_judge_mean_and_empirical_std_over_problems(server):
     assert result["mean"] == pytest.approx(11 / 3) and result["missing"] == 1 and result["judged"] == 3
     # empirical std (ddof=0): deviations 1/3, -5/3, 4/3 -> sqrt((1 + 25 + 16) / 9 / 3)
     assert result["std"] == pytest.approx((42 / 27) ** 0.5)
-    path, auth, body = FakeJudge.seen[0]
+    assert result["errors"] == 0 and "first_error" not in result
+    path, auth, body = next(s for s in FakeJudge.seen if "p1" in s[2]["messages"][1]["content"])
     assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
     assert body["model"] == "judge-1" and body["temperature"] == 0.0
     assert [m["role"] for m in body["messages"]] == ["system", "user"] and "p1" in body["messages"][1]["content"]
@@ -107,18 +121,68 @@ def test_pooling_weighs_problems_not_sets():
 
 
 def test_non_json_reply_and_http_error_and_unreachable(server):
-    config = JudgeConfig(base_url=server, model="m", retries=0)
+    config = JudgeConfig(base_url=server, model="m", retries=0, http_retries=0)
+    messages = build_messages("p", ["a"])
     FakeJudge.replies = [b"<html>not json</html>"]
     with pytest.raises(JudgeError, match="not a chat completion"):
-        judge_diversity(config, ["p"], [["a"]])
+        chat(config, messages)
     FakeJudge.replies = [b'{"choices": []}']
     with pytest.raises(JudgeError, match="not a chat completion"):
-        judge_diversity(config, ["p"], [["a"]])
+        chat(config, messages)
     FakeJudge.replies = [500]
     with pytest.raises(JudgeError, match="HTTP 500"):
-        judge_diversity(config, ["p"], [["a"]])
+        chat(config, messages)
+    FakeJudge.replies = [400, "Score: 3"]  # a bad request is not retried, whatever http_retries says
+    with pytest.raises(JudgeError, match="HTTP 400"):
+        chat(JudgeConfig(base_url=server, model="m", http_retries=3, backoff_s=0), messages)
     with pytest.raises(JudgeError, match="cannot reach"):
-        judge_diversity(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=2), ["p"], [["a"]])
+        chat(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=2, http_retries=0), messages)
+    # judge_diversity never raises on a judge error: the problem is missing and the error is recorded
+    FakeJudge.replies = [b"<html>not json</html>"]
+    result = judge_diversity(config, ["p"], [["a"]])
+    assert result["scores"] == [None] and result["missing"] == 1 and result["errors"] == 1
+    assert "not a chat completion" in result["first_error"]
+
+
+def test_rate_limits_and_server_errors_are_retried_with_backoff(server):
+    FakeJudge.replies = [429, 503, "Score: 4"]
+    config = JudgeConfig(base_url=server, model="m", http_retries=2, backoff_s=0.01)
+    assert chat(config, build_messages("p", ["a"])) == "Score: 4" and len(FakeJudge.seen) == 3
+    FakeJudge.replies = [429, 429, 429]
+    with pytest.raises(JudgeError, match=r"HTTP 429 \(after 3 attempts\)"):
+        chat(config, build_messages("p", ["a"]))
+    # the schedule: the server's Retry-After when it sends seconds, else backoff_s * 2**attempt with jitter
+    slow = JudgeConfig(base_url=server, model="m", backoff_s=2.0, max_backoff_s=10.0)
+    assert backoff_delay(slow, 0, "3") == 3.0 and backoff_delay(slow, 0, "120") == 10.0
+    for attempt, full in ((0, 2.0), (1, 4.0), (2, 8.0), (5, 10.0)):
+        delays = [backoff_delay(slow, attempt) for _ in range(50)]
+        assert all(full / 2 <= d <= full for d in delays), (attempt, min(delays), max(delays))
+    assert 1.0 <= backoff_delay(slow, 0, "Wed, 21 Oct 2026 07:28:00 GMT") <= 2.0  # a date: our own schedule
+    for bad in ({"concurrency": 0}, {"http_retries": -1}, {"retries": 1.5}, {"backoff_s": -1}):
+        with pytest.raises(ValueError, match="judge"):
+            JudgeConfig(base_url=server, model="m", **bad)
+
+
+@pytest.mark.parametrize("server", [ThreadingHTTPServer], ids=["threaded"], indirect=True)
+def test_problems_are_judged_concurrently(server):
+    # every request waits until four are in flight at once: a serial judge would time out here
+    barrier = threading.Barrier(4, timeout=10)
+    original = FakeJudge.do_POST
+
+    def gated(self):
+        barrier.wait()
+        original(self)
+
+    FakeJudge.do_POST = gated
+    try:
+        FakeJudge.replies = {f"problem {i}": [f"Score: {1 + i % 5}"] for i in range(8)}
+        started = time.perf_counter()
+        result = judge_diversity(JudgeConfig(base_url=server, model="m", concurrency=4),
+                                 [f"problem {i}" for i in range(8)], [["a"]] * 8)
+    finally:
+        FakeJudge.do_POST = original
+    assert result["scores"] == [1 + i % 5 for i in range(8)]  # in the problems' order, whatever order they came
+    assert time.perf_counter() - started < 10
 
 
 def test_eval_records_judge_and_judge_free_diversity(server, tmp_path, monkeypatch):
@@ -133,18 +197,74 @@ def test_eval_records_judge_and_judge_free_diversity(server, tmp_path, monkeypat
             return [[Sample(text=f"so \\boxed{{{j % 2}}}", prompt_ids=[1], response_ids=[2, 3], logprob=-1.0,
                             finish_reason="stop") for j in range(k)] for _ in prompts]
 
-    FakeJudge.replies = ["Score: 2", "Score: 3"]
+    FakeJudge.replies = {"1-1?": ["Score: 2"], "1*1?": ["Score: 3"]}
     monkeypatch.setenv("JUDGE_KEY", "sk-env")
     records = [PromptRecord(id="a", prompt="1-1?", answer="0"), PromptRecord(id="b", prompt="1*1?", answer="1")]
     summary = run_evaluation(records, generator=TwoAnswers(), verifier="math", out_dir=tmp_path, k=4, pass_at=[1, 4],
                              progress=False, bootstrap=100,
                              judge={"base_url": server, "model": "j", "api_key_env": "JUDGE_KEY"})
     assert summary["judge"]["scores"] == [2.0, 3.0] and summary["judge"]["mean"] == 2.5
-    assert FakeJudge.seen[0][1] == "Bearer sk-env" and "1-1?" in FakeJudge.seen[0][2]["messages"][1]["content"]
+    assert {s[1] for s in FakeJudge.seen} == {"Bearer sk-env"}
     assert summary["diversity"]["distinct_answers"] == 2.0 and summary["diversity"]["distinct_solutions"] == 2.0
     assert summary["mean_at_k"] == 0.5 and summary["pass_curve"] == [0.5, pytest.approx(5 / 6), 1.0, 1.0]
     md = (tmp_path / "eval.md").read_text()
     assert "LLM-judge diversity (1-5, j) | 2.500" in md and "distinct final answers per prompt | 2.000" in md
+
+
+class TwoAnswersGenerator:
+    tokenizer = None
+
+    def generate(self, prompts, k, **kw):
+        from disa.generation import Sample
+
+        return [[Sample(text=f"so \\boxed{{{j % 2}}}", prompt_ids=[1], response_ids=[2, 3], logprob=-1.0,
+                        finish_reason="stop") for j in range(k)] for _ in prompts]
+
+
+def evaluate_with_judge(out_dir, judge):
+    from disa.data import PromptRecord
+    from disa.stages.evaluate import run_evaluation
+
+    def boxed_equals_answer(prompts, completions, answer, **columns):  # no math-verify timeouts on a busy machine
+        return [float(c.endswith(f"{{{a}}}")) for c, a in zip(completions, answer)]
+
+    records = [PromptRecord(id="a", prompt="1-1?", answer="0"), PromptRecord(id="b", prompt="1*1?", answer="1")]
+    return run_evaluation(records, generator=TwoAnswersGenerator(), verifier=boxed_equals_answer, out_dir=out_dir, k=4,
+                          pass_at=[1, 4], progress=False, bootstrap=100, judge=judge)
+
+
+def test_eval_files_are_written_before_the_judge_is_called(server, tmp_path):
+    seen_files = []
+    original = FakeJudge.do_POST
+
+    def looking(self):
+        seen_files.append(sorted(p.name for p in tmp_path.iterdir()))
+        original(self)
+
+    FakeJudge.do_POST = looking
+    try:
+        FakeJudge.replies = [429, "Score: 2", "Score: 4"]  # rate limited once, then answered
+        summary = evaluate_with_judge(tmp_path, {"base_url": server, "model": "j", "backoff_s": 0.01,
+                                                 "concurrency": 1})
+    finally:
+        FakeJudge.do_POST = original
+    assert seen_files[0] == ["eval.json", "eval.md", "eval_samples.parquet"]
+    assert summary["judge"]["scores"] == [2, 4] and summary["judge"]["errors"] == 0
+    on_disk = json.loads((tmp_path / "eval.json").read_text())["summary"]
+    assert on_disk["judge"]["mean"] == 3.0 and "| 3.000 ± 1.000 (2 judged, 0 missing)" in (tmp_path / "eval.md").read_text()
+
+
+def test_a_judge_that_always_fails_keeps_the_evaluation(server, tmp_path):
+    FakeJudge.replies = []  # every request: HTTP 500
+    summary = evaluate_with_judge(tmp_path, {"base_url": server, "model": "j", "http_retries": 2, "backoff_s": 0.01})
+    assert len(FakeJudge.seen) == 2 * 3  # two problems, each tried 1 + http_retries times
+    judge = summary["judge"]
+    assert judge["scores"] == [None, None] and judge["missing"] == 2 and judge["errors"] == 2
+    assert "HTTP 500 (after 3 attempts)" in judge["first_error"]
+    on_disk = json.loads((tmp_path / "eval.json").read_text())["summary"]
+    assert on_disk["mean_at_k"] == 0.5 and on_disk["judge"]["missing"] == 2  # the evaluation itself is all there
+    assert "(0 judged, 2 missing)" in (tmp_path / "eval.md").read_text()
+    assert (tmp_path / "eval_samples.parquet").is_file()
 
 
 def test_benchmarks_table_pools_the_judged_benchmarks():

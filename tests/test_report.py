@@ -9,7 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from disa import cli
-from disa.report import build_report, markdown_to_html, read_metrics_csv
+from disa.report import (
+    RUN_COLOURS,
+    build_report,
+    curve_figure,
+    eval_files,
+    markdown_to_html,
+    metrics_files,
+    read_metrics_csv,
+    training_series,
+)
 
 
 def test_markdown_to_html_tables_headings_and_escaping():
@@ -55,6 +64,82 @@ def test_report_cli_errors_and_metrics_csv(tmp_path, capsys):
     assert cols["step"] == [1.0, 2.0] and cols["loss"][0] == 2.5 and cols["loss"][1] != cols["loss"][1]
 
 
+DEMO_METHODS = ("aspo", "disa", "disa_affine", "disa_exact", "disa_group", "disa_labels", "flowrl", "flowrl_no_logz",
+                "grpo", "gspo", "sft")
+
+
+def fake_demo(root):
+    """The shape of a `disa demo` folder: results.md at the top, one metrics.csv per method under seed0/ (sft's
+    has no reward column, like the real one), each method's reward a different constant so lines can be told apart."""
+    (root / "results.md").write_text("# Results\n\n| method | accuracy |\n|---|---|\n| disa | 0.25 |\n")
+    for i, method in enumerate(DEMO_METHODS):
+        folder = root / "seed0" / method
+        folder.mkdir(parents=True)
+        if method == "sft":
+            (folder / "metrics.csv").write_text("step,epoch,loss\n1,1,0.8\n2,1,0.6\n")
+        else:
+            rows = "".join(f"{s},{0.1 * i + 0.01 * s},{1 - 0.1 * s}\n" for s in (1, 2, 3))
+            (folder / "metrics.csv").write_text("step,reward_mean,loss\n" + rows)
+    return root
+
+
+def test_every_methods_curve_is_drawn_on_one_plot_per_metric(tmp_path):
+    root = fake_demo(tmp_path)
+    files = metrics_files(root)
+    assert len(files) == len(DEMO_METHODS)  # not only the first 8 alphabetically
+    series = training_series(root, files)
+    assert list(series) == ["reward_mean", "loss"]
+    assert set(series["loss"]) == {f"seed0/{m}" for m in DEMO_METHODS}
+    assert set(series["reward_mean"]) == {f"seed0/{m}" for m in DEMO_METHODS if m != "sft"}
+    fig = curve_figure(series["reward_mean"], "reward_mean")
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == list(series["reward_mean"])
+    assert len({ln.get_color() for ln in lines}) == len(lines)  # every run its own colour
+    grpo = next(ln for ln in lines if ln.get_label() == "seed0/grpo")
+    i = DEMO_METHODS.index("grpo")
+    assert list(grpo.get_xdata()) == [1.0, 2.0, 3.0]
+    assert list(grpo.get_ydata()) == pytest.approx([0.1 * i + 0.01 * s for s in (1, 2, 3)])
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == list(series["reward_mean"])
+    # past 20 runs the colours repeat but the line style changes
+    many = {f"r{i}": ([1.0, 2.0], [0.0, float(i)]) for i in range(25)}
+    styles = {(ln.get_color(), ln.get_linestyle()) for ln in curve_figure(many, "x").axes[0].get_lines()}
+    assert len(styles) == 25 and len(RUN_COLOURS) == 20
+    # a run keeps its colour on every plot of the page: sft (no reward column) is last in the loss plot's order
+    order = list(series["loss"])
+    loss_lines = curve_figure(series["loss"], "loss", order).axes[0].get_lines()
+    reward_lines = curve_figure(series["reward_mean"], "reward_mean", order).axes[0].get_lines()
+    assert {ln.get_label(): ln.get_color() for ln in reward_lines}.items() <= \
+        {ln.get_label(): ln.get_color() for ln in loss_lines}.items()
+
+
+def test_report_puts_the_results_table_first_and_lists_every_run(tmp_path):
+    page = build_report(fake_demo(tmp_path)).read_text()
+    assert page.index("<h2>Results</h2>") < page.index("<img")
+    assert page.index("<h2>Results</h2>") < page.index("<h2>Training curves</h2>")
+    assert "<td>disa</td><td>0.25</td>" in page
+    assert page.count("data:image/png;base64,") == 2  # reward_mean and loss, each with every run on it
+    for method in DEMO_METHODS:
+        assert f"seed0/{method}" in page.split('alt="loss:')[1].split('"')[0]
+
+
+def test_each_evaluation_is_shown_once(tmp_path):
+    root = fake_run(tmp_path)
+    latest = root / "eval" / "checkpoint-3" / "eval.md"
+    (root / "eval.md").write_bytes(latest.read_bytes())  # `disa eval` copies the latest one to the top
+    assert eval_files(root) == [latest]
+    page = build_report(root).read_text()
+    assert page.count("<td>Mean@4</td><td>0.5000</td>") == 1
+    (root / "eval.md").write_text("# Evaluation\n\n| metric | value |\n|---|---|\n| Mean@4 | 0.2500 |\n")
+    assert eval_files(root) == [root / "eval.md", latest]  # an older run's own top-level evaluation is kept
+    # a folder of runs (`disa report runs`): every run's evaluations, each once
+    other = root / "grpo_run"
+    (other / "eval" / "checkpoint-9").mkdir(parents=True)
+    (other / "eval" / "checkpoint-9" / "eval.md").write_text("# Evaluation\n")
+    (other / "eval.md").write_text("# Evaluation\n")
+    assert eval_files(root) == [root / "eval.md", latest, other / "eval" / "checkpoint-9" / "eval.md"]
+
+
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -62,16 +147,35 @@ def test_report_renders_in_headless_chromium(tmp_path):
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
     from PIL import Image
 
-    path = build_report(fake_run(tmp_path))
+    path = build_report(fake_demo(fake_run(tmp_path)))
     shot = tmp_path / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,2600", path.as_uri()], check=True, timeout=120, capture_output=True)
+                    "--window-size=1200,4000", path.as_uri()], check=True, timeout=120, capture_output=True)
     img = Image.open(shot).convert("RGB")
-    assert img.size == (1200, 2600)
+    assert img.size == (1200, 4000)
     # the page is not blank: the embedded plots and table borders put many distinct colours on it
     colours = img.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50
     # the matplotlib default blue (31, 119, 180) of the histograms and curves is drawn
     assert any(abs(r - 31) < 12 and abs(g - 119) < 12 and abs(b - 180) < 12 for _, (r, g, b) in colours)
+    # every method's curve is drawn: each run's colour is on the page
+    drawn = {rgb for _, rgb in colours}
+    for i, method in enumerate(DEMO_METHODS):
+        rgb = tuple(int(RUN_COLOURS[i + 1][j:j + 2], 16) for j in (1, 3, 5))  # run 0: fake_run's own
+        assert any(all(abs(a - b) < 6 for a, b in zip(rgb, c)) for c in drawn), method
     # the tables' header cells (CSS background #eef) are drawn
     assert any((r, g, b) == (238, 238, 255) and n > 200 for n, (r, g, b) in colours)
+
+
+def test_quick_demo_says_its_numbers_are_a_smoke_run_and_where_the_real_ones_are():
+    from pathlib import Path
+
+    from disa.demo_report import QUICK_NOTICE, results_markdown
+
+    repo = Path(__file__).resolve().parents[1]
+    results = json.loads((repo / "docs" / "results" / "demo-results.json").read_text())
+    assert results["quick"] is False and QUICK_NOTICE not in results_markdown(results)
+    quick = results_markdown({**results, "quick": True})
+    assert f"**{QUICK_NOTICE}**" in quick and "not representative" in QUICK_NOTICE
+    assert quick.replace(f"\n**{QUICK_NOTICE}**\n", "").replace("(quick)", "(full)") == results_markdown(results)
+    assert (repo / "docs" / "results" / "demo.md").is_file() and "docs/results/demo.md" in QUICK_NOTICE

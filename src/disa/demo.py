@@ -50,7 +50,7 @@ from disa.stages.label import run_labelling
 from disa.stages.sample import run_sampling
 from disa.stages.train import train_policy
 from disa.testbed.models import torch_threads
-from disa.demo_report import TRANSFORM_STUDY, results_markdown, summarize, write_plots  # noqa: F401  (re-exported)
+from disa.demo_report import QUICK_NOTICE, TRANSFORM_STUDY, results_markdown, summarize, write_plots  # noqa: F401  (re-exported)
 from disa.stages.fit_z import regressor_verdict
 from disa.testbed import build_testbed, correct_logprobs, exact_metrics, log_z_from_logprobs, strategies
 from disa.verifiers import get_verifier
@@ -350,6 +350,8 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
+    if quick:
+        _say(QUICK_NOTICE)
     _say(f"testbed ({'quick' if quick else 'full'}): building or loading the cached models")
     tb = build_testbed(cache_dir, quick=quick, num_threads=build_threads)
     tokenizer = tb.tokenizer
@@ -442,6 +444,8 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads
         _say(f"plots skipped: {e}")
     print(markdown)
     _say(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'} in {results['wall_s']:.0f}s")
+    if quick:
+        _say(QUICK_NOTICE)
     return results
 
 

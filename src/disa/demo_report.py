@@ -55,6 +55,12 @@ def _fmt(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f}"
 
 
+QUICK_NOTICE = ("--quick is a smoke run (the small testbed and a short budget): it checks that every method "
+                "runs end to end, and its numbers are not representative (on it a baseline can come out ahead of DISA "
+                "or the reverse by chance). The representative numbers are the full demo's, `disa demo --seeds 3`, "
+                "in docs/results/demo.md.")
+
+
 def results_markdown(results: dict) -> str:
     s, summary, k = results["settings"], results["summary"], results["settings"]["k"]
     lines = [
@@ -68,6 +74,7 @@ def results_markdown(results: dict) -> str:
         f"correct answers each on average), held-out accuracy on {results['testbed']['n_eval_prompts']} more. "
         + ("Values are mean ± std over seeds." if results["seeds"] > 1 else
          "One seed, so no spread is shown (`--seeds 3` reports mean ± std)."),
+        *(["", f"**{QUICK_NOTICE}**"] if results["quick"] else []),
         "",
         "## Stage 3: every method against the exact target pi*",
         "",

@@ -19,16 +19,21 @@ What follows the paper (App. D.5, itself the diversity prompt of FlowRL, Zhu et 
   pooled: :func:`pool_judge`) and how many responses (``eval.k``) are the caller's choice.
 
 The judge is any OpenAI-compatible chat-completions endpoint (``POST {base_url}/chat/completions``), called with
-the standard library only.
+the standard library only. Problems are judged ``concurrency`` at a time; a rate limit (HTTP 429), a server error
+(5xx) or a dropped connection is retried ``http_retries`` times with exponential backoff (the server's
+``Retry-After`` when it gives one). A problem whose calls all fail is recorded as missing, with the error, and
+never raises: an evaluation is not lost to its judge (``disa eval`` also writes its files before judging).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -65,6 +70,10 @@ class JudgeError(RuntimeError):
     """The endpoint could not be reached or answered with something that is not a chat completion."""
 
 
+# HTTP statuses worth asking again: rate limited, or the server failed (not the request).
+RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
     base_url: str  # e.g. http://127.0.0.1:8000/v1
@@ -73,7 +82,31 @@ class JudgeConfig:
     temperature: float = 0.0
     max_tokens: int = 16
     timeout_s: float = 60.0
-    retries: int = 2
+    retries: int = 2  # asks again when a reply has no valid score
+    concurrency: int = 8  # problems judged at once
+    http_retries: int = 5  # on 429 / 5xx / a dropped connection, with exponential backoff
+    backoff_s: float = 1.0  # first wait; doubles each retry, with jitter, up to max_backoff_s
+    max_backoff_s: float = 60.0
+
+    def __post_init__(self):
+        for name in ("retries", "http_retries"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"judge {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise ValueError(f"judge concurrency must be an integer >= 1, got {self.concurrency!r}")
+        if self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError(f"judge backoff_s and max_backoff_s must be >= 0, got {self.backoff_s}, {self.max_backoff_s}")
+
+
+def backoff_delay(config: JudgeConfig, attempt: int, retry_after: Optional[str] = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): the server's ``Retry-After`` seconds when it
+    sends them, else ``backoff_s * 2**attempt`` with jitter in [1/2, 1]; never above ``max_backoff_s``."""
+    try:
+        if retry_after is not None and float(retry_after) >= 0:
+            return min(float(retry_after), config.max_backoff_s)
+    except ValueError:
+        pass  # an HTTP date: fall back to our own schedule
+    return min(config.backoff_s * 2 ** attempt, config.max_backoff_s) * random.uniform(0.5, 1.0)
 
 
 def build_prompt(problem: str, responses: Sequence[str], max_chars: int = 4000) -> str:
@@ -104,21 +137,32 @@ def parse_score(text: str) -> Optional[int]:
 
 
 def chat(config: JudgeConfig, messages: Sequence[dict]) -> str:
-    """One chat-completions call; the reply's text. Errors name the endpoint and what came back."""
+    """One chat-completions call, retried with backoff on 429, 5xx and dropped connections; the reply's text.
+    Errors name the endpoint, what came back and how many attempts were made."""
     url = config.base_url.rstrip("/") + "/chat/completions"
     payload = {"model": config.model, "messages": list(messages),
                "temperature": config.temperature, "max_tokens": config.max_tokens}
     headers = {"Content-Type": "application/json"}
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=config.timeout_s) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as err:
-        raise JudgeError(f"{url}: HTTP {err.code}: {err.read()[:200]!r}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as err:
-        raise JudgeError(f"{url}: cannot reach the judge ({err})") from None
+    data = json.dumps(payload).encode()
+    for attempt in range(config.http_retries + 1):
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        tries = f" (after {attempt + 1} attempts)" if attempt else ""
+        try:
+            with urllib.request.urlopen(request, timeout=config.timeout_s) as resp:
+                raw = resp.read()
+            break
+        except urllib.error.HTTPError as err:
+            with err:  # the error is also the response: close its connection
+                body, retry_after = err.read()[:200], err.headers.get("Retry-After")
+            if err.code not in RETRYABLE_STATUS or attempt == config.http_retries:
+                raise JudgeError(f"{url}: HTTP {err.code}{tries}: {body!r}") from None
+            time.sleep(backoff_delay(config, attempt, retry_after))
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            if attempt == config.http_retries:
+                raise JudgeError(f"{url}: cannot reach the judge{tries} ({err})") from None
+            time.sleep(backoff_delay(config, attempt))
     try:
         return json.loads(raw)["choices"][0]["message"]["content"] or ""
     except (ValueError, KeyError, IndexError, TypeError):
@@ -146,11 +190,26 @@ def score_summary(scores: Sequence[Optional[float]]) -> dict:
 
 
 def judge_diversity(config: JudgeConfig, problems: Sequence[str], responses: Sequence[Sequence[str]]) -> dict:
-    """Scores per problem and their mean and std (over problems with a valid score)."""
+    """Scores per problem (``config.concurrency`` problems at a time) and their mean and std over the problems
+    with a valid score. A problem the judge could not answer is missing (``None``); ``errors`` counts them and
+    ``first_error`` says why. Never raises :class:`JudgeError`."""
     if len(problems) != len(responses):
         raise ValueError(f"problems and responses must align, got {len(problems)} and {len(responses)}")
-    scores = [judge_problem(config, p, r) for p, r in zip(problems, responses)]
-    return {"scores": scores, **score_summary(scores), "judge_model": config.model}
+    errors: list[str] = []
+
+    def one(item: tuple[str, Sequence[str]]) -> Optional[int]:
+        try:
+            return judge_problem(config, *item)
+        except JudgeError as err:
+            errors.append(str(err))
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(config.concurrency, max(1, len(problems)))) as pool:
+        scores = list(pool.map(one, zip(problems, responses)))
+    result = {"scores": scores, **score_summary(scores), "judge_model": config.model, "errors": len(errors)}
+    if errors:
+        result["first_error"] = errors[0]
+    return result
 
 
 def pool_judge(summaries: Mapping[str, dict]) -> dict:

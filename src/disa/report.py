@@ -1,9 +1,9 @@
 """``disa report RUN_DIR``: one self-contained HTML page (plots embedded as base64 PNG, no external files).
 
-It shows whatever the folder holds: Stage 1 labels (log Z and ESS histograms), the Stage 2 regressor (loss
-curves, held-out MSE), training curves (``checkpoints/metrics.csv``), evaluation and benchmark tables
-(``eval.md``, ``eval/*/eval.md``, ``benchmarks.md``, with pass@k curves from ``eval.json``), and for a study or
-demo folder its ``results.md`` tables and its PNGs.
+It shows whatever the folder holds, tables first: a study's or the demo's ``results.md``, each evaluation once
+(``eval/*/eval.md``, ``benchmarks.md``, with pass@k curves from ``eval.json``), then the training curves of every
+``metrics.csv`` under the folder (one plot per metric, one line per run), Stage 1 labels (log Z and ESS
+histograms), the Stage 2 regressor (loss curves, held-out MSE) and the folder's PNGs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 REPORT_FILE = "report.html"
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
@@ -61,19 +61,51 @@ def png_tag(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _figure_png(draw) -> bytes:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
-    draw(ax)
+    return plt
+
+
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    plt = _pyplot()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _figure_png(draw) -> bytes:
+    fig, ax = _pyplot().subplots(figsize=(5, 3.2), dpi=90)
+    draw(ax)
+    return figure_png(fig)
+
+
+# Distinct colours for up to 20 runs on one axis (matplotlib's tab20, dark shades first); past 20 the line style
+# changes too, so no two runs of a report look alike.
+RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+               "#dbdb8d", "#9edae5")
+_LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def curve_figure(runs: dict[str, tuple[list[float], list[float]]], ylabel: str, order: Sequence[str] = ()):
+    """One axis, one line per run (label -> (steps, values)), with a legend. A run's colour is its place in
+    ``order`` (default: in ``runs``), so that it keeps its colour on every plot of a page."""
+    fig, ax = _pyplot().subplots(figsize=(7.5, 3.6), dpi=90)
+    order = list(order) or list(runs)
+    for label, (x, y) in runs.items():
+        i = order.index(label)
+        ax.plot(x, y, color=RUN_COLOURS[i % len(RUN_COLOURS)],
+                linestyle=_LINE_STYLES[(i // len(RUN_COLOURS)) % len(_LINE_STYLES)], linewidth=1.6, label=label)
+    ax.set(xlabel="step", ylabel=ylabel)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig
 
 
 def read_metrics_csv(path: Path) -> dict[str, list[float]]:
@@ -125,29 +157,68 @@ def _regressor_section(root: Path) -> list[str]:
     return parts
 
 
+CURVE_KEYS = ("reward_mean", "loss", "accuracy", "kl", "log_z_mean", "reward")
+
+
+def metrics_files(root: Path) -> list[Path]:
+    """Every training ``metrics.csv`` under ``root`` (a run, a study or a demo folder), evaluations left out."""
+    files = sorted(set(root.glob("**/metrics.csv")))
+    return [f for f in files if "eval" not in f.relative_to(root).parts]
+
+
+def run_label(root: Path, path: Path) -> str:
+    """``seed0/grpo`` for ``root/seed0/grpo/metrics.csv``; a run's own ``checkpoints/`` folder is dropped."""
+    folder = path.parent.relative_to(root)
+    parts = [p for p in folder.parts if p != "checkpoints"]
+    return "/".join(parts) or root.name
+
+
+def training_series(root: Path, files: list[Path]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """metric -> run label -> (steps, values) for every file that has the metric: the metrics of
+    :data:`CURVE_KEYS` any file has (up to 4), else the first three columns of the first file."""
+    tables = {run_label(root, f): read_metrics_csv(f) for f in files}
+    keys = [k for k in CURVE_KEYS if any(k in cols for cols in tables.values())][:4]
+    if not keys and tables:
+        keys = [k for k in next(iter(tables.values())) if k != "step"][:3]
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for key in keys:
+        for label, cols in tables.items():
+            if key in cols:
+                values = cols[key]
+                steps = cols.get("step") or [float(i) for i in range(1, len(values) + 1)]
+                series.setdefault(key, {})[label] = (steps, values)
+    return series
+
+
 def _training_section(root: Path) -> list[str]:
-    files = sorted(root.glob("**/checkpoints/metrics.csv")) + sorted(root.glob("**/metrics.csv"))
-    files = list(dict.fromkeys(f for f in files if "eval" not in f.parts))[:8]
-    parts = []
-    for f in files:
-        cols = read_metrics_csv(f)
-        step = cols.get("step") or list(range(1, len(next(iter(cols.values()), [])) + 1))
-        keys = [k for k in ("loss", "reward_mean", "reward", "accuracy", "kl", "log_z_mean") if k in cols][:4]
-        if not keys:
-            keys = [k for k in cols if k != "step"][:3]
-        for key in keys:
-            title = str(f.parent.relative_to(root)) if f.parent != root else root.name
-            parts.append(png_tag(_figure_png(lambda ax, k=key, t=title: (ax.plot(step, cols[k]),
-                                                                         ax.set(xlabel="step", ylabel=k, title=t))),
-                                 f"{title} {key}"))
-    return (["<h2>Training curves</h2>", *[f"<p>{html.escape(str(f.relative_to(root)))}</p>" for f in files], *parts]
-            if parts else [])
+    files = metrics_files(root)
+    series = training_series(root, files)
+    if not series:
+        return []
+    labels = [run_label(root, f) for f in files]
+    parts = ["<h2>Training curves</h2>", f"<p>{len(files)} runs: " + ", ".join(map(html.escape, labels)) + "</p>"]
+    for key, runs in series.items():
+        parts.append(png_tag(figure_png(curve_figure(runs, key, labels)), f"{key}: " + ", ".join(runs)))
+    return parts
+
+
+def eval_files(root: Path) -> list[Path]:
+    """Each evaluation's markdown once, in every run under ``root``: ``eval/*/eval.md`` (and benchmark
+    sub-folders), plus a run's top-level ``eval.md`` only when it is not a copy of one of its ``eval/`` files
+    (runs made before ``eval/`` existed)."""
+    found = sorted(set(root.glob("**/eval/*/eval.md")) | set(root.glob("**/eval/*/*/eval.md"))
+                   | set(root.glob("**/eval/*/benchmarks.md")))
+    tops = [p for p in sorted(root.glob("**/eval.md")) if "eval" not in p.relative_to(root).parts[:-1]]
+    for top in reversed(tops):
+        copies = [f for f in found if f.name == "eval.md" and top.parent / "eval" in f.parents]
+        if not any(f.read_bytes() == top.read_bytes() for f in copies):
+            found.insert(0, top)
+    return found
 
 
 def _eval_section(root: Path) -> list[str]:
     parts = []
-    for md in sorted(set(root.glob("eval/*/eval.md")) | set(root.glob("eval/*/*/eval.md"))
-                     | set(root.glob("eval/*/benchmarks.md")) | set(root.glob("eval.md"))):
+    for md in eval_files(root):
         parts += [f"<h3>{html.escape(str(md.relative_to(root)))}</h3>", markdown_to_html(md.read_text())]
         js = md.with_name("eval.json")
         if md.name == "eval.md" and js.is_file():
@@ -163,9 +234,12 @@ def _results_section(root: Path) -> list[str]:
     parts = []
     for md in sorted(root.glob("**/results.md"))[:12]:
         parts += [f"<h3>{html.escape(str(md.relative_to(root)))}</h3>", markdown_to_html(md.read_text())]
-    for png in sorted(root.glob("**/*.png"))[:40]:
-        parts.append(png_tag(png.read_bytes(), str(png.relative_to(root))))
-    return ["<h2>Study and demo results</h2>", *parts] if parts else []
+    return ["<h2>Results</h2>", *parts] if parts else []
+
+
+def _figures_section(root: Path) -> list[str]:
+    pngs = sorted(root.glob("**/*.png"))[:40]
+    return ["<h2>Figures</h2>", *[png_tag(p.read_bytes(), str(p.relative_to(root))) for p in pngs]] if pngs else []
 
 
 def build_report(run_dir, out: Optional[str] = None) -> Path:
@@ -173,8 +247,9 @@ def build_report(run_dir, out: Optional[str] = None) -> Path:
     root = Path(run_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{str(root)!r} is not a folder (give a run directory or a study output folder)")
-    body = [*_labels_section(root), *_regressor_section(root), *_training_section(root), *_eval_section(root),
-            *_results_section(root)]
+    # tables first (a study's or the demo's results, then each evaluation once), then the curves and figures
+    body = [*_results_section(root), *_eval_section(root), *_training_section(root), *_labels_section(root),
+            *_regressor_section(root), *_figures_section(root)]
     if not body:
         raise FileNotFoundError(f"{root}: nothing to report (no labels.parquet, log_z/report.json, metrics.csv, "
                                 "eval.md or results.md)")

@@ -249,14 +249,18 @@ def run_evaluation(
         "seed": seed,
         "diversity": diversity.diversity_table(responses),
     })
-    if judge:
-        summary["judge"] = run_judge(judge, texts, responses)
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_parquet(pa.table(columns, schema=EVAL_SCHEMA), out_dir / EVAL_SAMPLES)
-    atomic_write_text(out_dir / EVAL_JSON, json.dumps({"summary": summary, "prompts": rows}, indent=2) + "\n")
-    atomic_write_text(out_dir / EVAL_MD, format_markdown(summary, rows))
+
+    def write_summary() -> None:
+        atomic_write_text(out_dir / EVAL_JSON, json.dumps({"summary": summary, "prompts": rows}, indent=2) + "\n")
+        atomic_write_text(out_dir / EVAL_MD, format_markdown(summary, rows))
+
+    write_summary()
+    if judge:  # after the files are written: a judge that fails never loses the evaluation
+        summary["judge"] = run_judge(judge, texts, responses)
+        write_summary()
     return summary
 
 

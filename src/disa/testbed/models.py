@@ -52,7 +52,7 @@ ALPHABET = "0123456789+-*() >="
 BUILD_FORMAT_VERSION = 2  # bump when the build recipe changes so old caches are not reused
 # (2: a build on 1 thread is the unsuffixed one, and the build records its thread count; caches of version 1
 # named a 2-thread full build without a suffix)
-DOCUMENTED_BUILD_THREADS = 1  # docs/results.md was made on this build; float results depend on the count
+DOCUMENTED_BUILD_THREADS = 1  # docs/results/demo.md was made on this build; float results depend on the count
 _COMPLETE_MARKER = "build.json"
 
 

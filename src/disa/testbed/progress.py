@@ -40,7 +40,7 @@ def thread_note(threads: int, documented: int, cores: int, load: float | None) -
     note = describe(threads, cores, load)
     if threads != documented:
         note += (f"; the documented testbed is built on {documented}: this is an equally valid variant, cached "
-                 f"apart, whose numbers differ slightly from docs/results.md")
+                 f"apart, whose numbers differ slightly from docs/results/demo.md")
     if choose_threads(threads, cores, load) < threads:
         note += (f"; the machine is busy and contended threads are several times slower: "
                  f"--build-threads {choose_threads(threads, cores, load)} builds faster")

@@ -28,6 +28,7 @@ from disa.config import ConfigError, PipelineConfig, TargetConfig, TrainConfig
 from disa.objectives import get_spec
 from disa.run_dir import RunDir, check_target
 from disa.stages import common
+from disa.artifacts import reads_labels
 from disa.stages.common import stage
 
 # Fields that may change between a run and its resume (the run's length and bookkeeping, not its maths).
@@ -65,16 +66,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- what RL reads
-def needs_labels(cfg: PipelineConfig) -> bool:
-    """Whether Stage 3 reads Stage 1's labels: a frozen log Z, or the frozen affine r~ of trajectory balance."""
-    from disa.training import resolve_log_z_kind
-
-    spec = get_spec(cfg.train.objective)
-    if spec.family != "trajectory_balance":
-        return False
-    return resolve_log_z_kind(cfg.train.log_z, spec) == "frozen" or cfg.target.reward_transform == "affine"
-
-
 def check_recorded_target(cfg: PipelineConfig, rd: RunDir) -> None:
     """Check the config's target against what ``labels.parquet`` (and ``log_z/``) were made with."""
     check_target(cfg.target, rd.labels_metadata()["target"], rd.labels)
@@ -86,17 +77,23 @@ def frozen_log_z(cfg: PipelineConfig, rd: RunDir, records) -> Callable:
 
     from disa.stages.fit_z import FrozenLogZ, LogZTable, read_log_z_table
 
+    from disa.artifacts import LABELS, LOG_Z_TABLE
+
     source = "table" if cfg.train.log_z == "auto" else cfg.train.log_z
     ids = [r.id for r in records]
     if source == "labels":
-        cols = pq.read_table(str(rd.labels), columns=["prompt_id", "log_z"]).to_pydict()
+        cols = LABELS.read_parquet(rd.root, ["prompt_id", "log_z"]).to_pydict()
         values, where = dict(zip(cols["prompt_id"], cols["log_z"])), rd.labels
     elif source == "table":
         rd.require(rd.log_z_table, "fit-z", "the frozen log Z of every labelled prompt")
         values, meta = read_log_z_table(rd.log_z_table)
         if "target" in meta:
             check_target(cfg.target, meta["target"], rd.log_z_table)
-        where = rd.log_z_table
+        fitted_on = (meta.get("inputs") or {}).get("labels")
+        if fitted_on is not None and fitted_on != LABELS.digest(rd.root):
+            raise ConfigError(f"{rd.log_z_table} was fitted on labels.parquet digest {fitted_on}, but {rd.labels} is "
+                              f"now {LABELS.digest(rd.root)} (labelled again since): run `disa fit-z` again")
+        where = LOG_Z_TABLE.path(rd.root)
     else:  # the regressor, applied to the prompts as rendered for pi_ref
         for name in ("model.safetensors", "config.json"):
             rd.require(rd.log_z / name, "fit-z", "the frozen log Z regressor")
@@ -111,19 +108,37 @@ def frozen_log_z(cfg: PipelineConfig, rd: RunDir, records) -> Callable:
     if missing:
         raise ConfigError(f"{where}: no log Z for prompt id(s) {missing[:5]} of data.prompts; run `disa sample`, "
                           "`disa label` and `disa fit-z` on this prompt set (or set train.log_z: regressor)")
-    return LogZTable({i: values[i] for i in ids})
+    chosen = {i: values[i] for i in ids}
+    refuse_bad_numbers(chosen, where, "log Z")
+    return LogZTable(chosen)
+
+
+def refuse_bad_numbers(values: dict, where, what: str) -> None:
+    """Refuse NaN, infinite or absurd (|x| > 1e6) per-prompt values before step 1, naming the prompt ids: one
+    such value makes every step that draws its prompt a non-finite loss (skipped without a word)."""
+    from disa.artifacts import non_finite_or_huge
+
+    bad = non_finite_or_huge(values)
+    if bad:
+        shown = ", ".join(f"{i!r} ({values[i]})" for i in bad[:5])
+        raise ConfigError(f"{where}: {what} is NaN, infinite or beyond 1e6 in magnitude for {len(bad)} prompt(s): "
+                          f"{shown}{' ...' if len(bad) > 5 else ''}; the file is damaged or its labels overflowed: "
+                          "re-run the stage that writes it")
 
 
 def affine_map(rd: RunDir, records) -> dict[str, tuple[float, float]]:
     """``{prompt id: (scale, shift)}``: the frozen r~ = a r + b of each prompt, as ``disa label`` recorded it."""
     import pyarrow.parquet as pq
 
-    cols = pq.read_table(str(rd.labels), columns=["prompt_id", "reward_scale", "reward_shift"]).to_pydict()
+    from disa.artifacts import LABELS
+
+    cols = LABELS.read_parquet(rd.root, ["prompt_id", "reward_scale", "reward_shift"]).to_pydict()
     affine = {pid: (a, b) for pid, a, b in zip(cols["prompt_id"], cols["reward_scale"], cols["reward_shift"])}
     missing = [r.id for r in records if r.id not in affine]
     if missing:
         raise ConfigError(f"{rd.labels}: no reward_scale/reward_shift for prompt id(s) {missing[:5]}; "
                           "run `disa sample` and `disa label` on data.prompts")
+    refuse_bad_numbers({r.id: affine[r.id] for r in records}, rd.labels, "the affine r~ map (reward_scale, reward_shift)")
     return affine
 
 
@@ -131,12 +146,14 @@ def sft_examples(rd: RunDir, records, tokenizer) -> list[tuple[str, str]]:
     """(prompt rendered for the policy, response) for every Stage 1 sample with reward 1."""
     import pyarrow.parquet as pq
 
+    from disa.artifacts import reading
     from disa.data import render_prompt
 
     by_id = {r.id: r for r in records}
     examples, total = [], 0
     for shard in rd.complete_shards():
-        cols = pq.read_table(shard, columns=["prompt_id", "response", "reward"]).to_pydict()
+        with reading(shard, "sample"):
+            cols = pq.read_table(shard, columns=["prompt_id", "response", "reward"]).to_pydict()
         total += len(cols["reward"])
         for pid, response, reward in zip(cols["prompt_id"], cols["response"], cols["reward"]):
             if reward >= 1.0 and response:
@@ -164,6 +181,58 @@ def training_records(cfg: PipelineConfig, records) -> list:
         raise ConfigError(f"eval.select_holdout: {len(held_out)} held-out prompts leave none of data.prompts to train on")
     common.say("train", f"{len(held_out)} prompts held out for checkpoint selection (eval.select_holdout)")
     return [r for r in records if r.id not in held_out]
+
+
+# ----------------------------------------------------------------------------------------------- resume guards
+def training_lineage(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records) -> "Lineage":
+    """What this run trains on: the models' digests, the dtype, the prompt texts and ids it trains on, the
+    held-out slice, and the digest of every Stage 1-2 file it reads (paths relative to the run folder)."""
+    from disa.artifacts import (LABELS, LOG_Z_TABLE, REGRESSOR, SAMPLES, Lineage, prompts_digest, reads_labels,
+                                reads_log_z_table, reads_regressor, relative, text_digest, trains_on_samples)
+    from disa.run_dir import model_fingerprint
+
+    fields = {
+        "models.policy": model_fingerprint(common.model_path(cfg, "policy")),
+        "models.reference": model_fingerprint(common.model_path(cfg, "reference")),
+        "models.dtype": cfg.models.dtype,
+        "data.prompts (prompt texts)": prompts_digest(records),
+        "training prompt ids": text_digest(r.id for r in records),
+        "eval.select_holdout": cfg.eval.select_holdout,
+    }
+    for artifact, needed in ((SAMPLES, trains_on_samples), (LABELS, reads_labels), (LOG_Z_TABLE, reads_log_z_table),
+                             (REGRESSOR, reads_regressor)):
+        if needed(cfg):
+            fields[artifact.display] = {"path": relative(artifact.path(stage1.root), rd.root),
+                                        "digest": artifact.digest(stage1.root)}
+    return Lineage(fields)
+
+
+def preflight(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records, ckpt: Optional[Path], supervised: bool):
+    """Before any model loads: refuse a resume whose inputs differ from those the checkpoint recorded (naming each
+    field and both values), a ``train.num_steps`` below the checkpoint's step, a damaged ``trainer_state.json``;
+    record this run's inputs in ``checkpoints/lineage.json`` and rebuild ``metrics.csv`` from the checkpoint."""
+    from disa.artifacts import LINEAGE_FILE, Lineage, read_json, refuse_differences
+    from disa.io import atomic_write_json
+    from disa.training.checkpoints import checkpoint_step, read_trainer_state, rewrite_metrics
+
+    lineage = training_lineage(cfg, rd, stage1, records)
+    if ckpt is not None:
+        recorded = next((p for p in (ckpt / LINEAGE_FILE, rd.checkpoints / LINEAGE_FILE) if p.is_file()), None)
+        if recorded is not None:
+            refuse_differences(Lineage.from_dict(read_json(recorded, "train")), lineage, ckpt,
+                               "resuming would mix two runs: use a new output_dir, or delete the checkpoints folder")
+        state = read_trainer_state(ckpt)
+        step = checkpoint_step(ckpt)
+        if not supervised and step is not None and step > cfg.train.num_steps:
+            raise ConfigError(f"train.num_steps: {cfg.train.num_steps}, but {ckpt} is already at step {step}; a run "
+                              f"does not train backwards: set train.num_steps >= {step} to continue it, or use another "
+                              "output_dir for a shorter run")
+        if not supervised and step == cfg.train.num_steps:
+            common.say("train", f"{ckpt.name} is already at train.num_steps = {step}: nothing to train (raise "
+                                "train.num_steps to continue)")
+        rewrite_metrics(rd.checkpoints, state["history"])
+    atomic_write_json(rd.checkpoints / LINEAGE_FILE, lineage.to_dict())
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------- one call
@@ -201,7 +270,7 @@ def run(cfg: PipelineConfig) -> dict:
             kind = resolve_log_z_kind(cfg.train.log_z, spec)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if needs_labels(cfg):
+        if reads_labels(cfg):
             check_recorded_target(cfg, stage1)
         if kind == "frozen":
             log_z_fn = frozen_log_z(cfg, stage1, records)
@@ -211,6 +280,7 @@ def run(cfg: PipelineConfig) -> dict:
     if ckpt is not None:
         check_resume(ckpt, cfg.train, None if supervised else cfg.target)
     rd.ensure_writable()
+    ckpt = preflight(cfg, rd, stage1, records, ckpt, supervised)
 
     policy_path, ref_path = common.model_path(cfg, "policy"), common.model_path(cfg, "reference")
     policy, tokenizer = common.load_model(cfg, policy_path)

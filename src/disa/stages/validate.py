@@ -227,47 +227,13 @@ def writable_problem(field: str, value: str) -> Optional[str]:
     return None
 
 
-def _artefact_problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str]) -> list[str]:
-    """The files of earlier stages that ``verb`` reads, where missing (each names the verb that writes it)."""
-    from disa.objectives import get_spec
-    from disa.run_dir import RunDir
-
-    rd, stage1 = RunDir(cfg.output_dir), RunDir(cfg.stage1_dir or cfg.output_dir)
-    needed = []
-    if verb == "label":
-        needed.append((stage1.samples / "shard-*.parquet", "sample", "Stage 1 samples"))
-    elif verb == "fit-z":
-        needed.append((stage1.labels, "label", "Stage 1 labels"))
-    elif verb == "train" or (verb == "run" and cfg.stage1_dir):
-        from disa.stages.train import needs_labels
-        from disa.training import resolve_log_z_kind
-
-        spec = get_spec(cfg.train.objective)
-        try:
-            frozen = resolve_log_z_kind(cfg.train.log_z, spec) == "frozen"
-        except ValueError as e:
-            return [str(e)]
-        if spec.family == "supervised":
-            needed.append((stage1.samples / "shard-*.parquet", "sample", "Stage 1 samples"))
-        elif needs_labels(cfg):
-            needed.append((stage1.labels, "label", "Stage 1 labels"))
-            if frozen and cfg.train.log_z in ("auto", "table"):
-                needed.append((stage1.log_z_table, "fit-z", "the frozen log Z of every labelled prompt"))
-    elif verb == "eval" and checkpoint is None and not rd.checkpoints.is_dir():
-        needed.append((rd.checkpoints, "train", "training checkpoints; or pass --checkpoint FOLDER"))
-    out = []
-    for path, maker, what in needed:
-        present = any(path.parent.glob(path.name)) if "*" in path.name else path.exists()
-        if not present:
-            out.append(f"{path}: not found ({what}); run `disa {maker}` first (it writes this file)")
-    return out
-
-
 def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -> list[str]:
     """Every problem with ``verb``'s inputs, one line each (empty when all is well)."""
     from disa.data import DataError, load_prompts
 
-    out: list[str] = _artefact_problems(cfg, verb, checkpoint)
+    from disa.artifacts import missing_inputs
+
+    out: list[str] = missing_inputs(cfg, verb, checkpoint)  # declared per verb in disa.artifacts.STAGE_IO
     if cfg.stage1_dir and verb in ("sample", "label", "fit-z"):
         out.append(f"stage1_dir: set to {cfg.stage1_dir!r}, so Stage 1-2 files are read from there; run "
                    f"`disa {verb}` on that run's config (without stage1_dir)")

@@ -123,8 +123,19 @@ def quiet_library_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_library_bars()
+    verb = "disa"
+    try:  # Ctrl-C from the first instant (library imports take seconds) ends with one line, never a traceback
+        args = build_parser().parse_args(argv)
+        verb = args.verb
+        quiet_library_bars()
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"disa {verb}: interrupted (a re-run resumes)" if verb != "disa" else "disa: interrupted",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     try:
         return _dispatch(args)
     except Exception as e:  # one line for the user; the traceback only with --debug
@@ -132,15 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from disa.config import ConfigError
 
-        if isinstance(e, ConfigError):
+        if isinstance(e, ConfigError):  # an input: a setting, a prompt file, an artefact (exit 2)
             print(f"disa {args.verb}: {e}", file=sys.stderr)
             return 2
         print(f"disa {args.verb}: error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"disa {args.verb}: interrupted (a re-run resumes)", file=sys.stderr)
-        return 130
 
 
 def _dispatch(args) -> int:

@@ -145,7 +145,7 @@ def model_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- one writer per stage
-LOCK_PREFIX = ".disa-lock-"
+LOCK_DIR = ".disa-locks"  # one lock file per verb: output_dir/.disa-locks/<verb>
 _HELD: dict[str, int] = {}  # lock files this process holds -> depth (``disa run`` nests nothing, a study may)
 
 
@@ -155,14 +155,14 @@ class RunLocked(ConfigError):
 
 @contextlib.contextmanager
 def stage_lock(root: str | os.PathLike, verb: str):
-    """Hold an exclusive lock on ``root/.disa-lock-<verb>`` for the body (``fcntl.flock``: the kernel drops it when
+    """Hold an exclusive lock on ``root/.disa-locks/<verb>`` for the body (``fcntl.flock``: the kernel drops it when
     the holder dies, so a lock left by a killed run is never in the way). A second process gets a ``RunLocked``
     naming the holder's pid; the file itself is left in place (deleting it would let a third process in)."""
     import fcntl
 
     root = Path(root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{LOCK_PREFIX}{verb}"
+    (root / LOCK_DIR).mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_DIR / verb
     key = str(path.resolve())
     if key in _HELD:
         _HELD[key] += 1

@@ -210,9 +210,8 @@ def training_lineage(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records) -
 def preflight(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records, ckpt: Optional[Path], supervised: bool):
     """Before any model loads: refuse a resume whose inputs differ from those the checkpoint recorded (naming each
     field and both values), a ``train.num_steps`` below the checkpoint's step, a damaged ``trainer_state.json``;
-    record this run's inputs in ``checkpoints/lineage.json`` and rebuild ``metrics.csv`` from the checkpoint."""
+    rebuild ``metrics.csv`` from the checkpoint. Returns this run's lineage (:func:`record_lineage`)."""
     from disa.artifacts import LINEAGE_FILE, Lineage, read_json, refuse_differences
-    from disa.io import atomic_write_json
     from disa.training.checkpoints import checkpoint_step, read_trainer_state, rewrite_metrics
 
     lineage = training_lineage(cfg, rd, stage1, records)
@@ -231,8 +230,15 @@ def preflight(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records, ckpt: Op
             common.say("train", f"{ckpt.name} is already at train.num_steps = {step}: nothing to train (raise "
                                 "train.num_steps to continue)")
         rewrite_metrics(rd.checkpoints, state["history"])
+    return lineage
+
+
+def record_lineage(rd: RunDir, lineage) -> None:
+    """``checkpoints/lineage.json``, written once training starts; every checkpoint takes a copy of it."""
+    from disa.artifacts import LINEAGE_FILE
+    from disa.io import atomic_write_json
+
     atomic_write_json(rd.checkpoints / LINEAGE_FILE, lineage.to_dict())
-    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------- one call
@@ -280,7 +286,7 @@ def run(cfg: PipelineConfig) -> dict:
     if ckpt is not None:
         check_resume(ckpt, cfg.train, None if supervised else cfg.target)
     rd.ensure_writable()
-    ckpt = preflight(cfg, rd, stage1, records, ckpt, supervised)
+    lineage = preflight(cfg, rd, stage1, records, ckpt, supervised)
 
     policy_path, ref_path = common.model_path(cfg, "policy"), common.model_path(cfg, "reference")
     policy, tokenizer = common.load_model(cfg, policy_path)
@@ -291,6 +297,7 @@ def run(cfg: PipelineConfig) -> dict:
             ref_model = common.load_model(cfg, ref_path)[0]  # under LoRA from pi_ref, pi_ref = the adapter off
         generator = common.generator(cfg, policy, cfg.train.generation_batch_size, tokenizer=tokenizer, progress=False)
     prompts = [{**r.verifier_columns(), "id": r.id, "text": render_prompt(r, tokenizer)} for r in records]
+    record_lineage(rd, lineage)
     policy, history = train_policy(policy, ref_model, tokenizer, prompts, reward_fn, cfg.train, cfg.target,
                                    output_dir=str(rd.checkpoints), log_z_fn=log_z_fn, affine=affine,
                                    sft_examples=examples, generator=generator, resume_from=ckpt)

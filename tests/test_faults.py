@@ -347,3 +347,41 @@ def test_a_killed_training_resumes_to_the_same_weights_as_an_uninterrupted_one(r
     steps = [int(line.split(",")[0]) for line in (run_copy / "checkpoints" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 13))
     assert not math.isnan(float((run_copy / "checkpoints" / "metrics.csv").read_text().splitlines()[-1].split(",")[1]))
+
+
+# ----------------------------------------------------------------------------------------------- models, learning
+def test_weights_that_do_not_fit_config_json_are_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """2-layer weights under `n_layer: 4` would load with two random layers; other widths fail deep in the
+    loader. Both are one line naming the setting and the tensors, before any model loads."""
+    from disa.stages.validate import weights_problem
+
+    monkeypatch.chdir(ROOT)
+    deeper, wider = tmp_path / "deeper", tmp_path / "wider"
+    for folder, key, value in ((deeper, "n_layer", 4), (wider, "n_embd", 64)):
+        shutil.copytree(ROOT / "examples/countdown/ref", folder)
+        config = json.loads((folder / "config.json").read_text())
+        config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+    assert weights_problem(ROOT / "examples/countdown/ref") is None  # tied lm_head: absent from the file, fine
+    assert weights_problem(deeper).startswith("weights missing ['transformer.h.2.ln_1.weight'")
+    assert "(24)" in weights_problem(deeper)
+    assert "mis-shaped ['transformer.wte.weight [21, 32] (config: [21, 64])'" in weights_problem(wider)
+    assert main("train", tmp_path / "run", f"models.policy={deeper}") == 2
+    err = capsys.readouterr().err
+    assert f"models.policy: {str(deeper)!r}: weights missing" in err and not (tmp_path / "run").exists()
+
+
+def test_a_run_that_cannot_learn_says_so():
+    from disa.config import config_from_dict
+    from disa.stages.train import LEARNING_WINDOW, history_cannot_learn, settings_cannot_learn
+
+    grpo_one = config_from_dict({"train": {"objective": "grpo", "group_size": 1}})
+    assert "every advantage is 0" in settings_cannot_learn(grpo_one)[0]
+    assert settings_cannot_learn(config_from_dict({"train": {"objective": "grpo", "group_size": 2}})) == []
+    assert settings_cannot_learn(config_from_dict({"train": {"objective": "disa", "group_size": 1}})) == []
+    dead = [{"step": i, "reward_mean": 0.0, "grad_norm": 0.0} for i in range(1, 31)]
+    said = history_cannot_learn(dead, 30)
+    assert len(said) == 2 and f"every step {30 - LEARNING_WINDOW + 1}-30 (no rewarded rollout)" in said[0]
+    alive = dead[:-1] + [{"step": 30, "reward_mean": 0.125, "grad_norm": 0.3}]
+    assert history_cannot_learn(alive, 30) == []
+    assert history_cannot_learn(dead[:5], 30) == []  # too few steps to say

@@ -87,11 +87,84 @@ def check_model_folder(field: str, value: str) -> Optional[str]:
         return f"{field}: {value!r} has no config.json; give a folder written by save_pretrained"
     if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
         return f"{field}: {value!r} has no weights (*.safetensors or *.bin); give a folder written by save_pretrained"
+    problem = weights_problem(path)
+    if problem is not None:
+        return f"{field}: {value!r}: {problem}; the weights do not belong to this config.json"
     problem = tokenizer_problem(path)
     if problem is not None:
         return f"{field}: {value!r} has no usable tokenizer ({problem}); save the tokenizer into the folder " \
                "(tokenizer.save_pretrained)"
     return None
+
+
+def weights_problem(path: Path) -> Optional[str]:
+    """None, or which tensors of the folder's ``*.safetensors`` do not fit the model its ``config.json`` builds:
+    missing ones (tied weights excepted: they share storage with a present one), unexpected ones, and ones of
+    another shape. Read from the file headers and a model built on the meta device, so nothing is loaded; without
+    this, 2-layer weights under ``n_layer: 4`` load with two random layers and no error."""
+    import re
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files or (path / "adapter_config.json").is_file():
+        return None  # *.bin weights or an adapter: left to the loader
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"config.json does not parse ({e})"
+    if "quantization_config" in config:
+        return None  # packed tensors: their shapes are not the module's
+    try:
+        from safetensors import safe_open
+
+        found: dict[str, tuple] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                found.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+    except Exception as e:  # a truncated or foreign file
+        return f"{f.name} cannot be read ({type(e).__name__}: {str(e)[:120]})"
+    model = _meta_model(str(path))
+    if model is None:
+        return None  # an architecture transformers cannot build here: the loader reports it
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def canonical(key: str) -> str:
+        if key in expected or not prefix:
+            return key
+        if f"{prefix}.{key}" in expected:
+            return f"{prefix}.{key}"
+        return key[len(prefix) + 1:] if key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected else key
+
+    present = {canonical(k): shape for k, shape in found.items()}
+    ignore_missing = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    ignore_unexpected = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    tied = {n for group in aliases.values() if len(group) > 1 and any(a in present for a in group) for n in group}
+    missing = [k for k in expected if k not in present and k not in tied and not any(r.search(k) for r in ignore_missing)]
+    unexpected = [k for k in present if k not in expected and not any(r.search(k) for r in ignore_unexpected)]
+    wrong = [f"{k} {list(present[k])} (config: {list(expected[k])})" for k in expected
+             if k in present and present[k] != expected[k]]
+    parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''} ({len(items)})"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if items]
+    return "weights " + "; ".join(parts) if parts else None
+
+
+def _meta_model(path: str):
+    """The model ``config.json`` describes, built on the meta device (no memory, no weights), or None."""
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

@@ -190,11 +190,15 @@ class RegressorArtifact(Artifact):
     def exists(self, root) -> bool:
         return all((self.path(root) / f).is_file() for f in self.files)
 
+    def missing_message(self, root, hint: str = "") -> str:
+        absent = next((f for f in self.files if not (self.path(root) / f).is_file()), self.files[0])
+        hint = f"; {hint}" if hint else ""
+        return (f"{self.path(root) / absent}: not found ({self.what}); run `disa {self.written_by}` first (it writes "
+                f"this file){hint}")
+
     def require(self, root) -> Path:
-        for f in self.files:
-            if not (self.path(root) / f).is_file():
-                raise ArtifactError(f"{self.path(root) / f}: not found ({self.what}); run `disa {self.written_by}` "
-                                    "first (it writes this file)")
+        if not self.exists(root):
+            raise ArtifactError(self.missing_message(root))
         return self.path(root)
 
     def digest(self, root) -> str:

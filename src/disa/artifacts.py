@@ -239,6 +239,19 @@ def _always(cfg) -> bool:
 
 
 @dataclass(frozen=True)
+class Input:
+    """A config input a verb reads (``data.prompts``, ``models.reference``), ``when`` the config needs it."""
+
+    field: str
+    when: Callable[[Any], bool] = _always
+    why: str = ""
+
+    @property
+    def display(self) -> str:
+        return self.field + (f" ({self.why})" if self.why else "")
+
+
+@dataclass(frozen=True)
 class Reads:
     """An artefact a verb reads, ``when`` the config needs it (``why`` says when, for ``--help``)."""
 
@@ -252,14 +265,18 @@ class StageIO:
     """What one verb reads (config inputs and artefacts of earlier stages) and writes."""
 
     verb: str
-    inputs: tuple[str, ...]
+    inputs: tuple[Input, ...]
     reads: tuple[Reads, ...] = ()
     writes: tuple[Artifact, ...] = ()
     note: str = ""
 
     def reads_text(self) -> str:
         arts = [r.artifact.display + (f" ({r.why})" if r.why else "") for r in self.reads]
-        return ", ".join(list(self.inputs) + arts) + (f"; {self.note}" if self.note else "")
+        return ", ".join([i.display for i in self.inputs] + arts) + (f"; {self.note}" if self.note else "")
+
+    def config_inputs(self, cfg, prefix: str) -> list[str]:
+        """The names after ``prefix`` (``models.``, ``data.``) of the config inputs this run of the verb reads."""
+        return [i.field[len(prefix):] for i in self.inputs if i.field.startswith(prefix) and i.when(cfg)]
 
     def writes_text(self) -> str:
         return ", ".join(a.display for a in self.writes)
@@ -314,28 +331,46 @@ def reads_regressor(cfg) -> bool:
     return reads_labels(cfg) and _log_z_kind(cfg) == "frozen" and cfg.train.log_z == "regressor"
 
 
+def embeds_with_reference(cfg) -> bool:
+    return cfg.fit_z.embedder == "reference"
+
+
+PROMPTS, EVAL_PROMPTS = Input("data.prompts"), Input("data.eval_prompts", why="else data.prompts")
 STAGE_IO: dict[str, StageIO] = {io.verb: io for io in (
-    StageIO("sample", ("data.prompts", "models.reference", "models.proposal"), (), (SAMPLES,),
+    StageIO("sample", (PROMPTS, Input("models.reference"), Input("models.proposal")), (), (SAMPLES,),
             "resumes from the shards already written"),
     StageIO("label", (), (Reads(SAMPLES),), (LABELS,)),
-    StageIO("fit-z", ("data.prompts", "models.reference"), (Reads(LABELS),), (REGRESSOR, LOG_Z_TABLE),
-            "models.reference embeds the prompts (fit_z.embedder: reference)"),
-    StageIO("train", ("data.prompts", "models.policy", "models.reference"),
+    StageIO("fit-z", (PROMPTS, Input("models.reference", embeds_with_reference, "the prompt embedder")),
+            (Reads(LABELS),), (REGRESSOR, LOG_Z_TABLE)),
+    StageIO("train", (PROMPTS, Input("models.policy"), Input("models.reference")),
             (Reads(SAMPLES, trains_on_samples, "sft"),
              Reads(LABELS, reads_labels, "a frozen log Z or affine r~"),
              Reads(LOG_Z_TABLE, reads_log_z_table, "train.log_z auto/table"),
              Reads(REGRESSOR, reads_regressor, "train.log_z regressor")),
             (CHECKPOINTS,), "Stage 1-2 files from stage1_dir when set; resumes from the newest checkpoint"),
-    StageIO("eval", ("data.eval_prompts (else data.prompts)",), (Reads(CHECKPOINTS, why="or --checkpoint"),),
-            (EVAL_RESULT,)),
+    StageIO("eval", (EVAL_PROMPTS, Input("models.policy", why="the base of a LoRA checkpoint")),
+            (Reads(CHECKPOINTS, why="or --checkpoint"),), (EVAL_RESULT,)),
 )}
 
 
-def run_io() -> StageIO:
-    """``disa run``: every stage in order; only the artefacts no stage of it writes are read."""
-    inputs = tuple(dict.fromkeys(i for io in STAGE_IO.values() for i in io.inputs))
-    writes = tuple(dict.fromkeys(a for io in STAGE_IO.values() for a in io.writes))
+def run_verbs(cfg) -> tuple[str, ...]:
+    """The stages ``disa run`` runs: all, or only train and eval when Stage 1-2 files come from ``stage1_dir``."""
+    return ("train", "eval") if cfg is not None and cfg.stage1_dir else tuple(STAGE_IO)
+
+
+def run_io(cfg=None) -> StageIO:
+    """``disa run``: the stages it runs, in order; only the artefacts none of them writes are read."""
+    ios = [STAGE_IO[v] for v in run_verbs(cfg)]
+    first: dict[str, Input] = {}
+    for i in (i for io in ios for i in io.inputs):
+        first.setdefault(i.field, Input(i.field))  # every stage's condition joined: read when any stage reads it
+    inputs = tuple(first.values())
+    writes = tuple(dict.fromkeys(a for io in ios for a in io.writes))
     return StageIO("run", inputs, (), writes, "sample, label and fit-z are skipped when stage1_dir is set")
+
+
+def stage_io(cfg, verb: str) -> StageIO:
+    return run_io(cfg) if verb == "run" else STAGE_IO[verb]
 
 
 def missing_inputs(cfg, verb: str, checkpoint: Optional[str] = None) -> list[str]:

@@ -43,28 +43,25 @@ class LongPrompt:
 
 
 def _models_of(cfg: PipelineConfig, verb: str) -> list[str]:
-    """The ``models.*`` settings whose folders ``verb`` loads."""
-    per_verb = {
-        "sample": ["reference", "proposal"],
-        "label": [],
-        "fit-z": ["reference"] if cfg.fit_z.embedder == "reference" else [],
-        "train": ["policy", "reference"],
-        "eval": ["policy"],
-    }
-    if verb == "run":
-        names = per_verb["train"] + per_verb["eval"]
-        if not cfg.stage1_dir:
-            names = per_verb["sample"] + per_verb["fit-z"] + names
+    """The ``models.*`` settings whose folders ``verb`` loads (declared in :data:`disa.artifacts.STAGE_IO`)."""
+    from disa.artifacts import run_verbs, stage_io
+
+    if verb == "run":  # every stage's models, in the order the stages load them
+        names = [n for v in run_verbs(cfg) for n in stage_io(cfg, v).config_inputs(cfg, "models.")]
     else:
-        names = per_verb.get(verb, [])
+        names = stage_io(cfg, verb).config_inputs(cfg, "models.") if verb in ("sample", "label", "fit-z", "train",
+                                                                               "eval") else []
     return list(dict.fromkeys(names))
 
 
 def _prompt_fields(cfg: PipelineConfig, verb: str) -> list[str]:
-    sets = {"sample": ["prompts"], "label": [], "fit-z": ["prompts"], "train": ["prompts"], "eval": ["eval_prompts"]}
-    names = ["prompts", "eval_prompts"] if verb == "run" else sets.get(verb, [])
+    """The prompt sets ``verb`` reads; ``eval_prompts`` falls back to ``prompts`` when unset."""
+    from disa.artifacts import run_verbs, stage_io
+
+    verbs = run_verbs(cfg) if verb == "run" else ((verb,) if verb in ("sample", "label", "fit-z", "train", "eval") else ())
+    names = [n for v in verbs for n in stage_io(cfg, v).config_inputs(cfg, "data.")]
     if "eval_prompts" in names and not cfg.data.eval_prompts:
-        names = [n for n in names if n != "eval_prompts"] or ["prompts"]
+        names = [n if n != "eval_prompts" else "prompts" for n in names]
     return list(dict.fromkeys(names))
 
 

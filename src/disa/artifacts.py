@@ -363,7 +363,7 @@ def run_io(cfg=None) -> StageIO:
     ios = [STAGE_IO[v] for v in run_verbs(cfg)]
     first: dict[str, Input] = {}
     for i in (i for io in ios for i in io.inputs):
-        first.setdefault(i.field, Input(i.field))  # every stage's condition joined: read when any stage reads it
+        first.setdefault(i.field, Input(i.field, why=i.why))  # every stage's condition joined: read when any stage reads it
     inputs = tuple(first.values())
     writes = tuple(dict.fromkeys(a for io in ios for a in io.writes))
     return StageIO("run", inputs, (), writes, "sample, label and fit-z are skipped when stage1_dir is set")

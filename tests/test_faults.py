@@ -244,6 +244,24 @@ def test_a_positive_log_prob_in_a_shard_is_refused_naming_the_row(run_copy, caps
     assert file_digest(LABELS.path(run_copy)) == labels_before
 
 
+@pytest.mark.parametrize("damage, said", [
+    ("drop a row", "rows, but meta.json says 96 (4 samples of 24 prompts)"),
+    ("foreign id", "not the 24 prompts meta.json records"),
+])
+def test_a_readable_but_damaged_shard_is_refused_before_labelling(run_copy, capsys, damage, said):
+    shard = next((run_copy / "samples").glob("shard-*.parquet"))
+    table = pq.read_table(shard)
+    if damage == "drop a row":
+        table = table.slice(0, table.num_rows - 1)
+    else:
+        ids = table.column("prompt_id").to_pylist()
+        ids = ["intruder" if pid == ids[0] else pid for pid in ids]
+        table = table.set_column(0, "prompt_id", pa.array(ids))
+    pq.write_table(table, shard)
+    assert main("label", run_copy) == 2
+    assert said in capsys.readouterr().err
+
+
 def test_non_finite_labels_are_refused_naming_the_ids_and_nothing_is_written(tmp_path):
     from disa.stages.label import NonFiniteLabels, refuse_non_finite
 

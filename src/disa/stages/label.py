@@ -200,6 +200,40 @@ def run_labelling(
     return table
 
 
+def check_samples_match_meta(shards: list[str], meta: dict) -> None:
+    """Refuse shards that are readable but not what ``disa sample`` wrote: a shard missing rows, a prompt with
+    another number of samples than ``n``, a prompt id that is not one of the sampled prompts (the ids, in order,
+    must hash to ``meta.json``'s ``prompt_ids_sha256``)."""
+    import hashlib
+
+    from disa.artifacts import reading
+
+    n, size, total = meta.get("n"), meta.get("shard_size"), meta.get("num_prompts")
+    if not all(isinstance(v, int) and v > 0 for v in (n, size, total)):
+        return
+    order: list[str] = []
+    counts: dict[str, int] = {}
+    for k, path in enumerate(shards):
+        with reading(path, "sample"):
+            ids = pq.read_table(path, columns=["prompt_id"]).column(0).to_pylist()
+        expected = min(size, total - k * size) * n
+        if len(ids) != expected:
+            raise ValueError(f"{path}: {len(ids)} rows, but meta.json says {expected} ({n} samples of "
+                             f"{expected // n} prompts); the shard is damaged: delete it and run `disa sample` again")
+        for pid in ids:
+            if pid not in counts:
+                order.append(pid)
+            counts[pid] = counts.get(pid, 0) + 1
+    short = [p for p in order if counts[p] != n]
+    if short:
+        raise ValueError(f"samples: prompt id(s) {short[:5]} have {[counts[p] for p in short[:5]]} samples, not "
+                         f"n = {n}; a shard is damaged: delete it and run `disa sample` again")
+    digest = hashlib.sha256("\n".join(order).encode("utf-8")).hexdigest()
+    if meta.get("prompt_ids_sha256") not in (None, digest):
+        raise ValueError(f"samples: the shards' prompt ids are not the {total} prompts meta.json records (a foreign "
+                         "or reordered id); delete the damaged shard and run `disa sample` again")
+
+
 class NonFiniteLabels(ValueError):
     """A label or affine map came out NaN or infinite: writing it would poison every later stage."""
 
@@ -227,8 +261,12 @@ def run(cfg) -> dict:
     from disa.config import ConfigError
 
     rd = common.run_dir(cfg)
-    rd.complete_shards()
+    shards = rd.complete_shards()
     samples_meta = read_json(rd.samples_meta, "sample") if rd.samples_meta.exists() else {}
+    try:
+        check_samples_match_meta(shards, samples_meta)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     metadata = {"format_version": 1, "target": cfg.target.to_dict(), "n": samples_meta.get("n"),
                 "samples": samples_meta, "inputs": {"samples": SAMPLES.digest(rd.root)}}
     lab = cfg.label

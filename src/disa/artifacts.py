@@ -52,8 +52,10 @@ def reading(path: str | os.PathLike, verb: str) -> Iterator[None]:
         yield
     except ConfigError:
         raise
-    except (KeyboardInterrupt, MemoryError):
+    except (KeyboardInterrupt, MemoryError, PermissionError):  # not the file's fault: the environment's (exit 1)
         raise
+    except FileNotFoundError as err:
+        raise ArtifactError(f"{path}: not found; run `disa {verb}` first (it writes this file)") from err
     except Exception as err:  # a damaged file raises any type, from any library
         raise read_failure(path, verb, err) from err
 

@@ -20,7 +20,6 @@ demo calls too.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,7 +37,9 @@ RESUMABLE_CHANGES = {"num_steps", "num_epochs", "save_every", "keep_checkpoints"
 
 def check_resume(ckpt: Path, train: TrainConfig, target: Optional[TargetConfig]) -> None:
     """Refuse to continue ``ckpt`` with settings other than those it was trained with, naming each change."""
-    old = json.loads((ckpt / "train_config.json").read_text())
+    from disa.artifacts import read_json
+
+    old = read_json(ckpt / "train_config.json", "train")
     new = {"sft": train.sft.to_dict()} if target is None else train.to_dict()
     if ("sft" in old and len(old) == 1) != (target is None):
         kind = "an sft run" if "sft" in old and len(old) == 1 else "an RL run"
@@ -46,7 +47,7 @@ def check_resume(ckpt: Path, train: TrainConfig, target: Optional[TargetConfig])
                           "use another output_dir")
     flat_old, flat_new = _flatten(old), _flatten(new)
     if target is not None and (ckpt / "target.json").is_file():
-        flat_old.update(_flatten({"target": json.loads((ckpt / "target.json").read_text())}))
+        flat_old.update(_flatten({"target": read_json(ckpt / "target.json", "train")}))
         flat_new.update(_flatten({"target": target.to_dict()}))
     diff = [k for k in sorted(set(flat_old) | set(flat_new))
             if k.split(".")[-1] not in RESUMABLE_CHANGES and flat_old.get(k) != flat_new.get(k)]

@@ -159,6 +159,31 @@ def test_a_log_z_table_older_than_its_labels_is_refused(run_copy, capsys):
     assert "log_z/table.parquet was fitted on labels.parquet digest" in err and "run `disa fit-z` again" in err
 
 
+def test_labels_older_than_their_samples_are_refused_by_fit_z(run_copy, capsys):
+    shard = next((run_copy / "samples").glob("shard-*.parquet"))
+    pq.write_table(pq.read_table(shard), shard, compression="gzip")  # the same rows, written again: other bytes
+    assert main("fit-z", run_copy) == 2
+    err = capsys.readouterr().err
+    assert "labels.parquet was made from samples digest" in err and "run `disa label` again" in err
+
+
+def test_every_output_records_the_digests_of_its_inputs(finished_run):
+    from disa.artifacts import SAMPLES
+
+    labels_meta = RunDir(finished_run).labels_metadata()
+    assert labels_meta["inputs"]["samples"] == SAMPLES.digest(finished_run)
+    table_meta = LOG_Z_TABLE.read_metadata(finished_run)
+    assert table_meta["inputs"]["labels"] == LABELS.digest(finished_run)
+    assert table_meta["labels_path"] == "labels.parquet"  # relative to the run folder
+    ckpt = json.loads((finished_run / "checkpoints" / "checkpoint-4" / "lineage.json").read_text())["fields"]
+    assert ckpt["log_z/table.parquet"] == {"path": "log_z/table.parquet", "digest": LOG_Z_TABLE.digest(finished_run)}
+    assert ckpt["models.reference"]["digest"] == model_fingerprint(ROOT / "examples/countdown/ref")["digest"]
+    evaluated = json.loads((finished_run / "eval" / "checkpoint-4" / "lineage.json").read_text())["fields"]
+    policy = finished_run / "checkpoints" / "checkpoint-4" / "policy"
+    assert evaluated["policy"]["path"] == "checkpoints/checkpoint-4/policy"
+    assert evaluated["policy"]["digest"] == model_fingerprint(policy)["digest"]
+
+
 def test_num_steps_below_the_checkpoint_is_a_clear_refusal(run_copy, capsys):
     assert main("train", run_copy, "train.num_steps=2") == 2
     assert "train.num_steps: 2, but" in capsys.readouterr().err

@@ -303,8 +303,14 @@ def run(cfg) -> dict:
 
     from disa.artifacts import LABELS
 
+    from disa.artifacts import SAMPLES
+
     rd = common.run_dir(cfg)
     labels_meta = rd.labels_metadata()
+    made_from = (labels_meta.get("inputs") or {}).get("samples")
+    if made_from is not None and SAMPLES.exists(rd.root) and made_from != SAMPLES.digest(rd.root):
+        raise ConfigError(f"{rd.labels} was made from samples digest {made_from}, but {rd.samples} is now "
+                          f"{SAMPLES.digest(rd.root)} (sampled again since): run `disa label` again")
     texts = common.reference_texts(cfg, common.prompts(cfg))
     embedder = common.embedder(cfg)
     f = cfg.fit_z

@@ -108,7 +108,8 @@ def test_run_with_stage1_dir_runs_only_train_and_eval(stage1_run, tmp_path, monk
     printed = capsys.readouterr().out
     assert code == 0
     assert "disa sample" not in printed and "disa train: grpo, 2 steps" in printed and "disa eval" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "eval", "eval.json", "eval.md", "eval_samples.parquet"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["checkpoints", "eval", "eval.json",
+                                                                                  "eval.md", "eval_samples.parquet"]
 
 
 def test_library_progress_bars_are_off_without_a_terminal(monkeypatch):

@@ -68,7 +68,7 @@ def test_sampling_writes_scored_shards(tmp_path, models):
     assert meta["n"] == 3 and meta["shard_size"] == 2 and meta["max_new_tokens"] == 12 and meta["seed"] == 7
 
     # a resume with other settings is refused, naming the setting
-    with pytest.raises(ValueError, match=r"n: 3 -> 4"):
+    with pytest.raises(ValueError, match=r"sample.n: recorded 3, now 4"):
         run_sampling(RECORDS, generator=gen, n=4, out_dir=str(tmp_path), verifier=count_e, ref_model=ref,
                      ref_tokenizer=ref_tok, shard_size=2, max_new_tokens=12, seed=7, progress=False)
     # and a re-run with the same settings does nothing

@@ -154,3 +154,37 @@ def test_a_model_folder_without_weights_names_the_setting(tmp_path, capsys):
     (broken / "model.safetensors").unlink()
     code, err = run(capsys, "sample", "-c", write(tmp_path, ROWS), "--set", f"models.reference={broken}")
     assert code == 2 and f"models.reference: '{broken}' has no weights" in err
+
+
+# ------------------------------------------------------------------------------- declared once: disa.artifacts.STAGE_IO
+@pytest.mark.parametrize("verb", ["sample", "label", "fit-z", "train", "eval"])
+def test_help_is_derived_from_the_stage_declaration(verb, capsys):
+    from disa.artifacts import STAGE_IO
+
+    with pytest.raises(SystemExit):
+        cli.main([verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    io = STAGE_IO[verb]
+    assert f"Reads: {' '.join(io.reads_text().split())}." in text
+    assert f"Writes: {' '.join(io.writes_text().split())}." in text
+
+
+def test_what_train_reads_follows_its_log_z_source(tmp_path, capsys):
+    """The regressor is read only with train.log_z: regressor, the table only with auto/table, nothing with grpo;
+    each missing file is named with the verb that writes it."""
+    from disa.artifacts import missing_inputs
+    from disa.config import load_config
+
+    config = write(tmp_path, ROWS)
+    run_dir = tmp_path / "run"
+    (run_dir / "log_z").mkdir(parents=True)
+    (run_dir / "labels.parquet").write_bytes(b"")  # present; its contents are read later
+    say = lambda *sets: missing_inputs(load_config(config, list(sets)), "train")  # noqa: E731
+    assert say() == [f"{run_dir / 'log_z' / 'table.parquet'}: not found (the frozen log Z of every labelled prompt); "
+                     "run `disa fit-z` first (it writes this file)"]
+    assert say("train.log_z=regressor") == [f"{run_dir / 'log_z' / 'model.safetensors'}: not found (the frozen log Z "
+                                            "regressor); run `disa fit-z` first (it writes this file)"]
+    assert say("train.log_z=labels") == [] and say("train.objective=grpo") == []
+    assert say("train.objective=sft")[0].startswith(f"{run_dir / 'samples' / 'shard-*.parquet'}: not found")
+    code, err = run(capsys, "train", "-c", config, "--set", "train.log_z=regressor")
+    assert code == 2 and "model.safetensors: not found" in err

@@ -26,23 +26,6 @@ VERBS = {
     "eval": "evaluate a policy: Mean@k, pass@k, distinct correct answers",
     "run": "the whole pipeline: sample, label, fit-z, train, eval",
 }
-# What each verb reads and writes (shown by `disa <verb> --help`); paths are under output_dir.
-READS_WRITES = {
-    "sample": ("data.prompts, models.reference, models.proposal",
-               "meta.json, samples/shard-*.parquet (resumes from the shards already written)"),
-    "label": ("samples/ of output_dir (with stage1_dir set it refuses: label the Stage 1 run itself)",
-              "labels.parquet (records target.beta and r~)"),
-    "fit-z": ("labels.parquet, data.prompts, models.reference (the prompt embedder)",
-              "log_z/{model.safetensors, config.json, report.json, table.parquet}"),
-    "train": ("data.prompts, models.policy/reference, and what train.objective declares: labels.parquet and "
-              "log_z/table.parquet (disa), labels.parquet (flowrl with affine r~), samples/ (sft), nothing (grpo); "
-              "from stage1_dir when set",
-              "checkpoints/checkpoint-<step>/, checkpoints/metrics.csv (resumes from the newest checkpoint)"),
-    "eval": ("data.eval_prompts (else data.prompts), the newest checkpoint (or --checkpoint)",
-             "eval/<policy>/{eval.json, eval.md, eval_samples.parquet}, and copies in output_dir"),
-    "run": ("everything above, in order (sample, label and fit-z are skipped when stage1_dir is set)",
-            "everything above"),
-}
 COMMON_EPILOG = ("Every input is checked before any model loads (prompt rows, prompt lengths, model folders and "
                  "tokenizers, output_dir); problems are listed together and the exit code is 2. --debug shows "
                  "tracebacks. `disa config` prints every field as a commented YAML config.")
@@ -97,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "--set updates_per_batch=2 --set rollout_weight=clipped_is")
     demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
+    from disa.artifacts import STAGE_IO, run_io
+
     for verb, help_text in VERBS.items():
-        reads, writes = READS_WRITES[verb]
+        io = STAGE_IO[verb] if verb in STAGE_IO else run_io()  # what each verb reads and writes, declared once
+        reads, writes = io.reads_text(), io.writes_text()
         p = sub.add_parser(verb, help=help_text, description=f"{help_text}. Reads: {reads}. Writes: {writes}.",
                            epilog=COMMON_EPILOG)
         _add_config_args(p)
@@ -137,8 +123,19 @@ def quiet_library_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_library_bars()
+    verb = "disa"
+    try:  # Ctrl-C from the first instant (library imports take seconds) ends with one line, never a traceback
+        args = build_parser().parse_args(argv)
+        verb = args.verb
+        quiet_library_bars()
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"disa {verb}: interrupted (a re-run resumes)" if verb != "disa" else "disa: interrupted",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     try:
         return _dispatch(args)
     except Exception as e:  # one line for the user; the traceback only with --debug
@@ -146,15 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from disa.config import ConfigError
 
-        if isinstance(e, ConfigError):
+        if isinstance(e, ConfigError):  # an input: a setting, a prompt file, an artefact (exit 2)
             print(f"disa {args.verb}: {e}", file=sys.stderr)
             return 2
         print(f"disa {args.verb}: error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"disa {args.verb}: interrupted (a re-run resumes)", file=sys.stderr)
-        return 130
 
 
 def _dispatch(args) -> int:

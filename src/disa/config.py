@@ -74,15 +74,16 @@ class Section:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             check = f.metadata.get("check")
-            if check is None or value is None or dataclasses.is_dataclass(value):
-                continue
-            if isinstance(check, tuple):
-                if value not in check:
-                    self._bad(f.name, f"{value!r} is not one of {list(check)}")
-                continue
-            ok, why = CHECKS[check]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                self._bad(f.name, f"{why}, got {value!r}")
+            if check is not None and value is not None and not dataclasses.is_dataclass(value):
+                if isinstance(check, tuple):
+                    if value not in check:
+                        self._bad(f.name, f"{value!r} is not one of {list(check)}")
+                else:
+                    ok, why = CHECKS[check]
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                        self._bad(f.name, f"{why}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # NaN or infinity is never a setting
+                self._bad(f.name, f"must be a finite number, got {value!r}")
         self.check()
 
     def check(self) -> None:

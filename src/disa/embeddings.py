@@ -323,12 +323,16 @@ def embed_with_cache(
     cache_path = Path(cache_path)
     cached: dict[str, tuple[str, torch.Tensor]] = {}
     if cache_path.exists():
-        with safe_open(str(cache_path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("fingerprint") == embedder.fingerprint:
-                matrix = handle.get_tensor("embeddings")
-                for key, digest, row in zip(json.loads(meta["ids"]), json.loads(meta["text_sha1"]), matrix):
-                    cached[key] = (digest, row)
+        try:
+            with safe_open(str(cache_path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("fingerprint") == embedder.fingerprint:
+                    matrix = handle.get_tensor("embeddings")
+                    ids, sha1 = json.loads(meta["ids"]), json.loads(meta["text_sha1"])
+                    if len(ids) == len(sha1) == matrix.shape[0] and bool(torch.isfinite(matrix).all()):
+                        cached = {key: (digest, row) for key, digest, row in zip(ids, sha1, matrix)}
+        except Exception:  # a damaged cache is a cache miss: it is rebuilt below, never trusted or fatal
+            cached = {}
     digests = [_text_digest(t) for t in texts]
     missing = [i for i, (k, d) in enumerate(zip(keys, digests)) if k not in cached or cached[k][0] != d]
     if missing:
@@ -337,13 +341,15 @@ def embed_with_cache(
             cached[keys[i]] = (digests[i], row)
         all_keys = list(cached)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")  # atomic: a crash leaves the old cache
         save_file(
             {"embeddings": torch.stack([cached[k][1] for k in all_keys]).contiguous()},
-            str(cache_path),
+            str(tmp),
             metadata={
                 "fingerprint": embedder.fingerprint,
                 "ids": json.dumps(all_keys),
                 "text_sha1": json.dumps([cached[k][0] for k in all_keys]),
             },
         )
+        os.replace(tmp, cache_path)
     return torch.stack([cached[k][1] for k in keys]).to(torch.float32)

@@ -302,11 +302,15 @@ def save_regressor(model: LogZRegressor, directory: Union[str, os.PathLike], con
         raise TypeError(f"model: expected a LogZRegressor, got {type(model).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    from disa.io import atomic_write_text
+
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
+    tmp = directory / f"model.safetensors.tmp-{os.getpid()}"  # atomic: a crash never leaves half the weights
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / "model.safetensors")
     payload = {"format_version": FORMAT_VERSION, "architecture": "LogZRegressor", **model.config()}
     payload["meta"] = config or {}
-    (directory / "config.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(directory / "config.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return directory
 
 

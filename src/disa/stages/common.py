@@ -19,19 +19,22 @@ from disa.run_dir import RunDir
 
 def stage(verb: str):
     """Decorator of every ``stages.<verb>.run``: checks every input up front (:mod:`disa.stages.validate`),
-    applies ``models.cpu_threads`` and reports a prompt that cannot be rendered (``DataError``) like a config
+    applies ``models.cpu_threads``, holds the stage's lock on ``output_dir`` (:func:`disa.run_dir.stage_lock`) and
+    reports a prompt that cannot be rendered (``DataError``) like a config
     error."""
 
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(cfg: PipelineConfig, *args, **kwargs):
             from disa.data import DataError
+            from disa.run_dir import stage_lock
             from disa.stages.validate import check_inputs
 
             check_inputs(cfg, verb, kwargs.get("checkpoint"))
             apply_cpu_threads(verb, cfg.models.cpu_threads)
             try:
-                return fn(cfg, *args, **kwargs)
+                with stage_lock(cfg.output_dir, verb):  # one writer per stage and output_dir
+                    return fn(cfg, *args, **kwargs)
             except DataError as e:
                 raise ConfigError(f"data: {e}") from None
 

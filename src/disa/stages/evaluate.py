@@ -445,6 +445,21 @@ def select_policy(cfg) -> Path:
     return chosen / "policy"
 
 
+def record_eval_lineage(cfg, rd, folder: Path, out_dir: Path, sets) -> None:
+    """``eval/<policy>/lineage.json``: which policy (path relative to the run folder, weights digest) and which
+    prompts (digest) these numbers are of, and the sampling settings."""
+    from disa.artifacts import Lineage, prompts_digest, relative
+    from disa.io import atomic_write_json
+    from disa.run_dir import model_fingerprint
+
+    policy = model_fingerprint(folder)
+    policy["path"] = relative(folder, rd.root)
+    fields = {"policy": policy, "eval": cfg.eval.to_dict()}
+    for records, _, _, where in sets:
+        fields[f"prompts {relative(where, rd.root)}"] = prompts_digest(records)
+    atomic_write_json(out_dir / "lineage.json", Lineage(fields).to_dict())
+
+
 @stage("eval")
 def run(cfg, checkpoint: Optional[str] = None) -> dict:
     """``disa eval``: ``eval.k`` samples per eval prompt -> Mean@k, pass@k (bootstrap intervals), distinct correct ->
@@ -471,6 +486,7 @@ def run(cfg, checkpoint: Optional[str] = None) -> dict:
         sets.append((load_benchmark(name, path, limit), BENCHMARKS[name].verifier,
                      cfg.data.verifier_kwargs if BENCHMARKS[name].verifier == cfg.data.verifier else {}, out_dir / name))
     summaries = evaluate_sets(cfg, folder, sets)
+    record_eval_lineage(cfg, rd, folder, out_dir, sets)
     result = {"eval_dir": str(out_dir)}
     if specs:
         table = benchmark_table({name: s for (name, _, _), s in zip(specs, summaries[int(main_set):])})

@@ -50,9 +50,12 @@ def read_log_z_table(path) -> tuple[dict[str, float], dict]:
     """``({prompt id: frozen log Z}, metadata)`` of a ``table.parquet`` written by ``run_fit_z``."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(path))
-    meta = json.loads((table.schema.metadata or {}).get(TABLE_METADATA_KEY, b"{}"))
-    cols = table.to_pydict()
+    from disa.artifacts import reading
+
+    with reading(path, "fit-z"):
+        table = pq.read_table(str(path), columns=["prompt_id", "log_z"])
+        meta = json.loads((pq.read_schema(str(path)).metadata or {}).get(TABLE_METADATA_KEY, b"{}"))
+        cols = table.to_pydict()
     return dict(zip(cols["prompt_id"], cols["log_z"])), meta
 
 
@@ -78,11 +81,14 @@ def read_labels(labels_path: Union[str, os.PathLike]) -> tuple[list[str], torch.
     labels_path = Path(labels_path)
     if not labels_path.is_file():
         raise FileNotFoundError(f"labels_path: {str(labels_path)!r} does not exist")
-    schema_names = pq.read_schema(str(labels_path)).names
-    missing = [c for c in LABEL_COLUMNS if c not in schema_names]
-    if missing:
-        raise ValueError(f"{labels_path}: missing column(s) {missing}; has {schema_names}")
-    table = pq.read_table(str(labels_path), columns=list(LABEL_COLUMNS))
+    from disa.artifacts import reading
+
+    with reading(labels_path, "label"):
+        schema_names = pq.read_schema(str(labels_path)).names
+        missing = [c for c in LABEL_COLUMNS if c not in schema_names]
+        if missing:
+            raise ValueError(f"{labels_path}: missing column(s) {missing}; has {schema_names}")
+        table = pq.read_table(str(labels_path), columns=list(LABEL_COLUMNS))
     ids = [str(v) for v in table.column("prompt_id").to_pylist()]
     values = table.column("log_z").to_pylist()
     if not ids:
@@ -195,7 +201,7 @@ def run_fit_z(
     meta = {
         "embedder": embedder.fingerprint,
         "embedding_dim": int(embeddings.shape[1]),
-        "labels_path": str(Path(labels_path).resolve()),
+        "labels_path": os.path.relpath(os.path.abspath(labels_path), os.path.abspath(Path(out_dir).parent)),
         "n_prompts": len(ids),
         "fit": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in fit_kw.items()
                 if k != "sample_weights"},
@@ -295,15 +301,24 @@ def run(cfg) -> dict:
     """``disa fit-z``: the 2-layer MLP on frozen prompt embeddings -> ``log_z/`` (regressor, report, table)."""
     from disa.config import ConfigError
 
+    from disa.artifacts import LABELS
+
+    from disa.artifacts import SAMPLES
+
     rd = common.run_dir(cfg)
     labels_meta = rd.labels_metadata()
+    made_from = (labels_meta.get("inputs") or {}).get("samples")
+    if made_from is not None and SAMPLES.exists(rd.root) and made_from != SAMPLES.digest(rd.root):
+        raise ConfigError(f"{rd.labels} was made from samples digest {made_from}, but {rd.samples} is now "
+                          f"{SAMPLES.digest(rd.root)} (sampled again since): run `disa label` again")
     texts = common.reference_texts(cfg, common.prompts(cfg))
     embedder = common.embedder(cfg)
     f = cfg.fit_z
     try:
         report = run_fit_z(
             str(rd.labels), texts, embedder, str(rd.log_z), cache_path=str(rd.embeddings_cache), verbose=False,
-            extra_meta={"target": labels_meta["target"], "labels_n": labels_meta.get("n")},
+            extra_meta={"target": labels_meta["target"], "labels_n": labels_meta.get("n"),
+                        "inputs": {"labels": LABELS.digest(rd.root)}},
             hidden=f.hidden, lr=f.lr, max_epochs=f.max_epochs, patience=f.patience, val_fraction=f.val_fraction,
             seed=f.seed, weight_by_se=f.weight_by_se,
         )

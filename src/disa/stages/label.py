@@ -41,6 +41,7 @@ from disa.stages.sample import list_shards
 REQUIRED_COLUMNS = ("prompt_id", "sample_idx", "reward", "logp_ref", "logp_q")
 PROPOSAL_COLUMN = "proposal"  # optional: "reference" marks a sample drawn from pi_ref
 REFERENCE_PROPOSAL = "reference"
+LOGP_TOLERANCE = 1e-3  # a sum of log-softmax values rounds to at most a few ulps above 0
 LABEL_COLUMNS = (
     "prompt_id", "log_z", "log_z_geometric", "ess", "max_weight", "reward_rate", "n", "reward_scale", "reward_shift",
     "estimator", "log_z_se", "reliable",
@@ -53,21 +54,24 @@ def read_shard(path: str) -> dict[str, list]:
     Raises ``ValueError`` naming the file, the 1-based row and the column for a missing column, a null, or
     a NaN/inf number.
     """
-    try:
+    from disa.artifacts import reading
+
+    with reading(path, "sample"):
         schema_names = pq.read_schema(path).names
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read Parquet file ({exc})") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema_names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
-    columns = list(REQUIRED_COLUMNS) + ([PROPOSAL_COLUMN] if PROPOSAL_COLUMN in schema_names else [])
-    data = pq.read_table(path, columns=columns).to_pydict()
+        missing = [c for c in REQUIRED_COLUMNS if c not in schema_names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
+        columns = list(REQUIRED_COLUMNS) + ([PROPOSAL_COLUMN] if PROPOSAL_COLUMN in schema_names else [])
+        data = pq.read_table(path, columns=columns).to_pydict()
     for col in columns:
         for row, value in enumerate(data[col], start=1):
             if value is None:
                 raise ValueError(f"{path}, row {row}: column {col!r} is null")
             if col in ("reward", "logp_ref", "logp_q") and not math.isfinite(value):
                 raise ValueError(f"{path}, row {row}: column {col!r} is {value} (must be finite)")
+            if col in ("logp_ref", "logp_q") and value > LOGP_TOLERANCE:
+                raise ValueError(f"{path}, row {row}: column {col!r} is {value}, but a log-probability is <= 0; the "
+                                 "shard is damaged: delete it and run `disa sample` again (it redoes that shard)")
     return data
 
 
@@ -185,6 +189,7 @@ def run_labelling(
     if target_se is not None:
         columns["n_recommended"] = pa.array(recommended_n(se, labels["n"], target_se).tolist(), pa.int64())
     table = pa.table(columns)
+    refuse_non_finite(order, table)
     if out_path is None:
         base = samples_dir[: -len("samples")] if os.path.basename(os.path.normpath(samples_dir)) == "samples" else samples_dir
         out_path = os.path.join(base, "labels.parquet")
@@ -195,20 +200,83 @@ def run_labelling(
     return table
 
 
+def check_samples_match_meta(shards: list[str], meta: dict) -> None:
+    """Refuse shards that are readable but not what ``disa sample`` wrote: a shard missing rows, a prompt with
+    another number of samples than ``n``, a prompt id that is not one of the sampled prompts (the ids, in order,
+    must hash to ``meta.json``'s ``prompt_ids_sha256``)."""
+    import hashlib
+
+    from disa.artifacts import reading
+
+    n, size, total = meta.get("n"), meta.get("shard_size"), meta.get("num_prompts")
+    if not all(isinstance(v, int) and v > 0 for v in (n, size, total)):
+        return
+    order: list[str] = []
+    counts: dict[str, int] = {}
+    for k, path in enumerate(shards):
+        with reading(path, "sample"):
+            ids = pq.read_table(path, columns=["prompt_id"]).column(0).to_pylist()
+        expected = min(size, total - k * size) * n
+        if len(ids) != expected:
+            raise ValueError(f"{path}: {len(ids)} rows, but meta.json says {expected} ({n} samples of "
+                             f"{expected // n} prompts); the shard is damaged: delete it and run `disa sample` again")
+        for pid in ids:
+            if pid not in counts:
+                order.append(pid)
+            counts[pid] = counts.get(pid, 0) + 1
+    short = [p for p in order if counts[p] != n]
+    if short:
+        raise ValueError(f"samples: prompt id(s) {short[:5]} have {[counts[p] for p in short[:5]]} samples, not "
+                         f"n = {n}; a shard is damaged: delete it and run `disa sample` again")
+    digest = hashlib.sha256("\n".join(order).encode("utf-8")).hexdigest()
+    if meta.get("prompt_ids_sha256") not in (None, digest):
+        raise ValueError(f"samples: the shards' prompt ids are not the {total} prompts meta.json records (a foreign "
+                         "or reordered id); delete the damaged shard and run `disa sample` again")
+
+
+class NonFiniteLabels(ValueError):
+    """A label or affine map came out NaN or infinite: writing it would poison every later stage."""
+
+
+def refuse_non_finite(order: list[str], table: pa.Table) -> None:
+    """Raise ``NonFiniteLabels`` naming the prompt ids whose ``log_z`` or ``r~`` map is not finite."""
+    bad = {}
+    for name in ("log_z", "reward_scale", "reward_shift"):
+        for pid, value in zip(order, table.column(name).to_pylist()):
+            if value is None or not math.isfinite(value):
+                bad.setdefault(pid, f"{name} = {value}")
+    if bad:
+        listed = ", ".join(f"{pid!r} ({why})" for pid, why in list(bad.items())[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise NonFiniteLabels(f"{len(bad)} of {len(order)} prompts get a non-finite label: {listed}{more}; nothing was "
+                              "written. beta * (r~ max - r~ min) beyond ~700 overflows: lower target.beta, or check "
+                              "the shards' logp_ref / logp_q")
+
+
 @stage("label")
 def run(cfg) -> dict:
     """``disa label``: one ``log Z`` label per prompt (eq. 8) + diagnostics -> ``labels.parquet``, recording the
     target (``target.beta``, ``target.reward_transform``), N and the samples' settings and model fingerprints."""
+    from disa.artifacts import SAMPLES, read_json
+    from disa.config import ConfigError
+
     rd = common.run_dir(cfg)
-    rd.complete_shards()
-    samples_meta = json.loads(rd.samples_meta.read_text()) if rd.samples_meta.exists() else {}
+    shards = rd.complete_shards()
+    samples_meta = read_json(rd.samples_meta, "sample") if rd.samples_meta.exists() else {}
+    try:
+        check_samples_match_meta(shards, samples_meta)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     metadata = {"format_version": 1, "target": cfg.target.to_dict(), "n": samples_meta.get("n"),
-                "samples": samples_meta}
+                "samples": samples_meta, "inputs": {"samples": SAMPLES.digest(rd.root)}}
     lab = cfg.label
     metadata["label"] = lab.to_dict()
-    table = run_labelling(str(rd.samples), beta=cfg.target.beta, reward_transform=cfg.target.reward_transform,
-                          out_path=str(rd.labels), metadata=metadata, estimator=lab.estimator, max_se=lab.max_se,
-                          min_ess=lab.min_ess, target_se=lab.target_se)
+    try:
+        table = run_labelling(str(rd.samples), beta=cfg.target.beta, reward_transform=cfg.target.reward_transform,
+                              out_path=str(rd.labels), metadata=metadata, estimator=lab.estimator, max_se=lab.max_se,
+                              min_ess=lab.min_ess, target_se=lab.target_se)
+    except ValueError as e:  # a damaged shard, or labels that cannot be trusted: named, nothing written
+        raise ConfigError(str(e)) from None
     result = label_summary(table.to_pydict())
     result["path"] = str(rd.labels)
     common.say("label", f"{table.num_rows} prompts -> {rd.labels}; estimator {lab.estimator} (beta {cfg.target.beta}, "

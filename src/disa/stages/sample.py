@@ -71,11 +71,18 @@ SAMPLE_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
     ]
 )
-# settings that must match between a run and its resume
-RESUME_KEYS = (
-    "format_version", "n", "shard_size", "max_new_tokens", "temperature", "top_p", "stop", "seed", "verifier",
-    "num_prompts", "prompt_ids_sha256",
-)
+# settings that must match between a run and its resume, with the config field each comes from
+RESUME_KEYS = {
+    "format_version": "format_version", "n": "sample.n", "shard_size": "sample.shard_size",
+    "max_new_tokens": "sample.max_new_tokens", "temperature": "sample.temperature", "top_p": "sample.top_p",
+    "stop": "sample.stop", "seed": "sample.seed", "verifier": "data.verifier", "num_prompts": "data.prompts (count)",
+    "prompt_ids_sha256": "data.prompts (ids)",
+}
+# what the samples were made from; compared when the recorded meta.json has them (older runs may not)
+LINEAGE_KEYS = {
+    "prompts_sha256": "data.prompts (prompt texts and verifier columns)", "reference_fingerprint": "models.reference",
+    "proposal_fingerprint": "models.proposal", "dtype": "models.dtype", "backend": "sample.backend",
+}
 
 
 def shard_path(out_dir: str, index: int) -> str:
@@ -93,19 +100,43 @@ def prompt_ids_digest(records: Sequence[PromptRecord]) -> str:
     return hashlib.sha256("\n".join(r.id for r in records).encode("utf-8")).hexdigest()
 
 
-def _check_or_write_meta(out_dir: str, meta: dict) -> None:
+def resume_differences(old: dict, new: dict) -> list[str]:
+    """``field: recorded -> now`` for every setting or input that differs between ``meta.json`` and this run."""
+    from disa.artifacts import _short
+
+    out = [f"{field}: recorded {old.get(k)!r}, now {new.get(k)!r}" for k, field in RESUME_KEYS.items()
+           if k in new and old.get(k) != new.get(k)]
+    for k, field in LINEAGE_KEYS.items():
+        a, b = old.get(k), new.get(k)
+        if a is None or b is None:
+            continue
+        same = a.get("digest") == b.get("digest") if isinstance(a, dict) and isinstance(b, dict) else a == b
+        if not same:
+            out.append(f"{field}: recorded {_short(a)}, now {_short(b)}")
+    return out
+
+
+def check_meta(out_dir: str, meta: dict) -> Optional[dict]:
+    """Refuse a resume into ``out_dir`` whose ``meta.json`` records other settings or inputs (naming each field and
+    both values); returns the recorded meta, None when there is none."""
+    from disa.artifacts import read_json
+
     path = os.path.join(out_dir, META_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            old = json.load(fh)
-        diff = [k for k in RESUME_KEYS if old.get(k) != meta.get(k)]
-        if diff:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in diff)
-            raise ResumeMismatch(
-                f"{path} was written with different settings ({details}); use a new out_dir or delete it"
-            )
-        return
-    atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True))
+    if not os.path.exists(path):
+        return None
+    old = read_json(path, "sample")
+    if not isinstance(old, dict):
+        raise ConfigError(f"{path}: not a JSON object; delete it (and samples/) to sample again")
+    diff = resume_differences(old, meta)
+    if diff:
+        raise ResumeMismatch(f"{path} was written with other settings or inputs ({'; '.join(diff)}); resuming would "
+                             "mix two experiments: use a new output_dir or delete meta.json and samples/")
+    return old
+
+
+def _check_or_write_meta(out_dir: str, meta: dict) -> None:
+    if check_meta(out_dir, meta) is None:
+        atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=2, sort_keys=True))
 
 
 def _same_tokenization(tok_a, tok_b) -> bool:
@@ -215,9 +246,12 @@ def plan_sampling(prompts: Sequence[PromptRecord], *, out_dir: str, n: int, shar
     Returns ``(gen_kwargs, num_shards, pending [(k, records)], skipped, rows already written)``."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop)
+    from disa.artifacts import prompts_digest
+
     meta = {
         "format_version": FORMAT_VERSION, "n": n, "shard_size": shard_size, "seed": seed, "verifier": verifier_name,
-        "num_prompts": len(prompts), "prompt_ids_sha256": prompt_ids_digest(prompts), **gen_kwargs, **extra_meta,
+        "num_prompts": len(prompts), "prompt_ids_sha256": prompt_ids_digest(prompts),
+        "prompts_sha256": prompts_digest(prompts), **gen_kwargs, **extra_meta,
     }
     prepare_out_dir(out_dir, meta)
     num_shards = math.ceil(len(prompts) / shard_size)
@@ -235,11 +269,15 @@ def plan_sampling(prompts: Sequence[PromptRecord], *, out_dir: str, n: int, shar
 
 def finished_rows(path: str, expected: int) -> Optional[int]:
     """Rows of a finished shard file, None when it does not exist; a wrong row count is an error."""
+    from disa.artifacts import reading
+
     if not os.path.exists(path):
         return None
-    existing = pq.read_metadata(path).num_rows
+    with reading(path, "sample"):
+        existing = pq.read_metadata(path).num_rows
     if existing != expected:
-        raise ValueError(f"{path} holds {existing} rows, expected {expected}; delete it to redo")
+        raise ConfigError(f"{path} holds {existing} rows, expected {expected}; delete it and run `disa sample` again "
+                          "(it redoes that shard)")
     return existing
 
 
@@ -326,16 +364,29 @@ def proposal_warnings(temperature: float, top_p: float) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- the verb
+def sample_lineage(cfg, ref_path: str, proposal_path: str) -> dict:
+    """What ``meta.json`` records about the models and how they run (compared on every resume)."""
+    from disa.run_dir import model_fingerprint
+
+    return {"reference_fingerprint": model_fingerprint(ref_path), "proposal_fingerprint": model_fingerprint(proposal_path),
+            "dtype": cfg.models.dtype, "backend": cfg.sample.backend}
+
+
 @stage("sample")
 def run(cfg) -> dict:
     """``disa sample``: N proposal samples per prompt, verified and re-scored -> ``samples/shard-*.parquet``."""
-    from disa.run_dir import model_fingerprint
+    from disa.artifacts import prompts_digest
 
     rd = common.run_dir(cfg)
     records = common.prompts(cfg)
     common.verifier(cfg)  # an unknown name fails here, before any model is loaded
     ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
     rd.ensure_writable()
+    lineage = sample_lineage(cfg, ref_path, proposal_path)
+    try:  # a resume with other models, dtype or prompt texts is refused before any model loads
+        check_meta(str(rd.root), {**lineage, "prompts_sha256": prompts_digest(records)})
+    except ResumeMismatch as e:
+        raise ConfigError(str(e)) from None
     s = cfg.sample
     for line in proposal_warnings(s.temperature, s.top_p):
         common.say("sample", "warning: " + line)
@@ -348,14 +399,12 @@ def run(cfg) -> dict:
         ref_model, ref_tokenizer = generator.model, generator.tokenizer  # plain Monte Carlo: one copy
     else:
         ref_model, ref_tokenizer = common.load_model(cfg, ref_path)
-    fingerprints = {"reference_fingerprint": model_fingerprint(ref_path),
-                    "proposal_fingerprint": model_fingerprint(proposal_path)}
     try:
         result = run_sampling(
             records, generator=generator, n=s.n, out_dir=str(rd.root), verifier=cfg.data.verifier,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, shard_size=s.shard_size, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
-            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints,
+            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=lineage,
         )
     except ResumeMismatch as e:  # a resume with other settings: a config problem, not a crash
         raise ConfigError(str(e)) from None

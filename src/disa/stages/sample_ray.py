@@ -150,9 +150,8 @@ def run_with_config(cfg, rd, records, ref_path: str, proposal_path: str) -> dict
     """``disa sample`` with ``sample.executor=ray``: one task per shard, one model per GPU when the cluster has
     GPUs (``tensor_parallel_size`` of them for vLLM), each worker loading the config's models."""
     from disa.config import ConfigError
-    from disa.run_dir import model_fingerprint
     from disa.stages import common
-    from disa.stages.sample import ResumeMismatch
+    from disa.stages.sample import ResumeMismatch, sample_lineage
 
     ray = _import_ray()
     s = cfg.sample
@@ -160,8 +159,7 @@ def run_with_config(cfg, rd, records, ref_path: str, proposal_path: str) -> dict
         ray.init(address=s.ray_address or None)
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     gpus = (s.tensor_parallel_size if s.backend == "vllm" else 1) if has_gpus else 0
-    fingerprints = {"reference_fingerprint": model_fingerprint(ref_path),
-                    "proposal_fingerprint": model_fingerprint(proposal_path)}
+    fingerprints = sample_lineage(cfg, ref_path, proposal_path)
     try:
         result = run_sampling_ray(
             records, build_models=ConfigModels(cfg.to_dict()), n=s.n, out_dir=str(rd.root),

@@ -20,7 +20,7 @@ demo calls too.
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,6 +28,7 @@ from disa.config import ConfigError, PipelineConfig, TargetConfig, TrainConfig
 from disa.objectives import get_spec
 from disa.run_dir import RunDir, check_target
 from disa.stages import common
+from disa.artifacts import reads_labels
 from disa.stages.common import stage
 
 # Fields that may change between a run and its resume (the run's length and bookkeeping, not its maths).
@@ -36,7 +37,9 @@ RESUMABLE_CHANGES = {"num_steps", "num_epochs", "save_every", "keep_checkpoints"
 
 def check_resume(ckpt: Path, train: TrainConfig, target: Optional[TargetConfig]) -> None:
     """Refuse to continue ``ckpt`` with settings other than those it was trained with, naming each change."""
-    old = json.loads((ckpt / "train_config.json").read_text())
+    from disa.artifacts import read_json
+
+    old = read_json(ckpt / "train_config.json", "train")
     new = {"sft": train.sft.to_dict()} if target is None else train.to_dict()
     if ("sft" in old and len(old) == 1) != (target is None):
         kind = "an sft run" if "sft" in old and len(old) == 1 else "an RL run"
@@ -44,7 +47,7 @@ def check_resume(ckpt: Path, train: TrainConfig, target: Optional[TargetConfig])
                           "use another output_dir")
     flat_old, flat_new = _flatten(old), _flatten(new)
     if target is not None and (ckpt / "target.json").is_file():
-        flat_old.update(_flatten({"target": json.loads((ckpt / "target.json").read_text())}))
+        flat_old.update(_flatten({"target": read_json(ckpt / "target.json", "train")}))
         flat_new.update(_flatten({"target": target.to_dict()}))
     diff = [k for k in sorted(set(flat_old) | set(flat_new))
             if k.split(".")[-1] not in RESUMABLE_CHANGES and flat_old.get(k) != flat_new.get(k)]
@@ -65,16 +68,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- what RL reads
-def needs_labels(cfg: PipelineConfig) -> bool:
-    """Whether Stage 3 reads Stage 1's labels: a frozen log Z, or the frozen affine r~ of trajectory balance."""
-    from disa.training import resolve_log_z_kind
-
-    spec = get_spec(cfg.train.objective)
-    if spec.family != "trajectory_balance":
-        return False
-    return resolve_log_z_kind(cfg.train.log_z, spec) == "frozen" or cfg.target.reward_transform == "affine"
-
-
 def check_recorded_target(cfg: PipelineConfig, rd: RunDir) -> None:
     """Check the config's target against what ``labels.parquet`` (and ``log_z/``) were made with."""
     check_target(cfg.target, rd.labels_metadata()["target"], rd.labels)
@@ -86,17 +79,23 @@ def frozen_log_z(cfg: PipelineConfig, rd: RunDir, records) -> Callable:
 
     from disa.stages.fit_z import FrozenLogZ, LogZTable, read_log_z_table
 
+    from disa.artifacts import LABELS, LOG_Z_TABLE
+
     source = "table" if cfg.train.log_z == "auto" else cfg.train.log_z
     ids = [r.id for r in records]
     if source == "labels":
-        cols = pq.read_table(str(rd.labels), columns=["prompt_id", "log_z"]).to_pydict()
+        cols = LABELS.read_parquet(rd.root, ["prompt_id", "log_z"]).to_pydict()
         values, where = dict(zip(cols["prompt_id"], cols["log_z"])), rd.labels
     elif source == "table":
         rd.require(rd.log_z_table, "fit-z", "the frozen log Z of every labelled prompt")
         values, meta = read_log_z_table(rd.log_z_table)
         if "target" in meta:
             check_target(cfg.target, meta["target"], rd.log_z_table)
-        where = rd.log_z_table
+        fitted_on = (meta.get("inputs") or {}).get("labels")
+        if fitted_on is not None and fitted_on != LABELS.digest(rd.root):
+            raise ConfigError(f"{rd.log_z_table} was fitted on labels.parquet digest {fitted_on}, but {rd.labels} is "
+                              f"now {LABELS.digest(rd.root)} (labelled again since): run `disa fit-z` again")
+        where = LOG_Z_TABLE.path(rd.root)
     else:  # the regressor, applied to the prompts as rendered for pi_ref
         for name in ("model.safetensors", "config.json"):
             rd.require(rd.log_z / name, "fit-z", "the frozen log Z regressor")
@@ -111,19 +110,37 @@ def frozen_log_z(cfg: PipelineConfig, rd: RunDir, records) -> Callable:
     if missing:
         raise ConfigError(f"{where}: no log Z for prompt id(s) {missing[:5]} of data.prompts; run `disa sample`, "
                           "`disa label` and `disa fit-z` on this prompt set (or set train.log_z: regressor)")
-    return LogZTable({i: values[i] for i in ids})
+    chosen = {i: values[i] for i in ids}
+    refuse_bad_numbers(chosen, where, "log Z")
+    return LogZTable(chosen)
+
+
+def refuse_bad_numbers(values: dict, where, what: str) -> None:
+    """Refuse NaN, infinite or absurd (|x| > 1e6) per-prompt values before step 1, naming the prompt ids: one
+    such value makes every step that draws its prompt a non-finite loss (skipped without a word)."""
+    from disa.artifacts import non_finite_or_huge
+
+    bad = non_finite_or_huge(values)
+    if bad:
+        shown = ", ".join(f"{i!r} ({values[i]})" for i in bad[:5])
+        raise ConfigError(f"{where}: {what} is NaN, infinite or beyond 1e6 in magnitude for {len(bad)} prompt(s): "
+                          f"{shown}{' ...' if len(bad) > 5 else ''}; the file is damaged or its labels overflowed: "
+                          "re-run the stage that writes it")
 
 
 def affine_map(rd: RunDir, records) -> dict[str, tuple[float, float]]:
     """``{prompt id: (scale, shift)}``: the frozen r~ = a r + b of each prompt, as ``disa label`` recorded it."""
     import pyarrow.parquet as pq
 
-    cols = pq.read_table(str(rd.labels), columns=["prompt_id", "reward_scale", "reward_shift"]).to_pydict()
+    from disa.artifacts import LABELS
+
+    cols = LABELS.read_parquet(rd.root, ["prompt_id", "reward_scale", "reward_shift"]).to_pydict()
     affine = {pid: (a, b) for pid, a, b in zip(cols["prompt_id"], cols["reward_scale"], cols["reward_shift"])}
     missing = [r.id for r in records if r.id not in affine]
     if missing:
         raise ConfigError(f"{rd.labels}: no reward_scale/reward_shift for prompt id(s) {missing[:5]}; "
                           "run `disa sample` and `disa label` on data.prompts")
+    refuse_bad_numbers({r.id: affine[r.id] for r in records}, rd.labels, "the affine r~ map (reward_scale, reward_shift)")
     return affine
 
 
@@ -131,12 +148,14 @@ def sft_examples(rd: RunDir, records, tokenizer) -> list[tuple[str, str]]:
     """(prompt rendered for the policy, response) for every Stage 1 sample with reward 1."""
     import pyarrow.parquet as pq
 
+    from disa.artifacts import reading
     from disa.data import render_prompt
 
     by_id = {r.id: r for r in records}
     examples, total = [], 0
     for shard in rd.complete_shards():
-        cols = pq.read_table(shard, columns=["prompt_id", "response", "reward"]).to_pydict()
+        with reading(shard, "sample"):
+            cols = pq.read_table(shard, columns=["prompt_id", "response", "reward"]).to_pydict()
         total += len(cols["reward"])
         for pid, response, reward in zip(cols["prompt_id"], cols["response"], cols["reward"]):
             if reward >= 1.0 and response:
@@ -164,6 +183,97 @@ def training_records(cfg: PipelineConfig, records) -> list:
         raise ConfigError(f"eval.select_holdout: {len(held_out)} held-out prompts leave none of data.prompts to train on")
     common.say("train", f"{len(held_out)} prompts held out for checkpoint selection (eval.select_holdout)")
     return [r for r in records if r.id not in held_out]
+
+
+# ----------------------------------------------------------------------------------------------- resume guards
+def training_lineage(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records) -> "Lineage":
+    """What this run trains on: the models' digests, the dtype, the prompt texts and ids it trains on, the
+    held-out slice, and the digest of every Stage 1-2 file it reads (paths relative to the run folder)."""
+    from disa.artifacts import (LABELS, LOG_Z_TABLE, REGRESSOR, SAMPLES, Lineage, prompts_digest, reads_labels,
+                                reads_log_z_table, reads_regressor, relative, text_digest, trains_on_samples)
+    from disa.run_dir import model_fingerprint
+
+    fields = {
+        "models.policy": model_fingerprint(common.model_path(cfg, "policy")),
+        "models.reference": model_fingerprint(common.model_path(cfg, "reference")),
+        "models.dtype": cfg.models.dtype,
+        "data.prompts (prompt texts)": prompts_digest(records),
+        "training prompt ids": text_digest(r.id for r in records),
+        "eval.select_holdout": cfg.eval.select_holdout,
+    }
+    for artifact, needed in ((SAMPLES, trains_on_samples), (LABELS, reads_labels), (LOG_Z_TABLE, reads_log_z_table),
+                             (REGRESSOR, reads_regressor)):
+        if needed(cfg):
+            fields[artifact.display] = {"path": relative(artifact.path(stage1.root), rd.root),
+                                        "digest": artifact.digest(stage1.root)}
+    return Lineage(fields)
+
+
+def preflight(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records, ckpt: Optional[Path], supervised: bool):
+    """Before any model loads: refuse a resume whose inputs differ from those the checkpoint recorded (naming each
+    field and both values), a ``train.num_steps`` below the checkpoint's step, a damaged ``trainer_state.json``;
+    rebuild ``metrics.csv`` from the checkpoint. Returns this run's lineage (:func:`record_lineage`)."""
+    from disa.artifacts import LINEAGE_FILE, Lineage, read_json, refuse_differences
+    from disa.training.checkpoints import checkpoint_step, read_trainer_state, rewrite_metrics
+
+    lineage = training_lineage(cfg, rd, stage1, records)
+    if ckpt is not None:
+        recorded = next((p for p in (ckpt / LINEAGE_FILE, rd.checkpoints / LINEAGE_FILE) if p.is_file()), None)
+        if recorded is not None:
+            refuse_differences(Lineage.from_dict(read_json(recorded, "train")), lineage, ckpt,
+                               "resuming would mix two runs: use a new output_dir, or delete the checkpoints folder")
+        state = read_trainer_state(ckpt)
+        step = checkpoint_step(ckpt)
+        if not supervised and step is not None and step > cfg.train.num_steps:
+            raise ConfigError(f"train.num_steps: {cfg.train.num_steps}, but {ckpt} is already at step {step}; a run "
+                              f"does not train backwards: set train.num_steps >= {step} to continue it, or use another "
+                              "output_dir for a shorter run")
+        if not supervised and step == cfg.train.num_steps:
+            common.say("train", f"{ckpt.name} is already at train.num_steps = {step}: nothing to train (raise "
+                                "train.num_steps to continue)")
+        rewrite_metrics(rd.checkpoints, state["history"])
+    return lineage
+
+
+LEARNING_WINDOW = 20  # steps without a single rewarded rollout before a run is called one that cannot learn
+
+
+def settings_cannot_learn(cfg: PipelineConfig) -> list[str]:
+    """Settings under which the policy can learn nothing: a group statistic over groups of one."""
+    spec = get_spec(cfg.train.objective)
+    if cfg.train.group_size == 1 and (spec.family == "policy_gradient" or cfg.target.reward_transform == "group"):
+        return [f"train.group_size is 1 and {cfg.train.objective} with r~ {cfg.target.reward_transform} uses a group "
+                "statistic (a reward minus its group's mean): every advantage is 0 and the policy cannot move; use "
+                "group_size >= 2"]
+    return []
+
+
+def history_cannot_learn(history: list[dict], num_steps: int) -> list[str]:
+    """What the last ``LEARNING_WINDOW`` steps say: no rewarded rollout at all, or a gradient of exactly zero."""
+    window = history[-LEARNING_WINDOW:]
+    if not window or len(window) < min(LEARNING_WINDOW, num_steps):
+        return []
+    first, last, out = int(window[0]["step"]), int(window[-1]["step"]), []
+    if all(float(r.get("reward_mean", 1.0)) <= 0.0 for r in window):
+        out.append(f"the mean reward was 0 or less in every step {first}-{last} (no rewarded rollout): the objective "
+                   "has nothing to move towards; check data.verifier on a few responses, or start from a stronger "
+                   "models.policy")
+    if all(float(r.get("grad_norm", 1.0)) == 0.0 for r in window):
+        out.append(f"the gradient was exactly 0 in every step {first}-{last}: nothing is being learned")
+    return out
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"disa train: WARNING: {line}", file=sys.stderr, flush=True)
+
+
+def record_lineage(rd: RunDir, lineage) -> None:
+    """``checkpoints/lineage.json``, written once training starts; every checkpoint takes a copy of it."""
+    from disa.artifacts import LINEAGE_FILE
+    from disa.io import atomic_write_json
+
+    atomic_write_json(rd.checkpoints / LINEAGE_FILE, lineage.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------- one call
@@ -201,7 +311,7 @@ def run(cfg: PipelineConfig) -> dict:
             kind = resolve_log_z_kind(cfg.train.log_z, spec)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if needs_labels(cfg):
+        if reads_labels(cfg):
             check_recorded_target(cfg, stage1)
         if kind == "frozen":
             log_z_fn = frozen_log_z(cfg, stage1, records)
@@ -211,6 +321,9 @@ def run(cfg: PipelineConfig) -> dict:
     if ckpt is not None:
         check_resume(ckpt, cfg.train, None if supervised else cfg.target)
     rd.ensure_writable()
+    lineage = preflight(cfg, rd, stage1, records, ckpt, supervised)
+    if not supervised:
+        warn(settings_cannot_learn(cfg))
 
     policy_path, ref_path = common.model_path(cfg, "policy"), common.model_path(cfg, "reference")
     policy, tokenizer = common.load_model(cfg, policy_path)
@@ -221,10 +334,13 @@ def run(cfg: PipelineConfig) -> dict:
             ref_model = common.load_model(cfg, ref_path)[0]  # under LoRA from pi_ref, pi_ref = the adapter off
         generator = common.generator(cfg, policy, cfg.train.generation_batch_size, tokenizer=tokenizer, progress=False)
     prompts = [{**r.verifier_columns(), "id": r.id, "text": render_prompt(r, tokenizer)} for r in records]
+    record_lineage(rd, lineage)
     policy, history = train_policy(policy, ref_model, tokenizer, prompts, reward_fn, cfg.train, cfg.target,
                                    output_dir=str(rd.checkpoints), log_z_fn=log_z_fn, affine=affine,
                                    sft_examples=examples, generator=generator, resume_from=ckpt)
     final = common.existing_checkpoint(rd.checkpoints)
+    if not supervised:
+        warn(history_cannot_learn(history, cfg.train.num_steps))
     del policy, ref_model, generator
     common.free()
     return _report(cfg, rd, history, ckpt, final, log_z_fn, examples)

@@ -43,28 +43,25 @@ class LongPrompt:
 
 
 def _models_of(cfg: PipelineConfig, verb: str) -> list[str]:
-    """The ``models.*`` settings whose folders ``verb`` loads."""
-    per_verb = {
-        "sample": ["reference", "proposal"],
-        "label": [],
-        "fit-z": ["reference"] if cfg.fit_z.embedder == "reference" else [],
-        "train": ["policy", "reference"],
-        "eval": ["policy"],
-    }
-    if verb == "run":
-        names = per_verb["train"] + per_verb["eval"]
-        if not cfg.stage1_dir:
-            names = per_verb["sample"] + per_verb["fit-z"] + names
+    """The ``models.*`` settings whose folders ``verb`` loads (declared in :data:`disa.artifacts.STAGE_IO`)."""
+    from disa.artifacts import run_verbs, stage_io
+
+    if verb == "run":  # every stage's models, in the order the stages load them
+        names = [n for v in run_verbs(cfg) for n in stage_io(cfg, v).config_inputs(cfg, "models.")]
     else:
-        names = per_verb.get(verb, [])
+        names = stage_io(cfg, verb).config_inputs(cfg, "models.") if verb in ("sample", "label", "fit-z", "train",
+                                                                               "eval") else []
     return list(dict.fromkeys(names))
 
 
 def _prompt_fields(cfg: PipelineConfig, verb: str) -> list[str]:
-    sets = {"sample": ["prompts"], "label": [], "fit-z": ["prompts"], "train": ["prompts"], "eval": ["eval_prompts"]}
-    names = ["prompts", "eval_prompts"] if verb == "run" else sets.get(verb, [])
+    """The prompt sets ``verb`` reads; ``eval_prompts`` falls back to ``prompts`` when unset."""
+    from disa.artifacts import run_verbs, stage_io
+
+    verbs = run_verbs(cfg) if verb == "run" else ((verb,) if verb in ("sample", "label", "fit-z", "train", "eval") else ())
+    names = [n for v in verbs for n in stage_io(cfg, v).config_inputs(cfg, "data.")]
     if "eval_prompts" in names and not cfg.data.eval_prompts:
-        names = [n for n in names if n != "eval_prompts"] or ["prompts"]
+        names = [n if n != "eval_prompts" else "prompts" for n in names]
     return list(dict.fromkeys(names))
 
 
@@ -87,11 +84,84 @@ def check_model_folder(field: str, value: str) -> Optional[str]:
         return f"{field}: {value!r} has no config.json; give a folder written by save_pretrained"
     if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
         return f"{field}: {value!r} has no weights (*.safetensors or *.bin); give a folder written by save_pretrained"
+    problem = weights_problem(path)
+    if problem is not None:
+        return f"{field}: {value!r}: {problem}; the weights do not belong to this config.json"
     problem = tokenizer_problem(path)
     if problem is not None:
         return f"{field}: {value!r} has no usable tokenizer ({problem}); save the tokenizer into the folder " \
                "(tokenizer.save_pretrained)"
     return None
+
+
+def weights_problem(path: Path) -> Optional[str]:
+    """None, or which tensors of the folder's ``*.safetensors`` do not fit the model its ``config.json`` builds:
+    missing ones (tied weights excepted: they share storage with a present one), unexpected ones, and ones of
+    another shape. Read from the file headers and a model built on the meta device, so nothing is loaded; without
+    this, 2-layer weights under ``n_layer: 4`` load with two random layers and no error."""
+    import re
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files or (path / "adapter_config.json").is_file():
+        return None  # *.bin weights or an adapter: left to the loader
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"config.json does not parse ({e})"
+    if "quantization_config" in config:
+        return None  # packed tensors: their shapes are not the module's
+    try:
+        from safetensors import safe_open
+
+        found: dict[str, tuple] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                found.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+    except Exception as e:  # a truncated or foreign file
+        return f"{f.name} cannot be read ({type(e).__name__}: {str(e)[:120]})"
+    model = _meta_model(str(path))
+    if model is None:
+        return None  # an architecture transformers cannot build here: the loader reports it
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def canonical(key: str) -> str:
+        if key in expected or not prefix:
+            return key
+        if f"{prefix}.{key}" in expected:
+            return f"{prefix}.{key}"
+        return key[len(prefix) + 1:] if key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected else key
+
+    present = {canonical(k): shape for k, shape in found.items()}
+    ignore_missing = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    ignore_unexpected = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    tied = {n for group in aliases.values() if len(group) > 1 and any(a in present for a in group) for n in group}
+    missing = [k for k in expected if k not in present and k not in tied and not any(r.search(k) for r in ignore_missing)]
+    unexpected = [k for k in present if k not in expected and not any(r.search(k) for r in ignore_unexpected)]
+    wrong = [f"{k} {list(present[k])} (config: {list(expected[k])})" for k in expected
+             if k in present and present[k] != expected[k]]
+    parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''} ({len(items)})"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if items]
+    return "weights " + "; ".join(parts) if parts else None
+
+
+def _meta_model(path: str):
+    """The model ``config.json`` describes, built on the meta device (no memory, no weights), or None."""
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -227,47 +297,13 @@ def writable_problem(field: str, value: str) -> Optional[str]:
     return None
 
 
-def _artefact_problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str]) -> list[str]:
-    """The files of earlier stages that ``verb`` reads, where missing (each names the verb that writes it)."""
-    from disa.objectives import get_spec
-    from disa.run_dir import RunDir
-
-    rd, stage1 = RunDir(cfg.output_dir), RunDir(cfg.stage1_dir or cfg.output_dir)
-    needed = []
-    if verb == "label":
-        needed.append((stage1.samples / "shard-*.parquet", "sample", "Stage 1 samples"))
-    elif verb == "fit-z":
-        needed.append((stage1.labels, "label", "Stage 1 labels"))
-    elif verb == "train" or (verb == "run" and cfg.stage1_dir):
-        from disa.stages.train import needs_labels
-        from disa.training import resolve_log_z_kind
-
-        spec = get_spec(cfg.train.objective)
-        try:
-            frozen = resolve_log_z_kind(cfg.train.log_z, spec) == "frozen"
-        except ValueError as e:
-            return [str(e)]
-        if spec.family == "supervised":
-            needed.append((stage1.samples / "shard-*.parquet", "sample", "Stage 1 samples"))
-        elif needs_labels(cfg):
-            needed.append((stage1.labels, "label", "Stage 1 labels"))
-            if frozen and cfg.train.log_z in ("auto", "table"):
-                needed.append((stage1.log_z_table, "fit-z", "the frozen log Z of every labelled prompt"))
-    elif verb == "eval" and checkpoint is None and not rd.checkpoints.is_dir():
-        needed.append((rd.checkpoints, "train", "training checkpoints; or pass --checkpoint FOLDER"))
-    out = []
-    for path, maker, what in needed:
-        present = any(path.parent.glob(path.name)) if "*" in path.name else path.exists()
-        if not present:
-            out.append(f"{path}: not found ({what}); run `disa {maker}` first (it writes this file)")
-    return out
-
-
 def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -> list[str]:
     """Every problem with ``verb``'s inputs, one line each (empty when all is well)."""
     from disa.data import DataError, load_prompts
 
-    out: list[str] = _artefact_problems(cfg, verb, checkpoint)
+    from disa.artifacts import missing_inputs
+
+    out: list[str] = missing_inputs(cfg, verb, checkpoint)  # declared per verb in disa.artifacts.STAGE_IO
     if cfg.stage1_dir and verb in ("sample", "label", "fit-z"):
         out.append(f"stage1_dir: set to {cfg.stage1_dir!r}, so Stage 1-2 files are read from there; run "
                    f"`disa {verb}` on that run's config (without stage1_dir)")

@@ -19,6 +19,8 @@ from disa.training.models import is_peft_model
 
 Tensor = torch.Tensor
 CHECKPOINT_PREFIX = "checkpoint-"
+LINEAGE_FILE = "lineage.json"  # written beside the checkpoints by `disa train`; each checkpoint keeps a copy
+METRICS_FILE = "metrics.csv"
 
 
 def rng_state() -> dict:
@@ -134,6 +136,8 @@ def save_training_checkpoint(
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     for name, data in config_files.items():
         (tmp / name).write_text(json.dumps(data, indent=2))
+    if (output_dir / LINEAGE_FILE).is_file():  # the digests of what this run trains on travel with its weights
+        shutil.copyfile(output_dir / LINEAGE_FILE, tmp / LINEAGE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if keep:
@@ -152,8 +156,23 @@ def load_training_checkpoint(
     scaler,
     logz_head: Optional[LogZHead] = None,
 ) -> dict:
-    """Restore everything ``save_training_checkpoint`` wrote, in place; returns the trainer state dict."""
+    """Restore everything ``save_training_checkpoint`` wrote, in place; returns the trainer state dict. A damaged
+    file is one error naming the checkpoint (delete it to resume from an earlier one)."""
     ckpt = Path(ckpt)
+    try:
+        return _load_training_checkpoint(ckpt, policy, optimizer, scheduler, scaler, logz_head)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:
+        from disa.artifacts import ArtifactError
+
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ArtifactError(f"{ckpt}: cannot be restored ({type(err).__name__}: {detail}); the checkpoint is damaged "
+                            "or belongs to another model: delete that folder to resume from an earlier checkpoint, or "
+                            "use another output_dir") from err
+
+
+def _load_training_checkpoint(ckpt: Path, policy, optimizer, scheduler, scaler, logz_head) -> dict:
     load_policy_weights(policy, ckpt / "policy")
     if logz_head is not None:
         from safetensors.torch import load_file
@@ -176,3 +195,42 @@ def read_checkpoint_json(checkpoint: str | Path, name: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: the checkpoint has no {name}")
     return json.loads(path.read_text())
+
+
+def read_trainer_state(ckpt: str | Path) -> dict:
+    """``trainer_state.json`` of a checkpoint, checked: its ``step`` is the folder's, its ``history`` a list of rows
+    whose last step is that step (a damaged or edited file is an error naming it)."""
+    from disa.artifacts import ArtifactError, read_json
+
+    ckpt = Path(ckpt)
+    path = ckpt / "trainer_state.json"
+    state = read_json(path, "train")
+    step, history = (state.get("step"), state.get("history")) if isinstance(state, dict) else (None, None)
+    expected = checkpoint_step(ckpt)
+    if not isinstance(step, int) or not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise ArtifactError(f"{path}: no integer 'step' and list 'history'; the checkpoint is damaged: delete "
+                            f"{ckpt} to resume from an earlier checkpoint")
+    if expected is not None and step != expected:
+        raise ArtifactError(f"{path}: records step {step}, but the folder is {ckpt.name}; the checkpoint is damaged: "
+                            f"delete {ckpt} to resume from an earlier checkpoint")
+    return state
+
+
+def rewrite_metrics(output_dir: str | Path, history: list[dict]) -> Path:
+    """``output_dir/metrics.csv`` rebuilt, atomically, from a checkpoint's history (the source of truth on a resume:
+    a truncated or garbled ``metrics.csv`` loses no step; rows after the checkpoint are dropped)."""
+    import csv
+    import io
+
+    from disa.io import atomic_write_text
+
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(history)
+    path = Path(output_dir) / METRICS_FILE
+    atomic_write_text(path, buffer.getvalue())
+    return path

@@ -76,8 +76,11 @@ active = site.getsitepackages()
 site_dirs = set(site.getsitepackages(prefixes)) | set(active)
 site_dirs |= {os.path.join("/usr/lib", n, d) for n in os.listdir("/usr/lib") if n.startswith("python")
               for d in ("site-packages", "dist-packages")}
-stdlib = {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")}
-stdlib |= {p for p in sys.path if p.rstrip("/").endswith("lib-dynload")}
+# platstdlib is a venv's own lib dir (holding only its site-packages) unless it has modules of its own
+stdlib = {sysconfig.get_path("stdlib")} | {p for p in sys.path if p.rstrip("/").endswith("lib-dynload")}
+platstdlib = sysconfig.get_path("platstdlib")
+if os.path.isfile(os.path.join(platstdlib, "os.py")) or os.path.isdir(os.path.join(platstdlib, "lib-dynload")):
+    stdlib.add(platstdlib)
 libdir = sysconfig.get_config_var("LIBDIR") or ""
 shared = [os.path.join(libdir, n) for n in (os.listdir(libdir) if os.path.isdir(libdir) else [])
           if n.startswith("libpython") and ".so" in n]

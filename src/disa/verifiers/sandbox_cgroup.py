@@ -8,7 +8,10 @@ Past the cap the kernel reclaims, then OOM-kills inside the group only.
 cgroup v2 (``memory.max``, ``memory.swap.max``, ``pids.max``) is used where the memory and pids
 controllers can be enabled below our own cgroup; otherwise cgroup v1 (``memory.limit_in_bytes``,
 ``memory.memsw.limit_in_bytes`` where present, ``pids.max``). The sandbox enters the group before it
-can fork: bwrap is started as ``sh -c 'echo $$ > cgroup.procs ...; exec bwrap ...'`` (:func:`enter_command`).
+can fork: bwrap is started as ``sh -c 'echo 0 > .../tasks; exec bwrap ...'`` (:func:`enter_command`).
+In v1 the shell moves its one thread through ``tasks``: moving a whole process through ``cgroup.procs``
+takes the kernel's global threadgroup lock, an RCU grace period (~10 ms per hierarchy here), which a
+single thread moving itself skips.
 :func:`create_cgroup` returns ``None`` (and :func:`cgroup_problem` says why) where neither works, e.g.
 without write access to ``/sys/fs/cgroup``.
 """
@@ -103,7 +106,7 @@ def _detect() -> _Layout | str:
             try:
                 mounts, own = _mounts(), _own_paths()
                 layout = _v2_layout(mounts, own) or _v1_layout(mounts, own)
-                _layout.append(layout or "no writable cgroup v2 (memory+pids) or v1 memory/pids hierarchy")
+                _layout.append(layout or "no writable cgroup v2 (memory+pids) or v1 memory and pids hierarchies")
             except OSError as err:
                 _layout.append(f"cgroups unreadable: {err!r}")
         return _layout[0]
@@ -113,6 +116,12 @@ def cgroup_problem() -> str | None:
     """Why sandboxes get no cgroup here, or ``None``."""
     layout = _detect()
     return layout if isinstance(layout, str) else None
+
+
+def cgroup_version() -> str | None:
+    """"v2" or "v1" where sandboxes get a cgroup here, else ``None``."""
+    layout = _detect()
+    return None if isinstance(layout, str) else layout.version
 
 
 def _write(path: str, value: str) -> None:
@@ -144,8 +153,10 @@ class SandboxCgroup:
         self.memory_bytes, self.max_pids = memory_bytes, max_pids
 
     @property
-    def procs_files(self) -> list[str]:
-        return [os.path.join(d, "cgroup.procs") for d in self.directories]
+    def entry_files(self) -> list[str]:
+        """Where the entering shell writes "0" (itself): v1 ``tasks`` (one thread), v2 ``cgroup.procs``."""
+        name = "cgroup.procs" if self.version == "v2" else "tasks"
+        return [os.path.join(d, name) for d in self.directories]
 
     def report(self) -> dict:
         """What the run used: peak memory and OOM kills inside the group (the kernel's counts)."""
@@ -232,6 +243,6 @@ def create_cgroup(memory_bytes: int | None, max_pids: int) -> SandboxCgroup | No
 
 def enter_command(cgroup: SandboxCgroup, argv: list[str]) -> list[str]:
     """``argv`` run by a shell that first moves itself into ``cgroup`` (so every descendant is in it)."""
-    files = cgroup.procs_files
-    script = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"'
+    files = cgroup.entry_files
+    script = 'for f in "$@"; do [ "$f" = -- ] && break; echo 0 > "$f" || exit 125; shift; done; shift; exec "$@"'
     return ["/bin/sh", "-c", script, "sh", *files, "--", *argv]

@@ -134,25 +134,29 @@ def build_program() -> bytes:
 
 
 _lock = threading.Lock()
-_cached: list = []
+_cached: list = []  # [bytes | SeccompUnavailable]
 
 
-def seccomp_program() -> bytes | None:
-    """The filter, built once per process; ``None`` when libseccomp is unavailable here."""
+def _build_once() -> bytes | SeccompUnavailable:
     with _lock:
         if not _cached:
             try:
                 _cached.append(build_program())
             except SeccompUnavailable as err:
                 _cached.append(err)
-        value = _cached[0]
+        return _cached[0]
+
+
+def seccomp_program() -> bytes | None:
+    """The filter, built once per process; ``None`` when libseccomp is unavailable here."""
+    value = _build_once()
     return None if isinstance(value, Exception) else value
 
 
 def seccomp_problem() -> str | None:
     """Why no filter can be built here, or ``None``."""
-    seccomp_program()
-    return str(_cached[0]) if isinstance(_cached[0], Exception) else None
+    value = _build_once()
+    return str(value) if isinstance(value, Exception) else None
 
 
 def program_fd(program: bytes) -> int:

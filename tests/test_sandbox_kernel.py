@@ -275,3 +275,14 @@ def test_limits_reject_bad_kernel_fields():
         SandboxLimits(max_open_files=3).check()
     with pytest.raises(ValueError, match="total_memory_mb"):
         SandboxLimits(total_memory_mb=1).check()
+
+
+@needs_cgroup
+def test_groups_left_by_a_dead_parent_are_swept(monkeypatch):
+    dead = subprocess.run(["/bin/sh", "-c", "echo $$"], capture_output=True, text=True).stdout.strip()
+    parent = sandbox_cgroup._detect().parents[0]
+    stale = os.path.join(parent, f"{sandbox_cgroup._PREFIX}{dead}-0-test")
+    os.mkdir(stale)
+    monkeypatch.setattr(sandbox_cgroup, "_layout", [])  # detect again, as a fresh process does
+    assert sandbox_cgroup.cgroup_problem() is None
+    assert not os.path.exists(stale)

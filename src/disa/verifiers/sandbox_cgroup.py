@@ -106,10 +106,23 @@ def _detect() -> _Layout | str:
             try:
                 mounts, own = _mounts(), _own_paths()
                 layout = _v2_layout(mounts, own) or _v1_layout(mounts, own)
+                if layout:
+                    _sweep_stale(layout)
                 _layout.append(layout or "no writable cgroup v2 (memory+pids) or v1 memory and pids hierarchies")
             except OSError as err:
                 _layout.append(f"cgroups unreadable: {err!r}")
         return _layout[0]
+
+
+def _sweep_stale(layout: _Layout) -> None:
+    """Remove the groups of sandbox parents that died before removing them (named after their pid)."""
+    for parent in layout.parents:
+        for name in os.listdir(parent):
+            if not name.startswith(_PREFIX):
+                continue
+            owner = name[len(_PREFIX):].split("-", 1)[0]
+            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                _remove(os.path.join(parent, name), layout.version, patience_s=0.5)
 
 
 def cgroup_problem() -> str | None:

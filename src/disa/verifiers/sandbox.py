@@ -334,6 +334,7 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
                          "cgroup": group.version if group else None,
                          "cgroup_problem": None if group else cgroups.cgroup_problem() or "cgroup creation failed",
                          "cgroup_memory_bytes": group.memory_bytes if group else None,
+                         "cgroup_pids_max": group.max_pids if group else None,
                          "packages": list(limits.allowed_packages)}
         else:
             argv = fallback.fallback_command(

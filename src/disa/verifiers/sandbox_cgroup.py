@@ -34,7 +34,7 @@ class _Layout:
     """Where this process's groups are: ``version`` and the parent directory per controller."""
 
     version: str
-    parents: tuple[str, ...]  # v2: (unified parent,); v1: (memory parent, pids parent)
+    parents: tuple[str, ...]  # v2: (unified parent,); v1: (memory parent[, pids parent])
 
 
 def _mounts() -> list[tuple[str, str, set[str]]]:
@@ -83,14 +83,15 @@ def _v2_layout(mounts, own) -> _Layout | None:
 
 
 def _v1_layout(mounts, own) -> _Layout | None:
+    """The memory hierarchy (required) and the pids one (used when writable too)."""
     parents = []
     for controller in ("memory", "pids"):
         point = next((p for p, kind, opts in mounts if kind == "cgroup" and controller in opts), None)
-        if point is None or controller not in own:
-            return None
-        parent = os.path.join(point, own[controller].lstrip("/"))
-        if not os.access(parent, os.W_OK):
-            return None
+        parent = os.path.join(point, own[controller].lstrip("/")) if point and controller in own else None
+        if parent is None or not os.access(parent, os.W_OK):
+            if controller == "memory":
+                return None
+            continue
         parents.append(parent)
     return _Layout("v1", tuple(parents))
 
@@ -108,7 +109,7 @@ def _detect() -> _Layout | str:
                 layout = _v2_layout(mounts, own) or _v1_layout(mounts, own)
                 if layout:
                     _sweep_stale(layout)
-                _layout.append(layout or "no writable cgroup v2 (memory+pids) or v1 memory and pids hierarchies")
+                _layout.append(layout or "no writable cgroup v2 (memory+pids) or v1 memory hierarchy")
             except OSError as err:
                 _layout.append(f"cgroups unreadable: {err!r}")
         return _layout[0]
@@ -161,7 +162,7 @@ def _read_int(path: str, key: str | None = None) -> int | None:
 class SandboxCgroup:
     """The group(s) of one sandbox run; :meth:`close` kills what is left and removes them."""
 
-    def __init__(self, version: str, directories: list[str], memory_bytes: int | None, max_pids: int):
+    def __init__(self, version: str, directories: list[str], memory_bytes: int | None, max_pids: int | None):
         self.version, self.directories = version, directories
         self.memory_bytes, self.max_pids = memory_bytes, max_pids
 
@@ -241,17 +242,19 @@ def create_cgroup(memory_bytes: int | None, max_pids: int) -> SandboxCgroup | No
                     _write(os.path.join(group, "memory.swap.max"), "0")
             _write(os.path.join(group, "pids.max"), str(max_pids))
         else:
-            memory, pids = directories
+            memory, pids = directories[0], directories[1:]
             if memory_bytes is not None:
                 _write(os.path.join(memory, "memory.limit_in_bytes"), str(memory_bytes))
                 if os.path.exists(os.path.join(memory, "memory.memsw.limit_in_bytes")):
                     _write(os.path.join(memory, "memory.memsw.limit_in_bytes"), str(memory_bytes))
-            _write(os.path.join(pids, "pids.max"), str(max_pids))
+            for group in pids:
+                _write(os.path.join(group, "pids.max"), str(max_pids))
     except OSError:
         for directory in directories:
             _remove(directory, layout.version, patience_s=0.1)
         return None
-    return SandboxCgroup(layout.version, directories, memory_bytes, max_pids)
+    has_pids = layout.version == "v2" or len(directories) > 1
+    return SandboxCgroup(layout.version, directories, memory_bytes, max_pids if has_pids else None)
 
 
 def enter_command(cgroup: SandboxCgroup, argv: list[str]) -> list[str]:

@@ -107,6 +107,14 @@ def test_foreign_architecture_syscall_kills_the_program():
     assert result.stdout == ""
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the x32 ABI exists only on x86_64")
+def test_x32_syscall_kills_the_program():
+    program = ("import ctypes\n"
+               "print('x32 getpid', ctypes.CDLL(None).syscall(0x40000000 | 39))\n")  # __X32_SYSCALL_BIT | getpid
+    result = run_in_sandbox(program, **OS)
+    assert result.status == "runtime_error" and result.returncode == -31 and result.stdout == ""
+
+
 # ---------------------------------------------------------------- host memory outside per-process limits
 
 SOCKET_BUFFERS = r'''

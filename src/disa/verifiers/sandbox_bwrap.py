@@ -271,7 +271,7 @@ def _probe_bwrap(python: str) -> str | None:
     if shutil.which("bwrap") is None:
         return f"bwrap not found on PATH; {BWRAP_INSTALL_HINT}"
     try:
-        argv = bwrap_prefix(python, 1 << 20, os.geteuid() == 0, DEFAULT_ALLOWED_PACKAGES) + [
+        argv = bwrap_prefix(python, 1 << 20, os.geteuid() == 0, ()) + [
             "--", python, "-I", "-c", "pass"]
     except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as err:
         return f"cannot prepare the interpreter's view: {err}"

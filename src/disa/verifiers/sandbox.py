@@ -86,7 +86,7 @@ class SandboxLimits:
     # bwrap only: the cgroup's cap on all the run holds (processes, tmpfs, kernel memory); default
     # memory_mb + max_disk_mb, None when memory_mb is None
     total_memory_mb: int | None = None
-    max_open_files: int = 64  # RLIMIT_NOFILE; also bounds socket buffers, which no cgroup v1 counts
+    max_open_files: int = 64  # RLIMIT_NOFILE; also bounds socket buffers where no cgroup counts them
     allowed_packages: tuple[str, ...] = DEFAULT_ALLOWED_PACKAGES  # distributions importable (bwrap)
 
     def check(self) -> None:
@@ -313,10 +313,11 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
     status_read_fd, status_write_fd = os.pipe()
     program_fd = _temp_fd(program.encode("utf-8")) if level == "bwrap" else None
     stdin_fd = _temp_fd(stdin.encode("utf-8"))
-    filter_program = seccomp.seccomp_program() if level == "bwrap" else None
-    filter_fd = seccomp.program_fd(filter_program) if filter_program else None
+    filter_fd = None
     try:
         if level == "bwrap":
+            filter_program = seccomp.seccomp_program()
+            filter_fd = seccomp.program_fd(filter_program) if filter_program else None
             config = {"status_fd": status_write_fd, "program_fd": program_fd, "uid": uid,
                       "cpu_s": limits.cpu_seconds, "max_file_bytes": int(limits.max_file_bytes),
                       "memory_bytes": None if limits.memory_mb is None else int(limits.memory_mb) << 20,

@@ -45,7 +45,8 @@ def worker(runs: int, variants: list[str]) -> None:
             result = sandbox.run_in_sandbox("pass", require_os_isolation=True)
             times[layers].append(time.perf_counter() - started)
             assert result.status == "ok", result.stderr
-    print("RESULT " + json.dumps({"times": times, "isolation": {k: first.isolation.get(k) for k in ("seccomp", "cgroup")}}))
+    isolation = {k: first.isolation.get(k) for k in ("seccomp", "cgroup")}
+    print("RESULT " + json.dumps({"times": times, "isolation": isolation}))
 
 
 def _run(src: str, runs: int, variants: list[str]) -> dict:

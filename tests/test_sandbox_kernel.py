@@ -37,7 +37,7 @@ def _errno_probe(calls: dict[str, str]) -> str:
     numbers = _syscall_numbers(*calls)
     lines = ["import ctypes, json", "libc = ctypes.CDLL(None, use_errno=True)", "out = {}"]
     for name, args in calls.items():
-        lines += [f"ctypes.set_errno(0)", f"rc = libc.syscall({numbers[name]}, {args})",
+        lines += ["ctypes.set_errno(0)", f"rc = libc.syscall({numbers[name]}, {args})",
                   f"out[{name!r}] = 'ok' if rc >= 0 else ctypes.get_errno()"]
     lines.append("print(json.dumps(out))")
     return "\n".join(lines) + "\n"

@@ -100,7 +100,8 @@ class SandboxLimits:
             raise ValueError(f"total_memory_mb must be >= 16 or None, got {self.total_memory_mb!r}")
         if isinstance(self.allowed_packages, str) or not all(
                 isinstance(p, str) and p for p in self.allowed_packages):
-            raise ValueError(f"allowed_packages must be a sequence of distribution names, got {self.allowed_packages!r}")
+            raise ValueError(f"allowed_packages must be a sequence of distribution names, "
+                             f"got {self.allowed_packages!r}")
 
     @property
     def cgroup_memory_bytes(self) -> int | None:

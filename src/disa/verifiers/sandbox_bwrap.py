@@ -74,8 +74,8 @@ from importlib import metadata
 prefixes = sorted({sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, "/usr", "/usr/local"})
 active = site.getsitepackages()
 site_dirs = set(site.getsitepackages(prefixes)) | set(active)
-site_dirs |= {os.path.join("/usr/lib", n, d) for n in os.listdir("/usr/lib") if n.startswith("python")
-              for d in ("site-packages", "dist-packages")}
+site_dirs |= {os.path.join(lib, n, d) for lib in ("/usr/lib", "/usr/local/lib") if os.path.isdir(lib)
+              for n in os.listdir(lib) if n.startswith("python") for d in ("site-packages", "dist-packages")}
 # platstdlib is a venv's own lib dir (holding only its site-packages) unless it has modules of its own
 stdlib = {sysconfig.get_path("stdlib")} | {p for p in sys.path if p.rstrip("/").endswith("lib-dynload")}
 platstdlib = sysconfig.get_path("platstdlib")

@@ -294,3 +294,32 @@ def test_groups_left_by_a_dead_parent_are_swept(monkeypatch):
     monkeypatch.setattr(sandbox_cgroup, "_layout", [])  # detect again, as a fresh process does
     assert sandbox_cgroup.cgroup_problem() is None
     assert not os.path.exists(stale)
+
+
+def test_cgroup_v2_layout_and_limits_on_a_delegated_subtree(tmp_path, monkeypatch):
+    """The v2 path, on a directory laid out like a delegated cgroup2 subtree (this machine's cgroup2 has no
+    memory controller): controllers enabled for children, limits written where the kernel reads them."""
+    own = tmp_path / "user.slice" / "me"
+    own.mkdir(parents=True)
+    (own / "cgroup.controllers").write_text("cpu memory pids\n")
+    (own / "cgroup.subtree_control").write_text("")
+    mounts = [(str(tmp_path), "cgroup2", {"rw"})]
+    layout = sandbox_cgroup._v2_layout(mounts, {"": "/user.slice/me"})
+    assert layout == sandbox_cgroup._Layout("v2", (str(own),))
+    assert (own / "cgroup.subtree_control").read_text() == "+memory +pids"
+    (own / "cgroup.controllers").write_text("cpu pids\n")  # no memory controller: not usable
+    assert sandbox_cgroup._v2_layout(mounts, {"": "/user.slice/me"}) is None
+
+    monkeypatch.setattr(sandbox_cgroup, "_layout", [layout])
+    group = sandbox_cgroup.create_cgroup(96 << 20, 20)
+    (directory,) = group.directories
+    assert os.path.dirname(directory) == str(own)
+    assert open(os.path.join(directory, "memory.max")).read() == str(96 << 20)
+    assert open(os.path.join(directory, "pids.max")).read() == "20"
+    assert group.entry_files == [os.path.join(directory, "cgroup.procs")]
+    argv = sandbox_cgroup.enter_command(group, ["bwrap", "--", "python"])
+    assert argv[:2] == ["/bin/sh", "-c"] and argv[4:] == [group.entry_files[0], "--", "bwrap", "--", "python"]
+    ran = subprocess.run(sandbox_cgroup.enter_command(group, ["/bin/echo", "--", "started"]),
+                         capture_output=True, text=True)
+    assert (ran.returncode, ran.stdout) == (0, "-- started\n")
+    assert open(group.entry_files[0]).read() == "0\n"  # "0": the shell itself, before the exec

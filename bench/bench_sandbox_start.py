@@ -65,7 +65,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    before = tempfile.mkdtemp(prefix="disa-bench-before-")
+    with tempfile.TemporaryDirectory(prefix="disa-bench-before-") as before:
+        _measure(before, args)
+
+
+def _measure(before: str, args: argparse.Namespace) -> None:
     archive = subprocess.run(["git", "-C", os.path.dirname(HERE), "archive", args.before_commit, "src"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", before], input=archive, check=True)

@@ -32,8 +32,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from disa.verifiers import sandbox_cgroup as cgroups
 from disa.verifiers import sandbox_fallback as fallback
-from disa.verifiers.sandbox_bwrap import BWRAP_INSTALL_HINT, bwrap_command, bwrap_problem  # noqa: F401
+from disa.verifiers import sandbox_seccomp as seccomp
+from disa.verifiers.sandbox_bwrap import (  # noqa: F401
+    BWRAP_INSTALL_HINT,
+    DEFAULT_ALLOWED_PACKAGES,
+    bwrap_command,
+    bwrap_problem,
+)
 
 STATUSES = ("ok", "wrong_answer", "timeout", "memory", "runtime_error", "refused", "output_limit", "sandbox_error")
 
@@ -80,12 +87,31 @@ class SandboxLimits:
     max_file_bytes: int = 16 * 1024 * 1024
     max_disk_mb: int = 64
     max_processes: int = 16
+    # bwrap only: the cgroup's cap on all the run holds (processes, tmpfs, kernel memory); default
+    # memory_mb + max_disk_mb, None when memory_mb is None
+    total_memory_mb: int | None = None
+    max_open_files: int = 64  # RLIMIT_NOFILE; also bounds socket buffers where no cgroup counts them
+    allowed_packages: tuple[str, ...] = DEFAULT_ALLOWED_PACKAGES  # distributions importable (bwrap)
 
     def check(self) -> None:
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
         if min(self.max_output_bytes, self.max_file_bytes, self.max_processes, self.max_disk_mb) < 1:
             raise ValueError("max_output_bytes, max_file_bytes, max_disk_mb and max_processes must be >= 1")
+        if self.max_open_files < 16:
+            raise ValueError(f"max_open_files must be >= 16 (the interpreter needs some), got {self.max_open_files!r}")
+        if self.total_memory_mb is not None and self.total_memory_mb < 16:
+            raise ValueError(f"total_memory_mb must be >= 16 or None, got {self.total_memory_mb!r}")
+        if isinstance(self.allowed_packages, str) or not all(
+                isinstance(p, str) and p for p in self.allowed_packages):
+            raise ValueError(f"allowed_packages must be a sequence of distribution names, "
+                             f"got {self.allowed_packages!r}")
+
+    @property
+    def cgroup_memory_bytes(self) -> int | None:
+        if self.total_memory_mb is not None:
+            return int(self.total_memory_mb) << 20
+        return None if self.memory_mb is None else (int(self.memory_mb) + int(self.max_disk_mb)) << 20
 
     @property
     def cpu_seconds(self) -> int:
@@ -322,28 +348,46 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
     reservation = fallback.SandboxUid(lock_dir, sweep=level == "fallback") if as_root else None
     uid = reservation.__enter__() if reservation else None
     workdir = tempfile.mkdtemp(prefix="disa-sandbox-") if level == "fallback" else None
+    group = cgroups.create_cgroup(limits.cgroup_memory_bytes, limits.max_processes + 4) if level == "bwrap" else None
 
     def cleanup(running: RunningSandbox | None = None) -> None:
+        if group:  # first: kills whatever is left in the group before its uid is released
+            usage = group.close()
+            if running is not None:
+                running.isolation.update(usage)
         if reservation:
             reservation.sweep = reservation.sweep or bool(running and running.killed)
             reservation.__exit__(None, None, None)
         if workdir:
             _remove_tree(workdir)
 
-    status_read_fd = status_write_fd = program_fd = stdin_fd = None
+    status_read_fd = status_write_fd = program_fd = stdin_fd = filter_fd = None
     try:
         status_read_fd, status_write_fd = os.pipe()
         program_fd = _temp_fd(program.encode("utf-8")) if level == "bwrap" else None
         stdin_fd = _temp_fd(stdin.encode("utf-8"))
         if level == "bwrap":
+            filter_program = seccomp.seccomp_program()
+            filter_fd = seccomp.program_fd(filter_program) if filter_program else None
             config = {"status_fd": status_write_fd, "program_fd": program_fd, "uid": uid,
                       "cpu_s": limits.cpu_seconds, "max_file_bytes": int(limits.max_file_bytes),
                       "memory_bytes": None if limits.memory_mb is None else int(limits.memory_mb) << 20,
-                      "nproc": fallback._nproc_limit(uid, limits.max_processes)}
-            argv = bwrap_command(python, int(limits.max_disk_mb) << 20, as_root) + [json.dumps(config)]
-            env, cwd, fds = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, "/", (program_fd,)
+                      "nproc": fallback._nproc_limit(uid, limits.max_processes),
+                      "nofile": int(limits.max_open_files)}
+            argv = bwrap_command(python, int(limits.max_disk_mb) << 20, as_root, tuple(limits.allowed_packages),
+                                 filter_fd) + [json.dumps(config)]
+            if group:
+                argv = cgroups.enter_command(group, argv)
+            env, cwd = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, "/"
+            fds = (program_fd,) if filter_fd is None else (program_fd, filter_fd)
             isolation = {"level": "bwrap", "uid": uid, "mountns": True, "pidns": True, "netns": True,
-                         "disk_mb": limits.max_disk_mb}
+                         "disk_mb": limits.max_disk_mb, "seccomp": filter_fd is not None,
+                         "seccomp_problem": seccomp.seccomp_problem(),
+                         "cgroup": group.version if group else None,
+                         "cgroup_problem": None if group else cgroups.cgroup_problem() or "cgroup creation failed",
+                         "cgroup_memory_bytes": group.memory_bytes if group else None,
+                         "cgroup_pids_max": group.max_pids if group else None,
+                         "packages": list(limits.allowed_packages)}
         else:
             argv = fallback.fallback_command(
                 program, workdir, uid, status_write_fd, cpu_s=limits.cpu_seconds,
@@ -359,7 +403,7 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
         _each(*(_closer(fd) for fd in (status_read_fd,) if fd is not None), cleanup)
         raise
     finally:
-        _each(*(_closer(fd) for fd in (status_write_fd, program_fd, stdin_fd) if fd is not None))
+        _each(*(_closer(fd) for fd in (status_write_fd, program_fd, stdin_fd, filter_fd) if fd is not None))
     return RunningSandbox(process, status_read_fd, started + limits.timeout_s, limits, started,
                           level, isolation, cleanup)
 
@@ -387,6 +431,9 @@ def run_in_sandbox(
     max_file_bytes: int = 16 * 1024 * 1024,
     max_disk_mb: int = 64,
     max_processes: int = 16,
+    total_memory_mb: int | None = None,
+    max_open_files: int = 64,
+    allowed_packages: tuple[str, ...] = DEFAULT_ALLOWED_PACKAGES,
     backend: str | None = None,
     require_os_isolation: bool = False,
     allow_subprocess: bool = False,
@@ -405,6 +452,11 @@ def run_in_sandbox(
         max_file_bytes: ``RLIMIT_FSIZE``; max_disk_mb: size of the tmpfs that is the program's
             whole writable disk (bwrap only).
         max_processes: ``RLIMIT_NPROC`` (threads count too); per sandbox when root (own uid).
+        total_memory_mb: the cgroup's memory cap over the whole run (bwrap, where cgroups can be
+            made); default ``memory_mb + max_disk_mb``.
+        max_open_files: ``RLIMIT_NOFILE``.
+        allowed_packages: distributions the program may import besides the standard library (bwrap:
+            nothing else of site-packages is visible).
         backend: "bwrap", "fallback" or ``None`` (bwrap when it works here).
         require_os_isolation: raise :class:`SandboxUnavailable` instead of using the fallback.
         allow_subprocess / audit_hook / network_namespace: fallback-only switches (bwrap always
@@ -412,7 +464,7 @@ def run_in_sandbox(
         python_executable: interpreter to run; default ``sys.executable`` (bound read-only).
     """
     limits = SandboxLimits(timeout_s, cpu_s, memory_mb, max_output_bytes, max_file_bytes,
-                           max_disk_mb, max_processes)
+                           max_disk_mb, max_processes, total_memory_mb, max_open_files, tuple(allowed_packages))
     started = time.monotonic()
     try:
         running = start_sandbox(program, stdin, limits=limits, backend=backend,

@@ -334,6 +334,7 @@ def run(cfg) -> dict:
     rd = common.run_dir(cfg)
     records = common.prompts(cfg)
     common.verifier(cfg)  # an unknown name fails here, before any model is loaded
+    isolation = common.code_isolation(cfg, [cfg.data.verifier], "sample")
     ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
     rd.ensure_writable()
     s = cfg.sample
@@ -350,12 +351,14 @@ def run(cfg) -> dict:
         ref_model, ref_tokenizer = common.load_model(cfg, ref_path)
     fingerprints = {"reference_fingerprint": model_fingerprint(ref_path),
                     "proposal_fingerprint": model_fingerprint(proposal_path)}
+    if isolation:
+        fingerprints["code_isolation"] = isolation
     try:
         result = run_sampling(
             records, generator=generator, n=s.n, out_dir=str(rd.root), verifier=cfg.data.verifier,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, shard_size=s.shard_size, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
-            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints,
+            verifier_kwargs=common.verifier_kwargs(cfg, cfg.data.verifier), extra_meta=fingerprints,
         )
     except ResumeMismatch as e:  # a resume with other settings: a config problem, not a crash
         raise ConfigError(str(e)) from None

@@ -98,6 +98,7 @@ def profile(args) -> None:
         ("python -I -c 'import json, resource'", proc([py, "-I", "-c", "import json, resource"])),
         ("bwrap -- /bin/true", proc(bare + ["--", "/bin/true"])),
         ("bwrap -- python -I -c pass", proc(bare + ["--", py, "-I", "-c", "pass"])),
+        ("bwrap -- python -I -S -c pass (the harness's flags)", proc(bare + ["--", py, "-I", "-S", "-c", "pass"])),
         ("run_in_sandbox('pass') (harness, limits, pipes)", lambda: run_in_sandbox("pass", backend=args.backend)),
         ("assert test, 1 call (program + judge sandboxes)",
          lambda: run_tests("def f(x):\n    return x\n", "assert f(1) == 1\n", backend=args.backend)),

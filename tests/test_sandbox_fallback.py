@@ -78,6 +78,7 @@ KILL_PROGRAMS = {
     "parent_via_dir_fd": ("import os\nfd = os.open('/proc', os.O_RDONLY)\n"
                           "print(os.read(os.open('%d/environ' % os.getppid(), os.O_RDONLY, dir_fd=fd), 50))\n"),
     "reimport_signal": "import sys\ndel sys.modules['_signal']\nimport _signal\n",
+    "parent_rlimit": "import os, resource\nresource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))\n",
     "kill_self": "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n",
 }
 
@@ -131,7 +132,7 @@ def test_fallback_as_an_unprivileged_user_cannot_kill_the_trainer_or_read_the_ju
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["uid"] == TEST_UID
     for name in ("kill_parent", "kill_everything", "killpg_parent", "parent_memory", "parent_via_dir_fd",
-                 "reimport_signal"):
+                 "reimport_signal", "parent_rlimit"):
         assert out[name][0] == "refused", (name, out[name])
     assert out["pidfd_parent"][0] == "runtime_error"  # pidfd_open is gone: AttributeError
     assert out["kill_self"][:2] == ["runtime_error", -15]  # its own process may still be signalled

@@ -139,12 +139,12 @@ if config["audit_hook"]:
             return False
 
     def _may_signal(pid, group):
-        if group:  # killpg(pgid) or kill(-pgid): only its own process group
-            return pid == 0 or pid == _getpgrp()
-        if pid == 0:
-            return True  # kill(0, sig): its own process group
-        if pid < 0:
-            return pid != -1 and -pid == _getpgrp()
+        """Itself, a process of its session, or its own process group (only when that group is inside
+        the session it was started as, i.e. holds none of the trainer's processes)."""
+        if group:  # killpg(pgid)
+            return _own_session is not None and pid in (0, _getpgrp())
+        if pid <= 0:  # kill(0): its group; kill(-1): everything it may signal; kill(-pgid): a group
+            return _own_session is not None and pid != -1 and -pid in (0, _getpgrp())
         return _ours(pid)
 
     def _foreign_proc(path):
@@ -187,6 +187,9 @@ if config["audit_hook"]:
         elif event in ("os.kill", "os.killpg"):
             pid = args[0]
             if not isinstance(pid, int) or not _may_signal(pid, event == "os.killpg"):
+                _refuse(event, repr(args)[:200])
+        elif event == "resource.prlimit":  # another process's limits (the trainer's open files...)
+            if not isinstance(args[0], int) or not (args[0] == 0 or _ours(args[0])):
                 _refuse(event, repr(args)[:200])
         elif event == "import":
             if args[0] in _reload_refused:

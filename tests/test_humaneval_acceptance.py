@@ -35,5 +35,8 @@ def test_humaneval_canonical_pass_and_return_none_and_infinite_loops_fail(humane
     loops = [f"{p['prompt']}    while True:\n        pass\n" for p in problems]
     reports = run_tests_batch(loops, tests, show_progress=False, timeout_s=LOOP_TIMEOUT_S, require_os_isolation=True)
     assert [r.num_passed for r in reports] == [0] * 164
-    assert {r.results[0].status for r in reports} == {"timeout"}
-    assert max(r.results[0].wall_time_s for r in reports) < LOOP_TIMEOUT_S + 2.0  # killed at the limit
+    # Each was stopped by the wall clock, not by an early crash, and none outlived it. (The status is "timeout",
+    # or "runtime_error" when the judge notices the killed program before its own deadline.)
+    walls = [r.results[0].wall_time_s for r in reports]
+    assert LOOP_TIMEOUT_S * 0.95 <= min(walls) and max(walls) < LOOP_TIMEOUT_S + 2.0
+    assert {r.results[0].status for r in reports} <= {"timeout", "runtime_error"}

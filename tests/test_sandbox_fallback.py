@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -27,7 +28,9 @@ from disa.verifiers.sandbox import run_in_sandbox
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TEST_UID = 64123  # outside the sandbox uid pool (61000-61255)
-SECRET = "kq93hz-the-answer-only-the-tests-hold"
+# Made at run time: a file that holds this test's source (a checkout under /tmp) must not hold the answer.
+MARKER = "kq" + secrets.token_hex(8)
+SECRET = MARKER + "-the-answer-only-the-tests-hold"
 
 # The program's function looks for the judge's tests: every readable file under /tmp (where the old
 # fallback wrote the judge's script), then every other process's open descriptors.
@@ -43,12 +46,12 @@ def answer():
             except OSError:
                 continue
             seen += 1
-            at = data.find(b"kq93hz")
+            at = data.find(b"MARKER")
             if at >= 0:
-                return data[at:at + 37].decode()
+                return data[at:at + LENGTH].decode()
     print("scanned", seen, "files", flush=True)
     return None
-'''
+'''.replace("MARKER", MARKER).replace("LENGTH", str(len(SECRET)))
 SCAN_PROC_FDS = '''
 import os
 def answer():
@@ -62,11 +65,11 @@ def answer():
         for fd in fds:
             with open("/proc/%s/fd/%s" % (pid, fd), "rb") as f:
                 data = f.read()
-            at = data.find(b"kq93hz")
+            at = data.find(b"MARKER")
             if at >= 0:
-                return data[at:at + 37].decode()
+                return data[at:at + LENGTH].decode()
     return None
-'''
+'''.replace("MARKER", MARKER).replace("LENGTH", str(len(SECRET)))
 JUDGE_TESTS = f"assert answer() == {SECRET!r}\n"
 
 KILL_PROGRAMS = {
@@ -169,13 +172,13 @@ def test_fallback_source_is_in_no_file_and_no_argv_while_it_runs():
     try:
         assert os.read(running.process.stdout.fileno(), 3) == b"up\n"
         with open(f"/proc/{running.process.pid}/cmdline", "rb") as f:
-            assert b"kq93hz" not in f.read()
+            assert MARKER.encode() not in f.read()
         workdir = os.readlink(f"/proc/{running.process.pid}/cwd")
         parent = os.path.dirname(workdir)
         assert stat.S_IMODE(os.stat(parent).st_mode) == (0o711 if os.geteuid() == 0 else 0o700)
         for root, _, files in os.walk(parent):
             for name in files:
-                assert b"kq93hz" not in Path(root, name).read_bytes(), name
+                assert MARKER.encode() not in Path(root, name).read_bytes(), name
     finally:
         running.kill()
         running.finish()

@@ -107,8 +107,6 @@ class DisaGRPOTrainer(GRPOTrainer):
         self.disa_kwargs = dict(objective_kwargs or {})
         check_hyperparameters(objective, self.disa_kwargs)
         self.disa_target = target
-        self.disa_code_isolation = code_reward_isolation(
-            kwargs.get("reward_funcs", args[1] if len(args) > 1 else None), allow_sandbox_fallback)
         self.disa_log_z_kind = spec.log_z
         grpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         if grpo_args is None or float(getattr(grpo_args, "beta", 0.0)) == 0.0:
@@ -117,6 +115,8 @@ class DisaGRPOTrainer(GRPOTrainer):
         if float(getattr(grpo_args, "temperature", 1.0)) != 1.0:
             warnings.warn("GRPOConfig.temperature != 1: TRL divides the policy's logits by it, so the residual "
                           "is about a tempered policy, not pi_theta itself", stacklevel=2)
+        self.disa_code_isolation = code_reward_isolation(
+            kwargs.get("reward_funcs", args[1] if len(args) > 1 else None), allow_sandbox_fallback)
         super().__init__(*args, **kwargs)
         if self.disa_log_z_kind == "learned":
             self._attach_log_z_head()

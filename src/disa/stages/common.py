@@ -147,13 +147,15 @@ def _without_long_prompts(cfg: PipelineConfig, records, path: str, name: str):
 
 
 def verifier(cfg: PipelineConfig):
-    """The configured reward function, with :func:`verifier_kwargs` bound (TRL's signature)."""
+    """The configured reward function, with :func:`verifier_kwargs` bound (TRL's signature); for a verifier that
+    runs code, first :func:`code_isolation`."""
     from disa.verifiers import get_verifier
 
     try:
         fn = get_verifier(cfg.data.verifier)
     except KeyError as e:
         raise ConfigError(f"data.verifier: {e.args[0]}") from None
+    code_isolation(cfg, [cfg.data.verifier], "verifier")  # refuses the fallback unless allowed; says which
     kwargs = verifier_kwargs(cfg, cfg.data.verifier)
     return functools.partial(fn, **kwargs) if kwargs else fn
 

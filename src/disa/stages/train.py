@@ -193,7 +193,6 @@ def run(cfg: PipelineConfig) -> dict:
     spec = get_spec(cfg.train.objective)
     supervised = spec.family == "supervised"
     reward_fn = None if supervised else common.verifier(cfg)
-    isolation = None if supervised else common.code_isolation(cfg, [cfg.data.verifier], "train")
     log_z_fn = affine = None
     if not supervised:
         from disa.training import resolve_log_z_kind
@@ -228,10 +227,7 @@ def run(cfg: PipelineConfig) -> dict:
     final = common.existing_checkpoint(rd.checkpoints)
     del policy, ref_model, generator
     common.free()
-    result = _report(cfg, rd, history, ckpt, final, log_z_fn, examples)
-    if isolation:
-        result["code_isolation"] = isolation
-    return result
+    return _report(cfg, rd, history, ckpt, final, log_z_fn, examples)
 
 
 def _report(cfg, rd, history, ckpt, final, log_z_fn, examples) -> dict:

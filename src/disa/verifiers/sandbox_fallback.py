@@ -418,10 +418,10 @@ def check_code_isolation(allow_fallback: bool, python: str | None = None) -> tup
         return "bwrap", None
     if allow_fallback:
         return "fallback", None
-    return "fallback", (f"programs would run without OS isolation here ({why}). Install bubblewrap where it "
-                        f"can create namespaces ({BWRAP_INSTALL_HINT}), or accept the weaker fallback sandbox, "
-                        "whose guards a program can switch off, with verifier.allow_fallback: true "
-                        "(docs/sandbox.md)")
+    fix = "" if BWRAP_INSTALL_HINT in why else "; bubblewrap needs root or unprivileged user namespaces here"
+    return "fallback", (f"programs would run without OS isolation here ({why}{fix}). Either make bubblewrap "
+                        "work, or accept the weaker fallback sandbox, whose guards a program can switch off, with "
+                        "verifier.allow_fallback: true (docs/sandbox.md)")
 
 
 ISOLATION_SUMMARY = {

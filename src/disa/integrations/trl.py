@@ -17,6 +17,7 @@ policy's prompt hidden states (attached to the model, so TRL's optimizer trains 
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Optional
 
@@ -34,7 +35,26 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("disa.integrations.trl needs TRL: pip install 'disa[trl]'") from e
 
 HEAD_NAME = "disa_log_z_head"
-__all__ = ["DisaGRPOTrainer", "add_log_z_column", "target_rewards_for_rollouts", "trl_batch_to_objective_inputs"]
+__all__ = ["DisaGRPOTrainer", "add_log_z_column", "code_reward_isolation", "target_rewards_for_rollouts",
+           "trl_batch_to_objective_inputs"]
+
+
+def code_reward_isolation(reward_funcs: Any, allow_fallback: bool) -> Optional[str]:
+    """The sandbox ("bwrap"/"fallback") that the reward functions which run code (the registered ``code``
+    verifier, or a ``functools.partial`` of it) will get, None when none runs code; raises ``RuntimeError``
+    with how to install bubblewrap when only the fallback is there and ``allow_fallback`` is False."""
+    from disa.verifiers import runs_code
+    from disa.verifiers.sandbox_fallback import ISOLATION_SUMMARY, check_code_isolation
+
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not any(callable(f) and runs_code(f) for f in funcs):
+        return None
+    level, problem = check_code_isolation(allow_fallback)
+    if problem:
+        raise RuntimeError(f"DisaGRPOTrainer: {problem.replace('verifier.allow_fallback: true', 'allow_sandbox_fallback=True')}")
+    log = logging.getLogger("disa")
+    (log.warning if level == "fallback" else log.info)("code sandbox: %s", ISOLATION_SUMMARY[level])
+    return level
 
 
 def target_rewards_for_rollouts(transform: str, raw: torch.Tensor, num_generations: int,
@@ -73,11 +93,12 @@ class DisaGRPOTrainer(GRPOTrainer):
     Extra arguments: ``target`` (beta and reward transform: the one ``add_log_z_column`` returns, so it is the
     table's), ``objective`` (a registered trajectory-balance objective), ``objective_kwargs`` (its
     hyperparameters). The train dataset needs a ``log_z`` column for a frozen ``log Z`` and
-    ``reward_scale``/``reward_shift`` for the affine transform.
+    ``reward_scale``/``reward_shift`` for the affine transform. A reward function that runs code (the ``code``
+    verifier) needs bubblewrap unless ``allow_sandbox_fallback=True`` (:func:`code_reward_isolation`).
     """
 
     def __init__(self, *args, target: TargetConfig, objective: str = "disa",
-                 objective_kwargs: Optional[dict] = None, **kwargs):
+                 objective_kwargs: Optional[dict] = None, allow_sandbox_fallback: bool = False, **kwargs):
         spec = get_spec(objective)
         if spec.family != "trajectory_balance":
             raise ValueError(f"objective {objective!r} is {spec.family}; DisaGRPOTrainer runs trajectory-balance "
@@ -94,6 +115,8 @@ class DisaGRPOTrainer(GRPOTrainer):
         if float(getattr(grpo_args, "temperature", 1.0)) != 1.0:
             warnings.warn("GRPOConfig.temperature != 1: TRL divides the policy's logits by it, so the residual "
                           "is about a tempered policy, not pi_theta itself", stacklevel=2)
+        self.disa_code_isolation = code_reward_isolation(
+            kwargs.get("reward_funcs", args[1] if len(args) > 1 else None), allow_sandbox_fallback)
         super().__init__(*args, **kwargs)
         if self.disa_log_z_kind == "learned":
             self._attach_log_z_head()

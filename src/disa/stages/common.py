@@ -150,16 +150,78 @@ def _without_long_prompts(cfg: PipelineConfig, records, path: str, name: str):
 
 
 def verifier(cfg: PipelineConfig):
-    """The configured reward function, with ``data.verifier_kwargs`` bound (TRL's signature)."""
+    """The configured reward function, with :func:`verifier_kwargs` bound (TRL's signature); for a verifier that
+    runs code, first :func:`code_isolation`."""
     from disa.verifiers import get_verifier
 
     try:
         fn = get_verifier(cfg.data.verifier)
     except KeyError as e:
         raise ConfigError(f"data.verifier: {e.args[0]}") from None
-    if not cfg.data.verifier_kwargs:
-        return fn
-    return functools.partial(fn, **cfg.data.verifier_kwargs)
+    code_isolation(cfg, [cfg.data.verifier], "verifier")  # refuses the fallback unless allowed; says which
+    kwargs = verifier_kwargs(cfg, cfg.data.verifier)
+    return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def verifier_kwargs(cfg: PipelineConfig, name: str) -> dict:
+    """Keyword arguments for verifier ``name``: ``data.verifier_kwargs`` when it is ``data.verifier``, and for
+    a verifier that runs code, ``require_os_isolation`` unless ``verifier.allow_fallback`` (so that a worker on
+    a machine without bubblewrap fails instead of silently scoring in the fallback)."""
+    from disa.verifiers import runs_code
+
+    kwargs = dict(cfg.data.verifier_kwargs) if name == cfg.data.verifier else {}
+    if runs_code(name) and not cfg.verifier.allow_fallback:
+        kwargs["require_os_isolation"] = True
+    return kwargs
+
+
+def isolation_problem(cfg: PipelineConfig, names) -> Optional[str]:
+    """Why verifiers ``names`` must not run here (one of them runs code and only the fallback sandbox
+    would hold it, without ``verifier.allow_fallback``), else None."""
+    from disa.verifiers import runs_code
+    from disa.verifiers.sandbox_fallback import check_code_isolation
+
+    if not any(runs_code(name) for name in names):
+        return None
+    backend = cfg.data.verifier_kwargs.get("backend") if cfg.data.verifier in names else None
+    if backend == "fallback" and not cfg.verifier.allow_fallback:
+        return "data.verifier_kwargs.backend: 'fallback' needs verifier.allow_fallback: true"
+    _, problem = check_code_isolation(cfg.verifier.allow_fallback)
+    return f"verifier.allow_fallback: {problem}" if problem else None
+
+
+def verifier_names(cfg: PipelineConfig, verb: str) -> list[str]:
+    """The verifiers ``verb`` calls: ``data.verifier``, and for eval/run each known benchmark's."""
+    names = [cfg.data.verifier]
+    if verb in ("eval", "run"):
+        from disa.benchmarks import BENCHMARKS
+
+        for entry in cfg.eval.benchmarks:
+            name = entry.get("name") if isinstance(entry, dict) else entry
+            if isinstance(name, str) and name in BENCHMARKS and BENCHMARKS[name].verifier not in names:
+                names.append(BENCHMARKS[name].verifier)
+    return names
+
+
+_isolation_said: set[str] = set()
+
+
+def code_isolation(cfg: PipelineConfig, names, verb: str) -> Optional[str]:
+    """The sandbox that verifiers ``names`` run programs in ("bwrap" or "fallback"; None when none runs code):
+    raises ``ConfigError`` where it is not allowed, and says which once per process."""
+    from disa.verifiers import runs_code
+    from disa.verifiers.sandbox_fallback import ISOLATION_SUMMARY, check_code_isolation
+
+    if not any(runs_code(name) for name in names):
+        return None
+    problem = isolation_problem(cfg, names)
+    if problem:
+        raise ConfigError(problem)
+    level, _ = check_code_isolation(cfg.verifier.allow_fallback)
+    if level not in _isolation_said:
+        _isolation_said.add(level)
+        say(verb, f"code sandbox: {ISOLATION_SUMMARY[level]}")
+    return level
 
 
 def generator(cfg: PipelineConfig, model, batch_size: int, *, tokenizer=None, seed: int = 0, progress: bool = True):

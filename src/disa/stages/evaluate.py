@@ -179,12 +179,14 @@ def run_evaluation(
     bootstrap: int = 1000,
     confidence: float = 0.95,
     judge: Optional[dict] = None,
+    code_isolation: Optional[str] = None,
 ) -> dict:
     """Draw ``k`` samples per prompt with ``generator``, verify them, write ``eval.json`` / ``eval.md`` /
     ``eval_samples.parquet`` into ``out_dir`` and return the summary (see :func:`summarize`).
 
     ``tokenizer`` renders the prompts (default: the generator's). ``verifier``: a registry name or a reward
     function with TRL's signature. ``policy``: a label for the report (e.g. the checkpoint folder).
+    ``code_isolation``: the sandbox a code verifier ran in ("bwrap"/"fallback"), recorded in the summary.
     """
     if not prompts:
         raise ValueError("prompts is empty")
@@ -249,6 +251,8 @@ def run_evaluation(
         "seed": seed,
         "diversity": diversity.diversity_table(responses),
     })
+    if code_isolation is not None:
+        summary["code_isolation"] = code_isolation
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_parquet(pa.table(columns, schema=EVAL_SCHEMA), out_dir / EVAL_SAMPLES)
@@ -347,14 +351,15 @@ def _generator_for(cfg, folder: Path):
 def evaluate_sets(cfg, folder: Path, sets: Sequence[tuple]) -> list[dict]:
     """Load ``folder`` once and run :func:`run_evaluation` on each ``(records, verifier, verifier_kwargs, out_dir)``."""
     e = cfg.eval
+    isolation = [common.code_isolation(cfg, [verifier], "eval") for _, verifier, _, _ in sets]
     generator, model = _generator_for(cfg, folder)
     try:
         return [run_evaluation(
             records, generator=generator, verifier=verifier, out_dir=out_dir, k=e.k, pass_at=list(e.pass_at),
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, stop=e.stop, seed=e.seed,
             batch_size=e.batch_size, verifier_kwargs=kwargs, policy=str(folder), bootstrap=e.bootstrap,
-            confidence=e.confidence, progress=False, judge=e.judge or None,
-        ) for records, verifier, kwargs, out_dir in sets]
+            confidence=e.confidence, progress=False, judge=e.judge or None, code_isolation=level,
+        ) for (records, verifier, kwargs, out_dir), level in zip(sets, isolation)]
     finally:
         del generator, model
         common.free()
@@ -432,7 +437,8 @@ def select_policy(cfg) -> Path:
     held_out = [r for r in records if r.id in keep]
     scores = {}
     for ckpt in ckpts:
-        [summary] = evaluate_sets(cfg, ckpt / "policy", [(held_out, cfg.data.verifier, cfg.data.verifier_kwargs,
+        [summary] = evaluate_sets(cfg, ckpt / "policy", [(held_out, cfg.data.verifier,
+                                                          common.verifier_kwargs(cfg, cfg.data.verifier),
                                                           rd.eval / "selection" / ckpt.name)])
         scores[checkpoint_step(ckpt)] = summary["mean_at_k"]
     best = metrics.select_checkpoint(scores)
@@ -481,10 +487,11 @@ def run(cfg, checkpoint: Optional[str] = None) -> dict:
     sets = []
     if main_set:
         common.verifier(cfg)
-        sets.append((common.prompts(cfg, "eval_prompts"), cfg.data.verifier, cfg.data.verifier_kwargs, out_dir))
+        sets.append((common.prompts(cfg, "eval_prompts"), cfg.data.verifier,
+                     common.verifier_kwargs(cfg, cfg.data.verifier), out_dir))
     for name, path, limit in specs:
         sets.append((load_benchmark(name, path, limit), BENCHMARKS[name].verifier,
-                     cfg.data.verifier_kwargs if BENCHMARKS[name].verifier == cfg.data.verifier else {}, out_dir / name))
+                     common.verifier_kwargs(cfg, BENCHMARKS[name].verifier), out_dir / name))
     summaries = evaluate_sets(cfg, folder, sets)
     record_eval_lineage(cfg, rd, folder, out_dir, sets)
     result = {"eval_dir": str(out_dir)}

@@ -380,6 +380,7 @@ def run(cfg) -> dict:
     rd = common.run_dir(cfg)
     records = common.prompts(cfg)
     common.verifier(cfg)  # an unknown name fails here, before any model is loaded
+    isolation = common.code_isolation(cfg, [cfg.data.verifier], "sample")
     ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
     rd.ensure_writable()
     lineage = sample_lineage(cfg, ref_path, proposal_path)
@@ -404,7 +405,8 @@ def run(cfg) -> dict:
             records, generator=generator, n=s.n, out_dir=str(rd.root), verifier=cfg.data.verifier,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, shard_size=s.shard_size, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
-            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=lineage,
+            verifier_kwargs=common.verifier_kwargs(cfg, cfg.data.verifier),
+            extra_meta={**lineage, **({"code_isolation": isolation} if isolation else {})},
         )
     except ResumeMismatch as e:  # a resume with other settings: a config problem, not a crash
         raise ConfigError(str(e)) from None

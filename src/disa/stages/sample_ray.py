@@ -160,12 +160,16 @@ def run_with_config(cfg, rd, records, ref_path: str, proposal_path: str) -> dict
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     gpus = (s.tensor_parallel_size if s.backend == "vllm" else 1) if has_gpus else 0
     fingerprints = sample_lineage(cfg, ref_path, proposal_path)
+    isolation = common.code_isolation(cfg, [cfg.data.verifier], "sample")
+    if isolation:  # this machine's; each worker refuses the fallback itself unless it is allowed
+        fingerprints["code_isolation"] = isolation
     try:
         result = run_sampling_ray(
             records, build_models=ConfigModels(cfg.to_dict()), n=s.n, out_dir=str(rd.root),
             verifier=cfg.data.verifier, shard_size=s.shard_size, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
-            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints, num_gpus_per_task=gpus,
+            verifier_kwargs=common.verifier_kwargs(cfg, cfg.data.verifier), extra_meta=fingerprints,
+            num_gpus_per_task=gpus,
         )
     except ResumeMismatch as e:
         raise ConfigError(str(e)) from None

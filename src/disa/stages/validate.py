@@ -320,6 +320,11 @@ def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -
     if generates and not (verb == "train" and supervised):
         verifier = _verifier_problem(cfg)
         out += [verifier] if verifier else []
+        if not verifier:
+            from disa.stages.common import isolation_problem, verifier_names
+
+            isolation = isolation_problem(cfg, verifier_names(cfg, verb))
+            out += [isolation] if isolation else []
     model_problems = {}
     for name in _models_of(cfg, verb):
         field, value = model_setting(cfg, name)

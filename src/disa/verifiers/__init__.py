@@ -16,16 +16,37 @@ from typing import Any, Callable, Optional, Sequence, Union
 RewardFn = Callable[..., list[float]]
 
 _REGISTRY: dict[str, RewardFn] = {}
+_RUNS_CODE: set[str] = set()  # verifiers that execute the completion (the pipeline checks their isolation)
 # name -> module that registers it; imported on first use.
 _LAZY = {"math": "disa.verifiers.math", "code": "disa.verifiers.code", "countdown": "disa.verifiers.countdown"}
 
 
-def register_verifier(name: str):
+def register_verifier(name: str, *, runs_code: bool = False):
+    """Register ``fn`` under ``name``; ``runs_code=True`` declares that it executes the completion, so the
+    stages check which sandbox it will get (``verifier.allow_fallback``)."""
+
     def deco(fn: RewardFn) -> RewardFn:
         _REGISTRY[name] = fn
+        if runs_code:
+            _RUNS_CODE.add(name)
+        else:
+            _RUNS_CODE.discard(name)
         return fn
 
     return deco
+
+
+def runs_code(verifier: Union[str, RewardFn]) -> bool:
+    """Whether a verifier (a registry name, a registered function, or a ``functools.partial`` of one)
+    executes the completion's code."""
+    import functools
+
+    while isinstance(verifier, functools.partial):
+        verifier = verifier.func
+    if isinstance(verifier, str):
+        get_verifier(verifier)
+        return verifier in _RUNS_CODE
+    return any(_REGISTRY.get(name) is verifier for name in _RUNS_CODE)
 
 
 def get_verifier(name: str) -> RewardFn:

@@ -347,7 +347,7 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
     lock_dir = os.path.join(tempfile.gettempdir(), "disa-sandbox-locks")
     reservation = fallback.SandboxUid(lock_dir, sweep=level == "fallback") if as_root else None
     uid = reservation.__enter__() if reservation else None
-    workdir = tempfile.mkdtemp(prefix="disa-sandbox-") if level == "fallback" else None
+    workdir = fallback.make_workdir() if level == "fallback" else None
     group = cgroups.create_cgroup(limits.cgroup_memory_bytes, limits.max_processes + 4) if level == "bwrap" else None
 
     def cleanup(running: RunningSandbox | None = None) -> None:
@@ -364,7 +364,7 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
     status_read_fd = status_write_fd = program_fd = stdin_fd = filter_fd = None
     try:
         status_read_fd, status_write_fd = os.pipe()
-        program_fd = _temp_fd(program.encode("utf-8")) if level == "bwrap" else None
+        program_fd = _temp_fd(program.encode("utf-8"))
         stdin_fd = _temp_fd(stdin.encode("utf-8"))
         if level == "bwrap":
             filter_program = seccomp.seccomp_program()
@@ -390,12 +390,12 @@ def start_sandbox(program: str, stdin: str = "", *, limits: SandboxLimits, backe
                          "packages": list(limits.allowed_packages)}
         else:
             argv = fallback.fallback_command(
-                program, workdir, uid, status_write_fd, cpu_s=limits.cpu_seconds,
+                program_fd, workdir, uid, status_write_fd, cpu_s=limits.cpu_seconds,
                 memory_mb=limits.memory_mb, max_file_bytes=limits.max_file_bytes,
                 max_processes=limits.max_processes, allow_subprocess=allow_subprocess,
                 audit_hook=audit_hook, network_namespace=network_namespace,
                 python_executable=python_executable)
-            env, cwd, fds, isolation = fallback.minimal_env(workdir), workdir, (), {"level": "fallback"}
+            env, cwd, fds, isolation = fallback.minimal_env(workdir), workdir, (program_fd,), {"level": "fallback"}
         process = subprocess.Popen(argv, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    cwd=cwd, env=env, pass_fds=(status_write_fd, *fds, *pass_fds),
                                    start_new_session=True, close_fds=True)

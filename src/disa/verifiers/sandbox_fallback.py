@@ -1,10 +1,17 @@
 """Fallback sandbox, used only where bubblewrap cannot run: Python-level and per-process layers.
 
 These are the layers the code verifier used before OS isolation (see ``docs/sandbox.md``): a
-throw-away working directory, ``python -I``, rlimits set before user code, an unprivileged uid
-from a flock'ed pool when running as root, a network namespace when the kernel allows, and a
-Python audit hook. The audit hook can be switched off from plain Python, so results from this
-backend carry ``isolation_level == "fallback"``; ``require_os_isolation=True`` refuses it.
+throw-away working directory under a private per-process parent, ``python -I``, rlimits set before
+user code, an unprivileged uid from a flock'ed pool when running as root, a network namespace when
+the kernel allows, and a Python audit hook. The program's source (and the judge's, tests included)
+arrives on an inherited descriptor of an unlinked file, never as a file in the work dir or in argv.
+
+The audit hook confines writes to the work dir, refuses sockets and (unless allowed) new processes,
+and refuses signals to anything outside the sandbox's own session (``kill(-1, 9)``, the trainer) and
+opening another process's ``/proc/<pid>`` files. It can be switched off from plain Python (the
+garbage collector reaches its function), so results from this backend carry
+``isolation_level == "fallback"``; ``require_os_isolation=True`` refuses it, and the pipeline stages
+refuse it unless ``verifier.allow_fallback: true`` (:func:`check_code_isolation`).
 
 The uid pool is shared with the bubblewrap backend, which drops to a pool uid inside its
 namespaces so that ``RLIMIT_NPROC`` counts only the processes of one sandbox.
@@ -12,13 +19,16 @@ namespaces so that ``RLIMIT_NPROC`` counts only the processes of one sandbox.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
+import shutil
 import signal
 import stat
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 
@@ -45,8 +55,15 @@ _BOOTSTRAP = CHILD_HEAD + r'''
 os.set_inheritable(status_fd, False)
 
 isolation = {"netns": False, "uid": None, "audit_hook": False}
-with open(config["program_path"], "rb") as f:
-    source = f.read()
+_chunks = []
+while True:
+    _chunk = os.read(config["program_fd"], 1 << 20)
+    if not _chunk:
+        break
+    _chunks.append(_chunk)
+os.close(config["program_fd"])
+source = b"".join(_chunks)
+del _chunks, _chunk
 
 if config["netns"]:
     try:
@@ -91,6 +108,7 @@ sys.dont_write_bytecode = True  # .pyc writes into the stdlib would trip the wri
 
 if config["audit_hook"]:
     import posixpath
+    import signal as signal_module
     _workdir = posixpath.realpath(config["workdir"])
     _allow_processes = config["allow_subprocess"]
     _write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -101,6 +119,40 @@ if config["audit_hook"]:
                     "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.rename": (0, 1),
                     "shutil.rmtree": (0,), "os.chflags": (0,), "os.lchflags": (0,), "os.mkfifo": (0,),
                     "os.mknod": (0,)}
+
+    _own_pid = os.getpid()
+    _own_session = os.getsid(0) if os.getsid(0) == _own_pid else None  # started as its own session
+    _getsid, _getpgrp, _normpath = os.getsid, os.getpgrp, posixpath.normpath
+    # Modules loaded by now; a fresh load of one (after `del sys.modules[...]`) would bring back what
+    # the bootstrap removed from it below.
+    _reload_refused = frozenset(["posix", "os", "_signal", "signal", "_posixsubprocess"])
+
+    def _ours(pid):
+        """A process of this sandbox: itself, or one in the session it was started as."""
+        if pid == _own_pid:
+            return True
+        if _own_session is None:
+            return False
+        try:
+            return _getsid(pid) == _own_session
+        except OSError:
+            return False
+
+    def _may_signal(pid, group):
+        """Itself, a process of its session, or its own process group (only when that group is inside
+        the session it was started as, i.e. holds none of the trainer's processes)."""
+        if group:  # killpg(pgid)
+            return _own_session is not None and pid in (0, _getpgrp())
+        if pid <= 0:  # kill(0): its group; kill(-1): everything it may signal; kill(-pgid): a group
+            return _own_session is not None and pid != -1 and -pid in (0, _getpgrp())
+        return _ours(pid)
+
+    def _foreign_proc(path):
+        """``/proc/<pid>/...`` of a process that is not this sandbox's."""
+        if not path.startswith("/proc/"):
+            return False
+        head = path[6:].split("/", 1)[0]
+        return head.isdigit() and not _ours(int(head))
 
     def _refuse(event, detail):
         report({"refused": event, "detail": detail[:200]})
@@ -125,6 +177,23 @@ if config["audit_hook"]:
                 isinstance(flags, int) and flags > 0 and flags & _write_flags)
             if writing and not _inside_workdir(path):
                 _refuse(event, repr(path))
+            if not isinstance(path, int):
+                try:
+                    absolute = _join(_getcwd(), _fsdecode(path))
+                except (TypeError, ValueError, OSError):
+                    _refuse(event, repr(path))
+                if _foreign_proc(_normpath(absolute)) or _foreign_proc(_realpath(absolute)):
+                    _refuse(event, repr(path))
+        elif event in ("os.kill", "os.killpg"):
+            pid = args[0]
+            if not isinstance(pid, int) or not _may_signal(pid, event == "os.killpg"):
+                _refuse(event, repr(args)[:200])
+        elif event == "resource.prlimit":  # another process's limits (the trainer's open files...)
+            if not isinstance(args[0], int) or not (args[0] == 0 or _ours(args[0])):
+                _refuse(event, repr(args)[:200])
+        elif event == "import":
+            if args[0] in _reload_refused:
+                _refuse(event, repr(args[0]))
         elif event.startswith("socket."):
             _refuse(event, repr(args)[:200])
         elif event in _process_events:
@@ -137,6 +206,28 @@ if config["audit_hook"]:
         elif event in ("os.symlink", "os.link", "ctypes.dlsym"):
             _refuse(event, repr(args)[:200])
 
+    # No audit event covers pidfds: pidfd_open(ppid) + pidfd_send_signal would bypass the kill guard.
+    import _signal, posix
+    for _module, _name in ((os, "pidfd_open"), (posix, "pidfd_open"), (signal_module, "pidfd_send_signal"),
+                           (_signal, "pidfd_send_signal")):
+        if hasattr(_module, _name):
+            delattr(_module, _name)
+    # The "open" event does not carry dir_fd, so a path relative to a directory descriptor would be
+    # checked against the cwd instead; resolve it against the directory the descriptor names.
+    _raw_open, _readlink = os.open, os.readlink
+
+    def _open(path, flags, mode=0o777, *, dir_fd=None):
+        if dir_fd is not None and not isinstance(path, int):
+            try:
+                full = _join(_readlink("/proc/self/fd/%d" % dir_fd), _fsdecode(path))
+            except (OSError, TypeError, ValueError):
+                _refuse("os.open", "dir_fd %r" % (dir_fd,))
+            if (_foreign_proc(_normpath(full)) or _foreign_proc(_realpath(full))
+                    or (flags & _write_flags and not _inside_workdir(full))):
+                _refuse("os.open", repr(full))
+        return _raw_open(path, flags, mode, dir_fd=dir_fd)
+
+    os.open = posix.open = _open
     sys.addaudithook(_guard)
     isolation["audit_hook"] = True
 
@@ -269,20 +360,16 @@ def minimal_env(workdir: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
-def fallback_command(program: str, workdir: str, uid: int | None, status_fd: int, *, cpu_s: int,
+def fallback_command(program_fd: int, workdir: str, uid: int | None, status_fd: int, *, cpu_s: int,
                      memory_mb: int | None, max_file_bytes: int, max_processes: int,
                      allow_subprocess: bool, audit_hook: bool, network_namespace: bool,
                      python_executable: str | None) -> list[str]:
-    """Write the program into ``workdir`` and return the bootstrap's command line."""
-    program_path = os.path.join(workdir, "solution.py")
-    with open(program_path, "w", encoding="utf-8") as f:
-        f.write(program)
-    os.chmod(program_path, 0o600)
+    """The bootstrap's command line; it reads the program from the inherited ``program_fd`` (an
+    unlinked file: nothing in the work dir or argv holds the source, or a judge's tests)."""
     if uid is not None:
         os.chown(workdir, uid, uid)
-        os.chown(program_path, uid, uid)
     config = {
-        "status_fd": status_fd, "program_path": program_path, "workdir": workdir,
+        "status_fd": status_fd, "program_fd": program_fd, "workdir": workdir,
         "uid": uid, "gid": uid, "cpu_s": cpu_s, "max_file_bytes": int(max_file_bytes),
         "memory_bytes": None if memory_mb is None else int(memory_mb) * 1024 * 1024,
         "nproc": _nproc_limit(uid, max_processes), "netns": network_namespace,
@@ -290,3 +377,55 @@ def fallback_command(program: str, workdir: str, uid: int | None, status_fd: int
     }
     python = python_executable or default_sandbox_python()
     return [python, "-I", "-c", _BOOTSTRAP, json.dumps(config)]
+
+
+# ---------------------------------------------------------------------------------- work dirs
+
+_run_parents: dict[int, str] = {}
+
+
+def make_workdir() -> str:
+    """A fresh work dir inside this process's private parent (``disa-sandbox-run-*``), made on first use
+    and removed at exit. The parent is 0700; as root 0711, so that a pool uid can enter its own (0700)
+    work dir by name, but no sandbox can list the parent to find another's."""
+    pid = os.getpid()
+    with _uid_lock:
+        parent = _run_parents.get(pid)
+        if parent is None or not os.path.isdir(parent):
+            parent = tempfile.mkdtemp(prefix="disa-sandbox-run-")
+            os.chmod(parent, 0o711 if os.geteuid() == 0 else 0o700)
+            _run_parents[pid] = parent
+            atexit.register(_remove_run_parent, pid, parent)
+    return tempfile.mkdtemp(prefix="disa-sandbox-", dir=parent)
+
+
+def _remove_run_parent(pid: int, parent: str) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the handler
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- the stages' check
+
+
+def check_code_isolation(allow_fallback: bool, python: str | None = None) -> tuple[str, str | None]:
+    """``(level, problem)`` for a run that executes completions: level "bwrap" where bubblewrap can run
+    ``python`` here, else "fallback"; ``problem`` says why such a run must not start (the fallback without
+    ``allow_fallback``) and how to fix it, None when it may."""
+    from disa.verifiers.sandbox_bwrap import BWRAP_INSTALL_HINT, bwrap_problem
+
+    why = bwrap_problem(python)
+    if why is None:
+        return "bwrap", None
+    if allow_fallback:
+        return "fallback", None
+    fix = "" if BWRAP_INSTALL_HINT in why else "; bubblewrap needs root or unprivileged user namespaces here"
+    return "fallback", (f"programs would run without OS isolation here ({why}{fix}). Either make bubblewrap "
+                        "work, or accept the weaker fallback sandbox, whose guards a program can switch off, with "
+                        "verifier.allow_fallback: true (docs/sandbox.md)")
+
+
+ISOLATION_SUMMARY = {
+    "bwrap": "bubblewrap (mount, pid, network and ipc namespaces; rlimits; pool uid when root)",
+    "fallback": ("FALLBACK, no OS isolation (Python audit hook, rlimits, private work dir; a program can switch "
+                 "the hook off); allowed by verifier.allow_fallback"),
+}

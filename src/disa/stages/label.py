@@ -31,7 +31,7 @@ import torch
 
 from disa import estimators
 from disa.estimators import REWARD_TRANSFORMS
-from disa.label_estimators import LABEL_ESTIMATORS, label_with_se, recommended_n, reliability
+from disa.label_estimators import LABEL_ESTIMATORS, label_with_se, recommended_n, reliability, rewarded_count
 from disa.io import atomic_write_parquet
 from disa.run_dir import LABELS_METADATA_KEY
 from disa.stages import common
@@ -171,6 +171,7 @@ def run_labelling(
                               base_reward=scale * base_raw + shift, mask=mask, strata=strata)
     if estimator != "lse":  # eq. 8 keeps the exact numbers of label_prompts
         labels["log_z"] = log_z
+    rewarded = rewarded_count(rewards, base_raw, mask)  # nothing above the lowest reward: never reliable
     columns = {
         "prompt_id": pa.array(order, pa.string()),
         **{k: pa.array(labels[k].double().tolist(), pa.float64())
@@ -180,10 +181,12 @@ def run_labelling(
         "reward_shift": pa.array(shift.double().tolist(), pa.float64()),
         "estimator": pa.array([estimator] * len(order), pa.string()),
         "log_z_se": pa.array(se.double().tolist(), pa.float64()),
-        "reliable": pa.array(reliability(labels["ess"], se, min_ess=min_ess, max_se=max_se).tolist(), pa.bool_()),
+        "reliable": pa.array(reliability(labels["ess"], se, min_ess=min_ess, max_se=max_se,
+                                         rewarded=rewarded).tolist(), pa.bool_()),
     }
     if target_se is not None:
-        columns["n_recommended"] = pa.array(recommended_n(se, labels["n"], target_se).tolist(), pa.int64())
+        columns["n_recommended"] = pa.array(recommended_n(se, labels["n"], target_se, rewarded=rewarded).tolist(),
+                                            pa.int64())
     table = pa.table(columns)
     if out_path is None:
         base = samples_dir[: -len("samples")] if os.path.basename(os.path.normpath(samples_dir)) == "samples" else samples_dir

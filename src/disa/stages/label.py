@@ -36,7 +36,7 @@ from disa.io import atomic_write_parquet
 from disa.run_dir import LABELS_METADATA_KEY
 from disa.stages import common
 from disa.stages.common import stage
-from disa.stages.sample import list_shards
+from disa.stages.sample import LOGP_Q_META_KEY, LOGP_Q_SAMPLED, is_warped, list_shards
 
 REQUIRED_COLUMNS = ("prompt_id", "sample_idx", "reward", "logp_ref", "logp_q")
 PROPOSAL_COLUMN = "proposal"  # optional: "reference" marks a sample drawn from pi_ref
@@ -205,6 +205,7 @@ def run(cfg) -> dict:
     rd = common.run_dir(cfg)
     rd.complete_shards()
     samples_meta = json.loads(rd.samples_meta.read_text()) if rd.samples_meta.exists() else {}
+    check_proposal_log_q(samples_meta, str(rd.samples_meta))
     metadata = {"format_version": 1, "target": cfg.target.to_dict(), "n": samples_meta.get("n"),
                 "samples": samples_meta}
     lab = cfg.label
@@ -219,6 +220,18 @@ def run(cfg) -> dict:
     for line in summary_lines(result, lab):
         common.say("label", line)
     return result
+
+
+def check_proposal_log_q(samples_meta: dict, where: str) -> None:
+    """Refuse samples drawn at temperature != 1 or with truncation whose ``logp_q`` is not recorded as the
+    sampled distribution's (runs written before it was): their importance weights are another distribution's."""
+    if is_warped(samples_meta) and samples_meta.get(LOGP_Q_META_KEY) != LOGP_Q_SAMPLED:
+        from disa.config import ConfigError
+
+        raise ConfigError(
+            f"{where}: samples drawn at temperature={samples_meta.get('temperature')}, top_p="
+            f"{samples_meta.get('top_p')} record no {LOGP_Q_META_KEY}={LOGP_Q_SAMPLED!r}: their logp_q is the "
+            "untempered model's, not the distribution sampled from, and the label would be biased; sample again")
 
 
 def label_summary(cols: dict) -> dict:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from disa.data import PromptRecord, render_prompt
 from disa.io import atomic_write_parquet, atomic_write_text
 from disa.generation import Generator, Sample, encode_prompt, encode_response
-from disa.scoring import pad_token_id, score_responses
+from disa.scoring import pad_token_id, score_responses, score_sampled_responses
 from disa.config import ConfigError
 from disa.stages import common
 from disa.stages.common import stage
@@ -55,6 +55,10 @@ class ResumeMismatch(ValueError):
 
 
 META_FILE = "meta.json"
+# meta.json records which distribution the logp_q column is of: the one sampled from (temperature, top-k,
+# top-p applied), so `disa label` can refuse an older run whose logp_q at temperature != 1 was the model's
+LOGP_Q_META_KEY = "logp_q_distribution"
+LOGP_Q_SAMPLED = "sampled"
 FORMAT_VERSION = 1
 
 SAMPLE_SCHEMA = pa.schema(
@@ -131,8 +135,12 @@ def sample_shard(
     seed: int,
     score_batch_size: int = 8,
     verifier_kwargs: Optional[dict] = None,
+    logprobs_are_sampled: bool = False,
 ) -> pa.Table:
-    """Generate, verify and score one shard's prompts; returns its rows as a table (``SAMPLE_SCHEMA``)."""
+    """Generate, verify and score one shard's prompts; returns its rows as a table (``SAMPLE_SCHEMA``).
+
+    ``logprobs_are_sampled``: the generator's ``Sample.logprob`` is already the log-prob of the distribution
+    it sampled from (vLLM with ``logprobs_mode="processed_logprobs"``); see :func:`proposal_logprobs`."""
     proposal_tokenizer = proposal_tokenizer or generator.tokenizer
     prompts_q = [render_prompt(r, proposal_tokenizer) for r in records]
     groups = generator.generate(prompts_q, n, seed=seed, **gen_kwargs)
@@ -147,13 +155,9 @@ def sample_shard(
         len(flat), verifier_name,
     )
 
-    if proposal_model is not None:
-        logp_q = score_responses(
-            proposal_model, [s.prompt_ids for s in flat], [s.response_ids for s in flat],
-            pad_id=pad_token_id(proposal_tokenizer), batch_size=score_batch_size,
-        )
-    else:
-        logp_q = [float(s.logprob) for s in flat]
+    logp_q = proposal_logprobs(flat, gen_kwargs=gen_kwargs, proposal_model=proposal_model,
+                               proposal_tokenizer=proposal_tokenizer, logprobs_are_sampled=logprobs_are_sampled,
+                               batch_size=score_batch_size)
 
     if _same_tokenization(ref_tokenizer, proposal_tokenizer):
         ref_prompt_ids = [s.prompt_ids for s in flat]
@@ -181,6 +185,36 @@ def sample_shard(
         "finish_reason": [s.finish_reason for s in flat],
     }
     return pa.table(columns, schema=SAMPLE_SCHEMA)
+
+
+def is_warped(gen_kwargs: dict) -> bool:
+    """Whether these sampling settings draw from something other than the model at temperature 1."""
+    return float(gen_kwargs.get("temperature", 1.0)) != 1.0 or float(gen_kwargs.get("top_p", 1.0)) < 1.0 \
+        or int(gen_kwargs.get("top_k", 0) or 0) > 0
+
+
+def proposal_logprobs(flat: Sequence[Sample], *, gen_kwargs: dict, proposal_model=None, proposal_tokenizer=None,
+                      logprobs_are_sampled: bool = False, batch_size: int = 8) -> list[float]:
+    """``log q(y|x)`` of each sample under the distribution it was drawn from: the importance weight's ``q``.
+
+    At temperature 1 without truncation that is the model's own log-prob (the generator's ``Sample.logprob``,
+    or ``proposal_model``'s re-scoring). Otherwise the model's log-prob is another distribution's, so it comes
+    from ``proposal_model`` re-scored through the same warpers (:func:`disa.scoring.score_sampled_responses`)
+    or, with ``logprobs_are_sampled``, from the generator itself; anything else is refused."""
+    if proposal_model is not None:
+        return score_sampled_responses(
+            proposal_model, [s.prompt_ids for s in flat], [s.response_ids for s in flat],
+            pad_id=pad_token_id(proposal_tokenizer), temperature=float(gen_kwargs.get("temperature", 1.0)),
+            top_p=float(gen_kwargs.get("top_p", 1.0)), top_k=int(gen_kwargs.get("top_k", 0) or 0),
+            batch_size=batch_size,
+        )
+    if is_warped(gen_kwargs) and not logprobs_are_sampled:
+        raise ValueError(
+            f"sampling at temperature={gen_kwargs.get('temperature')}, top_p={gen_kwargs.get('top_p')}: the "
+            "generator's log-probs are the untempered model's, not those of the distribution sampled from; pass "
+            "proposal_model (re-scored with the same warpers) or a generator returning the sampled distribution's "
+            "log-probs (vLLM logprobs_mode='processed_logprobs', logprobs_are_sampled=True)")
+    return [float(s.logprob) for s in flat]
 
 
 def check_prompt_list(prompts: Sequence[PromptRecord], shard_size: int, n: int) -> None:
@@ -273,12 +307,14 @@ def run_sampling(
     verifier_kwargs: Optional[dict] = None,
     progress: bool = True,
     extra_meta: Optional[dict] = None,
+    logprobs_are_sampled: bool = False,
 ) -> dict:
     """Stage 1 sampling job (see the module docstring for the files and the resume rules).
 
     ``generator`` draws from the proposal q. ``proposal_model`` (optional) re-scores ``log q`` with
-    transformers; without it ``log q`` is the generator's own ``Sample.logprob`` (the same number for the
-    ``hf`` back-end). ``ref_model`` / ``proposal_model`` may be local paths. ``verifier`` is a registry name
+    transformers, through the same temperature / top-p warpers the sampler used; without it ``log q`` is the
+    generator's own ``Sample.logprob`` (the same number for the ``hf`` back-end at temperature 1; at other
+    settings a generator must declare ``logprobs_are_sampled``, see :func:`proposal_logprobs`). ``ref_model`` / ``proposal_model`` may be local paths. ``verifier`` is a registry name
     or a reward function with TRL's signature. Returns ``{"shards", "written", "skipped", "rows"}``.
     """
     check_prompt_list(prompts, shard_size, n)
@@ -295,7 +331,7 @@ def run_sampling(
     gen_kwargs, num_shards, pending, skipped, rows = plan_sampling(
         prompts, out_dir=out_dir, n=n, shard_size=shard_size, seed=seed, verifier_name=verifier_name,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
-        extra_meta={**model_names, **(extra_meta or {})},
+        extra_meta={**model_names, LOGP_Q_META_KEY: LOGP_Q_SAMPLED, **(extra_meta or {})},
     )
     written = 0
     for k, records in tqdm(pending, desc="sample shards", unit="shard", disable=None if progress else True):
@@ -304,6 +340,7 @@ def run_sampling(
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_model=proposal_model,
             proposal_tokenizer=proposal_tokenizer, gen_kwargs=gen_kwargs, seed=seed + k,
             score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
+            logprobs_are_sampled=logprobs_are_sampled,
         )
         atomic_write_parquet(table, shard_path(out_dir, k))
         written += 1
@@ -317,15 +354,34 @@ def proposal_warnings(temperature: float, top_p: float) -> list[str]:
     if top_p < 1:
         out.append(f"top_p={top_p} < 1: the proposal cannot produce responses outside each step's nucleus, so "
                    "q(y|x) = 0 where pi_ref(y|x) > 0 and eq. 7's absolute-continuity condition fails: the label "
-                   "misses that part of Z(x) (biased low). top_p is recorded in meta.json.")
-    if temperature != 1 or top_p < 1:
-        out.append("logp_q is the model's untempered, untruncated log-prob (the generation contract), not the "
-                   "log-prob of the distribution sampled with these settings: the importance weights assume "
-                   "q = the model at temperature 1. Keep temperature=1, top_p=1 for exact labels.")
+                   "misses the target mass outside it (eq. 8: all of it, biased low by log pi*(nucleus); cv: only the "
+                   "rewarded excess there). logp_q is the truncated distribution's, top_p is recorded in meta.json; "
+                   "keep top_p=1 for an exact label (docs/label-estimators.md).")
     return out
 
 
 # ----------------------------------------------------------------------------------------------- the verb
+def proposal_generator(cfg, proposal_path: str) -> tuple:
+    """``(generator, run_sampling kwargs saying where log q comes from)`` for ``disa sample``.
+
+    At temperature 1 without truncation: the generator's own log-probs. Otherwise the distribution sampled
+    from is not the model's: vLLM reports it itself (``logprobs_mode="processed_logprobs"``); the ``hf``
+    back-end's log-probs are the model's, so its own model re-scores the samples through the same warpers."""
+    s = cfg.sample
+    warped = is_warped({"temperature": s.temperature, "top_p": s.top_p})
+    if warped and s.backend == "vllm":
+        from disa.generation import make_generator
+
+        generator = make_generator("vllm", proposal_path, dtype=cfg.models.dtype, seed=s.seed,
+                                   tensor_parallel_size=s.tensor_parallel_size,
+                                   max_model_len=s.max_model_len or None, logprobs_mode="processed_logprobs")
+        return generator, {"logprobs_are_sampled": True}
+    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed)
+    if warped:
+        return generator, {"proposal_model": generator.model, "proposal_tokenizer": generator.tokenizer}
+    return generator, {}
+
+
 @stage("sample")
 def run(cfg) -> dict:
     """``disa sample``: N proposal samples per prompt, verified and re-scored -> ``samples/shard-*.parquet``."""
@@ -343,7 +399,7 @@ def run(cfg) -> dict:
         from disa.stages.sample_ray import run_with_config
 
         return run_with_config(cfg, rd, records, ref_path, proposal_path)
-    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed)
+    generator, log_q_source = proposal_generator(cfg, proposal_path)
     if proposal_path == ref_path and s.backend == "hf":
         ref_model, ref_tokenizer = generator.model, generator.tokenizer  # plain Monte Carlo: one copy
     else:
@@ -355,7 +411,7 @@ def run(cfg) -> dict:
             records, generator=generator, n=s.n, out_dir=str(rd.root), verifier=cfg.data.verifier,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, shard_size=s.shard_size, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
-            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints,
+            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints, **log_q_source,
         )
     except ResumeMismatch as e:  # a resume with other settings: a config problem, not a crash
         raise ConfigError(str(e)) from None

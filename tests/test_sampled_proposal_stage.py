@@ -50,3 +50,36 @@ def test_label_refuses_a_warped_run_without_the_sampled_log_q_record():
         check_proposal_log_q({"temperature": 0.6, "top_p": 1.0}, "meta.json")
     check_proposal_log_q({"temperature": 0.6, "top_p": 0.95, LOGP_Q_META_KEY: "sampled"}, "meta.json")
     check_proposal_log_q({"temperature": 1.0, "top_p": 1.0}, "meta.json")  # the model itself: nothing to record
+
+
+class _FakeLLM:
+    """Just enough of ``vllm.LLM`` to record the engine arguments ``disa sample`` builds."""
+
+    last_kwargs: dict = {}
+
+    def __init__(self, model, **kwargs):
+        from transformers import AutoTokenizer
+
+        _FakeLLM.last_kwargs = kwargs
+        self.tok = AutoTokenizer.from_pretrained(model)
+
+    def get_tokenizer(self):
+        return self.tok
+
+
+@pytest.mark.parametrize("temperature,top_p,expected", [(0.6, 0.95, "processed_logprobs"), (1.0, 1.0, "raw_logprobs")])
+def test_vllm_proposal_reports_the_sampled_distribution_at_warped_settings(monkeypatch, tiny_gpt2_path, temperature,
+                                                                           top_p, expected):
+    import sys
+    import types
+
+    from disa.config import config_from_dict
+    from disa.stages.sample import proposal_generator
+
+    mod = types.ModuleType("vllm")
+    mod.LLM, mod.__version__ = _FakeLLM, "fake"
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    cfg = config_from_dict({"sample": {"backend": "vllm", "temperature": temperature, "top_p": top_p}})
+    _, source = proposal_generator(cfg, tiny_gpt2_path)
+    assert _FakeLLM.last_kwargs["logprobs_mode"] == expected
+    assert source == ({"logprobs_are_sampled": True} if expected == "processed_logprobs" else {})

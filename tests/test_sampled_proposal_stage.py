@@ -83,3 +83,61 @@ def test_vllm_proposal_reports_the_sampled_distribution_at_warped_settings(monke
     _, source = proposal_generator(cfg, tiny_gpt2_path)
     assert _FakeLLM.last_kwargs["logprobs_mode"] == expected
     assert source == ({"logprobs_are_sampled": True} if expected == "processed_logprobs" else {})
+
+
+def test_reference_share_draws_part_of_each_group_from_pi_ref_and_label_weights_the_mixture(
+        tmp_path, tiny_gpt2_path, tiny_llama_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from disa.generation import encode_prompt, encode_response
+    from disa.data import render_prompt
+    from disa.label_estimators import label_with_se, mixture_log_ratio
+    from disa.stages.label import run_labelling
+
+    torch.manual_seed(0)
+    gen = HFGenerator(tiny_gpt2_path, batch_size=4, device="cpu", progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    ref_tok = AutoTokenizer.from_pretrained(tiny_llama_path)
+    ref_gen = HFGenerator(ref, ref_tok, batch_size=4, device=None, progress=False)
+    kwargs = dict(generator=gen, n=4, out_dir=str(tmp_path), verifier=count_e, ref_model=ref, ref_tokenizer=ref_tok,
+                  proposal_model=gen.model, proposal_tokenizer=gen.tokenizer, shard_size=2, max_new_tokens=8,
+                  temperature=0.7, seed=1, progress=False, reference_share=0.25, reference_generator=ref_gen)
+    assert run_sampling(RECORDS, **kwargs) == {"shards": 2, "written": 2, "skipped": 0, "rows": 12}
+    assert run_sampling(RECORDS, **kwargs)["skipped"] == 2  # resumable like the rest
+    with pytest.raises(ValueError, match="proposal_counts"):  # another share is another experiment
+        run_sampling(RECORDS, **{**kwargs, "reference_share": 0.5})
+    rows = pa.concat_tables([pq.read_table(p) for p in list_shards(str(tmp_path))]).to_pydict()
+    tags = {(pid, j): tag for pid, j, tag in zip(rows["prompt_id"], rows["sample_idx"], rows["proposal"])}
+    assert tags == {(r.id, j): "q" if j < 3 else "reference" for r in RECORDS for j in range(4)}
+    assert sorted(zip(rows["prompt_id"], rows["sample_idx"])) == [(r.id, j) for r in RECORDS for j in range(4)]
+    # a reference row's logp_q: the proposal's tempered distribution on the same string, in gpt2's tokens
+    i = rows["proposal"].index("reference")
+    record = next(r for r in RECORDS if r.id == rows["prompt_id"][i])
+    q_prompt = encode_prompt(gen.tokenizer, render_prompt(record, gen.tokenizer))
+    q_resp = encode_response(gen.tokenizer, rows["response"][i], ends_with_eos=rows["finish_reason"][i] == "eos")
+    expected = score_sampled_responses(gen.model, [q_prompt], [q_resp], pad_id=pad_token_id(gen.tokenizer),
+                                       temperature=0.7)
+    assert rows["logp_q"][i] == pytest.approx(expected[0], abs=1e-4)
+    # disa label weights all 4 against the (3 q + 1 pi_ref) / 4 mixture
+    labels = run_labelling(str(tmp_path), beta=2.0, estimator="cv").to_pydict()
+    first = [j for j, pid in enumerate(rows["prompt_id"]) if pid == labels["prompt_id"][0]]
+    as_t = lambda name: torch.tensor([[rows[name][j] for j in first]], dtype=torch.float64)  # noqa: E731
+    log_ratio = mixture_log_ratio(as_t("logp_ref"), torch.stack([as_t("logp_q"), as_t("logp_ref")], dim=2),
+                                  torch.tensor([3.0, 1.0]))
+    strata = torch.tensor([[int(rows["proposal"][j] == "reference") for j in first]])
+    log_z, se = label_with_se("cv", log_ratio, as_t("reward"), 2.0, base_reward=0.0, strata=strata)
+    assert labels["log_z"][0] == pytest.approx(float(log_z), abs=1e-10)
+    assert labels["log_z_se"][0] == pytest.approx(float(se), abs=1e-10)
+
+
+def test_reference_share_counts_and_bad_shares():
+    from disa.config import config_from_dict
+    from disa.stages.sample import mixture_counts
+
+    assert mixture_counts(8, 0.0) == (8, 0) and mixture_counts(8, 0.25) == (6, 2) and mixture_counts(7, 0.5)[1] in (3, 4)
+    with pytest.raises(ValueError, match="rounds to 0 from pi_ref"):
+        mixture_counts(8, 0.05)
+    with pytest.raises(ValueError, match="reference_share"):
+        mixture_counts(8, 1.0)
+    with pytest.raises(Exception, match="reference_share"):
+        config_from_dict({"sample": {"reference_share": 1.0}})

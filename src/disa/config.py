@@ -52,6 +52,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "non_negative": (lambda v: v >= 0, "must be >= 0"),
     "unit": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "open_unit": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "share": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "finite": (lambda v: math.isfinite(v), "must be finite"),
     "positive_finite": (lambda v: 0 < v < math.inf, "must be > 0 and finite"),
     "at_least_one": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
@@ -162,6 +163,9 @@ class SampleConfig(Section):
     max_new_tokens: int = _f(512, "Longest response.", "positive")
     temperature: float = _f(1.0, "Proposal sampling temperature (the paper: 1, the distribution q itself).", "positive_finite")
     top_p: float = _f(1.0, "Proposal nucleus sampling; < 1 leaves out some of pi_ref's responses (eq. 7).", "unit")
+    reference_share: float = _f(0.0, "Share of each prompt's n drawn from pi_ref itself (temperature 1), the rest from "
+                                "the proposal; rows tagged proposal=reference, and `disa label` weights every sample "
+                                "against the mixture (defensive sampling: weights bounded by 1 / share).", "share")
     stop: list = _f([], "Stop strings: the response is cut after the first one.")
     backend: str = _f("hf", "Generation backend: hf (transformers) or vllm (if installed).", ("hf", "vllm"))
     hf_decoder: str = _f("loop", "hf backend's decoding: loop (a lean cached loop, the same draws as generate for a "

@@ -78,7 +78,7 @@ SAMPLE_SCHEMA = pa.schema(
 # settings that must match between a run and its resume
 RESUME_KEYS = (
     "format_version", "n", "shard_size", "max_new_tokens", "temperature", "top_p", "stop", "seed", "verifier",
-    "num_prompts", "prompt_ids_sha256",
+    "num_prompts", "prompt_ids_sha256", "proposal_counts",
 )
 
 
@@ -217,6 +217,63 @@ def proposal_logprobs(flat: Sequence[Sample], *, gen_kwargs: dict, proposal_mode
     return [float(s.logprob) for s in flat]
 
 
+# --------------------------------------------------------------------------- mixture sampling: a pi_ref share
+REFERENCE_SHARE_META_KEY = "proposal_counts"  # meta.json: [n from q, n from pi_ref] per prompt
+REFERENCE_SEED_OFFSET = 1_000_003  # pi_ref's draws of shard k use another seed than q's
+PROPOSAL_COLUMN = "proposal"  # "q" or "reference": which distribution drew the row (read by disa label)
+
+
+def mixture_counts(n: int, reference_share: float) -> tuple[int, int]:
+    """``(n from q, n from pi_ref)`` per prompt for a ``reference_share`` in ``[0, 1)`` (largest remainder);
+    a share that leaves either side empty is refused rather than silently dropped."""
+    if not (isinstance(reference_share, (int, float)) and 0 <= reference_share < 1):
+        raise ValueError(f"reference_share must be in [0, 1), got {reference_share!r}")
+    if reference_share == 0:
+        return n, 0
+    from disa.label_estimators import split_budget
+
+    n_q, n_ref = split_budget(n, [1 - reference_share, reference_share])
+    if n_q == 0 or n_ref == 0:
+        raise ValueError(f"reference_share={reference_share} of n={n} samples rounds to {n_ref} from pi_ref and {n_q} "
+                         "from q; choose a share that leaves at least one sample on each side")
+    return n_q, n_ref
+
+
+def add_reference_rows(q_table: pa.Table, records: Sequence[PromptRecord], *, reference_generator: Generator,
+                       n_ref: int, verifier_fn: Callable, verifier_name: str, ref_model, ref_tokenizer, proposal_model,
+                       proposal_tokenizer, gen_kwargs: dict, seed: int, score_batch_size: int = 8,
+                       verifier_kwargs: Optional[dict] = None) -> pa.Table:
+    """``q_table`` plus ``n_ref`` rows per prompt drawn from ``pi_ref`` at temperature 1 without truncation, both
+    tagged in a ``proposal`` column (``q`` / ``reference``); the new rows' ``sample_idx`` follow q's.
+
+    Every row needs both log-probs for the mixture weight ``pi_ref / (s_q q + s_ref pi_ref)``: the reference
+    rows' ``logp_q`` is the proposal's sampled distribution (``gen_kwargs``' warpers) on the same string,
+    re-encoded with the proposal's tokenizer."""
+    exact = {**gen_kwargs, "temperature": 1.0, "top_p": 1.0}
+    ref_rows = sample_shard(
+        records, generator=reference_generator, n=n_ref, verifier_fn=verifier_fn, verifier_name=verifier_name,
+        ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_tokenizer=ref_tokenizer, gen_kwargs=exact,
+        seed=seed, score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
+    ).to_pydict()
+    by_id = {r.id: r for r in records}
+    prompts_q = {r.id: encode_prompt(proposal_tokenizer, render_prompt(r, proposal_tokenizer)) for r in records}
+    ref_rows["logp_q"] = score_sampled_responses(
+        proposal_model, [prompts_q[pid] for pid in ref_rows["prompt_id"]],
+        [encode_response(proposal_tokenizer, text, ends_with_eos=fin == "eos")
+         for text, fin in zip(ref_rows["response"], ref_rows["finish_reason"])],
+        pad_id=pad_token_id(proposal_tokenizer), temperature=float(gen_kwargs.get("temperature", 1.0)),
+        top_p=float(gen_kwargs.get("top_p", 1.0)), top_k=int(gen_kwargs.get("top_k", 0) or 0),
+        batch_size=score_batch_size,
+    )
+    n_q = q_table.num_rows // max(len(by_id), 1)
+    ref_rows["sample_idx"] = [n_q + j for j in ref_rows["sample_idx"]]
+    ref_rows[PROPOSAL_COLUMN] = ["reference"] * len(ref_rows["prompt_id"])
+    q_rows = q_table.to_pydict()
+    q_rows[PROPOSAL_COLUMN] = ["q"] * q_table.num_rows
+    schema = SAMPLE_SCHEMA.append(pa.field(PROPOSAL_COLUMN, pa.string()))
+    return pa.concat_tables([pa.table(q_rows, schema=schema), pa.table(ref_rows, schema=schema)])
+
+
 def check_prompt_list(prompts: Sequence[PromptRecord], shard_size: int, n: int) -> None:
     """Refuse an empty prompt list, a bad shard size or n, and duplicate prompt ids (naming the positions)."""
     if not prompts:
@@ -308,16 +365,22 @@ def run_sampling(
     progress: bool = True,
     extra_meta: Optional[dict] = None,
     logprobs_are_sampled: bool = False,
+    reference_share: float = 0.0,
+    reference_generator: Optional[Generator] = None,
 ) -> dict:
     """Stage 1 sampling job (see the module docstring for the files and the resume rules).
 
     ``generator`` draws from the proposal q. ``proposal_model`` (optional) re-scores ``log q`` with
     transformers, through the same temperature / top-p warpers the sampler used; without it ``log q`` is the
     generator's own ``Sample.logprob`` (the same number for the ``hf`` back-end at temperature 1; at other
-    settings a generator must declare ``logprobs_are_sampled``, see :func:`proposal_logprobs`). ``ref_model`` / ``proposal_model`` may be local paths. ``verifier`` is a registry name
-    or a reward function with TRL's signature. Returns ``{"shards", "written", "skipped", "rows"}``.
+    settings a generator must declare ``logprobs_are_sampled``, see :func:`proposal_logprobs`).
+    ``ref_model`` / ``proposal_model`` may be local paths. ``verifier`` is a registry name or a reward
+    function with TRL's signature. ``reference_share`` > 0 draws that share of each prompt's ``n`` from
+    ``reference_generator`` (``pi_ref``, temperature 1) instead (:func:`add_reference_rows`; needs
+    ``proposal_model``). Returns ``{"shards", "written", "skipped", "rows"}``.
     """
     check_prompt_list(prompts, shard_size, n)
+    n_q, n_ref = mixture_counts(n, reference_share)
     ref_model, ref_tokenizer = _load_if_path(ref_model, ref_tokenizer)
     if ref_tokenizer is None:
         raise ValueError("ref_tokenizer is required when ref_model is a model object")
@@ -331,17 +394,29 @@ def run_sampling(
     gen_kwargs, num_shards, pending, skipped, rows = plan_sampling(
         prompts, out_dir=out_dir, n=n, shard_size=shard_size, seed=seed, verifier_name=verifier_name,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
-        extra_meta={**model_names, LOGP_Q_META_KEY: LOGP_Q_SAMPLED, **(extra_meta or {})},
+        extra_meta={**model_names, LOGP_Q_META_KEY: LOGP_Q_SAMPLED, **(extra_meta or {}),
+                    **({REFERENCE_SHARE_META_KEY: [n_q, n_ref]} if n_ref else {})},
     )
+    if n_ref and (reference_generator is None or proposal_model is None):
+        raise ValueError("reference_share > 0 needs reference_generator (draws from pi_ref) and proposal_model (scores "
+                         "those draws under q)")
     written = 0
     for k, records in tqdm(pending, desc="sample shards", unit="shard", disable=None if progress else True):
         table = sample_shard(
-            records, generator=generator, n=n, verifier_fn=verifier_fn, verifier_name=verifier_name,
+            records, generator=generator, n=n_q, verifier_fn=verifier_fn, verifier_name=verifier_name,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_model=proposal_model,
             proposal_tokenizer=proposal_tokenizer, gen_kwargs=gen_kwargs, seed=seed + k,
             score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
             logprobs_are_sampled=logprobs_are_sampled,
         )
+        if n_ref:
+            table = add_reference_rows(
+                table, records, reference_generator=reference_generator, n_ref=n_ref, verifier_fn=verifier_fn,
+                verifier_name=verifier_name, ref_model=ref_model, ref_tokenizer=ref_tokenizer,
+                proposal_model=proposal_model, proposal_tokenizer=proposal_tokenizer or generator.tokenizer,
+                gen_kwargs=gen_kwargs, seed=seed + k + REFERENCE_SEED_OFFSET, score_batch_size=score_batch_size,
+                verifier_kwargs=verifier_kwargs,
+            )
         atomic_write_parquet(table, shard_path(out_dir, k))
         written += 1
         rows += table.num_rows
@@ -361,6 +436,21 @@ def proposal_warnings(temperature: float, top_p: float) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- the verb
+def reference_draws(cfg, generator, ref_model, ref_tokenizer, log_q_source: dict) -> dict:
+    """``run_sampling`` kwargs for ``sample.reference_share``: a transformers generator over the loaded
+    ``pi_ref`` (it is loaded for scoring anyway) and the proposal model that scores its draws under ``q``."""
+    s = cfg.sample
+    if not s.reference_share:
+        return {}
+    if s.backend != "hf":
+        raise ConfigError("sample.reference_share needs sample.backend=hf: the pi_ref draws are scored under the "
+                          "proposal's sampled distribution by the proposal's transformers model")
+    return {"reference_share": s.reference_share,
+            "reference_generator": common.generator(cfg, ref_model, s.batch_size, tokenizer=ref_tokenizer, seed=s.seed),
+            "proposal_model": log_q_source.get("proposal_model", generator.model),
+            "proposal_tokenizer": generator.tokenizer}
+
+
 def proposal_generator(cfg, proposal_path: str) -> tuple:
     """``(generator, run_sampling kwargs saying where log q comes from)`` for ``disa sample``.
 
@@ -395,6 +485,8 @@ def run(cfg) -> dict:
     s = cfg.sample
     for line in proposal_warnings(s.temperature, s.top_p):
         common.say("sample", "warning: " + line)
+    if s.executor == "ray" and s.reference_share:
+        raise ConfigError("sample.reference_share is not wired into sample.executor=ray yet; use executor=local")
     if s.executor == "ray":
         from disa.stages.sample_ray import run_with_config
 
@@ -411,7 +503,8 @@ def run(cfg) -> dict:
             records, generator=generator, n=s.n, out_dir=str(rd.root), verifier=cfg.data.verifier,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, shard_size=s.shard_size, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
-            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints, **log_q_source,
+            verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints,
+            **{**log_q_source, **reference_draws(cfg, generator, ref_model, ref_tokenizer, log_q_source)},
         )
     except ResumeMismatch as e:  # a resume with other settings: a config problem, not a crash
         raise ConfigError(str(e)) from None

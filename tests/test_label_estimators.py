@@ -10,6 +10,7 @@ import torch
 from disa.estimators import log_z_lse
 from disa.label_estimators import (
     bootstrap_se,
+    choose_estimator,
     label_prompts_with,
     label_with_se,
     mixture_log_ratio,
@@ -395,3 +396,27 @@ def test_control_variate_is_exact_beside_a_huge_wrong_answer_weight():
     log_ratio = torch.tensor([[60.0, -3.0]], dtype=torch.float64)
     log_z, _ = label_with_se("cv", log_ratio, torch.tensor([[0.0, 1.0]], dtype=torch.float64), 2.0, base_reward=0.0)
     assert float(log_z) == pytest.approx(math.log(1 + (math.exp(2.0) - 1) * math.exp(-3.0) / 2), rel=1e-12)
+
+
+def _exact_term_variance(estimator, q):
+    """Var_q of one sample's term on the 4-outcome space, in float64 by its definition."""
+    rho = PI_REF / q
+    terms = rho * torch.exp(BETA * REWARD) if estimator == "lse" else 1 + rho * torch.expm1(BETA * REWARD)
+    mean = (q * terms).sum()
+    assert float(mean) == pytest.approx(EXACT_Z, rel=1e-12)  # both unbiased
+    return float((q * (terms - mean) ** 2).sum())
+
+
+@pytest.mark.parametrize("q_name", ["tilted beyond pi*", "pi* itself"])
+def test_auto_choice_follows_the_exact_variances(q_name):
+    target = PI_REF * torch.exp(BETA * REWARD) / EXACT_Z
+    q = Q if q_name == "tilted beyond pi*" else target
+    exact = {e: _exact_term_variance(e, q) for e in ("lse", "cv")}
+    expected = min(exact, key=exact.get)
+    assert expected == ("cv" if q_name == "tilted beyond pi*" else "lse")
+    gen = torch.Generator().manual_seed(8)
+    idx = torch.multinomial(q.expand(200, 4), 8, replacement=True, generator=gen)
+    log_ratio = (torch.log(PI_REF) - torch.log(q))[idx]
+    assert choose_estimator(log_ratio, REWARD[idx], BETA, base_reward=0.0) == expected
+    # no rewarded sample anywhere: no evidence, the first candidate
+    assert choose_estimator(log_ratio, torch.zeros_like(log_ratio), BETA, base_reward=0.0) == "lse"

@@ -188,10 +188,12 @@ class LabelConfig(Section):
     estimator: str = _f(
         "cv",
         "Stage 1 label estimator (docs/label-estimators.md): lse (eq. 8), cv (control variate E_q[pi_ref/q] = 1 "
-        "with the wrong-answer reward as base: the importance weights enter only through rewarded samples; the "
-        "measured default) or regression_cv (the same with a fitted coefficient). Samples tagged with a "
-        "`proposal` column are weighted against the mixture of proposals (balance heuristic).",
-        LABEL_ESTIMATORS,
+        "with the wrong-answer reward as base: the importance weights enter only through rewarded samples; better "
+        "than eq. 8 where q puts more mass on correct answers than pi* does, worse where q is close to pi*), "
+        "regression_cv (the same with a fitted coefficient) or auto (lse or cv, whichever has the smaller mean "
+        "estimated variance over this run's prompts). Samples tagged with a `proposal` column are weighted "
+        "against the mixture of proposals (balance heuristic).",
+        (*LABEL_ESTIMATORS, "auto"),
     )
     max_se: float = _f(0.5, "A label whose standard error (nats) is above this is flagged unreliable.", "positive_finite")
     min_ess: float = _f(2.0, "A label whose effective sample size is below this is flagged unreliable.", "positive_finite")

@@ -31,7 +31,9 @@ import torch
 
 from disa import estimators
 from disa.estimators import REWARD_TRANSFORMS
-from disa.label_estimators import LABEL_ESTIMATORS, label_with_se, recommended_n, reliability, rewarded_count
+from disa.label_estimators import (
+    AUTO, LABEL_ESTIMATORS, choose_estimator, label_with_se, recommended_n, reliability, rewarded_count,
+)
 from disa.io import atomic_write_parquet
 from disa.run_dir import LABELS_METADATA_KEY
 from disa.stages import common
@@ -137,8 +139,8 @@ def run_labelling(
     """
     if reward_transform not in REWARD_TRANSFORMS:
         raise ValueError(f"reward_transform must be one of {REWARD_TRANSFORMS}, got {reward_transform!r}")
-    if estimator not in LABEL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {LABEL_ESTIMATORS}, got {estimator!r}")
+    if estimator not in (*LABEL_ESTIMATORS, AUTO):
+        raise ValueError(f"estimator must be one of {(*LABEL_ESTIMATORS, AUTO)}, got {estimator!r}")
     estimators.check_beta(beta)
     order, groups = collect_groups(samples_dir)
     width = max(len(g["reward"]) for g in groups.values())
@@ -167,7 +169,11 @@ def run_labelling(
     labels = estimators.label_prompts(logp_ref, logp_q, shaped, beta, mask=mask, raw_rewards=rewards)
     # the control variate's base: r~ of the smallest raw reward any response can get (0, or a lower one seen)
     base_raw = min(0.0, float(rewards[mask].min()))
-    log_z, se = label_with_se(estimator, (logp_ref - logp_q).masked_fill(~mask, 0.0), shaped, beta,
+    log_ratio = (logp_ref - logp_q).masked_fill(~mask, 0.0)
+    if estimator == AUTO:  # one choice for the run, from every prompt's evidence
+        estimator = choose_estimator(log_ratio, shaped, beta, base_reward=scale * base_raw + shift, mask=mask,
+                                     strata=strata)
+    log_z, se = label_with_se(estimator, log_ratio, shaped, beta,
                               base_reward=scale * base_raw + shift, mask=mask, strata=strata)
     if estimator != "lse":  # eq. 8 keeps the exact numbers of label_prompts
         labels["log_z"] = log_z

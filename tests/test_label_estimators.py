@@ -9,6 +9,7 @@ import torch
 
 from disa.estimators import log_z_lse
 from disa.label_estimators import (
+    allocate_samples,
     bootstrap_se,
     choose_estimator,
     label_prompts_with,
@@ -420,3 +421,21 @@ def test_auto_choice_follows_the_exact_variances(q_name):
     assert choose_estimator(log_ratio, REWARD[idx], BETA, base_reward=0.0) == expected
     # no rewarded sample anywhere: no evidence, the first candidate
     assert choose_estimator(log_ratio, torch.zeros_like(log_ratio), BETA, base_reward=0.0) == "lse"
+
+
+def test_allocate_samples_by_hand():
+    # per-sample variances se^2 N: 0.16 * 4 = 0.64, 0.01 * 4 = 0.04, unknown (nothing rewarded) -> their mean 0.34
+    se = torch.tensor([0.4, 0.1, 0.0])
+    n = torch.tensor([4, 4, 4])
+    rewarded = torch.tensor([2, 2, 0])
+    add = allocate_samples(se, n, rewarded, 6)
+    assert int(add.sum()) == 6
+    # greedy marginal gains s / (N (N + 1)): prompt 0 from 0.032, prompt 2 from 0.017, prompt 1 from 0.002
+    gains = sorted(((s / (m * (m + 1)), i) for i, s in enumerate([0.64, 0.04, 0.34]) for m in range(4, 20)),
+                   reverse=True)[:6]
+    assert add.tolist() == [sum(1 for _, i in gains if i == j) for j in range(3)]
+    # a target: stop each prompt once s / N <= target^2 (0.2^2 = 0.04: prompt 0 needs N = 16, prompt 2 N = 9)
+    assert allocate_samples(se, n, rewarded, 100, target_se=0.2).tolist() == [12, 0, 5]
+    assert allocate_samples(se, n, rewarded, 100, cap=torch.tensor([6, 6, 6])).tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match="extra"):
+        allocate_samples(se, n, rewarded, -1)

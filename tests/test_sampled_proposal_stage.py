@@ -141,3 +141,48 @@ def test_reference_share_counts_and_bad_shares():
         mixture_counts(8, 1.0)
     with pytest.raises(Exception, match="reference_share"):
         config_from_dict({"sample": {"reference_share": 1.0}})
+
+
+def test_adaptive_rounds_spend_the_budget_where_the_labels_are_noisiest_and_resume(tmp_path, tiny_gpt2_path):
+    from disa.label_estimators import allocate_samples
+    from disa.stages.label import run_labelling
+    from disa.stages.sample import label_state, run_adaptive_rounds
+
+    torch.manual_seed(0)
+    gen = HFGenerator(tiny_gpt2_path, batch_size=4, device="cpu", progress=False)
+    records = [PromptRecord(id=f"p{i}", prompt=f"What is {i} + {i}?", answer=a) for i, a in enumerate("etao")]
+    common = dict(generator=gen, ref_model=gen.model, ref_tokenizer=gen.tokenizer, score_batch_size=8)
+    run_sampling(records, n=3, out_dir=str(tmp_path), verifier=count_e, shard_size=4, max_new_tokens=8, seed=0,
+                 progress=False, proposal_model=gen.model, proposal_tokenizer=gen.tokenizer, **common)
+    state = label_state(str(tmp_path), beta=1.0, reward_transform="raw", estimator="cv")
+    ids = [r.id for r in records]
+    expected_first = allocate_samples(torch.tensor([state[i][1] for i in ids], dtype=torch.float64),
+                                      torch.tensor([state[i][0] for i in ids]), torch.tensor([state[i][2] for i in ids]),
+                                      (24 - 12) // 2, cap=torch.full((4,), 10))
+    kwargs = dict(out_dir=str(tmp_path), target_se=1e-3, max_total=24, rounds=2, beta=1.0, reward_transform="raw",
+                  estimator="cv", cap=10, verifier_fn=count_e, verifier_name="count_e",
+                  gen_kwargs=dict(max_new_tokens=8, temperature=1.0, top_p=1.0, stop=[]), seed=0, **common)
+    out = run_adaptive_rounds(records, **kwargs)
+    assert out == {"rounds": 2, "added": 12}
+    rows = pa.concat_tables([pq.read_table(p) for p in list_shards(str(tmp_path))]).to_pydict()
+    per_prompt = {i: sorted(j for pid, j in zip(rows["prompt_id"], rows["sample_idx"]) if pid == i) for i in ids}
+    assert all(v == list(range(len(v))) for v in per_prompt.values())  # contiguous, nothing drawn twice
+    assert sum(len(v) for v in per_prompt.values()) == 24
+    first_round = pa.concat_tables([pq.read_table(p) for p in list_shards(str(tmp_path)) if "shard-a01" in p])
+    got_first = [first_round.column("prompt_id").to_pylist().count(i) for i in ids]
+    assert got_first == expected_first.tolist()
+    assert run_adaptive_rounds(records, **kwargs) == {"rounds": 0, "added": 0}  # resumed: the rounds are done
+    labels = run_labelling(str(tmp_path), beta=1.0, estimator="cv").to_pydict()
+    assert sorted(labels["n"]) == sorted(len(v) for v in per_prompt.values())
+
+
+def test_adaptive_settings_are_checked():
+    from disa.config import config_from_dict
+    from disa.stages.sample import check_adaptive_settings
+
+    check_adaptive_settings(config_from_dict({}).sample, 10)  # off: nothing to check
+    with pytest.raises(ConfigError, match="max_total"):
+        check_adaptive_settings(config_from_dict({"sample": {"n": 4, "target_se": 0.3, "max_total": 40}}).sample, 10)
+    with pytest.raises(ConfigError, match="reference_share"):
+        check_adaptive_settings(config_from_dict({"sample": {"n": 4, "target_se": 0.3, "max_total": 80,
+                                                             "reference_share": 0.25}}).sample, 10)

@@ -163,6 +163,13 @@ class SampleConfig(Section):
     max_new_tokens: int = _f(512, "Longest response.", "positive")
     temperature: float = _f(1.0, "Proposal sampling temperature (the paper: 1, the distribution q itself).", "positive_finite")
     top_p: float = _f(1.0, "Proposal nucleus sampling; < 1 leaves out some of pi_ref's responses (eq. 7).", "unit")
+    target_se: Optional[float] = _f(None, "Adaptive budget: after the first n per prompt, sample more in rounds where "
+                                    "the labels' standard error (label.estimator, target.beta) is largest, each prompt "
+                                    "stopping once its predicted SE is at most this; needs max_total.", "positive_finite")
+    max_total: int = _f(0, "Adaptive budget (target_se set): total samples over all prompts, first pass included.",
+                        "non_negative")
+    adaptive_rounds: int = _f(3, "Adaptive budget: rounds the rest of max_total is spent in (each re-reads the labels).",
+                              "positive")
     reference_share: float = _f(0.0, "Share of each prompt's n drawn from pi_ref itself (temperature 1), the rest from "
                                 "the proposal; rows tagged proposal=reference, and `disa label` weights every sample "
                                 "against the mixture (defensive sampling: weights bounded by 1 / share).", "share")

@@ -43,6 +43,7 @@ error says: :func:`reliability` never trusts it and :func:`recommended_n` double
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Optional, Sequence, Union
 
@@ -281,6 +282,50 @@ def recommended_n(se: Tensor, n: Tensor, target_se: float, *, rewarded: Tensor, 
     informative = (rewarded > 0) & (se > SE_RESOLUTION)
     need = torch.where(informative, need, 2 * n)
     return need.clamp(1, cap).long()
+
+
+def allocate_samples(se: Tensor, n: Tensor, rewarded: Tensor, extra: int, *, target_se: Optional[float] = None,
+                     cap: Optional[Tensor] = None) -> Tensor:
+    """How many more samples each prompt gets, ``(P,)`` long, from a total of at most ``extra``: greedily, one
+    at a time, to the prompt whose label variance drops most, with ``se^2 = s^2 / N`` (``s^2 = se^2 N`` the
+    per-sample variance read off its current ``N`` samples).
+
+    A prompt without a variance estimate (nothing rewarded seen, or every term equal) counts as the mean
+    per-sample variance of the others, so it keeps getting samples at the pace of a typical prompt instead of
+    stopping (its 0 standard error would say it is done) or swallowing the budget. With ``target_se`` a prompt
+    stops once its predicted standard error is at most the target (the rest of ``extra`` stays unspent);
+    ``cap`` ``(P,)`` bounds each prompt's total N."""
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise ValueError(f"extra must be an integer >= 0, got {extra!r}")
+    if target_se is not None and not (isinstance(target_se, (int, float)) and math.isfinite(target_se) and target_se > 0):
+        raise ValueError(f"target_se must be a finite number > 0, got {target_se!r}")
+    n = n.double()
+    known = (rewarded > 0) & (se > SE_RESOLUTION)
+    per_sample = se.double() ** 2 * n
+    typical = float(per_sample[known].mean()) if bool(known.any()) else 1.0
+    per_sample = torch.where(known, per_sample, torch.full_like(per_sample, typical))
+    limit = torch.full_like(n, math.inf) if cap is None else cap.double()
+
+    def gain(i: int, total: float) -> float:  # variance removed by one more sample at N = total
+        return per_sample[i].item() / (total * (total + 1))
+
+    add = [0] * len(n)
+    bar = math.inf if target_se is None else target_se**2 * (1 + 1e-6)  # float32 se: 0.4^2 * 4 / 16 > 0.04
+
+    def open_(i: int, total: float) -> bool:
+        return total < limit[i].item() and (target_se is None or per_sample[i].item() / total > bar)
+
+    heap = [(-gain(i, n[i].item()), i) for i in range(len(n)) if open_(i, n[i].item())]
+    heapq.heapify(heap)
+    for _ in range(extra):
+        if not heap:
+            break
+        _, i = heapq.heappop(heap)
+        add[i] += 1
+        total = n[i].item() + add[i]
+        if open_(i, total):
+            heapq.heappush(heap, (-gain(i, total), i))
+    return torch.tensor(add, dtype=torch.long)
 
 
 def choose_estimator(

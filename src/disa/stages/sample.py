@@ -274,6 +274,80 @@ def add_reference_rows(q_table: pa.Table, records: Sequence[PromptRecord], *, re
     return pa.concat_tables([pa.table(q_rows, schema=schema), pa.table(ref_rows, schema=schema)])
 
 
+# --------------------------------------------------------------------------- adaptive budget (sample.target_se)
+ADAPTIVE_SEED_OFFSET = 2_000_003
+
+
+def adaptive_shard_path(out_dir: str, round_index: int, part: int) -> str:
+    return os.path.join(out_dir, SAMPLES_SUBDIR, f"shard-a{round_index:02d}-{part:05d}.parquet")
+
+
+def _written_rounds(out_dir: str) -> int:
+    names = glob.glob(os.path.join(out_dir, SAMPLES_SUBDIR, "shard-a*-*.parquet"))
+    return max((int(os.path.basename(p)[7:9]) for p in names), default=0)
+
+
+def label_state(out_dir: str, *, beta: float, reward_transform: str, estimator: str) -> dict[str, tuple]:
+    """Per prompt id: ``(N so far, se of its label, samples rewarded above the lowest reward)`` from the shards
+    written so far, with the very label math ``disa label`` uses."""
+    import tempfile
+
+    from disa.stages.label import collect_groups, run_labelling
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = run_labelling(os.path.join(out_dir, SAMPLES_SUBDIR), beta=beta, reward_transform=reward_transform,
+                              estimator=estimator, out_path=os.path.join(tmp, "labels.parquet")).to_pydict()
+    _, groups = collect_groups(os.path.join(out_dir, SAMPLES_SUBDIR))
+    lowest = min(0.0, min(min(g["reward"]) for g in groups.values()))
+    return {pid: (n, se, sum(r > lowest for r in groups[pid]["reward"]))
+            for pid, n, se in zip(table["prompt_id"], table["n"], table["log_z_se"])}
+
+
+def run_adaptive_rounds(prompts: Sequence[PromptRecord], *, out_dir: str, target_se: float, max_total: int,
+                        rounds: int, beta: float, reward_transform: str, estimator: str, cap: int,
+                        **shard_kwargs) -> dict:
+    """``disa sample``'s adaptive budget, after the first pass: up to ``rounds`` rounds, each reading every
+    prompt's label and standard error from the shards so far and drawing the next samples where
+    :func:`disa.label_estimators.allocate_samples` says (largest drop of the label variance, prompts with a
+    predicted SE at most ``target_se`` left alone), an equal part of what is left of ``max_total`` per round.
+
+    Round ``r`` writes ``samples/shard-aRR-PPPPP.parquet`` (one file per group of prompts that get the same
+    number of samples; ``sample_idx`` continue each prompt's). Resumable: a re-run continues after the last
+    round on disk, from the data on disk, so nothing is drawn twice and ``max_total`` holds.
+    ``shard_kwargs``: :func:`sample_shard`'s generation and scoring arguments. Returns ``{"rounds", "added",
+    "total"}``."""
+    import torch
+
+    from disa.label_estimators import allocate_samples
+
+    by_id = {r.id: r for r in prompts}
+    seed = shard_kwargs.pop("seed")
+    added, done = 0, 0
+    for r in range(_written_rounds(out_dir) + 1, rounds + 1):
+        state = label_state(out_dir, beta=beta, reward_transform=reward_transform, estimator=estimator)
+        ids = [p.id for p in prompts]
+        n = torch.tensor([state[i][0] for i in ids])
+        total = int(n.sum())
+        extra = (max_total - total) // (rounds - r + 1)
+        if extra <= 0:
+            break
+        add = allocate_samples(torch.tensor([state[i][1] for i in ids], dtype=torch.float64), n,
+                               torch.tensor([state[i][2] for i in ids]), extra, target_se=target_se,
+                               cap=torch.full((len(ids),), cap))
+        if int(add.sum()) == 0:
+            break
+        for part, k in enumerate(sorted({int(a) for a in add.tolist() if a > 0})):
+            chosen = [i for i, a in zip(ids, add.tolist()) if a == k]
+            table = sample_shard([by_id[i] for i in chosen], n=k, seed=seed + ADAPTIVE_SEED_OFFSET + 1000 * r + part,
+                                 **shard_kwargs).to_pydict()
+            offset = {i: state[i][0] for i in chosen}
+            table["sample_idx"] = [offset[pid] + j for pid, j in zip(table["prompt_id"], table["sample_idx"])]
+            atomic_write_parquet(pa.table(table, schema=SAMPLE_SCHEMA), adaptive_shard_path(out_dir, r, part))
+        added += int(add.sum())
+        done = r
+    return {"rounds": done, "added": added}
+
+
 def check_prompt_list(prompts: Sequence[PromptRecord], shard_size: int, n: int) -> None:
     """Refuse an empty prompt list, a bad shard size or n, and duplicate prompt ids (naming the positions)."""
     if not prompts:
@@ -436,6 +510,31 @@ def proposal_warnings(temperature: float, top_p: float) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- the verb
+def check_adaptive_settings(s, num_prompts: int) -> None:
+    """``sample.target_se`` needs a total budget above the first pass, and (for now) one proposal."""
+    if not s.target_se:
+        return
+    if s.max_total <= s.n * num_prompts:
+        raise ConfigError(f"sample.target_se needs sample.max_total (total samples) above the first pass's "
+                          f"n x prompts = {s.n * num_prompts}, got {s.max_total}")
+    if s.reference_share:
+        raise ConfigError("sample.target_se with sample.reference_share is not supported yet: the extra rounds "
+                          "would change each prompt's mixture proportions")
+
+
+def adaptive_budget(cfg, records, out_dir: str, generator, ref_model, ref_tokenizer, log_q_source: dict) -> dict:
+    """``disa sample``'s adaptive rounds (:func:`run_adaptive_rounds`) with the config's label settings."""
+    s = cfg.sample
+    verifier_fn, verifier_name = resolve_verifier(cfg.data.verifier)
+    gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop))
+    return run_adaptive_rounds(
+        records, out_dir=out_dir, target_se=s.target_se, max_total=s.max_total, rounds=s.adaptive_rounds,
+        beta=cfg.target.beta, reward_transform=cfg.target.reward_transform, estimator=cfg.label.estimator,
+        cap=max(s.max_total // len(records), s.n), generator=generator, verifier_fn=verifier_fn,
+        verifier_name=verifier_name, ref_model=ref_model, ref_tokenizer=ref_tokenizer, gen_kwargs=gen_kwargs,
+        seed=s.seed, score_batch_size=s.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, **log_q_source)
+
+
 def reference_draws(cfg, generator, ref_model, ref_tokenizer, log_q_source: dict) -> dict:
     """``run_sampling`` kwargs for ``sample.reference_share``: a transformers generator over the loaded
     ``pi_ref`` (it is loaded for scoring anyway) and the proposal model that scores its draws under ``q``."""
@@ -485,8 +584,10 @@ def run(cfg) -> dict:
     s = cfg.sample
     for line in proposal_warnings(s.temperature, s.top_p):
         common.say("sample", "warning: " + line)
-    if s.executor == "ray" and s.reference_share:
-        raise ConfigError("sample.reference_share is not wired into sample.executor=ray yet; use executor=local")
+    if s.executor == "ray" and (s.reference_share or s.target_se):
+        raise ConfigError("sample.reference_share and sample.target_se are not wired into sample.executor=ray yet; "
+                          "use executor=local")
+    check_adaptive_settings(s, len(records))
     if s.executor == "ray":
         from disa.stages.sample_ray import run_with_config
 
@@ -506,6 +607,10 @@ def run(cfg) -> dict:
             verifier_kwargs=cfg.data.verifier_kwargs, extra_meta=fingerprints,
             **{**log_q_source, **reference_draws(cfg, generator, ref_model, ref_tokenizer, log_q_source)},
         )
+        if s.target_se:
+            result["adaptive"] = adaptive_budget(cfg, records, str(rd.root), generator, ref_model, ref_tokenizer,
+                                                 log_q_source)
+            result["rows"] += result["adaptive"]["added"]
     except ResumeMismatch as e:  # a resume with other settings: a config problem, not a crash
         raise ConfigError(str(e)) from None
     finally:

@@ -10,10 +10,10 @@ per seed, with the real Stage 1 code (``run_sampling``, ``logp_q`` the sampled d
    budget N (disjoint batches) against the exact ``log Z``: RMSE and bias of eq. 8 and ``cv``, and of eq. 8
    with the untempered model's ``log q`` (what ``disa sample`` recorded before: the weights of another
    distribution).
-2. **Adaptive budget.** From the temperature-1 pool: every prompt starts with ``n0`` samples; then, in rounds,
-   the prompts whose label has the largest estimated variance (``se^2``, or a doubling rule where nothing
-   rewarded was seen) get their next samples, until the total budget is spent (``disa sample --target-se``'s
-   rule, simulated on already drawn samples in their drawing order). RMSE against the exact ``log Z`` at
+2. **Adaptive budget.** From the temperature-1 pool: every prompt starts with 2 samples; then 3 rounds,
+   each spending an equal part of the rest of the total budget where
+   :func:`disa.label_estimators.allocate_samples` says (the largest drop of the labels' estimated variance),
+   simulated on already drawn samples in their drawing order. RMSE against the exact ``log Z`` at
    equal total samples, against fixed N, and the smallest budget whose RMSE matches eq. 8 at N = 8.
 3. **Coverage** of the nominal 95% interval ``log Z^ +- 1.96 se``.
 
@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from disa.label_estimators import label_with_se, rewarded_count
+from disa.label_estimators import allocate_samples, label_with_se, rewarded_count
 
 SETTINGS = ((1.0, 1.0), (0.6, 1.0), (1.0, 0.95), (0.6, 0.95))
 BETAS = (1.0, 3.0)
@@ -100,39 +100,32 @@ def settings_rows(pool: dict, exact: dict, setting, n: int) -> list[dict]:
     return rows
 
 
-def adaptive_labels(pool: dict, estimator: str, beta: float, budget: int, n0: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sequential allocation of ``budget`` total samples over the prompts of ``pool`` (drawing order kept):
-    ``n0`` each, then ``step`` more at a time to the prompt whose label variance ``se^2`` would drop most (a
-    prompt with nothing rewarded, or an all-equal group, has no variance estimate: it counts as the typical
-    per-sample variance over its own N, so it keeps getting samples at the pace of an average prompt).
-    Returns ``(log Z^, n used)`` per prompt."""
+def adaptive_labels(pool: dict, estimator: str, beta: float, budget: int, n0: int, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """``disa sample --target-se``'s rule on already drawn samples (drawing order kept): ``n0`` per prompt,
+    then ``rounds`` rounds, each spending an equal part of what is left of ``budget`` (total samples) as
+    :func:`disa.label_estimators.allocate_samples` says from the labels so far. Returns ``(log Z^, N used)``."""
     p, n_max = pool["reward"].shape
     n = np.full(p, n0)
-    spent = n0 * p
-    var = np.zeros(p)
 
-    def refresh(i):
-        sl = slice(0, int(n[i]))
-        lz, se = labels(estimator, pool["logp_ref"][i:i + 1, sl], pool["logp_q"][i:i + 1, sl],
-                        pool["reward"][i:i + 1, sl], beta)
-        seen = int(rewarded_count(torch.as_tensor(pool["reward"][i:i + 1, sl]), 0.0)[0])
-        var[i] = se[0] ** 2 if (seen > 0 and se[0] > 1e-6) else math.inf
-        return lz[0]
+    def current():
+        log_z, se = np.zeros(p), np.zeros(p)
+        for i in range(p):  # prompts have different N: one row at a time
+            sl = slice(0, int(n[i]))
+            lz, s_ = labels(estimator, pool["logp_ref"][i:i + 1, sl], pool["logp_q"][i:i + 1, sl],
+                            pool["reward"][i:i + 1, sl], beta)
+            log_z[i], se[i] = lz[0], s_[0]
+        seen = np.array([(pool["reward"][i, :int(n[i])] > 0).sum() for i in range(p)])
+        return log_z, se, seen
 
-    log_z = np.array([refresh(i) for i in range(p)])
-    while spent + step <= budget:
-        room = n + step <= n_max
-        if not room.any():
+    log_z, se, seen = current()
+    for r in range(rounds):
+        extra = (budget - int(n.sum())) // (rounds - r)
+        if extra <= 0:
             break
-        known = np.isfinite(var)
-        # a prompt that has told nothing yet gets the typical per-sample variance (se^2 N) over its own N
-        per_sample = float(np.mean((var * n)[known])) if known.any() else 1.0
-        # variance removed by `step` more samples, se^2 ~ 1/N: var * step / (N + step)
-        gain = np.where(known, var, per_sample / n) * step / (n + step)
-        i = int(np.argmax(np.where(room, gain, -1.0)))
-        n[i] += step
-        spent += step
-        log_z[i] = refresh(i)
+        add = allocate_samples(torch.as_tensor(se), torch.as_tensor(n), torch.as_tensor(seen), extra,
+                               cap=torch.full((p,), n_max)).numpy()
+        n = n + add
+        log_z, se, seen = current()
     return log_z, n
 
 
@@ -147,7 +140,7 @@ def budget_rows(pool: dict, exact: dict, ns_fixed: Sequence[int], budgets_per_pr
                 rows.append({"beta": beta, "label": f"{name}, fixed N", "samples_per_prompt": float(n),
                              "rmse": float(np.sqrt(np.mean(err**2))), "bias": float(np.mean(err))})
             for b in budgets_per_prompt:
-                log_z, used = adaptive_labels(pool, est, beta, int(round(b * p)), n0=2, step=1)
+                log_z, used = adaptive_labels(pool, est, beta, int(round(b * p)), n0=2, rounds=3)
                 err = log_z - exact[beta]
                 rows.append({"beta": beta, "label": f"{name}, adaptive", "samples_per_prompt": float(used.mean()),
                              "rmse": float(np.sqrt(np.mean(err**2))), "bias": float(np.mean(err)),

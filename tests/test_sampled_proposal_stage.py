@@ -2,6 +2,7 @@
 and ``disa label`` refuses a warped run whose ``logp_q`` is not."""
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -186,3 +187,55 @@ def test_adaptive_settings_are_checked():
     with pytest.raises(ConfigError, match="reference_share"):
         check_adaptive_settings(config_from_dict({"sample": {"n": 4, "target_se": 0.3, "max_total": 80,
                                                              "reference_share": 0.25}}).sample, 10)
+
+
+def _cli_config(tmp_path, model: str, **sample) -> str:
+    import yaml
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} + {i}?", "answer": "e"}) + "\n"
+                               for i in range(4)))
+    data = {"output_dir": str(tmp_path / "run"), "data": {"prompts": str(prompts), "verifier": "contains_answer"},
+            "models": {"reference": model, "device": "cpu"},
+            "sample": {"n": 4, "max_new_tokens": 8, "batch_size": 8, "shard_size": 2, "seed": 0, **sample},
+            "target": {"beta": 2.0}, "train": {"max_new_tokens": 8}, "eval": {"max_new_tokens": 8}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("sample,rows", [({"temperature": 0.7, "top_p": 0.9, "reference_share": 0.25}, 16),
+                                         ({"n": 2, "target_se": 0.01, "max_total": 14, "adaptive_rounds": 2}, 14)])
+def test_disa_sample_and_label_from_the_cli(tmp_path, tiny_gpt2_path, sample, rows):
+    from disa import cli
+    from disa.verifiers import register_verifier
+
+    register_verifier("contains_answer")(count_e)
+    config = _cli_config(tmp_path, tiny_gpt2_path, **sample)
+    assert cli.main(["sample", "-c", config]) == 0
+    out = tmp_path / "run"
+    got = pa.concat_tables([pq.read_table(p, columns=["prompt_id", "sample_idx", "logp_q"])
+                            for p in list_shards(str(out / "samples"))])
+    assert got.num_rows == rows
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta[LOGP_Q_META_KEY] == "sampled"
+    assert cli.main(["label", "-c", config]) == 0
+    labels = pq.read_table(out / "labels.parquet").to_pydict()
+    assert sum(labels["n"]) == rows and all(math.isfinite(v) for v in labels["log_z"])
+    if "reference_share" in sample:
+        tags = pa.concat_tables([pq.read_table(p, columns=["proposal"]) for p in list_shards(str(out / "samples"))])
+        assert tags.column("proposal").to_pylist().count("reference") == 4
+
+
+def test_minus_inf_log_q_is_accepted_only_on_rows_drawn_from_pi_ref(tmp_path):
+    from disa.stages.label import read_shard
+
+    def write(tag):
+        path = tmp_path / f"shard-{tag}.parquet"
+        pq.write_table(pa.table({"prompt_id": ["a", "a"], "sample_idx": [0, 1], "reward": [0.0, 1.0],
+                                 "logp_ref": [-3.0, -4.0], "logp_q": [-2.0, -math.inf], "proposal": ["q", tag]}), path)
+        return str(path)
+
+    assert read_shard(write("reference"))["logp_q"][1] == -math.inf  # outside q's nucleus: exact, mixture > 0
+    with pytest.raises(ValueError, match="row 2: column 'logp_q' is -inf"):
+        read_shard(write("q"))

@@ -68,9 +68,17 @@ def read_shard(path: str) -> dict[str, list]:
         for row, value in enumerate(data[col], start=1):
             if value is None:
                 raise ValueError(f"{path}, row {row}: column {col!r} is null")
-            if col in ("reward", "logp_ref", "logp_q") and not math.isfinite(value):
+            if col in ("reward", "logp_ref", "logp_q") and not math.isfinite(value) \
+                    and not _outside_truncated_q(col, value, data, row - 1):
                 raise ValueError(f"{path}, row {row}: column {col!r} is {value} (must be finite)")
     return data
+
+
+def _outside_truncated_q(col: str, value: float, data: dict, index: int) -> bool:
+    """A response drawn from ``pi_ref`` may leave the truncated proposal's nucleus: ``log q = -inf`` is then
+    exact, and the mixture ``s_q q + s_ref pi_ref`` it is weighted against stays positive."""
+    return col == "logp_q" and value == -math.inf and data.get(PROPOSAL_COLUMN, [None] * (index + 1))[index] \
+        == REFERENCE_PROPOSAL
 
 
 def collect_groups(samples_dir: str) -> tuple[list[str], dict[str, dict[str, list]]]:

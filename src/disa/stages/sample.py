@@ -523,14 +523,15 @@ def check_adaptive_settings(s, num_prompts: int) -> None:
 
 
 def adaptive_budget(cfg, records, out_dir: str, generator, ref_model, ref_tokenizer, log_q_source: dict) -> dict:
-    """``disa sample``'s adaptive rounds (:func:`run_adaptive_rounds`) with the config's label settings."""
+    """``disa sample``'s adaptive rounds (:func:`run_adaptive_rounds`) with the config's label settings; no
+    prompt gets more than 4 times the mean budget per prompt."""
     s = cfg.sample
     verifier_fn, verifier_name = resolve_verifier(cfg.data.verifier)
     gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop))
     return run_adaptive_rounds(
         records, out_dir=out_dir, target_se=s.target_se, max_total=s.max_total, rounds=s.adaptive_rounds,
         beta=cfg.target.beta, reward_transform=cfg.target.reward_transform, estimator=cfg.label.estimator,
-        cap=max(s.max_total // len(records), s.n), generator=generator, verifier_fn=verifier_fn,
+        cap=max(4 * s.max_total // len(records), s.n), generator=generator, verifier_fn=verifier_fn,
         verifier_name=verifier_name, ref_model=ref_model, ref_tokenizer=ref_tokenizer, gen_kwargs=gen_kwargs,
         seed=s.seed, score_batch_size=s.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, **log_q_source)
 

@@ -551,7 +551,7 @@ def reference_draws(cfg, generator, ref_model, ref_tokenizer, log_q_source: dict
             "proposal_tokenizer": generator.tokenizer}
 
 
-def proposal_generator(cfg, proposal_path: str) -> tuple:
+def proposal_generator(cfg, proposal_path: str, progress: bool = True) -> tuple:
     """``(generator, run_sampling kwargs saying where log q comes from)`` for ``disa sample``.
 
     At temperature 1 without truncation: the generator's own log-probs. Otherwise the distribution sampled
@@ -566,7 +566,7 @@ def proposal_generator(cfg, proposal_path: str) -> tuple:
                                    tensor_parallel_size=s.tensor_parallel_size,
                                    max_model_len=s.max_model_len or None, logprobs_mode="processed_logprobs")
         return generator, {"logprobs_are_sampled": True}
-    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed)
+    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed, progress=progress)
     if warped:
         return generator, {"proposal_model": generator.model, "proposal_tokenizer": generator.tokenizer}
     return generator, {}

@@ -53,6 +53,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "non_negative": (lambda v: v >= 0, "must be >= 0"),
     "unit": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "open_unit": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "share": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "finite": (lambda v: math.isfinite(v), "must be finite"),
     "positive_finite": (lambda v: 0 < v < math.inf, "must be > 0 and finite"),
     "at_least_one": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
@@ -172,6 +173,16 @@ class SampleConfig(Section):
     max_new_tokens: int = _f(512, "Longest response.", "positive")
     temperature: float = _f(1.0, "Proposal sampling temperature (the paper: 1, the distribution q itself).", "positive_finite")
     top_p: float = _f(1.0, "Proposal nucleus sampling; < 1 leaves out some of pi_ref's responses (eq. 7).", "unit")
+    target_se: Optional[float] = _f(None, "Adaptive budget: after the first n per prompt, sample more in rounds where "
+                                    "the labels' standard error (label.estimator, target.beta) is largest, each prompt "
+                                    "stopping once its predicted SE is at most this; needs max_total.", "positive_finite")
+    max_total: int = _f(0, "Adaptive budget (target_se set): total samples over all prompts, first pass included.",
+                        "non_negative")
+    adaptive_rounds: int = _f(3, "Adaptive budget: rounds the rest of max_total is spent in (each re-reads the labels).",
+                              "positive")
+    reference_share: float = _f(0.0, "Share of each prompt's n drawn from pi_ref itself (temperature 1), the rest from "
+                                "the proposal; rows tagged proposal=reference, and `disa label` weights every sample "
+                                "against the mixture (defensive sampling: weights bounded by 1 / share).", "share")
     stop: list = _f([], "Stop strings: the response is cut after the first one.")
     backend: str = _f("hf", "Generation backend: hf (transformers) or vllm (if installed).", ("hf", "vllm"))
     hf_decoder: str = _f("loop", "hf backend's decoding: loop (a lean cached loop, the same draws as generate for a "
@@ -194,10 +205,12 @@ class LabelConfig(Section):
     estimator: str = _f(
         "cv",
         "Stage 1 label estimator (docs/label-estimators.md): lse (eq. 8), cv (control variate E_q[pi_ref/q] = 1 "
-        "with the wrong-answer reward as base: the importance weights enter only through rewarded samples; the "
-        "measured default) or regression_cv (the same with a fitted coefficient). Samples tagged with a "
-        "`proposal` column are weighted against the mixture of proposals (balance heuristic).",
-        LABEL_ESTIMATORS,
+        "with the wrong-answer reward as base: the importance weights enter only through rewarded samples; better "
+        "than eq. 8 where q puts more mass on correct answers than pi* does, worse where q is close to pi*), "
+        "regression_cv (the same with a fitted coefficient) or auto (lse or cv, whichever has the smaller mean "
+        "estimated variance over this run's prompts). Samples tagged with a `proposal` column are weighted "
+        "against the mixture of proposals (balance heuristic).",
+        (*LABEL_ESTIMATORS, "auto"),
     )
     max_se: float = _f(0.5, "A label whose standard error (nats) is above this is flagged unreliable.", "positive_finite")
     min_ess: float = _f(2.0, "A label whose effective sample size is below this is flagged unreliable.", "positive_finite")

@@ -186,3 +186,77 @@ def pad_token_id(tokenizer) -> int:
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)
     raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+
+
+# --------------------------------------------------------------------------- the distribution actually sampled
+def sampling_warpers(temperature: float, top_p: float = 1.0, top_k: int = 0) -> list:
+    """transformers' logits warpers for these settings, in ``generate``'s order (temperature, top-k, top-p;
+    vLLM's sampler applies them in the same order). Empty at ``temperature 1, top_p 1, top_k 0``."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
+        raise ValueError(f"temperature must be > 0 to have a log-prob (0 is greedy: a point mass), got {temperature!r}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
+    out = []
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k > 0:
+        out.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(float(top_p)))
+    return out
+
+
+def _warped_logprobs(logits: torch.Tensor, targets: torch.Tensor, warpers: list) -> torch.Tensor:
+    """``log softmax(warp(logits))[target]`` in float32, rows of ``(M, V)``: ``-inf`` for a token the warpers
+    removed (outside the top-k or the nucleus)."""
+    scores = logits.float()
+    for warp in warpers:  # the warpers read only scores; input_ids is a placeholder of the right batch size
+        scores = warp(targets[:, None], scores)
+    picked = torch.gather(scores, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scores, dim=-1)
+
+
+@torch.inference_mode()
+def score_sampled_responses(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 8,
+) -> list[float]:
+    """``log q(y|x)`` of each response under the distribution a sampler with these settings draws from:
+    at every step the model's float32 logits go through transformers' temperature, top-k and top-p warpers
+    (:func:`sampling_warpers`) and are renormalised, ``q(y_t|.) = softmax(warp(logits))[y_t]``.
+
+    This is the proposal Stage 1's importance weight ``pi_ref / q`` needs when responses were drawn at
+    ``temperature != 1`` or with truncation; :func:`score_responses` (the model at temperature 1) is its
+    special case. A response token the warpers remove gives ``-inf``: it could not have been drawn with
+    these settings (or a logit at the nucleus boundary moved between sampling and re-scoring).
+    """
+    warpers = sampling_warpers(temperature, top_p, top_k)
+    if not warpers:
+        return score_responses(model, prompt_ids, response_ids, pad_id=pad_id, batch_size=batch_size)
+    device = model_device(model)
+    results: dict[int, float] = {}
+    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = pad_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id)
+        input_ids = batch["input_ids"].to(device)
+        keep = batch["response_mask"][:, : input_ids.shape[1] - 1].bool().to(device)
+        logits, selected = _logits_at(model, input_ids, batch["attention_mask"].to(device), keep)
+        if not selected:
+            logits = logits[:, :-1, :][keep]
+        lp = _warped_logprobs(logits, input_ids[:, 1:][keep], warpers).double().cpu()
+        per_row = keep.sum(dim=1).cpu().tolist()
+        for i, chunk in zip(idx, torch.split(lp, per_row)):
+            results[i] = float(chunk.sum())
+    return [results[i] for i in range(len(prompt_ids))]

@@ -31,12 +31,14 @@ import torch
 
 from disa import estimators
 from disa.estimators import REWARD_TRANSFORMS
-from disa.label_estimators import LABEL_ESTIMATORS, label_with_se, recommended_n, reliability
+from disa.label_estimators import (
+    AUTO, LABEL_ESTIMATORS, choose_estimator, label_with_se, recommended_n, reliability, rewarded_count,
+)
 from disa.io import atomic_write_parquet
 from disa.run_dir import LABELS_METADATA_KEY
 from disa.stages import common
 from disa.stages.common import stage
-from disa.stages.sample import list_shards
+from disa.stages.sample import LOGP_Q_META_KEY, LOGP_Q_SAMPLED, is_warped, list_shards
 
 REQUIRED_COLUMNS = ("prompt_id", "sample_idx", "reward", "logp_ref", "logp_q")
 PROPOSAL_COLUMN = "proposal"  # optional: "reference" marks a sample drawn from pi_ref
@@ -67,12 +69,20 @@ def read_shard(path: str) -> dict[str, list]:
         for row, value in enumerate(data[col], start=1):
             if value is None:
                 raise ValueError(f"{path}, row {row}: column {col!r} is null")
-            if col in ("reward", "logp_ref", "logp_q") and not math.isfinite(value):
+            if col in ("reward", "logp_ref", "logp_q") and not math.isfinite(value) \
+                    and not _outside_truncated_q(col, value, data, row - 1):
                 raise ValueError(f"{path}, row {row}: column {col!r} is {value} (must be finite)")
             if col in ("logp_ref", "logp_q") and value > LOGP_TOLERANCE:
                 raise ValueError(f"{path}, row {row}: column {col!r} is {value}, but a log-probability is <= 0; the "
                                  "shard is damaged: delete it and run `disa sample` again (it redoes that shard)")
     return data
+
+
+def _outside_truncated_q(col: str, value: float, data: dict, index: int) -> bool:
+    """A response drawn from ``pi_ref`` may leave the truncated proposal's nucleus: ``log q = -inf`` is then
+    exact, and the mixture ``s_q q + s_ref pi_ref`` it is weighted against stays positive."""
+    return col == "logp_q" and value == -math.inf and data.get(PROPOSAL_COLUMN, [None] * (index + 1))[index] \
+        == REFERENCE_PROPOSAL
 
 
 def collect_groups(samples_dir: str) -> tuple[list[str], dict[str, dict[str, list]]]:
@@ -141,8 +151,8 @@ def run_labelling(
     """
     if reward_transform not in REWARD_TRANSFORMS:
         raise ValueError(f"reward_transform must be one of {REWARD_TRANSFORMS}, got {reward_transform!r}")
-    if estimator not in LABEL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {LABEL_ESTIMATORS}, got {estimator!r}")
+    if estimator not in (*LABEL_ESTIMATORS, AUTO):
+        raise ValueError(f"estimator must be one of {(*LABEL_ESTIMATORS, AUTO)}, got {estimator!r}")
     estimators.check_beta(beta)
     order, groups = collect_groups(samples_dir)
     width = max(len(g["reward"]) for g in groups.values())
@@ -171,10 +181,15 @@ def run_labelling(
     labels = estimators.label_prompts(logp_ref, logp_q, shaped, beta, mask=mask, raw_rewards=rewards)
     # the control variate's base: r~ of the smallest raw reward any response can get (0, or a lower one seen)
     base_raw = min(0.0, float(rewards[mask].min()))
-    log_z, se = label_with_se(estimator, (logp_ref - logp_q).masked_fill(~mask, 0.0), shaped, beta,
+    log_ratio = (logp_ref - logp_q).masked_fill(~mask, 0.0)
+    if estimator == AUTO:  # one choice for the run, from every prompt's evidence
+        estimator = choose_estimator(log_ratio, shaped, beta, base_reward=scale * base_raw + shift, mask=mask,
+                                     strata=strata)
+    log_z, se = label_with_se(estimator, log_ratio, shaped, beta,
                               base_reward=scale * base_raw + shift, mask=mask, strata=strata)
     if estimator != "lse":  # eq. 8 keeps the exact numbers of label_prompts
         labels["log_z"] = log_z
+    rewarded = rewarded_count(rewards, base_raw, mask)  # nothing above the lowest reward: never reliable
     columns = {
         "prompt_id": pa.array(order, pa.string()),
         **{k: pa.array(labels[k].double().tolist(), pa.float64())
@@ -184,10 +199,12 @@ def run_labelling(
         "reward_shift": pa.array(shift.double().tolist(), pa.float64()),
         "estimator": pa.array([estimator] * len(order), pa.string()),
         "log_z_se": pa.array(se.double().tolist(), pa.float64()),
-        "reliable": pa.array(reliability(labels["ess"], se, min_ess=min_ess, max_se=max_se).tolist(), pa.bool_()),
+        "reliable": pa.array(reliability(labels["ess"], se, min_ess=min_ess, max_se=max_se,
+                                         rewarded=rewarded).tolist(), pa.bool_()),
     }
     if target_se is not None:
-        columns["n_recommended"] = pa.array(recommended_n(se, labels["n"], target_se).tolist(), pa.int64())
+        columns["n_recommended"] = pa.array(recommended_n(se, labels["n"], target_se, rewarded=rewarded).tolist(),
+                                            pa.int64())
     table = pa.table(columns)
     refuse_non_finite(order, table)
     if out_path is None:
@@ -267,6 +284,7 @@ def run(cfg) -> dict:
         check_samples_match_meta(shards, samples_meta)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_proposal_log_q(samples_meta, str(rd.samples_meta))
     metadata = {"format_version": 1, "target": cfg.target.to_dict(), "n": samples_meta.get("n"),
                 "samples": samples_meta, "inputs": {"samples": SAMPLES.digest(rd.root)}}
     lab = cfg.label
@@ -284,6 +302,18 @@ def run(cfg) -> dict:
     for line in summary_lines(result, lab):
         common.say("label", line)
     return result
+
+
+def check_proposal_log_q(samples_meta: dict, where: str) -> None:
+    """Refuse samples drawn at temperature != 1 or with truncation whose ``logp_q`` is not recorded as the
+    sampled distribution's (runs written before it was): their importance weights are another distribution's."""
+    if is_warped(samples_meta) and samples_meta.get(LOGP_Q_META_KEY) != LOGP_Q_SAMPLED:
+        from disa.config import ConfigError
+
+        raise ConfigError(
+            f"{where}: samples drawn at temperature={samples_meta.get('temperature')}, top_p="
+            f"{samples_meta.get('top_p')} record no {LOGP_Q_META_KEY}={LOGP_Q_SAMPLED!r}: their logp_q is the "
+            "untempered model's, not the distribution sampled from, and the label would be biased; sample again")
 
 
 def label_summary(cols: dict) -> dict:

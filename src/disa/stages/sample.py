@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from disa.data import PromptRecord, render_prompt
 from disa.io import atomic_write_parquet, atomic_write_text
 from disa.generation import Generator, Sample, encode_prompt, encode_response
-from disa.scoring import pad_token_id, score_responses
+from disa.scoring import pad_token_id, score_responses, score_sampled_responses
 from disa.config import ConfigError
 from disa.stages import common
 from disa.stages.common import stage
@@ -55,6 +55,10 @@ class ResumeMismatch(ValueError):
 
 
 META_FILE = "meta.json"
+# meta.json records which distribution the logp_q column is of: the one sampled from (temperature, top-k,
+# top-p applied), so `disa label` can refuse an older run whose logp_q at temperature != 1 was the model's
+LOGP_Q_META_KEY = "logp_q_distribution"
+LOGP_Q_SAMPLED = "sampled"
 FORMAT_VERSION = 1
 
 SAMPLE_SCHEMA = pa.schema(
@@ -76,7 +80,7 @@ RESUME_KEYS = {
     "format_version": "format_version", "n": "sample.n", "shard_size": "sample.shard_size",
     "max_new_tokens": "sample.max_new_tokens", "temperature": "sample.temperature", "top_p": "sample.top_p",
     "stop": "sample.stop", "seed": "sample.seed", "verifier": "data.verifier", "num_prompts": "data.prompts (count)",
-    "prompt_ids_sha256": "data.prompts (ids)",
+    "prompt_ids_sha256": "data.prompts (ids)", "proposal_counts": "sample.reference_share",
 }
 # what the samples were made from; compared when the recorded meta.json has them (older runs may not)
 LINEAGE_KEYS = {
@@ -162,8 +166,12 @@ def sample_shard(
     seed: int,
     score_batch_size: int = 8,
     verifier_kwargs: Optional[dict] = None,
+    logprobs_are_sampled: bool = False,
 ) -> pa.Table:
-    """Generate, verify and score one shard's prompts; returns its rows as a table (``SAMPLE_SCHEMA``)."""
+    """Generate, verify and score one shard's prompts; returns its rows as a table (``SAMPLE_SCHEMA``).
+
+    ``logprobs_are_sampled``: the generator's ``Sample.logprob`` is already the log-prob of the distribution
+    it sampled from (vLLM with ``logprobs_mode="processed_logprobs"``); see :func:`proposal_logprobs`."""
     proposal_tokenizer = proposal_tokenizer or generator.tokenizer
     prompts_q = [render_prompt(r, proposal_tokenizer) for r in records]
     groups = generator.generate(prompts_q, n, seed=seed, **gen_kwargs)
@@ -178,13 +186,9 @@ def sample_shard(
         len(flat), verifier_name,
     )
 
-    if proposal_model is not None:
-        logp_q = score_responses(
-            proposal_model, [s.prompt_ids for s in flat], [s.response_ids for s in flat],
-            pad_id=pad_token_id(proposal_tokenizer), batch_size=score_batch_size,
-        )
-    else:
-        logp_q = [float(s.logprob) for s in flat]
+    logp_q = proposal_logprobs(flat, gen_kwargs=gen_kwargs, proposal_model=proposal_model,
+                               proposal_tokenizer=proposal_tokenizer, logprobs_are_sampled=logprobs_are_sampled,
+                               batch_size=score_batch_size)
 
     if _same_tokenization(ref_tokenizer, proposal_tokenizer):
         ref_prompt_ids = [s.prompt_ids for s in flat]
@@ -212,6 +216,167 @@ def sample_shard(
         "finish_reason": [s.finish_reason for s in flat],
     }
     return pa.table(columns, schema=SAMPLE_SCHEMA)
+
+
+def is_warped(gen_kwargs: dict) -> bool:
+    """Whether these sampling settings draw from something other than the model at temperature 1."""
+    return float(gen_kwargs.get("temperature", 1.0)) != 1.0 or float(gen_kwargs.get("top_p", 1.0)) < 1.0 \
+        or int(gen_kwargs.get("top_k", 0) or 0) > 0
+
+
+def proposal_logprobs(flat: Sequence[Sample], *, gen_kwargs: dict, proposal_model=None, proposal_tokenizer=None,
+                      logprobs_are_sampled: bool = False, batch_size: int = 8) -> list[float]:
+    """``log q(y|x)`` of each sample under the distribution it was drawn from: the importance weight's ``q``.
+
+    At temperature 1 without truncation that is the model's own log-prob (the generator's ``Sample.logprob``,
+    or ``proposal_model``'s re-scoring). Otherwise the model's log-prob is another distribution's, so it comes
+    from ``proposal_model`` re-scored through the same warpers (:func:`disa.scoring.score_sampled_responses`)
+    or, with ``logprobs_are_sampled``, from the generator itself; anything else is refused."""
+    if proposal_model is not None:
+        return score_sampled_responses(
+            proposal_model, [s.prompt_ids for s in flat], [s.response_ids for s in flat],
+            pad_id=pad_token_id(proposal_tokenizer), temperature=float(gen_kwargs.get("temperature", 1.0)),
+            top_p=float(gen_kwargs.get("top_p", 1.0)), top_k=int(gen_kwargs.get("top_k", 0) or 0),
+            batch_size=batch_size,
+        )
+    if is_warped(gen_kwargs) and not logprobs_are_sampled:
+        raise ValueError(
+            f"sampling at temperature={gen_kwargs.get('temperature')}, top_p={gen_kwargs.get('top_p')}: the "
+            "generator's log-probs are the untempered model's, not those of the distribution sampled from; pass "
+            "proposal_model (re-scored with the same warpers) or a generator returning the sampled distribution's "
+            "log-probs (vLLM logprobs_mode='processed_logprobs', logprobs_are_sampled=True)")
+    return [float(s.logprob) for s in flat]
+
+
+# --------------------------------------------------------------------------- mixture sampling: a pi_ref share
+REFERENCE_SHARE_META_KEY = "proposal_counts"  # meta.json: [n from q, n from pi_ref] per prompt
+REFERENCE_SEED_OFFSET = 1_000_003  # pi_ref's draws of shard k use another seed than q's
+PROPOSAL_COLUMN = "proposal"  # "q" or "reference": which distribution drew the row (read by disa label)
+
+
+def mixture_counts(n: int, reference_share: float) -> tuple[int, int]:
+    """``(n from q, n from pi_ref)`` per prompt for a ``reference_share`` in ``[0, 1)`` (largest remainder);
+    a share that leaves either side empty is refused rather than silently dropped."""
+    if not (isinstance(reference_share, (int, float)) and 0 <= reference_share < 1):
+        raise ValueError(f"reference_share must be in [0, 1), got {reference_share!r}")
+    if reference_share == 0:
+        return n, 0
+    from disa.label_estimators import split_budget
+
+    n_q, n_ref = split_budget(n, [1 - reference_share, reference_share])
+    if n_q == 0 or n_ref == 0:
+        raise ValueError(f"reference_share={reference_share} of n={n} samples rounds to {n_ref} from pi_ref and {n_q} "
+                         "from q; choose a share that leaves at least one sample on each side")
+    return n_q, n_ref
+
+
+def add_reference_rows(q_table: pa.Table, records: Sequence[PromptRecord], *, reference_generator: Generator,
+                       n_ref: int, verifier_fn: Callable, verifier_name: str, ref_model, ref_tokenizer, proposal_model,
+                       proposal_tokenizer, gen_kwargs: dict, seed: int, score_batch_size: int = 8,
+                       verifier_kwargs: Optional[dict] = None) -> pa.Table:
+    """``q_table`` plus ``n_ref`` rows per prompt drawn from ``pi_ref`` at temperature 1 without truncation, both
+    tagged in a ``proposal`` column (``q`` / ``reference``); the new rows' ``sample_idx`` follow q's.
+
+    Every row needs both log-probs for the mixture weight ``pi_ref / (s_q q + s_ref pi_ref)``: the reference
+    rows' ``logp_q`` is the proposal's sampled distribution (``gen_kwargs``' warpers) on the same string,
+    re-encoded with the proposal's tokenizer."""
+    exact = {**gen_kwargs, "temperature": 1.0, "top_p": 1.0}
+    ref_rows = sample_shard(
+        records, generator=reference_generator, n=n_ref, verifier_fn=verifier_fn, verifier_name=verifier_name,
+        ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_tokenizer=ref_tokenizer, gen_kwargs=exact,
+        seed=seed, score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
+    ).to_pydict()
+    by_id = {r.id: r for r in records}
+    prompts_q = {r.id: encode_prompt(proposal_tokenizer, render_prompt(r, proposal_tokenizer)) for r in records}
+    ref_rows["logp_q"] = score_sampled_responses(
+        proposal_model, [prompts_q[pid] for pid in ref_rows["prompt_id"]],
+        [encode_response(proposal_tokenizer, text, ends_with_eos=fin == "eos")
+         for text, fin in zip(ref_rows["response"], ref_rows["finish_reason"])],
+        pad_id=pad_token_id(proposal_tokenizer), temperature=float(gen_kwargs.get("temperature", 1.0)),
+        top_p=float(gen_kwargs.get("top_p", 1.0)), top_k=int(gen_kwargs.get("top_k", 0) or 0),
+        batch_size=score_batch_size,
+    )
+    n_q = q_table.num_rows // max(len(by_id), 1)
+    ref_rows["sample_idx"] = [n_q + j for j in ref_rows["sample_idx"]]
+    ref_rows[PROPOSAL_COLUMN] = ["reference"] * len(ref_rows["prompt_id"])
+    q_rows = q_table.to_pydict()
+    q_rows[PROPOSAL_COLUMN] = ["q"] * q_table.num_rows
+    schema = SAMPLE_SCHEMA.append(pa.field(PROPOSAL_COLUMN, pa.string()))
+    return pa.concat_tables([pa.table(q_rows, schema=schema), pa.table(ref_rows, schema=schema)])
+
+
+# --------------------------------------------------------------------------- adaptive budget (sample.target_se)
+ADAPTIVE_SEED_OFFSET = 2_000_003
+
+
+def adaptive_shard_path(out_dir: str, round_index: int, part: int) -> str:
+    return os.path.join(out_dir, SAMPLES_SUBDIR, f"shard-a{round_index:02d}-{part:05d}.parquet")
+
+
+def _written_rounds(out_dir: str) -> int:
+    names = glob.glob(os.path.join(out_dir, SAMPLES_SUBDIR, "shard-a*-*.parquet"))
+    return max((int(os.path.basename(p)[7:9]) for p in names), default=0)
+
+
+def label_state(out_dir: str, *, beta: float, reward_transform: str, estimator: str) -> dict[str, tuple]:
+    """Per prompt id: ``(N so far, se of its label, samples rewarded above the lowest reward)`` from the shards
+    written so far, with the very label math ``disa label`` uses."""
+    import tempfile
+
+    from disa.stages.label import collect_groups, run_labelling
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = run_labelling(os.path.join(out_dir, SAMPLES_SUBDIR), beta=beta, reward_transform=reward_transform,
+                              estimator=estimator, out_path=os.path.join(tmp, "labels.parquet")).to_pydict()
+    _, groups = collect_groups(os.path.join(out_dir, SAMPLES_SUBDIR))
+    lowest = min(0.0, min(min(g["reward"]) for g in groups.values()))
+    return {pid: (n, se, sum(r > lowest for r in groups[pid]["reward"]))
+            for pid, n, se in zip(table["prompt_id"], table["n"], table["log_z_se"])}
+
+
+def run_adaptive_rounds(prompts: Sequence[PromptRecord], *, out_dir: str, target_se: float, max_total: int,
+                        rounds: int, beta: float, reward_transform: str, estimator: str, cap: int,
+                        **shard_kwargs) -> dict:
+    """``disa sample``'s adaptive budget, after the first pass: up to ``rounds`` rounds, each reading every
+    prompt's label and standard error from the shards so far and drawing the next samples where
+    :func:`disa.label_estimators.allocate_samples` says (largest drop of the label variance, prompts with a
+    predicted SE at most ``target_se`` left alone), an equal part of what is left of ``max_total`` per round.
+
+    Round ``r`` writes ``samples/shard-aRR-PPPPP.parquet`` (one file per group of prompts that get the same
+    number of samples; ``sample_idx`` continue each prompt's). Resumable: a re-run continues after the last
+    round on disk, from the data on disk, so nothing is drawn twice and ``max_total`` holds.
+    ``shard_kwargs``: :func:`sample_shard`'s generation and scoring arguments. Returns ``{"rounds", "added",
+    "total"}``."""
+    import torch
+
+    from disa.label_estimators import allocate_samples
+
+    by_id = {r.id: r for r in prompts}
+    seed = shard_kwargs.pop("seed")
+    added, done = 0, 0
+    for r in range(_written_rounds(out_dir) + 1, rounds + 1):
+        state = label_state(out_dir, beta=beta, reward_transform=reward_transform, estimator=estimator)
+        ids = [p.id for p in prompts]
+        n = torch.tensor([state[i][0] for i in ids])
+        total = int(n.sum())
+        extra = (max_total - total) // (rounds - r + 1)
+        if extra <= 0:
+            break
+        add = allocate_samples(torch.tensor([state[i][1] for i in ids], dtype=torch.float64), n,
+                               torch.tensor([state[i][2] for i in ids]), extra, target_se=target_se,
+                               cap=torch.full((len(ids),), cap))
+        if int(add.sum()) == 0:
+            break
+        for part, k in enumerate(sorted({int(a) for a in add.tolist() if a > 0})):
+            chosen = [i for i, a in zip(ids, add.tolist()) if a == k]
+            table = sample_shard([by_id[i] for i in chosen], n=k, seed=seed + ADAPTIVE_SEED_OFFSET + 1000 * r + part,
+                                 **shard_kwargs).to_pydict()
+            offset = {i: state[i][0] for i in chosen}
+            table["sample_idx"] = [offset[pid] + j for pid, j in zip(table["prompt_id"], table["sample_idx"])]
+            atomic_write_parquet(pa.table(table, schema=SAMPLE_SCHEMA), adaptive_shard_path(out_dir, r, part))
+        added += int(add.sum())
+        done = r
+    return {"rounds": done, "added": added}
 
 
 def check_prompt_list(prompts: Sequence[PromptRecord], shard_size: int, n: int) -> None:
@@ -311,15 +476,23 @@ def run_sampling(
     verifier_kwargs: Optional[dict] = None,
     progress: bool = True,
     extra_meta: Optional[dict] = None,
+    logprobs_are_sampled: bool = False,
+    reference_share: float = 0.0,
+    reference_generator: Optional[Generator] = None,
 ) -> dict:
     """Stage 1 sampling job (see the module docstring for the files and the resume rules).
 
     ``generator`` draws from the proposal q. ``proposal_model`` (optional) re-scores ``log q`` with
-    transformers; without it ``log q`` is the generator's own ``Sample.logprob`` (the same number for the
-    ``hf`` back-end). ``ref_model`` / ``proposal_model`` may be local paths. ``verifier`` is a registry name
-    or a reward function with TRL's signature. Returns ``{"shards", "written", "skipped", "rows"}``.
+    transformers, through the same temperature / top-p warpers the sampler used; without it ``log q`` is the
+    generator's own ``Sample.logprob`` (the same number for the ``hf`` back-end at temperature 1; at other
+    settings a generator must declare ``logprobs_are_sampled``, see :func:`proposal_logprobs`).
+    ``ref_model`` / ``proposal_model`` may be local paths. ``verifier`` is a registry name or a reward
+    function with TRL's signature. ``reference_share`` > 0 draws that share of each prompt's ``n`` from
+    ``reference_generator`` (``pi_ref``, temperature 1) instead (:func:`add_reference_rows`; needs
+    ``proposal_model``). Returns ``{"shards", "written", "skipped", "rows"}``.
     """
     check_prompt_list(prompts, shard_size, n)
+    n_q, n_ref = mixture_counts(n, reference_share)
     ref_model, ref_tokenizer = _load_if_path(ref_model, ref_tokenizer)
     if ref_tokenizer is None:
         raise ValueError("ref_tokenizer is required when ref_model is a model object")
@@ -333,16 +506,29 @@ def run_sampling(
     gen_kwargs, num_shards, pending, skipped, rows = plan_sampling(
         prompts, out_dir=out_dir, n=n, shard_size=shard_size, seed=seed, verifier_name=verifier_name,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
-        extra_meta={**model_names, **(extra_meta or {})},
+        extra_meta={**model_names, LOGP_Q_META_KEY: LOGP_Q_SAMPLED, **(extra_meta or {}),
+                    **({REFERENCE_SHARE_META_KEY: [n_q, n_ref]} if n_ref else {})},
     )
+    if n_ref and (reference_generator is None or proposal_model is None):
+        raise ValueError("reference_share > 0 needs reference_generator (draws from pi_ref) and proposal_model (scores "
+                         "those draws under q)")
     written = 0
     for k, records in tqdm(pending, desc="sample shards", unit="shard", disable=None if progress else True):
         table = sample_shard(
-            records, generator=generator, n=n, verifier_fn=verifier_fn, verifier_name=verifier_name,
+            records, generator=generator, n=n_q, verifier_fn=verifier_fn, verifier_name=verifier_name,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_model=proposal_model,
             proposal_tokenizer=proposal_tokenizer, gen_kwargs=gen_kwargs, seed=seed + k,
             score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
+            logprobs_are_sampled=logprobs_are_sampled,
         )
+        if n_ref:
+            table = add_reference_rows(
+                table, records, reference_generator=reference_generator, n_ref=n_ref, verifier_fn=verifier_fn,
+                verifier_name=verifier_name, ref_model=ref_model, ref_tokenizer=ref_tokenizer,
+                proposal_model=proposal_model, proposal_tokenizer=proposal_tokenizer or generator.tokenizer,
+                gen_kwargs=gen_kwargs, seed=seed + k + REFERENCE_SEED_OFFSET, score_batch_size=score_batch_size,
+                verifier_kwargs=verifier_kwargs,
+            )
         atomic_write_parquet(table, shard_path(out_dir, k))
         written += 1
         rows += table.num_rows
@@ -355,11 +541,9 @@ def proposal_warnings(temperature: float, top_p: float) -> list[str]:
     if top_p < 1:
         out.append(f"top_p={top_p} < 1: the proposal cannot produce responses outside each step's nucleus, so "
                    "q(y|x) = 0 where pi_ref(y|x) > 0 and eq. 7's absolute-continuity condition fails: the label "
-                   "misses that part of Z(x) (biased low). top_p is recorded in meta.json.")
-    if temperature != 1 or top_p < 1:
-        out.append("logp_q is the model's untempered, untruncated log-prob (the generation contract), not the "
-                   "log-prob of the distribution sampled with these settings: the importance weights assume "
-                   "q = the model at temperature 1. Keep temperature=1, top_p=1 for exact labels.")
+                   "misses the target mass outside it (eq. 8: all of it, biased low by log pi*(nucleus); cv: only the "
+                   "rewarded excess there). logp_q is the truncated distribution's, top_p is recorded in meta.json; "
+                   "keep top_p=1 for an exact label (docs/label-estimators.md).")
     return out
 
 
@@ -370,6 +554,68 @@ def sample_lineage(cfg, ref_path: str, proposal_path: str) -> dict:
 
     return {"reference_fingerprint": model_fingerprint(ref_path), "proposal_fingerprint": model_fingerprint(proposal_path),
             "dtype": cfg.models.dtype, "backend": cfg.sample.backend}
+
+
+def check_adaptive_settings(s, num_prompts: int) -> None:
+    """``sample.target_se`` needs a total budget above the first pass, and (for now) one proposal."""
+    if not s.target_se:
+        return
+    if s.max_total <= s.n * num_prompts:
+        raise ConfigError(f"sample.target_se needs sample.max_total (total samples) above the first pass's "
+                          f"n x prompts = {s.n * num_prompts}, got {s.max_total}")
+    if s.reference_share:
+        raise ConfigError("sample.target_se with sample.reference_share is not supported yet: the extra rounds "
+                          "would change each prompt's mixture proportions")
+
+
+def adaptive_budget(cfg, records, out_dir: str, generator, ref_model, ref_tokenizer, log_q_source: dict) -> dict:
+    """``disa sample``'s adaptive rounds (:func:`run_adaptive_rounds`) with the config's label settings; no
+    prompt gets more than 4 times the mean budget per prompt."""
+    s = cfg.sample
+    verifier_fn, verifier_name = resolve_verifier(cfg.data.verifier)
+    gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop))
+    return run_adaptive_rounds(
+        records, out_dir=out_dir, target_se=s.target_se, max_total=s.max_total, rounds=s.adaptive_rounds,
+        beta=cfg.target.beta, reward_transform=cfg.target.reward_transform, estimator=cfg.label.estimator,
+        cap=max(4 * s.max_total // len(records), s.n), generator=generator, verifier_fn=verifier_fn,
+        verifier_name=verifier_name, ref_model=ref_model, ref_tokenizer=ref_tokenizer, gen_kwargs=gen_kwargs,
+        seed=s.seed, score_batch_size=s.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, **log_q_source)
+
+
+def reference_draws(cfg, generator, ref_model, ref_tokenizer, log_q_source: dict) -> dict:
+    """``run_sampling`` kwargs for ``sample.reference_share``: a transformers generator over the loaded
+    ``pi_ref`` (it is loaded for scoring anyway) and the proposal model that scores its draws under ``q``."""
+    s = cfg.sample
+    if not s.reference_share:
+        return {}
+    if s.backend != "hf":
+        raise ConfigError("sample.reference_share needs sample.backend=hf: the pi_ref draws are scored under the "
+                          "proposal's sampled distribution by the proposal's transformers model")
+    return {"reference_share": s.reference_share,
+            "reference_generator": common.generator(cfg, ref_model, s.batch_size, tokenizer=ref_tokenizer, seed=s.seed),
+            "proposal_model": log_q_source.get("proposal_model", generator.model),
+            "proposal_tokenizer": generator.tokenizer}
+
+
+def proposal_generator(cfg, proposal_path: str, progress: bool = True) -> tuple:
+    """``(generator, run_sampling kwargs saying where log q comes from)`` for ``disa sample``.
+
+    At temperature 1 without truncation: the generator's own log-probs. Otherwise the distribution sampled
+    from is not the model's: vLLM reports it itself (``logprobs_mode="processed_logprobs"``); the ``hf``
+    back-end's log-probs are the model's, so its own model re-scores the samples through the same warpers."""
+    s = cfg.sample
+    warped = is_warped({"temperature": s.temperature, "top_p": s.top_p})
+    if warped and s.backend == "vllm":
+        from disa.generation import make_generator
+
+        generator = make_generator("vllm", proposal_path, dtype=cfg.models.dtype, seed=s.seed,
+                                   tensor_parallel_size=s.tensor_parallel_size,
+                                   max_model_len=s.max_model_len or None, logprobs_mode="processed_logprobs")
+        return generator, {"logprobs_are_sampled": True}
+    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed, progress=progress)
+    if warped:
+        return generator, {"proposal_model": generator.model, "proposal_tokenizer": generator.tokenizer}
+    return generator, {}
 
 
 @stage("sample")
@@ -391,11 +637,15 @@ def run(cfg) -> dict:
     s = cfg.sample
     for line in proposal_warnings(s.temperature, s.top_p):
         common.say("sample", "warning: " + line)
+    if s.executor == "ray" and (s.reference_share or s.target_se):
+        raise ConfigError("sample.reference_share and sample.target_se are not wired into sample.executor=ray yet; "
+                          "use executor=local")
+    check_adaptive_settings(s, len(records))
     if s.executor == "ray":
         from disa.stages.sample_ray import run_with_config
 
         return run_with_config(cfg, rd, records, ref_path, proposal_path)
-    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed)
+    generator, log_q_source = proposal_generator(cfg, proposal_path)
     if proposal_path == ref_path and s.backend == "hf":
         ref_model, ref_tokenizer = generator.model, generator.tokenizer  # plain Monte Carlo: one copy
     else:
@@ -407,7 +657,12 @@ def run(cfg) -> dict:
             temperature=s.temperature, top_p=s.top_p, stop=s.stop, seed=s.seed, score_batch_size=s.batch_size,
             verifier_kwargs=common.verifier_kwargs(cfg, cfg.data.verifier),
             extra_meta={**lineage, **({"code_isolation": isolation} if isolation else {})},
+            **{**log_q_source, **reference_draws(cfg, generator, ref_model, ref_tokenizer, log_q_source)},
         )
+        if s.target_se:
+            result["adaptive"] = adaptive_budget(cfg, records, str(rd.root), generator, ref_model, ref_tokenizer,
+                                                 log_q_source)
+            result["rows"] += result["adaptive"]["added"]
     except ResumeMismatch as e:  # a resume with other settings: a config problem, not a crash
         raise ConfigError(str(e)) from None
     finally:

@@ -34,6 +34,7 @@ class ShardModels:
     ref_tokenizer: Any
     proposal_model: Any = None
     proposal_tokenizer: Any = None
+    logprobs_are_sampled: bool = False  # the generator's log-probs are the sampled distribution's (vLLM processed)
 
 
 _WORKER_MODELS: dict[str, ShardModels] = {}  # per worker process: models built once, reused across its shards
@@ -59,6 +60,7 @@ def run_shard(job: dict, k: int, records: Sequence[PromptRecord]) -> int:
         ref_model=models.ref_model, ref_tokenizer=models.ref_tokenizer, proposal_model=models.proposal_model,
         proposal_tokenizer=models.proposal_tokenizer, gen_kwargs=job["gen_kwargs"], seed=job["seed"] + k,
         score_batch_size=job["score_batch_size"], verifier_kwargs=job["verifier_kwargs"],
+        logprobs_are_sampled=models.logprobs_are_sampled,
     )
     atomic_write_parquet(table, shard_path(job["out_dir"], k))
     return table.num_rows
@@ -139,11 +141,13 @@ class ConfigModels:
         load_plugins(cfg.plugins)  # a user's verifier or objective lives there
         s = cfg.sample
         ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
-        generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed, progress=False)
+        from disa.stages.sample import proposal_generator
+
+        generator, log_q_source = proposal_generator(cfg, proposal_path, progress=False)  # where log q comes from
         if proposal_path == ref_path and s.backend == "hf":
-            return ShardModels(generator, generator.model, generator.tokenizer)
+            return ShardModels(generator, generator.model, generator.tokenizer, **log_q_source)
         ref_model, ref_tokenizer = common.load_model(cfg, ref_path)
-        return ShardModels(generator, ref_model, ref_tokenizer)
+        return ShardModels(generator, ref_model, ref_tokenizer, **log_q_source)
 
 
 def run_with_config(cfg, rd, records, ref_path: str, proposal_path: str) -> dict:

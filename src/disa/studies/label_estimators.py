@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from disa.label_estimators import label_prompts_with, split_budget
+from disa.label_estimators import AUTO, choose_estimator, label_prompts_with, mixture_log_ratio, split_budget
 
 # (name, (share of q, share of pi_ref), estimator, add se^2 / 2: the delta method's Jensen-gap correction)
 ESTIMATORS = (
@@ -34,6 +34,7 @@ ESTIMATORS = (
     ("cv, q", (1, 0), "cv", False),
     ("cv + se^2/2, q", (1, 0), "cv", True),
     ("regression cv, q", (1, 0), "regression_cv", False),
+    ("auto (eq. 8 or cv, per run), q", (1, 0), AUTO, False),
     ("eq. 8, pi_ref (plain MC)", (0, 1), "lse", False),
     ("MIS q+pi_ref 1:1, eq. 8", (1, 1), "lse", False),
     ("MIS q+pi_ref 1:1, cv", (1, 1), "cv", False),
@@ -64,9 +65,13 @@ def batch_labels(from_q: dict, from_ref: dict, shares, estimator: str, beta: flo
     cat = {k: torch.cat([p[k] for p in parts], dim=1) for k in ("logp_ref", "logp_q", "reward")}
     strata = torch.cat([torch.full(p["reward"].shape, j) for j, p in enumerate(parts)], dim=1)
     p = cat["reward"].shape[0]
+    budgets = torch.tensor([[float(n_q), float(n_ref)]] * p)
+    if estimator == AUTO:
+        log_ratio = mixture_log_ratio(cat["logp_ref"], torch.stack([cat["logp_q"], cat["logp_ref"]], dim=2), budgets)
+        estimator = choose_estimator(log_ratio, cat["reward"], beta, base_reward=0.0, strata=strata)
     out = label_prompts_with(estimator, cat["logp_ref"], cat["logp_q"], cat["reward"], beta, base_reward=0.0,
                              log_q_extra=torch.stack([cat["logp_q"], cat["logp_ref"]], dim=2),
-                             budgets=torch.tensor([[float(n_q), float(n_ref)]] * p), strata=strata)
+                             budgets=budgets, strata=strata)
     if bias_correct:
         out["log_z"] = out["log_z"] + out["log_z_se"] ** 2 / 2
     return {k: v.numpy() for k, v in out.items()}
@@ -134,6 +139,36 @@ def stage3(tb, ref, tokenizer, truths, labels_by_name: dict, seed: int, out_dir:
     return results
 
 
+GUIDE = [
+    "## Which estimator, when", "",
+    "Both `lse` (eq. 8) and `cv` are unbiased on the linear scale; their variances differ. `cv`'s terms drop the "
+    "wrong answers' importance weights, so it wins where the proposal puts more mass on correct answers than the "
+    "target `pi*` does (`q` tilted beyond `pi*`: small `beta`, a strong proposal) and loses where `q` is close to "
+    "`pi*` (large `beta`): at `q = pi*` eq. 8's terms are all equal to `Z` while `cv`'s still vary with the "
+    "weights. So `cv` is not the better label in general; `label.estimator: auto` picks `lse` or `cv` once per run, "
+    "the one with the smaller mean estimated variance over the prompts where a rewarded sample was seen (one choice "
+    "from all prompts: a per-prompt choice on the same samples would pick each prompt's luckier draw). Mixing in "
+    "`pi_ref` (`sample.reference_share`) bounds every weight by `1 / share` and helps at large `beta`.", "",
+    "## Decoding settings: temperature and top-p", "",
+    "`disa sample` records `logp_q` as the log-prob of the distribution actually sampled from (transformers' "
+    "temperature, top-k and top-p warpers in `generate`'s order, renormalised; vLLM's `processed_logprobs`), and "
+    "`meta.json` says so (`logp_q_distribution: sampled`); `disa label` refuses a tempered or truncated run "
+    "without that record. A tempered proposal is still a proposal with full support: the label stays unbiased. "
+    "A truncated one (`top_p < 1`, `top_k > 0`) has `q(y|x) = 0` on every response that leaves a step's nucleus, "
+    "so the label estimates the target's mass on the reachable set S only: eq. 8 estimates "
+    "`Z_S = sum_{y in S} pi_ref(y) e^{beta r~(y)}`, low by `-log pi*(S)`; `cv` estimates "
+    "`Z - sum_{y not in S} pi_ref(y) (e^{beta r~(y)} - e^{beta r0})`, which misses only the rewarded excess "
+    "outside S (a wrong answer outside the nucleus costs it nothing). The trained policy then matches `pi*` "
+    "with the wrong normaliser. Keep `top_p = 1` for an exact label; `bench/stage1-budget.md` measures both "
+    "effects on this testbed.", "",
+    "## Reliability", "",
+    "A prompt with no sample rewarded above the base is never `reliable` (whatever its ESS and standard error: "
+    "they describe the wrong answers only) and its `n_recommended` is `2 N`; a standard error at rounding level "
+    "(every term equal) is not trusted either. The standard error is the delta method's on the log scale; its "
+    "coverage is below nominal at small N (tables below), mostly from groups whose terms are all equal.", "",
+]
+
+
 def markdown(results: dict) -> str:
     rows = results["rows"]
     lines = ["# Stage 1 label estimators on the exact testbed", "",
@@ -155,6 +190,7 @@ def markdown(results: dict) -> str:
                 cells.append(f"{r['rmse']:.3f} ± {r['rmse_std']:.3f} ({r['bias']:+.3f})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += GUIDE
     lines += ["## Standard errors (delta method) against the actual error", "",
               "Mean reported `log_z_se` and the fraction of prompts whose label is within 1.96 SE of the exact value "
               "(beta = 3):", "", "| estimator | N | mean SE | actual RMSE | 95% coverage |", "|---|---:|---:|---:|---:|"]

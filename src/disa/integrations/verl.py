@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from disa.objectives import compute_objective
+from disa.training.learner import read_back
 
 try:
     from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
@@ -108,4 +109,4 @@ def disa_tb_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
         "logp": log_prob, "old_logp": old, "ref_logp": old, "mask": response_mask,
         "rewards": torch.zeros_like(delta_old), "log_z": delta_old}, beta=1.0)
     metrics.pop("log_z_mean")  # here it would be delta_old's mean, not log Z's
-    return loss, {f"actor/disa_{k}": v for k, v in metrics.items()}
+    return loss, {f"actor/disa_{k}": v for k, v in read_back(metrics).items()}

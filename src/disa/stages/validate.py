@@ -239,19 +239,18 @@ def _artefact_problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str]
     elif verb == "fit-z":
         needed.append((stage1.labels, "label", "Stage 1 labels"))
     elif verb == "train" or (verb == "run" and cfg.stage1_dir):
-        from disa.stages.train import needs_labels
-        from disa.training import resolve_log_z_kind
+        from disa.stages.train import log_z_entry, needs_labels
 
         spec = get_spec(cfg.train.objective)
         try:
-            frozen = resolve_log_z_kind(cfg.train.log_z, spec) == "frozen"
+            entry = log_z_entry(cfg)
         except ValueError as e:
             return [str(e)]
         if spec.family == "supervised":
             needed.append((stage1.samples / "shard-*.parquet", "sample", "Stage 1 samples"))
         elif needs_labels(cfg):
             needed.append((stage1.labels, "label", "Stage 1 labels"))
-            if frozen and cfg.train.log_z in ("auto", "table"):
+            if entry is not None and "log_z_table" in entry.requires:
                 needed.append((stage1.log_z_table, "fit-z", "the frozen log Z of every labelled prompt"))
     elif verb == "eval" and checkpoint is None and not rd.checkpoints.is_dir():
         needed.append((rd.checkpoints, "train", "training checkpoints; or pass --checkpoint FOLDER"))

@@ -666,3 +666,23 @@ def test_on_policy_trajectory_balance_steps_identically_without_the_pass(tiny_gp
         trainer.collector.old_logp_pass = force_pass
         histories.append([(row["loss"], row["grad_norm"], row["reward_mean"]) for row in (trainer.step(), trainer.step())])
     assert histories[0] == histories[1]
+
+
+def test_what_the_objective_reads_is_resolved_once_not_per_micro_batch(tiny_gpt2_path, tmp_path, monkeypatch):
+    """After construction no objective's signature is read: a step runs with ``inspect.signature`` refusing them."""
+    import inspect
+
+    from disa.objectives import OBJECTIVES
+
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "disa", micro_batch_size=2, num_steps=1))
+    objective_functions = {s.fn for s in OBJECTIVES.values()} | {s.extends for s in OBJECTIVES.values()}
+    signature = inspect.signature
+
+    def no_reflection(obj, *a, **k):
+        if obj in objective_functions:
+            raise AssertionError(f"inspect.signature({obj.__name__}) called during a training step")
+        return signature(obj, *a, **k)
+
+    monkeypatch.setattr(inspect, "signature", no_reflection)
+    row = trainer.step()
+    assert row["optimizer_steps"] == 4 and math.isfinite(row["loss"])

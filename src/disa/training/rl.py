@@ -149,12 +149,11 @@ class RLTrainer:
 
         self.learner = Learner(policy, self.objective, config, pad_id=self.pad_id, log_z=self.log_z,
                                logz_lr=config.logz_lr, max_len=config.max_new_tokens)
-        self.old_logp_pass = self.needs_old_logp_pass()
         self.collector = RolloutCollector(
             self.engine, reward_fn, self.prompts,
             reference=ReferenceScorer(ref_model, pad_id=self.pad_id, micro_batch_size=config.micro_batch_size,
                                       mixed_precision=config.mixed_precision),
-            log_z=self.log_z, transform=transform, needs=self.objective.needs, old_logp_pass=self.old_logp_pass,
+            log_z=self.log_z, transform=transform, needs=self.objective.needs, old_logp_pass=self.needs_old_logp_pass(),
             beta=target.beta, config=config)
         self.output_dir = Path(output_dir)
         self.checkpointer = Checkpointer(
@@ -175,6 +174,11 @@ class RLTrainer:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self.learner.optimizer
+
+    @property
+    def old_logp_pass(self) -> bool:
+        """Whether the collector scores log pi_old in a separate pass (see ``needs_old_logp_pass``)."""
+        return self.collector.old_logp_pass
 
     def _encode(self, row: int, text: str) -> list[int]:
         try:

@@ -56,6 +56,7 @@ def test_a_plugin_objective_gets_reference_logprobs_under_its_own_hyperparameter
         "                    needs=lambda hp: ObjectiveNeeds({'advantages', 'ref_logp'} if hp['anchor_strength'] > 0\n"
         "                                                    else {'advantages'}))\n"
         "def anchored_pg(*, logp, mask, advantages, ref_logp=None, anchor_strength: float = 0.0):\n"
+        "    \"\"\"Policy gradient with a k3 KL anchor to pi_ref.\"\"\"\n"
         "    SEEN.append((anchor_strength, None if ref_logp is None else\n"
         "                 float(((ref_logp - logp.detach()).abs() * mask).max())))\n"
         "    pg = -(advantages[:, None] * logp * mask).sum() / mask.sum()\n"

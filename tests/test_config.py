@@ -97,7 +97,7 @@ def test_describe_lists_every_objective_and_its_hyperparameters():
     rows = {path: (default, help_text) for path, default, help_text in describe()}
     for name in ("disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft"):
         assert f"train.objective={name}" in rows
-    assert rows["train.objective=disa"][0] == "trajectory_balance, log Z: frozen"
+    assert rows["train.objective=disa"][0] == "trajectory_balance, log Z: table"  # its default log Z source
     assert rows["train.objective=flowrl"][0] == "trajectory_balance, log Z: learned"
     assert "train.sft.num_epochs" in rows and "target.beta" in rows and "eval.temperature" in rows
     assert "  train.objective_kwargs.clip_eps" in rows  # grpo's

@@ -32,7 +32,8 @@ def length_reward(completions, **kw):
     return [1.0 if len(c) < 4 else 0.0 for c in completions]
 
 
-def make_trainer(model_path, tmp_path, objective="disa", max_steps=1, lr=1e-6, log_z=(0.5, -1.0, 2.0, 0.0), **kw):
+def make_trainer(model_path, tmp_path, objective="disa", max_steps=1, lr=1e-6, log_z=(0.5, -1.0, 2.0, 0.0),
+                 source="auto", **kw):
     from trl import GRPOConfig
 
     from disa.integrations.trl import DisaGRPOTrainer
@@ -46,7 +47,7 @@ def make_trainer(model_path, tmp_path, objective="disa", max_steps=1, lr=1e-6, l
         save_strategy="no", bf16=False, **kw,
     )
     return DisaGRPOTrainer(model=model_path, reward_funcs=length_reward, args=args, train_dataset=dataset,
-                           target=target, objective=objective)
+                           target=target, objective=objective, log_z=source)
 
 
 def test_add_log_z_column_looks_up_each_row_and_refuses_unknown_ids_and_targets(tmp_path):
@@ -168,3 +169,15 @@ def test_flowrl_and_no_log_z_options_run(tiny_gpt2_path, tmp_path):
         residuals = run_and_residuals(trainer)
         assert len(residuals) == 2 and all(math.isfinite(r) for r in residuals)
         assert (head_before is not None) == (objective == "flowrl")
+
+
+def test_log_z_names_a_registered_source_as_train_log_z_does(tiny_gpt2_path, tmp_path):
+    """``log_z`` is ``train.log_z``: resolved by the same registry, with the same errors, and honoured."""
+    with pytest.raises(ConfigError, match="train.log_z: 'learned' .* 'disa' does not let its gradient reach log Z"):
+        make_trainer(tiny_gpt2_path, tmp_path / "a", source="learned")
+    with pytest.raises(ValueError, match="the 'batch' source reads each group's log pi_old"):
+        make_trainer(tiny_gpt2_path, tmp_path / "b", source="batch")
+    trainer = make_trainer(tiny_gpt2_path, tmp_path / "zero", source="zero")
+    trainer.train()
+    logged = [h["disa/log_z_mean"] for h in trainer.state.log_history if "disa/log_z_mean" in h]
+    assert logged == [0.0]  # zero, not the dataset's log_z column (0.5, -1, 2, 0)

@@ -622,3 +622,54 @@ def test_bad_max_len_raises(batch, max_len):
     with pytest.raises(ValueError, match="max_len must be None or a number > 0"):
         grpo_loss(logp=inp["logp"], old_logp=inp["old_logp"], advantages=inp["advantages"], mask=inp["mask"],
                   aggregation="seq_mean_token_sum_norm", max_len=max_len)
+
+
+# --------------------------------------------------------------------------- declared needs, resolved once
+@pytest.mark.parametrize("name, hparams, inputs, token_weighted, length_normalized", [
+    ("grpo", {}, {"old_logp", "advantages", "max_len"}, False, False),
+    ("grpo", {"kl_coef": 0.1, "aggregation": "token_mean"}, {"old_logp", "advantages", "max_len", "ref_logp"}, True, False),
+    ("aspo", {}, {"old_logp", "advantages", "max_len"}, True, False),  # ASPO's default aggregation is token_mean
+    ("gspo", {"kl_coef": 0.0}, {"old_logp", "advantages", "max_len"}, False, False),
+    ("disa", {"beta": 1.0}, {"ref_logp", "rewards", "log_z", "old_logp"}, False, False),
+    ("disa", {"beta": 1.0, "rollout_weight_mode": "on_policy"}, {"ref_logp", "rewards", "log_z"}, False, False),
+    ("flowrl", {"beta": 1.0}, {"ref_logp", "rewards", "log_z", "old_logp"}, False, True),
+    ("flowrl_no_logz", {"beta": 1.0, "length_normalize": False}, {"ref_logp", "rewards", "old_logp"}, False, False),
+    ("sft", {}, set(), True, False),
+    ("sft", {"aggregation": "seq_mean_token_mean"}, set(), False, False),
+])
+def test_needs_follow_the_objectives_own_hyperparameters(name, hparams, inputs, token_weighted, length_normalized):
+    from disa.objectives import bind_objective
+
+    needs = bind_objective(name, hparams).needs
+    assert (set(needs.inputs), needs.token_weighted, needs.length_normalized) == (inputs, token_weighted,
+                                                                                  length_normalized)
+
+
+def test_objective_inputs_check_shapes_and_a_missing_needed_field_is_named(batch):
+    from disa.objectives import ObjectiveInputs, ObjectiveNeeds, bind_objective, register_objective
+    from disa.objectives.registry import OBJECTIVES
+
+    inp = torch_inputs(batch)
+    with pytest.raises(ValueError, match=r"ref_logp must have the shape of mask \(3, 4\), got \(3, 3\)"):
+        ObjectiveInputs(logp=inp["logp"], mask=inp["mask"], ref_logp=inp["ref_logp"][:, :3])
+    with pytest.raises(ValueError, match=r"log_z must have shape \(3,\), got \(2,\)"):
+        ObjectiveInputs(logp=inp["logp"], mask=inp["mask"], log_z=torch.zeros(2))
+    with pytest.raises(ValueError, match="objective 'grpo' needs advantages, which this batch does not carry"):
+        bind_objective("grpo", {})(ObjectiveInputs(logp=inp["logp"], mask=inp["mask"], old_logp=inp["old_logp"]))
+    with pytest.raises(ValueError, match=r"needs: \['kl'\] are not ObjectiveInputs fields"):
+        ObjectiveNeeds({"kl"})
+    try:
+        register_objective("needs_what_it_lacks", family="policy_gradient", needs={"ref_logp"})(
+            lambda *, logp, mask: (logp.sum(), {}))
+        with pytest.raises(TypeError, match=r"declares it needs \['ref_logp'\], but its function takes no such keyword"):
+            bind_objective("needs_what_it_lacks", {})
+    finally:
+        OBJECTIVES.pop("needs_what_it_lacks", None)
+
+
+@pytest.mark.parametrize("name", ["disa", "flowrl", "grpo", "gspo", "aspo", "sft"])
+def test_metrics_stay_tensors_so_a_step_reads_them_back_at_once(batch, name):
+    inp = _objective_inputs(batch)
+    _, metrics = _call(name, inp)
+    assert metrics and all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
+                           for v in metrics.values())

@@ -124,12 +124,12 @@ def test_sft_writes_its_steps_to_tensorboard_and_closes_the_writer_on_a_crash(ti
 
     closed = []
     monkeypatch.setattr(MetricsLogger, "close", lambda self: closed.append(self.output_dir))
-    import disa.training.sft as sft_module
+    import disa.training.checkpointer as checkpointer_module  # SFT saves through the RL loop's Checkpointer
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sft_module, "save_training_checkpoint", boom)
+    monkeypatch.setattr(checkpointer_module, "save_training_checkpoint", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         train_sft(AutoModelForCausalLM.from_pretrained(tiny_gpt2_path), tok, examples, cfg, output_dir=tmp_path / "crash")
     assert closed == [tmp_path / "crash"]

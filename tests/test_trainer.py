@@ -13,11 +13,12 @@ from torch import nn
 from disa.config import ConfigError, SFTConfig, TargetConfig, TrainConfig
 from disa.estimators import group_normalize
 from disa.objectives import get_spec
+from disa.generation.engine import RolloutEngine
+from disa.log_z import FrozenFunction, resolve_log_z_source
 from disa.training import (
     MetricsLogger,
     RLTrainer,
     find_checkpoint,
-    resolve_log_z_kind,
     response_logprobs,
     train_sft,
 )
@@ -65,8 +66,8 @@ def make_config(tmp_path, objective="grpo", **overrides) -> TrainConfig:
 def make_trainer(path, config, *, ref=True, target=TARGET, **kw):
     policy, tok = load(path)
     ref_model = load(path)[0] if ref else None
-    if config.objective in ("disa", "tb") and config.log_z != "zero" and "log_z_fn" not in kw:
-        kw["log_z_fn"] = ConstantLogZ()
+    if config.objective in ("disa", "tb") and config.log_z in ("auto", "table") and "log_z" not in kw:
+        kw["log_z"] = FrozenFunction(ConstantLogZ())
     kw.setdefault("output_dir", config.run_dir)
     return RLTrainer(policy, ref_model, tok, PROMPTS, reward_fn, config, target=target, **kw)
 
@@ -116,7 +117,7 @@ def test_grpo_first_ratio_is_one_and_loss_is_minus_mean_advantage(tiny_gpt2_path
 def test_disa_never_updates_the_frozen_log_z(tiny_gpt2_path, tmp_path):
     log_z = ConstantLogZ()
     before = {k: v.clone() for k, v in log_z.state_dict().items()}
-    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "disa"), log_z_fn=log_z)
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "disa"), log_z=FrozenFunction(log_z))
     policy_before = trainer.policy.transformer.wte.weight.detach().clone()
     history = trainer.train()
     assert len(history) == 2
@@ -144,25 +145,28 @@ def test_log_z_fn_sharing_policy_parameters_is_rejected(tiny_gpt2_path, tmp_path
 
     with pytest.raises(ValueError, match="must be frozen"):
         RLTrainer(policy, load(tiny_gpt2_path)[0], tok, PROMPTS, reward_fn, make_config(tmp_path, "disa"),
-                  output_dir=tmp_path, target=TARGET, log_z_fn=Leaky())
+                  output_dir=tmp_path, target=TARGET, log_z=FrozenFunction(Leaky()))
 
 
 def test_flowrl_head_trains_and_its_gradient_reaches_the_trunk(tiny_gpt2_path, tmp_path):
     trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "flowrl", num_steps=1))
-    head_before = [p.detach().clone() for p in trainer.logz_head.parameters()]
+    head_before = [p.detach().clone() for p in trainer.log_z.module.parameters()]
     names = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert names == {"policy": 1e-2, "logz_head": trainer.config.logz_lr}
     # gradient of log Z alone flows into the policy's embeddings through the pooled prompt states
     out = response_logprobs(trainer.policy, [trainer.prompt_ids[0]], [[5, 6, 7]], trainer.pad_id, keep_hidden=True)
     assert out["hidden"].shape[:2] == out["prompt_mask"].shape and int(out["prompt_mask"].sum()) == len(trainer.prompt_ids[0])
-    # the zero-initialised last layer blocks the path at first; give it a weight to test the path itself
+    # the zero-initialised last layer blocks the path at first; give it a weight to test the path itself. Not a
+    # constant one: the head reads LayerNorm outputs (GPT-2's ln_f, then its own), whose features sum to a constant,
+    # so a constant last-layer weight has an exactly zero derivative whatever reaches it (it once passed on rounding noise)
+    assert out["hidden"].requires_grad
     with torch.no_grad():
-        trainer.logz_head.net[-1].weight.fill_(0.1)
-    trainer.logz_head(out["hidden"], out["prompt_mask"]).sum().backward()
-    assert trainer.policy.transformer.wte.weight.grad.abs().sum() > 0
+        trainer.log_z.module.net[-1].weight.copy_(torch.linspace(-1.0, 1.0, trainer.log_z.module.hidden_size))
+    trainer.log_z.module(out["hidden"], out["prompt_mask"]).sum().backward()
+    assert trainer.policy.transformer.wte.weight.grad.abs().sum() > 1e-2  # rounding noise is ~1e-5
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.train()
-    changed = [not torch.equal(a, b) for a, b in zip(head_before, trainer.logz_head.parameters())]
+    changed = [not torch.equal(a, b) for a, b in zip(head_before, trainer.log_z.module.parameters())]
     assert all(changed)
     assert (tmp_path / "run" / "checkpoint-1" / "logz_head.safetensors").exists()
 
@@ -180,11 +184,11 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_gpt2_path, tmp_p
         trainer = make_trainer(tiny_gpt2_path, cfg)
         # Plain SGD makes "the same update" mean "the same gradient": Adam's first step is ~lr * sign(g), which
         # would blow float-rounding noise in exactly cancelling components (the head's, within a group) up to lr.
-        trainer.optimizer = torch.optim.SGD([{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in trainer.optimizer.param_groups])
+        trainer.learner.optimizer = torch.optim.SGD([{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in trainer.optimizer.param_groups])
         row = trainer.step()
         assert row["optimizer_steps"] == 1
         assert row["response_length_max"] > row["response_length_mean"]  # lengths differ
-        params.append(torch.cat([p.detach().flatten() for p in trainer._trainable()]))
+        params.append(torch.cat([p.detach().flatten() for p in trainer.learner.trainable()]))
     start = torch.cat([p.detach().flatten() for p in load(tiny_gpt2_path)[0].parameters()])
     assert (params[0][: start.numel()] - start).abs().max() > 1e-5  # the update did something
     for other in params[1:]:
@@ -210,7 +214,7 @@ def test_resume_continues_exactly(tiny_gpt2_path, tmp_path, objective, lora):
     assert resumed.global_step == 2 and len(resumed.history) == 2
     resumed.train()
 
-    for a, b in zip(straight._trainable(), resumed._trainable()):
+    for a, b in zip(straight.learner.trainable(), resumed.learner.trainable()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history], abs=1e-6)
     with open(tmp_path / "b" / "run" / "metrics.csv") as fh:
@@ -296,7 +300,7 @@ def test_affine_transform_uses_the_frozen_per_prompt_scale_and_shift(tiny_gpt2_p
     # old_logp is the policy's own log-prob of each rollout (what the generator recorded while sampling)
     again = trainer.collect_rollouts([0, 4], seed=11)
     assert again.response_ids == trainer.collect_rollouts([0, 4], seed=11).response_ids
-    groups = trainer.generator.generate([PROMPTS[0]["text"], PROMPTS[4]["text"]], 4, max_new_tokens=6, seed=11)
+    groups = trainer.engine.generate([PROMPTS[0]["text"], PROMPTS[4]["text"]], 4, max_new_tokens=6, seed=11)
     sampled = [s for g in groups for s in g]
     assert [s.response_ids for s in sampled] == again.response_ids
     torch.testing.assert_close(again.old_logp.sum(dim=1), torch.tensor([s.logprob for s in sampled]), atol=1e-4, rtol=0)
@@ -311,7 +315,7 @@ def test_affine_transform_uses_the_frozen_per_prompt_scale_and_shift(tiny_gpt2_p
         ({"objective_kwargs": {"clip_epsilon": 0.2}}, "'clip_epsilon' is not a hyperparameter"),
         ({"group_size": 0}, "TrainConfig.group_size"),
         ({"top_p": 1.5}, "TrainConfig.top_p"),
-        ({"log_z": "regresor"}, "TrainConfig.log_z"),
+        ({"objective": "disa", "log_z": "regresor"}, "train.log_z: 'regresor' is not a registered log Z source"),
         ({"lora": {"rank": 4}}, "TrainConfig.lora.rank"),
         ({"mixed_precision": "fp8"}, "TrainConfig.mixed_precision"),
     ],
@@ -330,30 +334,31 @@ def test_trainer_input_errors(tiny_gpt2_path, tmp_path):
     def build(config, prompts=PROMPTS, ref_model=ref, fn=reward_fn, target=TARGET, **kw):
         return RLTrainer(policy, ref_model, tok, prompts, fn, config, output_dir=tmp_path / "run", target=target, **kw)
 
-    with pytest.raises(ValueError, match="train.log_z='auto' reads a frozen log Z: it needs log_z_fn"):
+    with pytest.raises(ValueError, match=r"train.log_z='auto' reads the 'table' log Z source, built from run artefacts"):
         build(make_config(tmp_path, "disa"))
-    with pytest.raises(ValueError, match="train.log_z='table' reads a frozen log Z"):
+    with pytest.raises(ValueError, match=r"train.log_z='table' reads the 'table' log Z source"):
         build(make_config(tmp_path, "flowrl", log_z="table"))
-    with pytest.raises(ValueError, match="log_z_fn is only read when train.log_z resolves to a frozen source"):
-        build(make_config(tmp_path, "flowrl"), log_z_fn=ConstantLogZ())
-    with pytest.raises(ValueError, match="log_z_fn is only read"):
-        build(make_config(tmp_path, "grpo"), log_z_fn=ConstantLogZ())
+    with pytest.raises(ValueError, match="train.log_z='auto' is the 'learned' source; log_z is a FrozenFunction"):
+        build(make_config(tmp_path, "flowrl"), log_z=FrozenFunction(ConstantLogZ()))
+    with pytest.raises(ValueError, match="reads no log Z; do not pass log_z"):
+        build(make_config(tmp_path, "grpo"), log_z=FrozenFunction(ConstantLogZ()))
     with pytest.raises(ValueError, match="needs ref_model"):
         build(make_config(tmp_path, "flowrl"), ref_model=None)
     with pytest.raises(ValueError, match=r"prompts\[1\]: missing field 'text'"):
         build(make_config(tmp_path, "grpo"), prompts=[PROMPTS[0], {"id": "x"}])
     affine_target = TargetConfig(beta=2.0, reward_transform="affine")
     with pytest.raises(ValueError, match="affine has no"):
-        build(make_config(tmp_path, "disa"), target=affine_target, log_z_fn=ConstantLogZ(), affine={"p0": (1.0, 0.0)})
+        build(make_config(tmp_path, "disa"), target=affine_target, log_z=FrozenFunction(ConstantLogZ()),
+              affine={"p0": (1.0, 0.0)})
     with pytest.raises(ValueError, match="target.reward_transform='affine' needs affine"):
-        build(make_config(tmp_path, "disa"), target=affine_target, log_z_fn=ConstantLogZ())
+        build(make_config(tmp_path, "disa"), target=affine_target, log_z=FrozenFunction(ConstantLogZ()))
     build(make_config(tmp_path, "grpo"), target=affine_target)  # policy gradient never reads r~: no affine needed
     with pytest.raises(ValueError, match="fp16"):
         build(make_config(tmp_path, "grpo", mixed_precision="fp16"))
     with pytest.raises(ValueError, match="train_sft"):
         build(make_config(tmp_path, "sft"))
     with pytest.raises(ConfigError, match="train.log_z"):
-        build(make_config(tmp_path, "disa", log_z="learned"), log_z_fn=ConstantLogZ())
+        build(make_config(tmp_path, "disa", log_z="learned"), log_z=FrozenFunction(ConstantLogZ()))
     short = build(make_config(tmp_path, "grpo"), fn=lambda prompts, completions, **c: [1.0])
     with pytest.raises(ValueError, match="returned 1 rewards for 8 completions"):
         short.step()
@@ -412,16 +417,18 @@ def test_weight_decay_reaches_the_policy_group_but_not_the_flowrl_head(tiny_gpt2
 
 # ---------------------------------------------------------------------------------------------- one flow
 @pytest.mark.parametrize(
-    "source,objective,kind",
+    "source,objective,name,requires",
     [
-        ("auto", "disa", "frozen"), ("auto", "tb", "frozen"), ("auto", "flowrl", "learned"),
-        ("auto", "flowrl_no_logz", "zero"), ("auto", "grpo", None), ("auto", "sft", None),
-        ("table", "disa", "frozen"), ("regressor", "disa", "frozen"), ("labels", "disa", "frozen"),
-        ("table", "flowrl", "frozen"), ("zero", "disa", "zero"), ("learned", "flowrl", "learned"),
+        ("auto", "disa", "table", ("labels", "log_z_table")), ("auto", "tb", "table", ("labels", "log_z_table")),
+        ("auto", "flowrl", "learned", ()), ("auto", "flowrl_no_logz", "zero", ()), ("auto", "grpo", None, None),
+        ("auto", "sft", None, None), ("regressor", "disa", "regressor", ("labels", "log_z_regressor")),
+        ("labels", "disa", "labels", ("labels",)), ("table", "flowrl", "table", ("labels", "log_z_table")),
+        ("zero", "disa", "zero", ()), ("learned", "flowrl", "learned", ()), ("batch", "tb", "batch", ()),
     ],
 )
-def test_resolve_log_z_kind(source, objective, kind):
-    assert resolve_log_z_kind(source, get_spec(objective)) == kind
+def test_resolve_log_z_source(source, objective, name, requires):
+    entry = resolve_log_z_source(source, get_spec(objective))
+    assert (entry and entry.name, entry and entry.requires) == (name, requires)
 
 
 @pytest.mark.parametrize(
@@ -430,19 +437,20 @@ def test_resolve_log_z_kind(source, objective, kind):
         ("table", "grpo", r"train.log_z: objective 'grpo' \(policy_gradient\) reads no log Z"),
         ("zero", "gspo", "train.log_z: objective 'gspo'"),
         ("learned", "sft", r"train.log_z: objective 'sft' \(supervised\)"),
-        ("learned", "disa", "train.log_z: 'learned' .* 'disa' detaches log Z.*only an objective that trains log Z"),
-        ("learned", "flowrl_no_logz", "train.log_z: 'learned' .* 'flowrl_no_logz' does not read log Z"),
+        ("learned", "disa", "train.log_z: 'learned' .* 'disa' does not let its gradient reach log Z.*only an objective"),
+        ("learned", "flowrl_no_logz", "train.log_z: 'learned' .* 'flowrl_no_logz' does not let its gradient"),
+        ("regresor", "disa", r"train.log_z: 'regresor' is not a registered log Z source"),
     ],
 )
-def test_resolve_log_z_kind_errors_name_train_log_z(source, objective, match):
+def test_resolve_log_z_source_errors_name_train_log_z(source, objective, match):
     with pytest.raises(ConfigError, match=match):
-        resolve_log_z_kind(source, get_spec(objective))
+        resolve_log_z_source(source, get_spec(objective))
 
 
 def test_zero_log_z_feeds_zeros_to_disa(tiny_gpt2_path, tmp_path):
     trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "disa", log_z="zero"))
     rollouts = trainer.collect_rollouts([0, 1])
-    assert torch.equal(rollouts.log_z, torch.zeros(8)) and trainer.logz_head is None
+    assert torch.equal(rollouts.log_z, torch.zeros(8)) and trainer.log_z.module is None
     assert trainer.update(rollouts)["log_z_mean"] == 0.0
 
 
@@ -453,7 +461,7 @@ def test_target_beta_reaches_the_trajectory_balance_loss(tiny_gpt2_path, tmp_pat
     for beta in (1.0, 5.0):
         trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path / str(beta), "disa"),
                                target=TargetConfig(beta=beta, reward_transform="group"))
-        assert trainer.objective_kwargs == {"beta": beta} and "beta" not in trainer.config.objective_kwargs
+        assert trainer.objective.hyperparameters == {"beta": beta} and "beta" not in trainer.config.objective_kwargs
         rollouts = with_varied_rewards(trainer, trainer.collect_rollouts([0, 1], seed=11))
         residual = (rollouts.log_z + rollouts.old_logp.sum(dim=1) - beta * rollouts.rewards
                     - rollouts.ref_logp.sum(dim=1))
@@ -463,39 +471,92 @@ def test_target_beta_reaches_the_trajectory_balance_loss(tiny_gpt2_path, tmp_pat
     assert losses[5.0] > losses[1.0] + 1.0
 
 
-class CountingGenerator:
-    """An injected rollout generator: HFGenerator underneath, counting its calls."""
+class CountingEngine(RolloutEngine):
+    """An injected rollout engine: HFGenerator underneath, counting its calls."""
+
+    shares_policy_module = True
 
     def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-        self.pad_id, self.eos_ids = inner.pad_id, inner.eos_ids
+        self.inner, self.calls, self.tokenizer = inner, 0, inner.tokenizer
 
-    @property
-    def model(self):
-        return self.inner.model
+    pad_id = property(lambda self: self.inner.pad_id)
+    eos_ids = property(lambda self: frozenset(self.inner.eos_ids))
 
-    @model.setter
-    def model(self, value):
-        self.inner.model = value
+    def sync_weights(self, policy):
+        self.inner.sync_weights(policy)
 
     def generate(self, prompts, n, **kw):
         self.calls += 1
         return self.inner.generate(prompts, n, **kw)
 
 
-def test_an_injected_generator_makes_the_rollouts(tiny_gpt2_path, tmp_path):
+def test_an_injected_engine_makes_the_rollouts(tiny_gpt2_path, tmp_path):
     from disa.generation.hf import HFGenerator
 
     default = make_trainer(tiny_gpt2_path, make_config(tmp_path / "default", "grpo"))
     default.train()
     policy, tok = load(tiny_gpt2_path)
-    generator = CountingGenerator(HFGenerator(policy, tok, batch_size=8, progress=False))
+    engine = CountingEngine(HFGenerator(policy, tok, batch_size=8, progress=False))
     config = make_config(tmp_path / "injected", "grpo")
     trainer = RLTrainer(policy, None, tok, PROMPTS, reward_fn, config, output_dir=config.run_dir, target=TARGET,
-                        generator=generator)
+                        engine=engine)
     history = trainer.train()
-    assert generator.calls == 2 and trainer.generator is generator
+    assert engine.calls == 2 and trainer.engine is engine
     assert [h["loss"] for h in history] == [h["loss"] for h in default.history]  # the same sampler, the same run
+
+
+def state_digest(state: dict) -> str:
+    """A content digest of a state dict (names, shapes and bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class WeightCopyEngine(RolloutEngine):
+    """A stand-in for vLLM or a server: it has NO ``.model`` and no access to the trainer's module. It gets the
+    weights only through ``sync_weights`` (copies them, records their digest) and answers with fixed rollouts,
+    every other one containing all digits (reward 1 under ``reward_fn``), so every group has a preference."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.digests, self.weights = tokenizer, [], None
+
+    pad_id = property(lambda self: self.tokenizer.eos_token_id)
+    eos_ids = property(lambda self: frozenset({self.tokenizer.eos_token_id}))
+
+    def sync_weights(self, policy):
+        self.weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        self.digests.append(state_digest(self.weights))
+
+    def generate(self, prompts, n, *, max_new_tokens, seed=None, **kw):
+        from disa.generation import Sample, encode_prompt
+
+        out = []
+        for p, text in enumerate(prompts):
+            ids = encode_prompt(self.tokenizer, text)
+            out.append([Sample(text="0123456789" if i % 2 == 0 else "none", prompt_ids=ids, response_ids=[5 + i, 6 + p][: max_new_tokens],
+                               logprob=0.0, finish_reason="length") for i in range(n)])
+        return out
+
+
+def test_an_engine_without_a_model_gets_the_new_weights_every_step(tiny_gpt2_path, tmp_path):
+    policy, tok = load(tiny_gpt2_path)
+    engine = WeightCopyEngine(tok)
+    assert not hasattr(engine, "model")
+    config = make_config(tmp_path, "grpo", num_steps=3)
+    trainer = RLTrainer(policy, None, tok, PROMPTS, reward_fn, config, output_dir=config.run_dir, target=TARGET,
+                        engine=engine)
+    policy_digests = []
+    for _ in range(3):
+        policy_digests.append(state_digest(trainer.policy.state_dict()))  # the weights this step's rollouts need
+        trainer.step()
+    assert engine.digests == policy_digests  # one sync per rollout batch, with the policy as it was then
+    assert len(set(engine.digests)) == 3  # and the weights changed step to step
 
 
 def nan_gradient(model):
@@ -558,17 +619,19 @@ def test_checkpoint_records_config_and_target_and_resume_refuses_another_target(
 ])
 def test_old_logp_pass_only_where_the_update_reads_a_moved_policy(tiny_gpt2_path, tmp_path, objective, overrides,
                                                                    expected):
-    kw = {"log_z_fn": None} if overrides.get("log_z") == "batch" else {}
-    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, objective, **overrides), **kw)
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, objective, **overrides))
     assert trainer.old_logp_pass is expected
     calls = []
-    score = trainer._score
-    trainer._score = lambda model, *a: calls.append(model) or score(model, *a)
+    scorer = trainer.collector.reference
+    score = scorer.score
+    scorer.score = lambda model, *a: calls.append(model) or score(model, *a)
     rollouts = trainer.collect_rollouts([0, 1])
     policy_passes = sum(m is trainer.policy for m in calls)
     assert policy_passes == int(expected)
     assert (rollouts.old_logp is not None) is expected
-    assert len(calls) - policy_passes == int(trainer.needs_ref)  # ref only where the objective declares it
+    needs_ref = "ref_logp" in trainer.objective.needs.inputs
+    assert needs_ref == (objective != "grpo" and objective != "aspo")  # ref only where the objective declares it
+    assert len(calls) - policy_passes == int(needs_ref)
 
 
 @pytest.mark.parametrize("objective", ["grpo", "gspo", "aspo", "disa"])
@@ -576,14 +639,14 @@ def test_skipped_old_logp_pass_gives_the_same_loss_and_gradient(tiny_gpt2_path, 
     """One optimiser step per batch: old_logp = the update's own log-probs, detached, matches a separate pass."""
     trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, objective, micro_batch_size=8))
     assert not trainer.old_logp_pass
-    trainer.old_logp_pass = True
+    trainer.collector.old_logp_pass = True
     with_pass = with_varied_rewards(trainer, trainer.collect_rollouts([0, 1], seed=5))
     skipped = dataclasses.replace(with_pass, old_logp=None)
     rows = list(range(len(with_pass)))
     results = []
     for rollouts in (with_pass, skipped):
         trainer.policy.zero_grad(set_to_none=True)
-        loss, _ = trainer._micro_loss(rollouts, rows)
+        loss, _ = trainer.learner.micro_loss(rollouts, rows)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None])
         results.append((float(loss.detach()), grads))
@@ -600,6 +663,26 @@ def test_on_policy_trajectory_balance_steps_identically_without_the_pass(tiny_gp
         config = make_config(tmp_path / str(force_pass), "disa", micro_batch_size=4,
                              objective_kwargs={"rollout_weight_mode": "on_policy"})
         trainer = make_trainer(tiny_gpt2_path, config)
-        trainer.old_logp_pass = force_pass
+        trainer.collector.old_logp_pass = force_pass
         histories.append([(row["loss"], row["grad_norm"], row["reward_mean"]) for row in (trainer.step(), trainer.step())])
     assert histories[0] == histories[1]
+
+
+def test_what_the_objective_reads_is_resolved_once_not_per_micro_batch(tiny_gpt2_path, tmp_path, monkeypatch):
+    """After construction no objective's signature is read: a step runs with ``inspect.signature`` refusing them."""
+    import inspect
+
+    from disa.objectives import OBJECTIVES
+
+    trainer = make_trainer(tiny_gpt2_path, make_config(tmp_path, "disa", micro_batch_size=2, num_steps=1))
+    objective_functions = {s.fn for s in OBJECTIVES.values()} | {s.extends for s in OBJECTIVES.values()}
+    signature = inspect.signature
+
+    def no_reflection(obj, *a, **k):
+        if obj in objective_functions:
+            raise AssertionError(f"inspect.signature({obj.__name__}) called during a training step")
+        return signature(obj, *a, **k)
+
+    monkeypatch.setattr(inspect, "signature", no_reflection)
+    row = trainer.step()
+    assert row["optimizer_steps"] == 4 and math.isfinite(row["loss"])

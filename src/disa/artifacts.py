@@ -307,10 +307,12 @@ def _spec(cfg):
     return get_spec(cfg.train.objective)
 
 
-def _log_z_kind(cfg) -> str:
-    from disa.training import resolve_log_z_kind
+def _log_z_requires(cfg) -> tuple:
+    """The artefacts the registered log Z source ``train.log_z`` declares (none for a learned or batch one)."""
+    from disa.log_z import resolve_log_z_source
 
-    return resolve_log_z_kind(cfg.train.log_z, _spec(cfg))
+    entry = resolve_log_z_source(cfg.train.log_z, _spec(cfg))
+    return tuple(entry.requires) if entry is not None else ()
 
 
 def trains_on_samples(cfg) -> bool:
@@ -318,19 +320,18 @@ def trains_on_samples(cfg) -> bool:
 
 
 def reads_labels(cfg) -> bool:
-    """Trajectory balance reads the labels for a frozen log Z, or for the frozen affine r~ they record."""
-    spec = _spec(cfg)
-    if spec.family != "trajectory_balance":
+    """Trajectory balance reads the labels for a log Z source that declares them, or for the frozen affine r~."""
+    if _spec(cfg).family != "trajectory_balance":
         return False
-    return _log_z_kind(cfg) == "frozen" or cfg.target.reward_transform == "affine"
+    return "labels" in _log_z_requires(cfg) or cfg.target.reward_transform == "affine"
 
 
 def reads_log_z_table(cfg) -> bool:
-    return reads_labels(cfg) and _log_z_kind(cfg) == "frozen" and cfg.train.log_z in ("auto", "table")
+    return reads_labels(cfg) and "log_z_table" in _log_z_requires(cfg)
 
 
 def reads_regressor(cfg) -> bool:
-    return reads_labels(cfg) and _log_z_kind(cfg) == "frozen" and cfg.train.log_z == "regressor"
+    return reads_labels(cfg) and "log_z_regressor" in _log_z_requires(cfg)
 
 
 def embeds_with_reference(cfg) -> bool:

@@ -61,11 +61,6 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 RENAMED = {"log_with": "report_to"}  # old field name -> new, for a one-line error on an older config or checkpoint
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias"}
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
-# Where the trajectory-balance objectives read log Z (``disa.training.log_z``): auto = the objective's own
-# declaration (disa: frozen table written by fit-z; flowrl: learned head; flowrl_no_logz: zero).
-# batch: no model, per prompt the group mean of log pi_ref - log pi_theta + beta r~ (Trajectory Balance with
-# Asynchrony's estimate), detached.
-LOG_Z_SOURCES = ("auto", "table", "regressor", "labels", "learned", "zero", "batch")
 
 
 class Section:
@@ -294,8 +289,8 @@ class TrainConfig(OptimisationConfig):
     log_z: str = _f("auto", "Where trajectory balance reads log Z: auto (the objective's declaration), table (the "
                     "frozen per-prompt table of `disa fit-z`), regressor (the frozen regressor applied to the prompts), "
                     "labels (the Stage 1 labels, no regressor), learned (a head trained with the policy), zero, batch (no model: "
-                    "each group's mean of log pi_ref - log pi_theta + beta r~, detached; Trajectory Balance with Asynchrony).",
-                    LOG_Z_SOURCES)
+                    "each group's mean of log pi_ref - log pi_theta + beta r~, detached; Trajectory Balance with Asynchrony), "
+                    "or a source a plugin registers (disa.log_z).")
     group_size: int = _f(8, "Rollouts per prompt, G (paper: 8).", "positive")
     prompts_per_step: int = _f(8, "Prompts per rollout batch; a step trains on prompts_per_step * group_size rollouts.",
                                "positive")
@@ -333,6 +328,9 @@ class TrainConfig(OptimisationConfig):
             check_hyperparameters(self.objective, self.objective_kwargs, f"{type(self).__name__}.objective_kwargs")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        from disa.log_z import resolve_log_z_source
+
+        resolve_log_z_source(self.log_z, OBJECTIVES[self.objective])
 
 
 @dataclass

@@ -45,10 +45,11 @@ from disa.embeddings import ModelPoolEmbedder
 from disa.estimators import label_prompts
 from disa.generation.hf import HFGenerator
 from disa.regressor import fit_regressor
-from disa.stages.fit_z import FrozenLogZ, LogZTable
+from disa.log_z import FrozenLogZ, LogZTable
 from disa.stages.label import run_labelling
 from disa.stages.sample import run_sampling
 from disa.stages.train import train_policy
+from disa.training import train_sft
 from disa.testbed.models import torch_threads
 from disa.demo_report import QUICK_NOTICE, TRANSFORM_STUDY, results_markdown, summarize, write_plots  # noqa: F401  (re-exported)
 from disa.stages.fit_z import regressor_verdict
@@ -308,10 +309,12 @@ def train_method(method: str, load_policy, ref_model, tokenizer, truths, setting
     ``(policy, history)``."""
     train, target = method_config(method, settings, seed)
     prompts = [{"id": t.id, "text": t.text} for t in truths]
+    if train.objective == "sft":
+        return train_sft(load_policy(), tokenizer, sft_pairs, train.sft, output_dir=str(out_dir))
     return train_policy(
         load_policy(), ref_model, tokenizer, prompts, get_verifier("countdown"), train, target, output_dir=str(out_dir),
-        log_z_fn=log_z_sources.get(train.log_z) if train.objective == "disa" else None,
-        affine=affine if target.reward_transform == "affine" else None, sft_examples=sft_pairs,
+        log_z=log_z_sources.get(train.log_z) if train.objective == "disa" else None,
+        affine=affine if target.reward_transform == "affine" else None,
     )
 
 

@@ -160,6 +160,12 @@ class HFGenerator(Generator):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
 
+    shares_policy_module = True
+
+    def sync_weights(self, policy) -> None:
+        """Decode with the trainer's own module from now on (``RolloutEngine`` contract)."""
+        self.model = policy
+
     @property
     def device(self) -> torch.device:
         return model_device(self.model)

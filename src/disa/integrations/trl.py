@@ -4,15 +4,17 @@ TRL keeps what users came for (its generation, vLLM colocation, accelerate / Dee
 subclass changes two documented hooks:
 
 * ``_generate_and_score_completions``: after TRL's own, each rollout also carries its target reward ``r~``
-  (the raw weighted reward through the run's transform) and its prompt's frozen ``log Z`` (the dataset's
-  ``log_z`` column, filled by ``add_log_z_column`` from ``disa fit-z``'s table);
+  (the raw weighted reward through Stage 3's own transform) and its log Z from the ``disa.log_z`` source
+  that ``log_z`` names (``train.log_z``'s values): a source that reads run artefacts (table, labels,
+  regressor) arrives as the dataset's ``log_z`` column, filled by ``add_log_z_column``; zero and learned are
+  built as ``disa train`` builds them; batch is refused (TRL does not expose log pi_old at that point);
 * ``compute_loss`` (TRL documents overriding it): our registered objective (``disa``, ``tb``, ``flowrl`` or
   ``flowrl_no_logz``) on TRL's per-token log-probs, reference log-probs and the frozen ``log Z``.
 
 TRL computes reference log-probs only when its KL coefficient ``GRPOConfig.beta`` is non-zero; trajectory
 balance always needs them, so the trainer asks for a non-zero value and never uses it as a KL weight. DISA's
-``beta`` is the target's, read from the log Z table. ``flowrl`` learns ``log Z`` with ``LogZHead`` on the
-policy's prompt hidden states (attached to the model, so TRL's optimizer trains it).
+``beta`` is the target's, read from the log Z table. A learned source (``flowrl``) attaches its head to the
+model, so TRL's optimizer trains it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from typing import Any, Optional
 
 import torch
 
-from disa.config import TargetConfig
-from disa.estimators import group_normalize, transform_rewards
+from disa.config import TargetConfig, TrainConfig
 from disa.integrations.log_z_column import AFFINE_COLUMNS, LOG_Z_COLUMN, add_log_z_column
-from disa.objectives import compute_objective, get_spec
+from disa.log_z import LogZContext, LogZRequest, LogZTable, resolve_log_z_source
+from disa.objectives import ObjectiveInputs, bind_objective, get_spec
 from disa.objectives.registry import check_hyperparameters
+from disa.training.learner import read_back
+from disa.training.rollouts import target_rewards
 
 try:
     from trl import GRPOTrainer
@@ -59,17 +63,18 @@ def code_reward_isolation(reward_funcs: Any, allow_fallback: bool) -> Optional[s
 
 def target_rewards_for_rollouts(transform: str, raw: torch.Tensor, num_generations: int,
                                 scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None):
-    """``r~`` of TRL's flat ``(B,)`` rewards, grouped by prompt as TRL orders them (``num_generations`` in a
-    row): ``raw``; ``affine`` with each row's frozen (scale, shift); ``group`` normalised within each group."""
-    if transform == "group":
-        if raw.numel() % num_generations:
-            raise ValueError(f"{raw.numel()} rewards do not split into groups of {num_generations}")
-        return group_normalize(raw.view(-1, num_generations)).reshape(-1)
-    return transform_rewards(transform, raw, scale=scale, shift=shift)
+    """``r~`` of TRL's flat ``(B,)`` rewards with Stage 3's own transform (``disa.training.rollouts.target_rewards``):
+    ``group`` normalises each group of ``num_generations`` rows (TRL's order); ``raw`` and ``affine`` (each
+    row's frozen scale, shift) act row by row."""
+    group = num_generations if transform == "group" else 1
+    if raw.numel() % group:
+        raise ValueError(f"{raw.numel()} rewards do not split into groups of {num_generations}")
+    return target_rewards(transform, raw.view(-1, group), scale, shift).reshape(-1)
 
 
-def trl_batch_to_objective_inputs(per_token_logps: torch.Tensor, inputs: dict, log_z: Optional[torch.Tensor]):
-    """Map a TRL micro-batch onto our objective's inputs (``disa.objectives.registry.TRAINER_INPUTS``)."""
+def trl_batch_to_objective_inputs(per_token_logps: torch.Tensor, inputs: dict,
+                                  log_z: Optional[torch.Tensor]) -> ObjectiveInputs:
+    """Map a TRL micro-batch onto ``ObjectiveInputs``."""
     mask = inputs["completion_mask"]
     if "tool_mask" in inputs:
         mask = mask * inputs["tool_mask"]
@@ -77,14 +82,9 @@ def trl_batch_to_objective_inputs(per_token_logps: torch.Tensor, inputs: dict, l
         raise ValueError("the TRL batch has no ref_per_token_logps: trajectory balance needs pi_ref; set "
                          "GRPOConfig.beta to a non-zero value (it is not used as a KL weight here)")
     old = inputs.get("old_per_token_logps")
-    return {
-        "logp": per_token_logps,
-        "old_logp": per_token_logps.detach() if old is None else old,
-        "ref_logp": inputs["ref_per_token_logps"],
-        "mask": mask,
-        "rewards": inputs["disa_rewards"],
-        "log_z": log_z,
-    }
+    return ObjectiveInputs(logp=per_token_logps, mask=mask,
+                           old_logp=per_token_logps.detach() if old is None else old,
+                           ref_logp=inputs["ref_per_token_logps"], rewards=inputs["disa_rewards"], log_z=log_z)
 
 
 class DisaGRPOTrainer(GRPOTrainer):
@@ -98,16 +98,25 @@ class DisaGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, target: TargetConfig, objective: str = "disa",
-                 objective_kwargs: Optional[dict] = None, allow_sandbox_fallback: bool = False, **kwargs):
+                 objective_kwargs: Optional[dict] = None, log_z: str = "auto",
+                 allow_sandbox_fallback: bool = False, **kwargs):
         spec = get_spec(objective)
         if spec.family != "trajectory_balance":
             raise ValueError(f"objective {objective!r} is {spec.family}; DisaGRPOTrainer runs trajectory-balance "
                              "objectives (disa, tb, flowrl, flowrl_no_logz); use trl.GRPOTrainer for GRPO")
-        self.disa_objective = objective
-        self.disa_kwargs = dict(objective_kwargs or {})
-        check_hyperparameters(objective, self.disa_kwargs)
+        check_hyperparameters(objective, objective_kwargs or {})
+        self.disa_objective = bind_objective(objective, {**(objective_kwargs or {}), "beta": target.beta})
         self.disa_target = target
-        self.disa_log_z_kind = spec.log_z
+        entry = resolve_log_z_source(log_z, spec)  # train.log_z, with the errors of `disa train`
+        if entry.cls.needs_old_logp:
+            raise ValueError(f"log_z={log_z!r}: the {entry.name!r} source reads each group's log pi_old before the "
+                             "update, which TRL's rollout step does not expose; use table, labels, regressor, learned "
+                             "or zero")
+        # a source that reads run artefacts arrives as the dataset's log_z column (add_log_z_column); any other
+        # is built as `disa train` builds it
+        self.disa_log_z_column = bool(entry.requires)
+        self.disa_log_z = None if self.disa_log_z_column else entry.cls.from_run(LogZContext(
+            train=TrainConfig(objective=objective, objective_kwargs=dict(objective_kwargs or {}), log_z=log_z)))
         grpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         if grpo_args is None or float(getattr(grpo_args, "beta", 0.0)) == 0.0:
             raise ValueError("DisaGRPOTrainer: pass a GRPOConfig with beta != 0 so that TRL computes reference "
@@ -118,8 +127,8 @@ class DisaGRPOTrainer(GRPOTrainer):
         self.disa_code_isolation = code_reward_isolation(
             kwargs.get("reward_funcs", args[1] if len(args) > 1 else None), allow_sandbox_fallback)
         super().__init__(*args, **kwargs)
-        if self.disa_log_z_kind == "learned":
-            self._attach_log_z_head()
+        if self.disa_log_z is not None and self.disa_log_z.trains:
+            self._attach_log_z_module()
 
     # ------------------------------------------------------------------ rollouts
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -148,26 +157,31 @@ class DisaGRPOTrainer(GRPOTrainer):
         else:
             rewards = target_rewards_for_rollouts(transform, raw, self.num_generations)
         output["disa_rewards"] = rewards.float()
-        if self.disa_log_z_kind == "frozen":
+        source = self.disa_log_z
+        if self.disa_log_z_column:
             if LOG_Z_COLUMN not in inputs[0]:
-                raise KeyError(f"objective {self.disa_objective!r} reads a frozen log Z: the dataset needs a "
+                raise KeyError(f"objective {self.disa_objective.name!r} reads a frozen log Z: the dataset needs a "
                                f"{LOG_Z_COLUMN!r} column (add_log_z_column(dataset, 'log_z/table.parquet'))")
-            output["disa_log_z"] = torch.tensor([float(x[LOG_Z_COLUMN]) for x in inputs], device=device)
+            source = LogZTable({row: float(x[LOG_Z_COLUMN]) for row, x in enumerate(inputs)})
+        log_z = source.rollout_log_z(LogZRequest(
+            prompt_ids=list(range(n)), prompt_texts=[str(x.get("prompt", "")) for x in inputs], group_size=1,
+            beta=self.disa_target.beta, rewards=output["disa_rewards"], mask=output["completion_mask"]))
+        if log_z is not None:
+            output["disa_log_z"] = log_z.to(device)
         return output
 
     # ------------------------------------------------------------------ loss
-    def _attach_log_z_head(self) -> None:
-        from disa.training.log_z import LogZHead, policy_hidden_size
-
+    def _attach_log_z_module(self) -> None:
+        """Bind the learned source to the policy and attach its module, so that TRL's optimiser trains it."""
         model = self.accelerator.unwrap_model(self.model)
         if not hasattr(model, HEAD_NAME):
-            model.add_module(HEAD_NAME, LogZHead(policy_hidden_size(model)).to(next(model.parameters()).device))
+            self.disa_log_z.bind(model)
+            model.add_module(HEAD_NAME, self.disa_log_z.module)
 
     def learned_log_z(self, model, inputs) -> torch.Tensor:
-        """FlowRL's ``log Z_phi(x)``: the head on the policy's last hidden states over the prompt tokens."""
-        unwrapped = self.accelerator.unwrap_model(model)
+        """The source's log Z from the policy's last hidden states over the prompt tokens (a separate forward)."""
         out = model(input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_mask"], output_hidden_states=True)
-        return getattr(unwrapped, HEAD_NAME)(out.hidden_states[-1], inputs["prompt_mask"])
+        return self.disa_log_z.update_log_z(out.hidden_states[-1], inputs["prompt_mask"])
 
     def policy_logps(self, model, inputs) -> torch.Tensor:
         """Per-token ``log pi_theta`` of the completion tokens, as TRL's own loss computes them."""
@@ -180,16 +194,11 @@ class DisaGRPOTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("DisaGRPOTrainer does not return outputs")
-        log_z = None
-        if self.disa_log_z_kind == "frozen":
-            log_z = inputs["disa_log_z"]
-        elif self.disa_log_z_kind == "learned":
-            log_z = self.learned_log_z(model, inputs)
-        obj_inputs = trl_batch_to_objective_inputs(self.policy_logps(model, inputs), inputs, log_z)
-        loss, metrics = compute_objective(self.disa_objective, inputs=obj_inputs,
-                                          beta=self.disa_target.beta, **self.disa_kwargs)
+        reads_hidden = self.disa_log_z is not None and self.disa_log_z.needs_hidden_states
+        log_z = self.learned_log_z(model, inputs) if reads_hidden else inputs.get("disa_log_z")
+        loss, metrics = self.disa_objective(trl_batch_to_objective_inputs(self.policy_logps(model, inputs), inputs, log_z))
         mode = "train" if self.model.training else "eval"
-        for name, value in metrics.items():
+        for name, value in read_back(metrics).items():
             self._metrics[mode][f"disa/{name}"].append(value)
         if mode == "train":  # TRL turns off the Trainer's own scaling; its losses divide by the accumulation
             loss = loss / self.current_gradient_accumulation_steps

@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from disa.objectives import compute_objective
+from disa.training.learner import read_back
+from disa.training.rollouts import target_rewards
 
 try:
     from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
@@ -48,7 +50,10 @@ def disa_reward(raw: float, extra_info: Mapping[str, Any]) -> float:
     if missing:
         raise KeyError(f"veRL row extra_info lacks {missing}: build the dataset with disa.integrations.verl."
                        "verl_extra_info (log Z from `disa fit-z`'s table)")
-    r_tilde = float(extra_info.get("disa_reward_scale", 1.0)) * float(raw) + float(extra_info.get("disa_reward_shift", 0.0))
+    scale, shift = (torch.tensor([float(extra_info.get(k, d))], dtype=torch.float64)
+                    for k, d in (("disa_reward_scale", 1.0), ("disa_reward_shift", 0.0)))
+    # Stage 3's own r~ (disa.training.rollouts.target_rewards), one row of one rollout
+    r_tilde = float(target_rewards("affine", torch.tensor([[float(raw)]], dtype=torch.float64), scale, shift))
     return r_tilde - float(extra_info["disa_log_z"]) / float(extra_info["disa_beta"])
 
 
@@ -108,4 +113,4 @@ def disa_tb_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
         "logp": log_prob, "old_logp": old, "ref_logp": old, "mask": response_mask,
         "rewards": torch.zeros_like(delta_old), "log_z": delta_old}, beta=1.0)
     metrics.pop("log_z_mean")  # here it would be delta_old's mean, not log Z's
-    return loss, {f"actor/disa_{k}": v for k, v in metrics.items()}
+    return loss, {f"actor/disa_{k}": v for k, v in read_back(metrics).items()}

@@ -1,5 +1,5 @@
-"""Objectives: one module per loss, each a plain function of tensors returning ``(loss, metrics)``, registered
-where it is defined with what it needs (:mod:`disa.objectives.registry`). Importing this package registers the
+"""Objectives: one module per loss, each a plain function of tensors returning ``(loss, metrics)`` (metrics as
+detached 0-d tensors), registered where it is defined with what it needs (:mod:`disa.objectives.registry`). Importing this package registers the
 built-ins; a user's module registers more the same way (``plugins:`` in the config, see ``disa.plugins``).
 """
 
@@ -12,12 +12,15 @@ from .grpo import grpo_loss
 from .gspo import gspo_loss
 from .registry import (
     OBJECTIVES,
+    BoundObjective,
+    ObjectiveInputs,
+    ObjectiveNeeds,
     ObjectiveSpec,
+    bind_objective,
     check_hyperparameters,
     compute_objective,
     get_objective,
     get_spec,
-    objective_aggregation,
     objective_names,
     register_objective,
 )
@@ -25,8 +28,8 @@ from .sft import sft_loss
 from .tb import disa_loss, flowrl_loss, flowrl_no_logz_loss, trajectory_balance_loss
 
 __all__ = [
-    "AGGREGATIONS", "OBJECTIVES", "ObjectiveSpec", "aggregate", "aspo_loss", "check_hyperparameters",
-    "compute_objective", "disa_loss", "flowrl_loss", "flowrl_no_logz_loss", "get_objective", "get_spec",
-    "grpo_loss", "gspo_loss", "objective_aggregation", "objective_names", "register_objective", "sft_loss",
-    "trajectory_balance_loss",
+    "AGGREGATIONS", "OBJECTIVES", "BoundObjective", "ObjectiveInputs", "ObjectiveNeeds", "ObjectiveSpec", "aggregate",
+    "aspo_loss", "bind_objective", "check_hyperparameters", "compute_objective", "disa_loss", "flowrl_loss",
+    "flowrl_no_logz_loss", "get_objective", "get_spec", "grpo_loss", "gspo_loss", "objective_names",
+    "register_objective", "sft_loss", "trajectory_balance_loss",
 ]

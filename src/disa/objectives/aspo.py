@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
+from .common import Tensor, add_kl_penalty, policy_gradient_needs, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
 from .registry import register_objective
 
 
@@ -49,7 +49,7 @@ def aspo_token_loss(
     return loss, dual.to(logp.dtype)
 
 
-@register_objective("aspo", family="policy_gradient")
+@register_objective("aspo", family="policy_gradient", needs=policy_gradient_needs)
 def aspo_loss(
     *,
     logp: Tensor,
@@ -78,5 +78,5 @@ def aspo_loss(
     metrics: dict = {}
     token_loss = add_kl_penalty(token_loss, logp, ref_logp, mask, kl_coef, metrics)
     loss = aggregate(token_loss, mask, aggregation, max_len)
-    metrics["dual_clip_frac"] = float(masked_mean(dual, mask))
+    metrics["dual_clip_frac"] = masked_mean(dual, mask)
     return loss, metrics

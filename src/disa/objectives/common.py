@@ -9,6 +9,8 @@ import torch
 
 from disa.estimators import check_finite
 
+from .registry import ObjectiveNeeds
+
 Tensor = torch.Tensor
 
 # The aggregation names follow veRL's ``loss_agg_mode`` (TRL's ``loss_type`` maps onto them):
@@ -106,5 +108,14 @@ def add_kl_penalty(
     if ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
     kl = kl_to_reference(logp, ref_logp)
-    metrics["kl_ref"] = float(masked_mean(kl.detach(), mask))
+    metrics["kl_ref"] = masked_mean(kl.detach(), mask)
     return token_loss + kl_coef * kl
+
+
+def policy_gradient_needs(hparams) -> ObjectiveNeeds:
+    """GRPO, GSPO and ASPO read ``old_logp`` and ``advantages`` (and ``max_len`` for Dr. GRPO's aggregation);
+    ``ref_logp`` only when their KL penalty is on; a ``token_mean`` loss weighs micro-batches by tokens."""
+    kl_coef = hparams["kl_coef"]
+    kl_on = isinstance(kl_coef, (int, float)) and not isinstance(kl_coef, bool) and kl_coef > 0
+    return ObjectiveNeeds({"old_logp", "advantages", "max_len"} | ({"ref_logp"} if kl_on else set()),
+                          token_weighted=hparams["aggregation"] == "token_mean")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
+from .common import Tensor, add_kl_penalty, policy_gradient_needs, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
 from .registry import register_objective
 
 
@@ -29,7 +29,7 @@ def _check_clip(clip_eps: float, clip_eps_high: Optional[float]) -> tuple[float,
     return clip_eps, high
 
 
-@register_objective("grpo", family="policy_gradient")
+@register_objective("grpo", family="policy_gradient", needs=policy_gradient_needs)
 def grpo_loss(
     *,
     logp: Tensor,
@@ -57,6 +57,6 @@ def grpo_loss(
     metrics: dict = {}
     token_loss = add_kl_penalty(token_loss, logp, ref_logp, mask, kl_coef, metrics)
     loss = aggregate(token_loss, mask, aggregation, max_len)
-    metrics["clip_frac"] = float(masked_mean(was_clipped, mask))
-    metrics["ratio_mean"] = float(masked_mean(ratio.detach(), mask))
+    metrics["clip_frac"] = masked_mean(was_clipped, mask)
+    metrics["ratio_mean"] = masked_mean(ratio.detach(), mask)
     return loss, metrics

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .common import Tensor, add_kl_penalty, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
+from .common import Tensor, add_kl_penalty, policy_gradient_needs, aggregate, check_per_rollout, check_token_inputs, masked_mean, zero_padding
 from .registry import register_objective
 from .grpo import _check_clip, clipped_surrogate
 
@@ -18,7 +18,7 @@ def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     return torch.exp(torch.clamp(log_s, -20.0, 20.0))
 
 
-@register_objective("gspo", family="policy_gradient")
+@register_objective("gspo", family="policy_gradient", needs=policy_gradient_needs)
 def gspo_loss(
     *,
     logp: Tensor,
@@ -49,6 +49,6 @@ def gspo_loss(
     metrics: dict = {}
     token_loss = add_kl_penalty(token_loss, logp, ref_logp, mask, kl_coef, metrics)
     loss = aggregate(token_loss, mask, aggregation, max_len)
-    metrics["clip_frac"] = float(masked_mean(was_clipped, mask))
-    metrics["seq_ratio_mean"] = float(s.detach().mean())
+    metrics["clip_frac"] = masked_mean(was_clipped, mask)
+    metrics["seq_ratio_mean"] = s.detach().mean()
     return loss, metrics

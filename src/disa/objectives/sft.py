@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Optional
 
 from .common import Tensor, aggregate, check_token_inputs, zero_padding
-from .registry import register_objective
+from .registry import ObjectiveNeeds, register_objective
 
 
-@register_objective("sft", family="supervised")
+@register_objective("sft", family="supervised",
+                    needs=lambda hp: ObjectiveNeeds(token_weighted=hp["aggregation"] == "token_mean"))
 def sft_loss(
     *, logp: Tensor, mask: Tensor, aggregation: str = "token_mean", max_len: Optional[int] = None
 ) -> tuple[Tensor, dict]:
@@ -16,4 +17,4 @@ def sft_loss(
     check_token_inputs(mask, logp=logp)
     (logp,) = zero_padding(mask, logp)
     loss = aggregate(-logp, mask, aggregation, max_len)
-    return loss, {"nll": float(loss.detach())}
+    return loss, {"nll": loss.detach()}

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .common import Tensor, check_per_rollout, check_token_inputs, zero_padding
-from .registry import register_objective
+from .registry import ObjectiveNeeds, register_objective
 
 ROLLOUT_WEIGHTS = ("on_policy", "clipped_is")
 
@@ -48,7 +48,16 @@ def rollout_weight(
     raise ValueError(f"unknown rollout_weight {mode!r}; choose one of {ROLLOUT_WEIGHTS}")
 
 
-@register_objective("tb", family="trajectory_balance", log_z="frozen")
+def trajectory_balance_needs(hparams, reads_log_z: bool = True) -> ObjectiveNeeds:
+    """Trajectory balance reads ``ref_logp``, ``rewards`` (r~) and ``log_z``; ``old_logp`` only for an
+    importance weight (``rollout_weight_mode`` other than ``on_policy``, whose weight is 1)."""
+    inputs = {"ref_logp", "rewards"} | ({"log_z"} if reads_log_z else set())
+    if hparams["rollout_weight_mode"] != "on_policy":
+        inputs.add("old_logp")
+    return ObjectiveNeeds(inputs, length_normalized=hparams["length_normalize"] is True)
+
+
+@register_objective("tb", family="trajectory_balance", log_z="table", needs=trajectory_balance_needs)
 def trajectory_balance_loss(
     *,
     logp: Tensor,
@@ -85,15 +94,16 @@ def trajectory_balance_loss(
     w = rollout_weight(logp, old_logp, mask, rollout_weight_mode, weight_clip)
     loss = (w * residual**2).mean()
     metrics = {
-        "tb_residual_mean": float(residual.detach().mean()),
-        "tb_residual_abs": float(residual.detach().abs().mean()),
-        "log_z_mean": float(log_z.detach().mean()),
-        "rollout_weight_mean": float(w.mean()),
+        "tb_residual_mean": residual.detach().mean(),
+        "tb_residual_abs": residual.detach().abs().mean(),
+        "log_z_mean": log_z.detach().mean(),
+        "rollout_weight_mean": w.mean(),
     }
     return loss, metrics
 
 
-@register_objective("disa", family="trajectory_balance", log_z="frozen", extends=trajectory_balance_loss)
+@register_objective("disa", family="trajectory_balance", log_z="table", needs=trajectory_balance_needs,
+                    extends=trajectory_balance_loss)
 def disa_loss(*, log_z: Tensor, rollout_weight_mode: str = "clipped_is", **kw) -> tuple[Tensor, dict]:
     """DISA (eq. 10): trajectory balance with the frozen offline ``log Z``; no gradient ever reaches it.
 
@@ -103,7 +113,8 @@ def disa_loss(*, log_z: Tensor, rollout_weight_mode: str = "clipped_is", **kw) -
     return trajectory_balance_loss(log_z=log_z, freeze_log_z=True, rollout_weight_mode=rollout_weight_mode, **kw)
 
 
-@register_objective("flowrl", family="trajectory_balance", log_z="learned", extends=trajectory_balance_loss)
+@register_objective("flowrl", family="trajectory_balance", log_z="learned", trains_log_z=True,
+                    needs=trajectory_balance_needs, extends=trajectory_balance_loss)
 def flowrl_loss(*, log_z: Tensor, length_normalize: bool = True, rollout_weight_mode: str = "clipped_is", **kw):
     """FlowRL: trajectory balance with a ``log Z`` learned jointly (its gradient flows into ``log_z``).
 
@@ -114,7 +125,8 @@ def flowrl_loss(*, log_z: Tensor, length_normalize: bool = True, rollout_weight_
     )
 
 
-@register_objective("flowrl_no_logz", family="trajectory_balance", log_z="zero", extends=trajectory_balance_loss)
+@register_objective("flowrl_no_logz", family="trajectory_balance", log_z="zero",
+                    needs=lambda hp: trajectory_balance_needs(hp, reads_log_z=False), extends=trajectory_balance_loss)
 def flowrl_no_logz_loss(*, mask: Tensor, log_z: Optional[Tensor] = None, length_normalize: bool = True,
                         rollout_weight_mode: str = "clipped_is", **kw):
     """The later FlowRL variant with ``log Z`` dropped (fixed at 0): an ablation of where ``log Z`` comes from."""

@@ -2,8 +2,7 @@
 
 ``run_fit_z`` joins the Stage 1 labels (``prompt_id``, ``log_z``) to the rendered prompt texts, embeds them,
 fits ``Z_psi`` by least squares (eq. 9, docs/formulas.md) and writes ``out_dir/{model.safetensors, config.json,
-report.json}``. ``FrozenLogZ`` is what Stage 3 calls: texts -> ``sg[Z_psi*(x)]`` (eq. 10), computed under
-``torch.no_grad`` by a module whose parameters never require grad.
+report.json, table.parquet}``. What Stage 3 reads of them is in :mod:`disa.log_z` (``table``, ``regressor``).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +21,8 @@ from disa.stages import common
 from disa.stages.common import stage
 from disa.embeddings import PromptEmbedder, embed_with_cache
 from disa.io import atomic_write_parquet, atomic_write_text
-from disa.regressor import FitReport, LogZRegressor, fit_regressor, load_regressor, save_regressor, se_weights
+from disa.log_z import FrozenLogZ, LogZTable  # noqa: F401  (FrozenLogZ writes the table; both re-exported)
+from disa.regressor import FitReport, fit_regressor, save_regressor, se_weights
 
 __all__ = ["run_fit_z", "read_labels", "prompt_texts_by_id", "format_fit_table", "FrozenLogZ"]
 
@@ -218,70 +217,6 @@ def run_fit_z(
     if verbose:
         print(f"log Z regressor -> {out_dir}\n{format_fit_table(report)}")
     return report
-
-
-class FrozenLogZ:
-    """Stage 3's ``log_z_fn``: rendered prompt texts -> ``Z_psi*(x)`` (P,), never differentiable.
-
-    source: a directory written by ``run_fit_z`` / ``save_regressor``, or a ``LogZRegressor``.
-    embedder: the same kind of embedder used to fit (its ``dim`` must match; a different fingerprint warns).
-    Predictions are computed under ``torch.no_grad`` by a regressor whose parameters have
-    ``requires_grad=False``, so no gradient and no optimizer step can ever reach ``psi*`` (eq. 10's ``sg``).
-    When ``ids`` are given, values are memoised per id (and re-computed if that id's text changes), since
-    Stage 3 revisits the same prompts every epoch.
-    """
-
-    def __init__(self, source: Union[str, os.PathLike, LogZRegressor], embedder: PromptEmbedder):
-        regressor = source if isinstance(source, LogZRegressor) else load_regressor(source)
-        regressor.eval().requires_grad_(False)
-        if embedder.dim != regressor.input_dim:
-            raise ValueError(
-                f"embedder: produces {embedder.dim}-d embeddings but the regressor expects {regressor.input_dim}-d"
-            )
-        fitted_with = getattr(regressor, "meta", {}).get("embedder")
-        if fitted_with is not None and fitted_with != embedder.fingerprint:
-            warnings.warn(
-                f"FrozenLogZ: regressor was fitted on embedder {fitted_with!r} "
-                f"but is read with {embedder.fingerprint!r}",
-                stacklevel=2,
-            )
-        self.regressor = regressor
-        self.embedder = embedder
-        self._memo: dict[str, tuple[str, float]] = {}
-
-    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """embeddings (P, D) -> (P,) float32, detached, even if ``embeddings`` requires grad."""
-        with torch.no_grad():
-            return self.regressor(embeddings.detach()).detach()
-
-    def __call__(self, texts: Sequence[str], ids: Optional[Sequence] = None) -> torch.Tensor:
-        """texts: P rendered prompts; ids: optional prompt ids (enables memoisation). Returns (P,) on the CPU."""
-        if ids is None:
-            return self.predict(self.embedder.embed(list(texts)))
-        keys = [str(i) for i in ids]
-        if len(keys) != len(texts):
-            raise ValueError(f"ids: {len(keys)} ids for {len(texts)} texts")
-        todo = [n for n, (k, t) in enumerate(zip(keys, texts)) if k not in self._memo or self._memo[k][0] != t]
-        if todo:
-            fresh = self.predict(self.embedder.embed([texts[n] for n in todo]))
-            for n, value in zip(todo, fresh.tolist()):
-                self._memo[keys[n]] = (texts[n], value)
-        return torch.tensor([self._memo[k][1] for k in keys], dtype=torch.float32)
-
-
-class LogZTable:
-    """A frozen ``log_z_fn`` that reads one fixed value per prompt id: the regressor's predictions computed
-    once (the pipeline), or Stage 1 labels / an exact log Z used directly (the demo's ablations). It has no
-    parameters, so nothing can train it."""
-
-    def __init__(self, values: dict):
-        self.values = {str(k): float(v) for k, v in values.items()}
-
-    def __call__(self, texts: Sequence[str], ids: Sequence) -> torch.Tensor:
-        missing = [i for i in ids if str(i) not in self.values]
-        if missing:
-            raise KeyError(f"LogZTable: no log Z for prompt id(s) {missing[:5]}")
-        return torch.tensor([self.values[str(i)] for i in ids], dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- the verb

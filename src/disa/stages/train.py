@@ -6,7 +6,8 @@ names here:
 * trajectory balance: the target ``beta`` and ``r~`` are those the labels were made with (``labels.parquet``
   records them); a config that disagrees is refused. ``log Z`` comes from ``train.log_z``: the frozen
   per-prompt table of ``disa fit-z`` (the default for ``disa``), the regressor itself, the Stage 1 labels, a
-  head learned with the policy (``flowrl``) or zero (``flowrl_no_logz``). Only what that needs is read, so
+  head learned with the policy (``flowrl``), zero (``flowrl_no_logz``) or any source of ``disa.log_z`` (each
+  declares the run artefacts it reads, and builds itself from them). Only what that needs is read, so
   ``flowrl`` with ``target.reward_transform: group`` needs no Stage 1 at all.
 * policy gradient (GRPO, GSPO, ASPO): the verifier's raw reward; no Stage 1 artefact.
 * supervised (``sft``): the proposal's reward-1 samples from ``disa sample``, with ``train.sft``.
@@ -14,15 +15,15 @@ names here:
 Stage 1-2 files are read from ``stage1_dir`` when it is set, so a baseline trains from a DISA run's files and
 writes its checkpoints into its own ``output_dir``.
 
-The trainer receives its generator, verifier and ``log Z`` source from here (:func:`train_policy`), which the
-demo calls too.
+The trainer receives its rollout engine, verifier and ``log Z`` source from here (:func:`train_policy`), which
+the demo calls too.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from disa.config import ConfigError, PipelineConfig, TargetConfig, TrainConfig
 from disa.objectives import get_spec
@@ -68,51 +69,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- what RL reads
+def log_z_entry(cfg: PipelineConfig):
+    """The registered log Z source ``train.log_z`` names for this objective (None: it reads none)."""
+    from disa.log_z import resolve_log_z_source
+
+    return resolve_log_z_source(cfg.train.log_z, get_spec(cfg.train.objective))
+
+
+def needs_labels(cfg: PipelineConfig) -> bool:
+    """Whether Stage 3 reads Stage 1's labels: a log Z source that declares it, or the frozen affine r~."""
+    if get_spec(cfg.train.objective).family != "trajectory_balance":
+        return False
+    return "labels" in log_z_entry(cfg).requires or cfg.target.reward_transform == "affine"
+
+
 def check_recorded_target(cfg: PipelineConfig, rd: RunDir) -> None:
     """Check the config's target against what ``labels.parquet`` (and ``log_z/``) were made with."""
     check_target(cfg.target, rd.labels_metadata()["target"], rd.labels)
-
-
-def frozen_log_z(cfg: PipelineConfig, rd: RunDir, records) -> Callable:
-    """The frozen ``log_z_fn`` that ``train.log_z`` names (``auto`` = the table of ``disa fit-z``)."""
-    import pyarrow.parquet as pq
-
-    from disa.stages.fit_z import FrozenLogZ, LogZTable, read_log_z_table
-
-    from disa.artifacts import LABELS, LOG_Z_TABLE
-
-    source = "table" if cfg.train.log_z == "auto" else cfg.train.log_z
-    ids = [r.id for r in records]
-    if source == "labels":
-        cols = LABELS.read_parquet(rd.root, ["prompt_id", "log_z"]).to_pydict()
-        values, where = dict(zip(cols["prompt_id"], cols["log_z"])), rd.labels
-    elif source == "table":
-        rd.require(rd.log_z_table, "fit-z", "the frozen log Z of every labelled prompt")
-        values, meta = read_log_z_table(rd.log_z_table)
-        if "target" in meta:
-            check_target(cfg.target, meta["target"], rd.log_z_table)
-        fitted_on = (meta.get("inputs") or {}).get("labels")
-        if fitted_on is not None and fitted_on != LABELS.digest(rd.root):
-            raise ConfigError(f"{rd.log_z_table} was fitted on labels.parquet digest {fitted_on}, but {rd.labels} is "
-                              f"now {LABELS.digest(rd.root)} (labelled again since): run `disa fit-z` again")
-        where = LOG_Z_TABLE.path(rd.root)
-    else:  # the regressor, applied to the prompts as rendered for pi_ref
-        for name in ("model.safetensors", "config.json"):
-            rd.require(rd.log_z / name, "fit-z", "the frozen log Z regressor")
-        texts = common.reference_texts(cfg, records)
-        try:
-            frozen = FrozenLogZ(str(rd.log_z), common.embedder(cfg))
-            values = dict(zip(ids, frozen([texts[i] for i in ids], ids).tolist()))
-        except ValueError as e:
-            raise ConfigError(f"{rd.log_z}: {e}; re-run `disa fit-z` with this fit_z.embedder") from None
-        return LogZTable(values)
-    missing = [i for i in ids if i not in values]
-    if missing:
-        raise ConfigError(f"{where}: no log Z for prompt id(s) {missing[:5]} of data.prompts; run `disa sample`, "
-                          "`disa label` and `disa fit-z` on this prompt set (or set train.log_z: regressor)")
-    chosen = {i: values[i] for i in ids}
-    refuse_bad_numbers(chosen, where, "log Z")
-    return LogZTable(chosen)
 
 
 def refuse_bad_numbers(values: dict, where, what: str) -> None:
@@ -278,16 +251,14 @@ def record_lineage(rd: RunDir, lineage) -> None:
 
 # ----------------------------------------------------------------------------------------------- one call
 def train_policy(policy, ref_model, tokenizer, prompts, reward_fn, train: TrainConfig, target: TargetConfig, *,
-                 output_dir, log_z_fn=None, affine=None, sft_examples=None, generator=None, resume_from=None):
-    """Train one policy with ``train.objective``: the one entry point of the pipeline and the demo.
+                 output_dir, log_z=None, affine=None, engine=None, resume_from=None):
+    """Train one policy with the RL objective ``train.objective``: the one entry point of the pipeline and the
+    demo. ``prompts``: dicts with ``id``, ``text`` and verifier columns; ``log_z``: the ``disa.log_z`` source
+    when it reads run artefacts. Returns ``(policy, history)``; SFT is :func:`disa.training.train_sft`."""
+    from disa.training import RLTrainer
 
-    ``prompts``: dicts with ``id``, ``text`` and verifier columns. Returns ``(policy, history)``."""
-    from disa.training import RLTrainer, train_sft
-
-    if get_spec(train.objective).family == "supervised":
-        return train_sft(policy, tokenizer, sft_examples, train.sft, output_dir=output_dir, resume_from=resume_from)
     trainer = RLTrainer(policy, ref_model, tokenizer, prompts, reward_fn, train, output_dir=output_dir, target=target,
-                        affine=affine, log_z_fn=log_z_fn, generator=generator, resume_from=resume_from)
+                        affine=affine, log_z=log_z, engine=engine, resume_from=resume_from)
     history = trainer.train()
     return trainer.policy, history
 
@@ -296,6 +267,8 @@ def train_policy(policy, ref_model, tokenizer, prompts, reward_fn, train: TrainC
 def run(cfg: PipelineConfig) -> dict:
     """``disa train``: Stage 3 -> ``checkpoints/`` (resumes from the newest checkpoint with the same settings)."""
     from disa.data import render_prompt
+    from disa.log_z import LogZContext
+    from disa.objectives import bind_objective
 
     rd = common.run_dir(cfg)  # where this run writes
     stage1 = common.stage1_run_dir(cfg)  # where it reads Stage 1-2 files (stage1_dir, else output_dir)
@@ -303,18 +276,16 @@ def run(cfg: PipelineConfig) -> dict:
     spec = get_spec(cfg.train.objective)
     supervised = spec.family == "supervised"
     reward_fn = None if supervised else common.verifier(cfg)
-    log_z_fn = affine = None
+    log_z = affine = entry = None
     if not supervised:
-        from disa.training import resolve_log_z_kind
-
         try:
-            kind = resolve_log_z_kind(cfg.train.log_z, spec)
+            entry = log_z_entry(cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if reads_labels(cfg):
             check_recorded_target(cfg, stage1)
-        if kind == "frozen":
-            log_z_fn = frozen_log_z(cfg, stage1, records)
+        if entry is not None and entry.requires:
+            log_z = entry.cls.from_run(LogZContext(train=cfg.train, pipeline=cfg, run_dir=stage1, records=records))
         if spec.family == "trajectory_balance" and cfg.target.reward_transform == "affine":
             affine = affine_map(stage1, records)
     ckpt = common.existing_checkpoint(rd.checkpoints)
@@ -327,26 +298,35 @@ def run(cfg: PipelineConfig) -> dict:
 
     policy_path, ref_path = common.model_path(cfg, "policy"), common.model_path(cfg, "reference")
     policy, tokenizer = common.load_model(cfg, policy_path)
-    examples = sft_examples(stage1, records, tokenizer) if supervised else None
-    ref_model = generator = None
-    if not supervised:
-        if spec.needs_ref_logp(cfg.train.objective_kwargs) and not (cfg.train.lora is not None and policy_path == ref_path):
-            ref_model = common.load_model(cfg, ref_path)[0]  # under LoRA from pi_ref, pi_ref = the adapter off
-        generator = common.generator(cfg, policy, cfg.train.generation_batch_size, tokenizer=tokenizer, progress=False)
+    if supervised:
+        from disa.training import train_sft
+
+        examples = sft_examples(stage1, records, tokenizer)
+        policy, history = train_sft(policy, tokenizer, examples, cfg.train.sft, output_dir=str(rd.checkpoints),
+                                    resume_from=ckpt)
+        final = common.existing_checkpoint(rd.checkpoints)
+        del policy
+        common.free()
+        return _report(cfg, rd, history, ckpt, final, None, examples)
+    ref_model = None
+    needs = bind_objective(cfg.train.objective, cfg.train.objective_kwargs).needs
+    if "ref_logp" in needs.inputs and not (cfg.train.lora is not None and policy_path == ref_path):
+        ref_model = common.load_model(cfg, ref_path)[0]  # under LoRA from pi_ref, pi_ref = the adapter off
+    engine = common.generator(cfg, policy, cfg.train.generation_batch_size, tokenizer=tokenizer, progress=False)
     prompts = [{**r.verifier_columns(), "id": r.id, "text": render_prompt(r, tokenizer)} for r in records]
     record_lineage(rd, lineage)
     policy, history = train_policy(policy, ref_model, tokenizer, prompts, reward_fn, cfg.train, cfg.target,
-                                   output_dir=str(rd.checkpoints), log_z_fn=log_z_fn, affine=affine,
-                                   sft_examples=examples, generator=generator, resume_from=ckpt)
+                                   output_dir=str(rd.checkpoints), log_z=log_z, affine=affine, engine=engine,
+                                   resume_from=ckpt)
     final = common.existing_checkpoint(rd.checkpoints)
     if not supervised:
         warn(history_cannot_learn(history, cfg.train.num_steps))
-    del policy, ref_model, generator
+    del policy, ref_model, engine
     common.free()
-    return _report(cfg, rd, history, ckpt, final, log_z_fn, examples)
+    return _report(cfg, rd, history, ckpt, final, log_z, None)
 
 
-def _report(cfg, rd, history, ckpt, final, log_z_fn, examples) -> dict:
+def _report(cfg, rd, history, ckpt, final, log_z, examples) -> dict:
     last = history[-1] if history else {}
     steps = int(last.get("step", 0)) if history else 0
     result = {"objective": cfg.train.objective, "steps": steps, "final_loss": last.get("loss", float("nan")),
@@ -358,8 +338,10 @@ def _report(cfg, rd, history, ckpt, final, log_z_fn, examples) -> dict:
                    f"final loss {result['final_loss']:.4g}")
         return result
     result["final_reward"] = last.get("reward_mean", float("nan"))
-    if log_z_fn is not None:
-        result["mean_frozen_log_z"] = sum(log_z_fn.values.values()) / len(log_z_fn.values)
+    from disa.log_z import LogZTable
+
+    if isinstance(log_z, LogZTable) and log_z.values:
+        result["mean_frozen_log_z"] = sum(log_z.values.values()) / len(log_z.values)
     resumed = f" (resumed at step {int(ckpt.name.split('-')[-1])})" if ckpt is not None else ""
     common.say("train", f"{cfg.train.objective}, {steps} steps{resumed} -> {final}; final reward "
                f"{result['final_reward']:.4f}, loss {result['final_loss']:.4g}; metrics in "

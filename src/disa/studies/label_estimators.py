@@ -114,7 +114,7 @@ def stage3(tb, ref, tokenizer, truths, labels_by_name: dict, seed: int, out_dir:
     """DISA trained with each frozen label table (``train.log_z: labels``) and with the batch estimate
     (``train.log_z: batch``), the demo's budget; each policy scored exactly."""
     from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, exact_policy_metrics, method_config
-    from disa.stages.fit_z import LogZTable
+    from disa.log_z import LogZTable
     from disa.stages.train import train_policy
     from disa.verifiers import get_verifier
 
@@ -130,7 +130,7 @@ def stage3(tb, ref, tokenizer, truths, labels_by_name: dict, seed: int, out_dir:
             log_z_fn = LogZTable({t.id: float(v) for t, v in zip(truths, labels)})
         t0 = time.perf_counter()
         policy, _ = train_policy(tb.load_ref(), ref, tokenizer, prompts, get_verifier("countdown"), train, target,
-                                 output_dir=str(out_dir / name.replace(" ", "_").replace(".", "")), log_z_fn=log_z_fn)
+                                 output_dir=str(out_dir / name.replace(" ", "_").replace(".", "")), log_z=log_z_fn)
         metrics = exact_policy_metrics(policy, tokenizer, truths, settings.beta, settings.k)
         results[name] = {"p_correct": metrics["p_correct"], "kl_target_policy": metrics["kl_target_policy"],
                          "tv": metrics["tv"], "wall_s": time.perf_counter() - t0}

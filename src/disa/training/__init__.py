@@ -1,15 +1,18 @@
-"""Stage 3 training: the RL loop (``RLTrainer``) and the SFT baseline (``train_sft``), built from small parts:
+"""Stage 3 training: the RL loop (``RLTrainer``) and the SFT baseline (``train_sft``), built from parts:
 
+    collector     RolloutCollector: engine -> verifier -> r~ -> pi_old / pi_ref log-probs -> log Z; RewardTransform
+    learner       Learner: policy + optimiser + objective, micro-batched optimiser steps (RL and SFT)
+    checkpointer  Checkpointer: a learner's state through checkpoints (atomic checkpoints, exact resume)
+    logger        MetricsLogger: metrics.csv / TensorBoard
+    rl / sft      the two loops
     models        device, LoRA, dropout, precision, the response log-prob forward
     step          optimiser, warm-up schedule, micro-batch weights, the one optimiser step (clip, skip non-finite)
-    log_z         where trajectory balance reads log Z: resolve_log_z_kind, the frozen source, FlowRL's head
-    rollouts      one rollout batch, rewards, rollout metrics
-    update / rl   the RL update and loop
-    sft           the SFT loop
-    checkpoints   atomic checkpoints and exact resume
-    logger        metrics.csv / TensorBoard
+    rollouts      the Rollouts batch, rewards, rollout metrics
+
+Where log Z comes from is ``disa.log_z``; what an objective reads is its declaration in ``disa.objectives``.
 """
 
+from disa.training.checkpointer import Checkpointer
 from disa.training.checkpoints import (
     CHECKPOINT_PREFIX,
     checkpoint_step,
@@ -22,7 +25,8 @@ from disa.training.checkpoints import (
     save_training_checkpoint,
     set_rng_state,
 )
-from disa.training.log_z import LogZHead, resolve_log_z_kind
+from disa.training.collector import ReferenceScorer, RewardTransform, RolloutCollector
+from disa.training.learner import Learner, TokenBatch
 from disa.training.logger import MetricsLogger
 from disa.training.models import apply_lora, is_peft_model, model_device, response_logprobs, zero_dropout
 from disa.training.rl import RLTrainer
@@ -31,9 +35,9 @@ from disa.training.sft import load_sft_config, tokenize_examples, train_sft
 from disa.training.step import optimizer_step
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "LogZHead", "MetricsLogger", "RLTrainer", "Rollouts", "apply_lora", "checkpoint_step",
+    "CHECKPOINT_PREFIX", "Checkpointer", "Learner", "MetricsLogger", "RLTrainer", "ReferenceScorer",
+    "RewardTransform", "RolloutCollector", "Rollouts", "TokenBatch", "apply_lora", "checkpoint_step",
     "find_checkpoint", "is_peft_model", "load_policy_weights", "load_sft_config", "load_training_checkpoint",
-    "model_device", "optimizer_step", "prompt_record", "read_checkpoint_json", "resolve_log_z_kind",
-    "response_logprobs", "rng_state", "save_policy", "save_training_checkpoint", "set_rng_state",
-    "tokenize_examples", "train_sft", "zero_dropout",
+    "model_device", "optimizer_step", "prompt_record", "read_checkpoint_json", "response_logprobs", "rng_state",
+    "save_policy", "save_training_checkpoint", "set_rng_state", "tokenize_examples", "train_sft", "zero_dropout",
 ]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from disa.training.log_z import LogZHead
+from disa.log_z.learned import LogZHead
 from disa.training.models import is_peft_model
 
 Tensor = torch.Tensor

@@ -1,23 +1,22 @@
-"""Stage 3: the small RL loop. Rollouts -> rewards -> log-probs -> objective -> optimiser step.
+"""Stage 3: the RL loop, built from four parts a newcomer can read one at a time:
 
-One step, top to bottom (``RLTrainer.step``):
+    RolloutCollector  (collector.py)  engine -> verifier -> r~ -> pi_old / pi_ref log-probs -> log Z source
+    Learner           (learner.py)    policy + optimiser + objective, micro-batched optimiser steps
+    Checkpointer      (checkpointer.py) atomic checkpoints and exact resume
+    MetricsLogger     (logger.py)     metrics.csv / TensorBoard
+
+One step (``RLTrainer.step``), top to bottom:
 
 1. pick ``prompts_per_step`` prompts (a seeded shuffle, epoch after epoch);
-2. sample ``group_size`` rollouts for each from the current policy (``pi_old``) with the generator;
-3. score them with the verifier (TRL signature ``reward_fn(prompts, completions, **columns)``), transform the
-   reward as the target says (``raw`` / ``affine`` / ``group``, shared with Stage 1) for trajectory balance,
-   and form group advantages (GRPO) from the raw reward for policy gradient;
-4. compute, without gradient, ``old_logp`` under the policy that made the rollouts (only where the update
-   reads it from a policy that has moved: see ``needs_old_logp_pass``; otherwise the update uses its own
-   log-probs, detached, as TRL does), ``ref_logp`` under ``pi_ref`` (only for objectives that declare it)
-   and, for a frozen source, ``log Z`` (eq. 10);
-5. ``updates_per_batch`` passes over the rollouts: mini-batches of ``micro_batch_size * gradient_accumulation``
-   rollouts, one optimiser step each (``disa.training.step``);
-6. log one row of metrics, checkpoint every ``save_every`` steps.
+2. the collector syncs the engine to the policy's weights, samples ``group_size`` rollouts per prompt, scores
+   them with the verifier, forms r~ (trajectory balance) and group advantages (policy gradient), scores
+   ``old_logp`` / ``ref_logp`` where they are read, and gets each rollout's log Z from the log Z source;
+3. the learner makes ``updates_per_batch`` passes of optimiser steps over the rollouts;
+4. one row of metrics is logged; every ``save_every`` steps a checkpoint is written.
 
-The losses live in ``disa.objectives`` (looked up by name, with what they need declared there); this file
-only feeds them. Everything random in a step is seeded from ``(seed, step)``, which is what makes
-``train 2 + resume 2 == train 4`` exact.
+What the objective reads is its own declaration (``disa.objectives``), where log Z comes from is a
+``disa.log_z`` source; this file only wires them. Everything random in a step is seeded from ``(seed, step)``,
+which is what makes ``train 2 + resume 2 == train 4`` exact.
 """
 
 from __future__ import annotations
@@ -31,61 +30,56 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from disa.config import TargetConfig, TrainConfig
-from disa.estimators import group_normalize
 from disa.generation import encode_prompt
-from disa.objectives import get_spec, objective_aggregation
-from disa.scoring import score_token_logprobs
-from disa.training.checkpoints import (
-    CHECKPOINT_PREFIX,
-    find_checkpoint,
-    load_training_checkpoint,
-    read_checkpoint_json,
-    save_training_checkpoint,
-)
-from disa.objectives.tb import sequence_logprob
-from disa.training.log_z import (
-    batch_log_z,
-    LogZHead,
-    check_log_z_fn_is_frozen,
-    policy_hidden_size,
-    read_frozen_log_z,
-    resolve_log_z_kind,
-)
+from disa.generation.engine import RolloutEngine
+from disa.log_z import FrozenLogZSource, LogZContext, LogZSource, resolve_log_z_source
+from disa.objectives import bind_objective, get_spec
+from disa.training.checkpointer import Checkpointer
+from disa.training.checkpoints import find_checkpoint, read_checkpoint_json
+from disa.training.collector import ReferenceScorer, RewardTransform, RolloutCollector
+from disa.training.learner import Learner
 from disa.training.logger import MetricsLogger
 from disa.training.models import (
     apply_lora,
-    autocast,
     check_mixed_precision,
     enable_gradient_checkpointing,
     model_device,
-    pad_rows,
     zero_dropout,
 )
-from disa.training.rollouts import (
-    Rollouts,
-    default_generator,
-    prompt_record,
-    reference_context,
-    rollout_metrics,
-    score_rewards,
-    target_rewards,
-)
-from disa.training.step import build_optimizer, build_scaler, build_scheduler
-from disa.training.update import PolicyUpdate
+from disa.training.rollouts import Rollouts, default_generator, prompt_record, rollout_metrics
 
-Tensor = torch.Tensor
 TRAIN_CONFIG_FILE = "train_config.json"
 TARGET_FILE = "target.json"
 
 
-class RLTrainer(PolicyUpdate):
+def build_log_z_source(config: TrainConfig, spec, given: Optional[LogZSource]) -> Optional[LogZSource]:
+    """The log Z source ``train.log_z`` names: ``given`` when the caller built it (it must be of that source's
+    type), else built here for a source that reads no run artefact."""
+    entry = resolve_log_z_source(config.log_z, spec)
+    if entry is None:
+        if given is not None:
+            raise ValueError(f"objective {spec.name!r} reads no log Z; do not pass log_z")
+        return None
+    if given is not None:
+        accepted = FrozenLogZSource if issubclass(entry.cls, FrozenLogZSource) else entry.cls  # frozen: any values
+        if not isinstance(given, accepted):
+            raise ValueError(f"train.log_z={config.log_z!r} is the {entry.name!r} source; log_z is a "
+                             f"{type(given).__name__}")
+        return given
+    if entry.requires:
+        raise ValueError(f"objective {spec.name!r} with train.log_z={config.log_z!r} reads the {entry.name!r} log Z "
+                         f"source, built from run artefacts {list(entry.requires)}: pass log_z= (e.g. a LogZTable)")
+    return entry.cls.from_run(LogZContext(train=config))
+
+
+class RLTrainer:
     """Stage 3 RL for one policy. See the module docstring for one step, top to bottom.
 
     Args:
         policy: a Hugging Face causal LM (trained in place; wrapped by PEFT under ``config.lora``: use
             ``trainer.policy`` afterwards).
         ref_model: frozen ``pi_ref``; ``None`` under LoRA means "the policy with its adapter off", and for
-            objectives that never read ``ref_logp`` (policy gradient without ``kl_coef``).
+            objectives that never read ``ref_logp``.
         tokenizer: the policy's tokenizer (prompts are encoded with ``disa.generation.encode_prompt``).
         prompts: dicts/objects with ``id``, ``text`` (the rendered prompt) and verifier columns.
         reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float]`` (TRL signature).
@@ -93,10 +87,10 @@ class RLTrainer(PolicyUpdate):
         output_dir: checkpoints (``checkpoint-<step>/``) and ``metrics.csv`` / ``tensorboard/`` go here.
         target: ``pi* ~ pi_ref exp(beta r~)``: ``beta`` for trajectory balance and the reward transform ``r~``.
         affine: ``{prompt id: (scale, shift)}`` for ``target.reward_transform='affine'``.
-        log_z_fn: the frozen log Z, ``log_z_fn(texts, ids) -> Tensor (P,)``, when ``train.log_z`` resolves to
-            ``frozen``; called under no_grad, and none of its parameters may be in the optimiser.
-        generator: the rollout sampler (``.generate(prompts, n, max_new_tokens=, temperature=, top_p=, stop=,
-            seed=)``, ``.pad_id``, ``.eos_ids``); None builds the library default, ``HFGenerator``.
+        log_z: the ``disa.log_z`` source ``train.log_z`` names, when it reads run artefacts (a ``LogZTable``,
+            ``FrozenLogZ``, ``FrozenFunction``); others (learned, zero, batch) are built here.
+        engine: a ``RolloutEngine``; None builds the library default, ``HFGenerator``. It receives the policy's
+            weights (``sync_weights``) before every rollout batch.
         eval_fn: ``eval_fn(policy, tokenizer) -> dict[str, float]`` run every ``eval_every`` steps.
         resume_from: a checkpoint folder (or an output_dir, meaning its newest checkpoint) to continue from.
     """
@@ -113,8 +107,8 @@ class RLTrainer(PolicyUpdate):
         output_dir: str | Path,
         target: TargetConfig,
         affine: Optional[Mapping[Any, tuple[float, float]]] = None,
-        log_z_fn: Optional[Callable[[list[str], list[Any]], Tensor]] = None,
-        generator=None,
+        log_z: Optional[LogZSource] = None,
+        engine: Optional[RolloutEngine] = None,
         eval_fn: Optional[Callable[..., Mapping[str, float]]] = None,
         resume_from: Optional[str | Path] = None,
     ):
@@ -124,99 +118,73 @@ class RLTrainer(PolicyUpdate):
             raise TypeError(f"target must be a TargetConfig, got {type(target).__name__}")
         if config.objective == "sft":
             raise ValueError("objective 'sft' trains on fixed examples: use disa.training.train_sft")
-        self.config, self.target = config, target
-        self.spec = get_spec(config.objective)
-        self.log_z_kind = resolve_log_z_kind(config.log_z, self.spec)
-        self.objective_kwargs = dict(config.objective_kwargs)
-        if self.spec.needs_beta:
-            self.objective_kwargs["beta"] = target.beta
-        self.tokenizer = tokenizer
-        self.reward_fn = reward_fn
-        self.eval_fn = eval_fn
-        self.log_z_fn = log_z_fn
+        self.config, self.target, self.tokenizer, self.eval_fn = config, target, tokenizer, eval_fn
+        spec = get_spec(config.objective)
+        hparams = {**config.objective_kwargs, **({"beta": target.beta} if spec.needs_beta else {})}
+        self.objective = bind_objective(config.objective, hparams)
+        self.log_z = build_log_z_source(config, spec, log_z)
         self.prompts = [prompt_record(p, i) for i, p in enumerate(prompts)]
         if not self.prompts:
             raise ValueError("prompts is empty")
-        self.reward_transform = target.reward_transform if self.spec.family == "trajectory_balance" else None
-        self._check_inputs(ref_model, log_z_fn, affine)
-        self.affine = dict(affine) if affine is not None else None
+        transform = RewardTransform(target.reward_transform if spec.family == "trajectory_balance" else None, affine)
+        transform.check([p["id"] for p in self.prompts])
+        if "ref_logp" in self.objective.needs.inputs and ref_model is None and config.lora is None:
+            raise ValueError(f"objective {config.objective!r} needs ref_model (or config.lora, to use the adapter-off policy)")
 
-        self.device = model_device(policy)
-        check_mixed_precision(config.mixed_precision, self.device)
+        check_mixed_precision(config.mixed_precision, model_device(policy))
         if config.disable_dropout:
             zero_dropout(policy)
-        # LoRA's A matrices and the log Z head are initialised from the global RNG: seed it, so two runs with
-        # one config start from the same point whatever ran before them in the process
+        # LoRA's A matrices and a learned log Z head are initialised from the global RNG: seed it, so two runs
+        # with one config start from the same point whatever ran before them in the process
         torch.manual_seed(config.seed)
         if config.lora is not None:
             policy = apply_lora(policy, config.lora)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
-        self.policy = policy
-        self.ref_model = ref_model
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-
-        self.generator = generator if generator is not None else default_generator(policy, tokenizer, config)
-        self.pad_id, self.eos_ids = self.generator.pad_id, sorted(self.generator.eos_ids)
+        self.engine = engine if engine is not None else default_generator(policy, tokenizer, config)
+        self.pad_id, self.eos_ids = self.engine.pad_id, sorted(self.engine.eos_ids)
         self.prompt_ids = [self._encode(i, p["text"]) for i, p in enumerate(self.prompts)]
+        if self.log_z is not None:
+            self.log_z.bind(policy)
 
-        self.logz_head: Optional[LogZHead] = None
-        if self.log_z_kind == "learned":
-            self.logz_head = LogZHead(policy_hidden_size(policy), num_layers=config.logz_head_layers).to(self.device)
-        self.optimizer = build_optimizer(self._param_groups(), config)
-        check_log_z_fn_is_frozen(self.log_z_fn, self.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps)
-        self.scaler = build_scaler(self.device, config.mixed_precision)
-        self.aggregation = objective_aggregation(config.objective, config.objective_kwargs)
-        self.old_logp_pass = self.needs_old_logp_pass()
+        self.learner = Learner(policy, self.objective, config, pad_id=self.pad_id, log_z=self.log_z,
+                               logz_lr=config.logz_lr, max_len=config.max_new_tokens)
+        self.collector = RolloutCollector(
+            self.engine, reward_fn, self.prompts,
+            reference=ReferenceScorer(ref_model, pad_id=self.pad_id, micro_batch_size=config.micro_batch_size,
+                                      mixed_precision=config.mixed_precision),
+            log_z=self.log_z, transform=transform, needs=self.objective.needs, old_logp_pass=self.needs_old_logp_pass(),
+            beta=target.beta, config=config)
+        self.output_dir = Path(output_dir)
+        self.checkpointer = Checkpointer(
+            self.output_dir, tokenizer, keep=config.keep_checkpoints,
+            config_files={TRAIN_CONFIG_FILE: config.to_dict(), TARGET_FILE: target.to_dict()},
+            log_z_module=self.log_z.module if self.log_z is not None else None)
 
         self.global_step = 0
         self.history: list[dict] = []
         self._perm_cache: dict[int, list[int]] = {}
-        self.output_dir = Path(output_dir)
-        resume_step = None
-        if resume_from is not None:
-            resume_step = self._load_checkpoint(find_checkpoint(resume_from))
+        resume_step = self._load_checkpoint(find_checkpoint(resume_from)) if resume_from is not None else None
         self.logger = MetricsLogger(self.output_dir, config.report_to, resume_step=resume_step)
 
-    # ------------------------------------------------------------------ construction
-    def _check_inputs(self, ref_model, log_z_fn, affine) -> None:
-        cfg, kind = self.config, self.log_z_kind
-        self.needs_ref = self.spec.needs_ref_logp(cfg.objective_kwargs)
-        if self.needs_ref and ref_model is None and cfg.lora is None:
-            raise ValueError(f"objective {cfg.objective!r} needs ref_model (or config.lora, to use the adapter-off policy)")
-        if kind == "frozen" and log_z_fn is None:
-            raise ValueError(f"objective {cfg.objective!r} with train.log_z={cfg.log_z!r} reads a frozen log Z: it "
-                             "needs log_z_fn (the table, regressor or labels of Stage 2)")
-        if kind != "frozen" and log_z_fn is not None:
-            raise ValueError(f"log_z_fn is only read when train.log_z resolves to a frozen source; objective "
-                             f"{cfg.objective!r} with train.log_z={cfg.log_z!r} uses {kind or 'no'} log Z")
-        if self.reward_transform == "affine":
-            if affine is None:
-                raise ValueError("target.reward_transform='affine' needs affine={prompt id: (scale, shift)}")
-            missing = [p["id"] for p in self.prompts if p["id"] not in affine]
-            if missing:
-                raise ValueError(f"affine has no (scale, shift) for prompt id(s) {missing[:5]}")
+    @property
+    def policy(self) -> nn.Module:
+        return self.learner.policy
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.learner.optimizer
+
+    @property
+    def old_logp_pass(self) -> bool:
+        """Whether the collector scores log pi_old in a separate pass (see ``needs_old_logp_pass``)."""
+        return self.collector.old_logp_pass
 
     def _encode(self, row: int, text: str) -> list[int]:
         try:
             return encode_prompt(self.tokenizer, text)
         except ValueError as e:
             raise ValueError(f"prompts[{row}].text: {e}") from None
-
-    def _param_groups(self) -> list[dict]:
-        """The policy's trainable weights, and the learned log Z head's at its own rate and no weight decay."""
-        cfg = self.config
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": cfg.lr,
-                   "weight_decay": cfg.weight_decay, "name": "policy"}]
-        if self.logz_head is not None:
-            groups.append({"params": list(self.logz_head.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0,
-                           "name": "logz_head"})
-        return groups
-
-    def _objective_setting(self, name: str):
-        return self.objective_kwargs.get(name, self.spec.default(name))
 
     def optimizer_steps_per_batch(self) -> int:
         cfg = self.config
@@ -227,17 +195,13 @@ class RLTrainer(PolicyUpdate):
     def needs_old_logp_pass(self) -> bool:
         """Whether rollouts need a separate no-grad pass for ``old_logp`` (log pi_old of the sampled tokens).
 
-        Not needed when nothing reads it (trajectory balance with ``rollout_weight_mode='on_policy'``, whose
-        weight is 1), nor when every gradient is taken before the policy moves (one optimiser step per rollout
-        batch): then pi_old is the policy of the update's own forward, and its detached log-probs are old_logp
-        (equal to a separate pass up to float rounding). ``train.log_z: batch`` reads old_logp to form log Z."""
-        if self.log_z_kind == "batch":
+        When the log Z source reads it; and when the objective reads it and the policy moves before the last
+        gradient of the batch (more than one optimiser step per rollout batch). With one step, pi_old is the
+        policy of the update's own forward, and its detached log-probs are old_logp (equal to a separate pass up
+        to float rounding)."""
+        if self.log_z is not None and self.log_z.needs_old_logp:
             return True
-        if self.spec.family == "supervised":
-            return False
-        if self.spec.family == "trajectory_balance" and self._objective_setting("rollout_weight_mode") == "on_policy":
-            return False
-        return self.optimizer_steps_per_batch() > 1
+        return "old_logp" in self.objective.needs.inputs and self.optimizer_steps_per_batch() > 1
 
     # ------------------------------------------------------------------ prompt order
     def _epoch_permutation(self, epoch: int) -> list[int]:
@@ -251,84 +215,16 @@ class RLTrainer(PolicyUpdate):
         n, per_step = len(self.prompts), self.config.prompts_per_step
         return [self._epoch_permutation(pos // n)[pos % n] for pos in range(step * per_step, (step + 1) * per_step)]
 
-    # ------------------------------------------------------------------ rollouts
-    def _score(self, model: nn.Module, prompt_ids, response_ids) -> list[Tensor]:
-        with autocast(self.config.mixed_precision, model_device(model)):
-            return score_token_logprobs(
-                model, prompt_ids, response_ids, pad_id=self.pad_id, batch_size=self.config.micro_batch_size
-            )
-
-    def _generate(self, prompt_indices: Sequence[int], seed: Optional[int]) -> list:
-        cfg = self.config
-        if hasattr(self.generator, "model"):
-            self.generator.model = self.policy  # the policy as it is now (a PEFT wrapper under LoRA)
-        with autocast(cfg.mixed_precision, self.device):
-            groups = self.generator.generate(
-                [self.prompts[i]["text"] for i in prompt_indices], cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, stop=cfg.stop or None, seed=seed,
-            )
-        return [s for group in groups for s in group]
-
-    def collect_rollouts(self, prompt_indices: Sequence[int], seed: Optional[int] = None) -> Rollouts:
-        """Sample, score and label ``group_size`` rollouts per prompt; everything the update needs, no gradient.
-
-        ``seed`` makes the sampling reproducible (``step`` passes one derived from ``(config.seed, step)``)."""
-        G = self.config.group_size
-        self.policy.eval()
-        samples = self._generate(prompt_indices, seed)
-        flat_prompt_index = [i for i in prompt_indices for _ in range(G)]
-        flat_prompt_ids = [s.prompt_ids for s in samples]
-        flat_responses = [s.response_ids for s in samples]
-        completions = [s.text for s in samples]
-
-        raw = score_rewards(self.reward_fn, [self.prompts[i] for i in flat_prompt_index], completions)
-        raw = raw.view(len(prompt_indices), G)
-        rewards = self._target_rewards(raw, prompt_indices)
-        advantages = group_normalize(raw)
-
-        width = max(len(r) for r in flat_responses)
-        old = self._score(self.policy, flat_prompt_ids, flat_responses) if self.old_logp_pass else None
-        ref = None
-        if self.needs_ref:
-            with reference_context(self.ref_model, self.policy) as ref_model:
-                ref = pad_rows(self._score(ref_model, flat_prompt_ids, flat_responses), width)
-        mask = pad_rows([torch.ones(len(r)) for r in flat_responses], width).bool()
-        return Rollouts(
-            prompt_index=flat_prompt_index, prompt_ids=flat_prompt_ids, response_ids=flat_responses,
-            completions=completions, finish_reasons=[s.finish_reason for s in samples], raw_rewards=raw.flatten(),
-            rewards=rewards.flatten(), advantages=advantages.flatten(), old_logp=None if old is None else pad_rows(old, width), mask=mask,
-            ref_logp=ref, log_z=self._rollout_log_z(prompt_indices) if self.log_z_kind != "batch"
-            else self._batch_log_z(old, ref, mask, rewards),
-        )
-
-    def _batch_log_z(self, old: list[Tensor], ref: Tensor, mask: Tensor, rewards: Tensor) -> Tensor:
-        """``train.log_z: batch``: each group's mean of ``log pi_ref - log pi_old + beta r~`` (see ``batch_log_z``),
-        on the log-probs the objective's residual uses (sums, or token means when it length-normalises)."""
-        mean = self.objective_kwargs.get("length_normalize", self.spec.default("length_normalize")) is True
-        seq = lambda t: sequence_logprob(t.float(), mask.float(), mean)  # noqa: E731
-        return batch_log_z(seq(pad_rows(old, mask.shape[1])), seq(ref), rewards.flatten().float(),
-                           self.target.beta, self.config.group_size)
-
-    def _target_rewards(self, raw: Tensor, prompt_indices: Sequence[int]) -> Tensor:
-        """``r~`` for trajectory balance, ``(P, G)``; policy gradient reads advantages of the raw reward instead,
-        so its ``rewards`` are the raw ones."""
-        if self.reward_transform is None:
-            return raw
-        return target_rewards(self.reward_transform, raw, [self.prompts[i]["id"] for i in prompt_indices], self.affine)
-
-    def _rollout_log_z(self, prompt_indices: Sequence[int]) -> Optional[Tensor]:
-        """Per-rollout ``log Z`` known before the update: the frozen source's, or zeros; None otherwise (a
-        learned head computes it inside the update, with gradient)."""
-        G = self.config.group_size
-        if self.log_z_kind == "frozen":
-            texts = [self.prompts[i]["text"] for i in prompt_indices]
-            ids = [self.prompts[i]["id"] for i in prompt_indices]
-            return read_frozen_log_z(self.log_z_fn, texts, ids).repeat_interleave(G)
-        if self.log_z_kind == "zero":
-            return torch.zeros(len(prompt_indices) * G)
-        return None
-
     # ------------------------------------------------------------------ the loop
+    def collect_rollouts(self, prompt_indices: Sequence[int], seed: Optional[int] = None) -> Rollouts:
+        return self.collector.collect(self.policy, prompt_indices, seed)
+
+    def update(self, rollouts: Rollouts) -> dict:
+        """``updates_per_batch`` passes of optimiser steps over ``rollouts``; returns averaged metrics."""
+        cfg = self.config
+        return self.learner.update(rollouts, passes=cfg.updates_per_batch,
+                                   seed=cfg.seed * 1_000_003 + 7919 * self.global_step + 1)
+
     def step(self) -> dict:
         """One rollout batch and its updates; logs and returns the step's metrics."""
         cfg = self.config
@@ -340,8 +236,8 @@ class RLTrainer(PolicyUpdate):
         t1 = time.perf_counter()
         metrics = self.update(rollouts)
         t2 = time.perf_counter()
-        lrs = {g.get("name", "policy" if i == 0 else str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-        self.scheduler.step()
+        lrs = self.learner.learning_rates()
+        self.learner.scheduler.step()
         self.global_step += 1
         row = {
             "step": self.global_step,
@@ -362,12 +258,6 @@ class RLTrainer(PolicyUpdate):
             self.save_checkpoint()
         return row
 
-    def _evaluate(self) -> dict:
-        self.policy.eval()
-        with torch.no_grad():
-            result = self.eval_fn(self.policy, self.tokenizer)
-        return {f"eval_{k}": float(v) for k, v in result.items()}
-
     def train(self) -> list[dict]:
         """Run until ``config.num_steps`` (from wherever a resume left off); checkpoint at the end."""
         cfg = self.config
@@ -378,34 +268,41 @@ class RLTrainer(PolicyUpdate):
                 row = self.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", reward=f"{row['reward_mean']:.3f}")
-            last = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
-            if not (last / "trainer_state.json").exists():
+            if not self.checkpointer.exists(self.global_step):
                 self.save_checkpoint()
         finally:
             bar.close()
             self.logger.close()  # also on a crash: TensorBoard's event file is complete
         return self.history
 
+    def _evaluate(self) -> dict:
+        self.policy.eval()
+        with torch.no_grad():
+            result = self.eval_fn(self.policy, self.tokenizer)
+        return {f"eval_{k}": float(v) for k, v in result.items()}
+
+    def evaluate_loss(self, rollouts: Rollouts, objective: Optional[str] = None, **objective_kwargs) -> float:
+        """An objective (default: the configured one) over the whole rollout batch under the current policy,
+        without updating: a diagnostic, e.g. the GRPO surrogate of an ASPO run. A trajectory-balance objective
+        gets the target's beta unless ``objective_kwargs`` sets one."""
+        if objective is None:
+            return self.learner.evaluate_loss(rollouts)
+        if get_spec(objective).needs_beta:
+            objective_kwargs = {"beta": self.target.beta, **objective_kwargs}
+        return self.learner.evaluate_loss(rollouts, bind_objective(objective, objective_kwargs))
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write ``output_dir/checkpoint-<step>/`` with the train config and the target it trained towards."""
-        return save_training_checkpoint(
-            self.output_dir, self.global_step, policy=self.policy, tokenizer=self.tokenizer,
-            optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-            trainer_state={"step": self.global_step, "history": self.history},
-            config_files={TRAIN_CONFIG_FILE: self.config.to_dict(), TARGET_FILE: self.target.to_dict()},
-            keep=self.config.keep_checkpoints, logz_head=self.logz_head,
-        )
+        return self.checkpointer.save(self.global_step, self.learner,
+                                      {"step": self.global_step, "history": self.history})
 
     def _load_checkpoint(self, ckpt: Path) -> int:
         saved = TargetConfig.from_dict(read_checkpoint_json(ckpt, TARGET_FILE))
         if saved != self.target:
             raise ValueError(f"{ckpt}: the run trained towards target {saved.to_dict()}, not {self.target.to_dict()}; "
                              "resuming towards another target would mix two objectives")
-        state = load_training_checkpoint(
-            ckpt, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-            logz_head=self.logz_head,
-        )
+        state = self.checkpointer.load(ckpt, self.learner)
         self.global_step = int(state["step"])
         self.history = list(state["history"])
         return self.global_step

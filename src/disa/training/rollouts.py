@@ -8,39 +8,30 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from disa.estimators import transform_rewards
+from disa.training.learner import TokenBatch
 
 Tensor = torch.Tensor
 
 
-@dataclass
-class Rollouts:
+@dataclass(kw_only=True)
+class Rollouts(TokenBatch):
     """One rollout batch, ``B = prompts_per_step * group_size`` rows grouped by prompt (rows ``i*G .. i*G+G-1``).
 
-    Token tensors are ``(B, T)`` response-only, right-padded (``T`` = longest response); per-rollout ones ``(B,)``.
-    Kept on CPU; micro-batches are moved to the policy's device.
+    Besides the ``TokenBatch`` fields: each row's prompt, its text and finish reason, the verifier's raw reward,
+    ``mask (B, T)``. ``rewards`` is r~ for trajectory balance, the raw reward otherwise.
     """
 
     prompt_index: list[int]
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
     completions: list[str]
     finish_reasons: list[str]
     raw_rewards: Tensor
-    rewards: Tensor
-    advantages: Tensor
-    old_logp: Optional[Tensor]  # None: the update uses its own log-probs, detached (see RLTrainer.needs_old_logp_pass)
     mask: Tensor
-    ref_logp: Optional[Tensor] = None
-    log_z: Optional[Tensor] = None
-
-    def __len__(self) -> int:
-        return len(self.response_ids)
 
 
 def prompt_record(item: Any, row: int) -> dict:
@@ -91,14 +82,11 @@ def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
     }
 
 
-def target_rewards(transform: str, raw: Tensor, prompt_ids: Sequence[Any],
-                   affine: Optional[Mapping[Any, tuple[float, float]]]) -> Tensor:
-    """The target's ``r~`` of raw rewards ``(P, G)``; ``affine`` reads each prompt's frozen (scale, shift), the
-    one Stage 1 labelled with, so Stage 1 and Stage 3 see the same r~."""
+def target_rewards(transform: str, raw: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """The target's ``r~`` of raw rewards ``(P, G)`` (groups of one prompt in a row): ``affine`` reads each prompt's
+    frozen ``scale, shift (P,)``, so Stage 1 and Stage 3 see the same r~; ``group`` normalises within a row."""
     if transform != "affine":
         return transform_rewards(transform, raw)
-    scale = torch.tensor([float(affine[i][0]) for i in prompt_ids])
-    shift = torch.tensor([float(affine[i][1]) for i in prompt_ids])
     return transform_rewards("affine", raw, scale=scale, shift=shift)
 
 

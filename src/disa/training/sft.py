@@ -2,7 +2,7 @@
 
 The paper's ablation asks whether DISA's gain is just distillation of the proposal: train the same policy by
 plain maximum likelihood on the proposal trajectories the verifier accepted, with the ``sft`` objective of
-``disa.objectives``. Same optimiser step, logging and checkpoint layout as ``disa.training.RLTrainer``.
+``disa.objectives``. The RL loop's learner and checkpointer, so the same optimiser step, logging and checkpoint layout.
 """
 
 from __future__ import annotations
@@ -18,31 +18,12 @@ from tqdm.auto import tqdm
 
 from disa.config import SFTConfig
 from disa.generation import encode_prompt
-from disa.objectives import compute_objective
-from disa.training.checkpoints import (
-    CHECKPOINT_PREFIX,
-    find_checkpoint,
-    load_training_checkpoint,
-    read_checkpoint_json,
-    save_training_checkpoint,
-)
+from disa.objectives import bind_objective
+from disa.training.checkpointer import Checkpointer
+from disa.training.checkpoints import find_checkpoint, read_checkpoint_json
+from disa.training.learner import Learner, TokenBatch, read_back
 from disa.training.logger import MetricsLogger
-from disa.training.models import (
-    apply_lora,
-    autocast,
-    check_mixed_precision,
-    enable_gradient_checkpointing,
-    model_device,
-    response_logprobs,
-)
-from disa.training.step import (
-    build_optimizer,
-    build_scaler,
-    build_scheduler,
-    micro_batch_weights,
-    optimizer_step,
-    split_micro_batches,
-)
+from disa.training.models import apply_lora, check_mixed_precision, enable_gradient_checkpointing, model_device
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -99,7 +80,8 @@ def train_sft(
     output_dir: str | Path,
     resume_from: Optional[str | Path] = None,
 ) -> tuple[nn.Module, list[dict]]:
-    """Fine-tune ``policy`` on ``(prompt_text, response_text)`` pairs with the ``sft`` objective.
+    """Fine-tune ``policy`` on ``(prompt_text, response_text)`` pairs with the ``sft`` objective: the RL
+    loop's ``Learner`` (one optimiser step per mini-batch) and ``Checkpointer`` on fixed examples.
 
     Returns the trained policy (a PEFT model under ``config.lora``) and the per-optimiser-step metrics
     (also in ``output_dir/metrics.csv``). ``resume_from`` (a checkpoint or an output_dir) continues exactly:
@@ -110,39 +92,29 @@ def train_sft(
         raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
     if len(examples) == 0:
         raise ValueError("examples is empty: no reward-1 proposal samples to fine-tune on")
-    device = model_device(policy)
-    check_mixed_precision(config.mixed_precision, device)
+    check_mixed_precision(config.mixed_precision, model_device(policy))
     pad_id = _pad_id(tokenizer)
     prompt_ids, response_ids = tokenize_examples(tokenizer, examples, config)
-    response_lengths = [len(r) for r in response_ids]
+    batch = TokenBatch(prompt_ids=prompt_ids, response_ids=response_ids)
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn from the global RNG: same config, same start
     if config.lora is not None:
         policy = apply_lora(policy, config.lora)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
 
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer([{"params": params}], config)
-    scheduler = build_scheduler(optimizer, config.warmup_steps)
-    scaler = build_scaler(device, config.mixed_precision)
-    output_dir = Path(output_dir)
-
+    learner = Learner(policy, bind_objective("sft", {"aggregation": config.aggregation}), config, pad_id=pad_id)
+    checkpointer = Checkpointer(output_dir, tokenizer, keep=config.keep_checkpoints,
+                                config_files={TRAIN_CONFIG_FILE: {"sft": config.to_dict()}})
     step, history = 0, []
     if resume_from is not None:
-        state = load_training_checkpoint(find_checkpoint(resume_from), policy=policy, optimizer=optimizer,
-                                         scheduler=scheduler, scaler=scaler)
+        state = checkpointer.load(find_checkpoint(resume_from), learner)
         step, history = int(state["step"]), list(state["history"])
     logger = MetricsLogger(output_dir, config.report_to, resume_step=step if resume_from is not None else None)
 
     mini = config.micro_batch_size * config.gradient_accumulation
     steps_per_epoch = math.ceil(len(examples) / mini)
     total_steps = config.num_epochs * steps_per_epoch
-
-    def save() -> None:
-        save_training_checkpoint(output_dir, step, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
-                                 scheduler=scheduler, scaler=scaler, trainer_state={"step": step, "history": history},
-                                 config_files={TRAIN_CONFIG_FILE: {"sft": config.to_dict()}},
-                                 keep=config.keep_checkpoints)
+    save = lambda: checkpointer.save(step, learner, {"step": step, "history": history})  # noqa: E731
 
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=None, dynamic_ncols=True)
     try:
@@ -150,32 +122,22 @@ def train_sft(
             t0 = time.perf_counter()
             epoch, k, rows = _step_rows(len(examples), step, steps_per_epoch, mini, config.seed)
             torch.manual_seed(config.seed * 1_000_003 + 7919 * step + 2)  # dropout of this step
-            micro_batches = split_micro_batches(rows, config.micro_batch_size)
             policy.train()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = 0.0
-            for rows_m, weight in zip(micro_batches, micro_batch_weights(micro_batches, response_lengths,
-                                                                         config.aggregation)):
-                with autocast(config.mixed_precision, device):
-                    out = response_logprobs(policy, [prompt_ids[i] for i in rows_m], [response_ids[i] for i in rows_m], pad_id)
-                loss, _ = compute_objective("sft", inputs={"logp": out["logp"].float(), "mask": out["mask"]},
-                                            aggregation=config.aggregation)
-                scaler.scale(loss * weight).backward()
-                loss_value += weight * float(loss.detach())
-            grad_norm, skipped = optimizer_step(optimizer, scaler, config.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            result = learner.optimizer_step(batch, rows)
+            loss_value = read_back(result.values)["loss"]
+            lr = learner.learning_rates()["policy"]
+            learner.scheduler.step()
             step += 1
-            row = {"step": step, "epoch": epoch + (k + 1) / steps_per_epoch, "loss": loss_value, "grad_norm": grad_norm,
-                   "skipped_steps": int(skipped), "lr": lr, "tokens": sum(response_lengths[i] for i in rows),
-                   "time_step_s": time.perf_counter() - t0}
+            row = {"step": step, "epoch": epoch + (k + 1) / steps_per_epoch, "loss": loss_value,
+                   "grad_norm": result.grad_norm, "skipped_steps": int(result.skipped), "lr": lr,
+                   "tokens": sum(len(response_ids[i]) for i in rows), "time_step_s": time.perf_counter() - t0}
             history.append(row)
             logger.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4g}")
             if config.save_every and step % config.save_every == 0:
                 save()
-        if not (output_dir / f"{CHECKPOINT_PREFIX}{step}" / "trainer_state.json").exists():
+        if not checkpointer.exists(step):
             save()
     finally:
         bar.close()

@@ -40,12 +40,12 @@ from tqdm.auto import tqdm
 
 from disa.data import PromptRecord, render_prompt
 from disa.io import atomic_write_parquet, atomic_write_text
-from disa.generation import Generator, Sample, encode_prompt, encode_response
+from disa.generation import RolloutEngine, Sample, encode_prompt, encode_response
 from disa.scoring import pad_token_id, score_responses
 from disa.config import ConfigError
 from disa.stages import common
 from disa.stages.common import stage
-from disa.verifiers import check_rewards, repeat_columns, resolve_verifier
+from disa.verifiers import VerifierSpec, repeat_columns, resolve_verifier, score
 
 SAMPLES_SUBDIR = "samples"
 
@@ -119,10 +119,9 @@ def _same_tokenization(tok_a, tok_b) -> bool:
 def sample_shard(
     records: Sequence[PromptRecord],
     *,
-    generator: Generator,
+    generator: RolloutEngine,
     n: int,
-    verifier_fn: Callable,
-    verifier_name: str,
+    verifier: VerifierSpec,
     ref_model,
     ref_tokenizer,
     proposal_model=None,
@@ -142,10 +141,8 @@ def sample_shard(
     prompts_flat = [p for p in prompts_q for _ in range(n)]
     texts = [s.text for s in flat]
 
-    rewards = check_rewards(
-        verifier_fn(prompts_flat, texts, **repeat_columns(records, n), **(verifier_kwargs or {})),
-        len(flat), verifier_name,
-    )
+    rewards = score(verifier, prompts_flat, texts, repeat_columns(records, n),
+                    ids=[r.id for r in records for _ in range(n)], verifier_kwargs=verifier_kwargs)
 
     if proposal_model is not None:
         logp_q = score_responses(
@@ -255,7 +252,7 @@ def _load_if_path(model, tokenizer):
 def run_sampling(
     prompts: Sequence[PromptRecord],
     *,
-    generator: Generator,
+    generator: RolloutEngine,
     n: int,
     out_dir: str,
     verifier: Union[str, Callable],
@@ -286,7 +283,8 @@ def run_sampling(
     if ref_tokenizer is None:
         raise ValueError("ref_tokenizer is required when ref_model is a model object")
     proposal_model, proposal_tokenizer = _load_if_path(proposal_model, proposal_tokenizer)
-    verifier_fn, verifier_name = resolve_verifier(verifier)
+    verifier_spec = resolve_verifier(verifier)
+    verifier_name = verifier_spec.name
     model_names = {
         "generator": type(generator).__name__,
         "ref_model": getattr(getattr(ref_model, "config", None), "_name_or_path", None),
@@ -300,7 +298,7 @@ def run_sampling(
     written = 0
     for k, records in tqdm(pending, desc="sample shards", unit="shard", disable=None if progress else True):
         table = sample_shard(
-            records, generator=generator, n=n, verifier_fn=verifier_fn, verifier_name=verifier_name,
+            records, generator=generator, n=n, verifier=verifier_spec,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_model=proposal_model,
             proposal_tokenizer=proposal_tokenizer, gen_kwargs=gen_kwargs, seed=seed + k,
             score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
@@ -329,6 +327,7 @@ def proposal_warnings(temperature: float, top_p: float) -> list[str]:
 @stage("sample")
 def run(cfg) -> dict:
     """``disa sample``: N proposal samples per prompt, verified and re-scored -> ``samples/shard-*.parquet``."""
+    from disa.generation.hf import HFGenerator
     from disa.run_dir import model_fingerprint
 
     rd = common.run_dir(cfg)
@@ -343,8 +342,8 @@ def run(cfg) -> dict:
         from disa.stages.sample_ray import run_with_config
 
         return run_with_config(cfg, rd, records, ref_path, proposal_path)
-    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed)
-    if proposal_path == ref_path and s.backend == "hf":
+    generator = common.generator(cfg, proposal_path, s.batch_size, consumer="sample", seed=s.seed)
+    if proposal_path == ref_path and isinstance(generator, HFGenerator):
         ref_model, ref_tokenizer = generator.model, generator.tokenizer  # plain Monte Carlo: one copy
     else:
         ref_model, ref_tokenizer = common.load_model(cfg, ref_path)

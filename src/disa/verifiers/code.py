@@ -224,7 +224,7 @@ def run_tests_batch(
         return list(tqdm(iterator, total=len(programs), desc="code tests", disable=disable))
 
 
-@register_verifier("code")
+@register_verifier("code", columns=("tests",))
 def code_verifier(
     prompts: list,
     completions: list,

@@ -17,8 +17,8 @@ user's verifier is one plugin file (:mod:`disa.plugins`).
 checks what comes back. A reward that is not a finite number (None, NaN, a string), or a completion that makes
 the verifier raise, fails *that item*: it gets the verifier's declared ``failure_reward`` (0.0: counted wrong)
 and a :class:`VerifierItemWarning` names the verifier, the row, the prompt id and why; the rest of the batch keeps
-its rewards. A wrong number of rewards, a missing required column or a missing dependency is the verifier's or the
-data's fault, not an item's, and stops the batch with an error that says which.
+its rewards. A wrong number of rewards, a missing required column, a missing dependency, or every item of a batch
+failing is the verifier's or the data's fault, not an item's, and stops the batch with an error that says which.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def resolve_verifier(verifier: Union[str, RewardFn, VerifierSpec]) -> VerifierSp
     if isinstance(verifier, VerifierSpec):
         return verifier
     if callable(verifier):
-        return VerifierSpec(getattr(verifier, "__name__", "custom"), verifier)
+        registered = next((spec for spec in _REGISTRY.values() if spec.fn is verifier), None)
+        return registered or VerifierSpec(getattr(verifier, "__name__", "custom"), verifier)
     return verifier_spec(verifier)
 
 
@@ -177,11 +178,15 @@ def score(
                                f"{type(batch_error).__name__}: {batch_error}") from batch_error
     if len(values) != n:
         raise ValueError(f"verifier {spec.name!r} returned {len(values)} rewards for {n} completions")
+    bad = {i: failures.get(i) or f"returned {values[i]!r}, not a finite number" for i in range(n)
+           if i in failures or _as_reward(values[i]) is None}
+    if n > 1 and len(bad) == n:  # not one completion's fault: the verifier or the data is broken
+        raise RuntimeError(f"verifier {spec.name!r} failed on every one of the {n} items; {where(0)}: {bad[0]}")
     rewards = []
     for i, value in enumerate(values):
-        reward = None if i in failures else _as_reward(value)
+        reward = None if i in bad else _as_reward(value)
         if reward is None:
-            why = failures.get(i) or f"returned {value!r}, not a finite number"
+            why = bad[i]
             warnings.warn(VerifierItemWarning(f"verifier {spec.name!r}, {where(i)}: {why}; scored "
                                               f"{spec.failure_reward} (its failure reward)"), stacklevel=2)
             reward = spec.failure_reward

@@ -86,11 +86,12 @@ class RolloutEngine(abc.ABC):
         """Make the next ``generate`` sample from ``policy`` as it is now. Called by the trainer every step."""
 
     @classmethod
-    @abc.abstractmethod
     def create(cls, model, tokenizer=None, *, batch_size: int, device, dtype: str, seed: int, progress: bool,
                **options) -> "RolloutEngine":
         """Build the engine from a local folder or a loaded module (see ``loads_from_folder``), the consumer's
-        common settings and the engine's own ``options`` (already checked against ``OPTIONS``)."""
+        common settings and the engine's own ``options`` (already checked against ``OPTIONS``). Every registered
+        engine implements it (``register_engine`` checks); a wrapper built by hand need not."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a generation config")
 
     @classmethod
     def devices_per_worker(cls, options: dict) -> int:

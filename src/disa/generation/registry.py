@@ -35,6 +35,8 @@ def register_engine(name: str):
     def deco(cls):
         if not (isinstance(cls, type) and issubclass(cls, RolloutEngine)):
             raise TypeError(f"register_engine({name!r}): {cls!r} is not a RolloutEngine subclass")
+        if cls.create.__func__ is RolloutEngine.create.__func__:
+            raise TypeError(f"register_engine({name!r}): {cls.__name__} must implement the classmethod create()")
         if name in _ENGINES and _ENGINES[name] is not cls:
             raise ValueError(f"engine {name!r} is already registered ({_ENGINES[name].__module__})")
         _ENGINES[name] = cls

@@ -219,7 +219,8 @@ def run(cfg: PipelineConfig) -> dict:
     if not supervised:
         if spec.needs_ref_logp(cfg.train.objective_kwargs) and not (cfg.train.lora is not None and policy_path == ref_path):
             ref_model = common.load_model(cfg, ref_path)[0]  # under LoRA from pi_ref, pi_ref = the adapter off
-        generator = common.generator(cfg, policy, cfg.train.generation_batch_size, tokenizer=tokenizer, progress=False)
+        generator = common.generator(cfg, policy, cfg.train.generation_batch_size, consumer="train", tokenizer=tokenizer,
+                                     progress=False)
     prompts = [{**r.verifier_columns(), "id": r.id, "text": render_prompt(r, tokenizer)} for r in records]
     policy, history = train_policy(policy, ref_model, tokenizer, prompts, reward_fn, cfg.train, cfg.target,
                                    output_dir=str(rd.checkpoints), log_z_fn=log_z_fn, affine=affine,

@@ -146,16 +146,50 @@ def test_loop_refuses_a_model_that_skips_its_cache(generators):
 
 
 def test_config_picks_the_decoder(tiny_gpt2_path):
-    """``sample.hf_decoder`` reaches every pipeline generator (Stage 1, eval and Stage 3 go through it); a wrong
-    value names the field."""
+    """``<consumer>.generation.options.decoder`` reaches the pipeline's hf engine (Stage 1, eval and Stage 3 each
+    have a generation section); a wrong value names the field, the old ``sample.hf_decoder`` names the new key."""
     from disa.config import ConfigError, config_from_dict
     from disa.stages import common
 
-    assert config_from_dict({}).sample.hf_decoder == "loop"
-    cfg = config_from_dict({"sample": {"hf_decoder": "generate"}, "models": {"device": "cpu"}})
-    assert common.generator(cfg, tiny_gpt2_path, 2).decoder == "generate"
-    with pytest.raises(ConfigError, match="hf_decoder"):
-        config_from_dict({"sample": {"hf_decoder": "fast"}})
+    assert config_from_dict({}).sample.generation.engine == "hf"
+    assert common.generator(config_from_dict({"models": {"device": "cpu"}}), tiny_gpt2_path, 2,
+                            consumer="sample").decoder == "loop"
+    cfg = config_from_dict({"eval": {"generation": {"options": {"decoder": "generate"}}}, "models": {"device": "cpu"}})
+    assert common.generator(cfg, tiny_gpt2_path, 2, consumer="eval").decoder == "generate"
+    assert common.generator(cfg, tiny_gpt2_path, 2, consumer="sample").decoder == "loop"
+    with pytest.raises(ConfigError, match="sample.generation.options.decoder: must be one of"):
+        config_from_dict({"sample": {"generation": {"options": {"decoder": "fast"}}}})
+    with pytest.raises(ConfigError, match="sample.hf_decoder: moved to sample.generation.options.decoder"):
+        config_from_dict({"sample": {"hf_decoder": "generate"}})
+
+
+def test_the_private_transformers_hooks_the_loop_relies_on_still_exist(generators):
+    """The loop reads transformers internals; if one is renamed or removed, its guard would pass silently (a
+    missing hook cannot be overridden, a missing capability flag is not called). Fail here instead."""
+    import inspect
+
+    from transformers import DynamicCache, GenerationMixin, StopStringCriteria
+
+    from disa.generation.decode_loop import GENERATE_HOOKS, new_cache
+
+    for hook in GENERATE_HOOKS:  # the hooks loop_unsupported compares against GenerationMixin's own
+        assert callable(getattr(GenerationMixin, hook, None)), f"GenerationMixin.{hook} is gone"
+    for arch in ("gpt2", "llama"):
+        loop, _ = generators[arch]
+        model = loop.model
+        assert callable(getattr(model, "_supports_default_dynamic_cache", None)) and model._supports_default_dynamic_cache()
+        params = forward_params(model)
+        assert "logits_to_keep" in params and "position_ids" in params
+        assert cache_keyword(params) in params
+        cache = new_cache(model)
+        assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 0
+        assert callable(model.config.get_text_config)
+    assert "config" in inspect.signature(DynamicCache).parameters
+    loop, _ = generators["gpt2"]
+    stop = StopStringCriteria(loop.tokenizer, ["fox"])
+    ends_in_fox, other = loop.tokenizer("the quick brown fox")["input_ids"], loop.tokenizer("the quick")["input_ids"]
+    ids = torch.tensor([ends_in_fox, other + [loop.pad_id] * (len(ends_in_fox) - len(other))])
+    assert stop(ids, None).tolist() == [True, False]  # called as the loop calls it: per-row bool tensor
 
 
 def test_models_that_prepare_generate_inputs_their_own_way_fall_back_to_generate(generators):

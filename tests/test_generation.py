@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from disa.generation import decode, encode_prompt, encode_response, finalize_sample, make_generator
+from disa.generation import decode, encode_prompt, encode_response, finalize_sample, make_engine
 from disa.generation.hf import HFGenerator
 from disa.scoring import score_responses
 
@@ -144,11 +144,13 @@ def test_bad_arguments(generators):
         gen.generate(["x"], 1, max_new_tokens=4, temperature=-1)
     with pytest.raises(ValueError, match="stop"):
         gen.generate(["x"], 1, max_new_tokens=4, stop=[""])
-    with pytest.raises(ValueError, match="unknown generation backend"):
-        make_generator("tgi", "some/path")
+    with pytest.raises(KeyError, match="unknown generation engine 'tgi'; known: hf, server, vllm"):
+        make_engine("tgi", "some/path")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
-def test_vllm_backend_missing_gives_clear_error():
+def test_vllm_engine_missing_gives_clear_error(tiny_gpt2_path):
     with pytest.raises(ImportError, match="disa\\[vllm\\]"):
-        make_generator("vllm", "some/path")
+        make_engine("vllm", tiny_gpt2_path)
+    with pytest.raises(ValueError, match="loads the model from its local folder; 'some/path' is not one"):
+        make_engine("vllm", "some/path")

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 import pyarrow.parquet as pq  # noqa: E402
 
 from disa.data import PromptRecord  # noqa: E402
-from disa.generation import Generator  # noqa: E402
+from disa.generation import RolloutEngine  # noqa: E402
 from disa.stages.sample import list_shards  # noqa: E402
 from disa.stages.sample_ray import ShardModels, run_sampling_ray  # noqa: E402
 
@@ -24,12 +24,18 @@ def count_words(prompts, completions, **kw):
     return [float(len(c.split())) for c in completions]
 
 
-class DyingGenerator(Generator):
-    """Wraps a real generator; kills its own worker process (SIGKILL, no clean-up) when asked for
+class DyingGenerator(RolloutEngine):
+    """Wraps a real engine; kills its own worker process (SIGKILL, no clean-up) when asked for
     ``die_on``, once per ``marker`` file, or every time when ``always``."""
 
     def __init__(self, inner, die_on: str, marker: str, always: bool = False):
         self.inner, self.tokenizer, self.die_on, self.marker, self.always = inner, inner.tokenizer, die_on, marker, always
+
+    pad_id = property(lambda self: self.inner.pad_id)
+    eos_ids = property(lambda self: self.inner.eos_ids)
+
+    def sync_weights(self, policy):
+        self.inner.sync_weights(policy)
 
     def generate(self, prompts, n, **kw):
         if any(p.startswith(self.die_on) for p in prompts) and (self.always or not os.path.exists(self.marker)):

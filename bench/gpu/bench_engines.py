@@ -89,18 +89,16 @@ def reset_peak() -> None:
 
 def stage1(path: str, backend: str, num_prompts: int, n: int, max_new_tokens: int, out_dir: str) -> dict:
     from disa.data import PromptRecord
-    from disa.generation import make_generator
+    from disa.generation import make_engine
     from disa.stages.sample import list_shards, run_sampling
 
     import pyarrow.parquet as pq
 
     reset_peak()
-    kwargs = dict(dtype="bfloat16")
+    kwargs = dict(dtype="bfloat16", seed=0, batch_size=num_prompts, device=DEV)
     if backend == "vllm":
-        kwargs.update(seed=0, gpu_memory_utilization=0.5, max_model_len=1024)
-    else:
-        kwargs.update(batch_size=num_prompts, device=DEV, tokenizer=load_tokenizer(path))
-    gen = make_generator(backend, path, **kwargs)
+        kwargs.update(gpu_memory_utilization=0.5, max_model_len=1024)
+    gen = make_engine(backend, path, load_tokenizer(path), **kwargs)
     ref = gen.model if backend == "hf" else path
     records = [PromptRecord(id=f"p{i}", prompt=p) for i, p in enumerate(prompts(num_prompts))]
     warm = run_sampling(records[:2], generator=gen, n=2, out_dir=os.path.join(out_dir, "warm"), verifier=even_reward,

@@ -9,10 +9,11 @@ field (``sample.temprature: unknown field``). The sections:
     verifier                how a verifier that runs code is isolated (allow_fallback)
     models                  local model folders, device, dtype, threads
     target                  pi* ~ pi_ref exp(beta r~): beta and the reward transform, shared by Stages 1-3
-    sample                  Stage 1: the proposal's N samples per prompt
+    sample                  Stage 1: the proposal's N samples per prompt (``sample.generation``: its engine)
     fit_z                   Stage 2: the regressor
-    train                   Stage 3: the RL loop (``TrainConfig``), with ``train.sft`` for the SFT baseline
-    eval                    evaluation, with its own sampling settings
+    train                   Stage 3: the RL loop (``TrainConfig``), with ``train.sft`` for the SFT baseline and
+                            ``train.generation`` for the rollout engine
+    eval                    evaluation, with its own sampling settings and ``eval.generation``
 
 Defaults follow the paper where it states them (``N = G = 8``, ``beta = 15`` as in FlowRL, a 2-layer MLP).
 ``TrainConfig`` and ``SFTConfig`` are also what :mod:`disa.training` takes directly, so there is one set of
@@ -59,6 +60,12 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "at_least_one": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
 }
 RENAMED = {"log_with": "report_to"}  # old field name -> new, for a one-line error on an older config or checkpoint
+# Fields that moved into a section's ``generation`` (engine + options): section class -> {old field: new path}
+MOVED = {
+    "SampleConfig": {"backend": "generation.engine", "hf_decoder": "generation.options.decoder",
+                     "tensor_parallel_size": "generation.options.tensor_parallel_size",
+                     "max_model_len": "generation.options.max_model_len"},
+}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias"}
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 
@@ -163,6 +170,35 @@ class TargetConfig(Section):
 
 
 @dataclass
+class GenerationConfig(Section):
+    """Which rollout engine a consumer (sample, train, eval) draws with, and that engine's options."""
+
+    engine: str = _f("hf", "Generation engine from the registry (disa.generation): hf (transformers), vllm (if "
+                     "installed; in train, its weights follow the policy every step), server (an OpenAI-compatible "
+                     "server, weights pushed to /update_weights); plugins add more. Each engine's options are "
+                     "listed below.")
+    options: dict = _f({}, "The engine's options, e.g. {decoder: generate} (hf), {tensor_parallel_size: 2} (vllm), "
+                       "{base_url: 'http://127.0.0.1:8000'} (server); see the per-engine list.")
+
+    def check(self) -> None:
+        from disa.generation.registry import check_options, engine_names
+
+        if self.engine not in engine_names():
+            self._bad("engine", f"{self.engine!r} is not a registered engine (known: {engine_names()}; a plugin "
+                                "module can register more)")
+        if not isinstance(self.options, dict):
+            self._bad("options", f"must be a mapping, got {self.options!r}")
+        try:
+            check_options(self.engine, self.options, "GenerationConfig.options")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _generation() -> Any:
+    return field(default_factory=GenerationConfig, metadata={"help": "The generation engine and its options."})
+
+
+@dataclass
 class SampleConfig(Section):
     n: int = _f(8, "Proposal samples per prompt, N (paper: 8).", "positive")
     max_new_tokens: int = _f(512, "Longest response.", "positive")
@@ -179,20 +215,13 @@ class SampleConfig(Section):
                                 "the proposal; rows tagged proposal=reference, and `disa label` weights every sample "
                                 "against the mixture (defensive sampling: weights bounded by 1 / share).", "share")
     stop: list = _f([], "Stop strings: the response is cut after the first one.")
-    backend: str = _f("hf", "Generation backend: hf (transformers) or vllm (if installed).", ("hf", "vllm"))
-    hf_decoder: str = _f("loop", "hf backend's decoding: loop (a lean cached loop, the same draws as generate for a "
-                         "fixed seed, less overhead per token) or generate (transformers' model.generate).",
-                         ("loop", "generate"))
     batch_size: int = _f(8, "Prompts per generation / re-scoring batch.", "positive")
     shard_size: int = _f(64, "Prompts per Parquet shard: the unit of resume after a crash.", "positive")
     seed: int = _f(0, "Sampling seed.", "non_negative")
-    tensor_parallel_size: int = _f(1, "vllm backend: GPUs one model is sharded over (vLLM tensor parallelism).",
-                                   "positive")
-    max_model_len: int = _f(0, "vllm backend: longest prompt + response vLLM reserves KV cache for (0: the model's).",
-                            "non_negative")
     executor: str = _f("local", "Where Stage 1 shards run: local (this process) or ray (one Ray task per shard, "
                        "one model per GPU; needs `pip install disa[ray]`).", ("local", "ray"))
     ray_address: str = _f("", "executor=ray: the cluster to join ('' starts a local one; 'auto' joins a running one).")
+    generation: GenerationConfig = _generation()
 
 
 @dataclass
@@ -314,6 +343,7 @@ class TrainConfig(OptimisationConfig):
     eval_every: int = _f(0, "Library use: call RLTrainer's eval_fn every this many steps (0 = never). The pipeline "
                          "evaluates checkpoints with `disa eval` instead.", "non_negative")
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "The SFT baseline (objective sft)."})
+    generation: GenerationConfig = _generation()
 
     def check(self) -> None:
         super().check()
@@ -356,6 +386,7 @@ class EvalConfig(Section):
                              "non_negative")
     judge: dict = _f({}, "LLM-judge diversity (App. D.5) on an OpenAI-compatible endpoint: {base_url, model, "
                      "api_key_env, temperature, max_tokens, timeout_s, retries}; empty: no judge.")
+    generation: GenerationConfig = _generation()
 
     def check(self) -> None:
         if self.judge and not {"base_url", "model"} <= set(self.judge):
@@ -438,6 +469,9 @@ def _build(cls, data: Any, path: str):
     renamed = [name for name in unknown if RENAMED.get(name) in names]
     if renamed:  # a config or checkpoint written by an older disa
         raise ConfigError(f"{where}{renamed[0]}: renamed to {where}{RENAMED[renamed[0]]}; rename it in the file")
+    moved = [name for name in unknown if name in MOVED.get(cls.__name__, {})]
+    if moved:
+        raise ConfigError(f"{where}{moved[0]}: moved to {where}{MOVED[cls.__name__][moved[0]]}; move it in the file")
     if unknown:
         raise ConfigError(f"{where}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
     kwargs = {}

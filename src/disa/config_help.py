@@ -25,6 +25,23 @@ def describe(cls=PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]
             rows.append((fpath, repr(default), f.metadata.get("help", "")))
     if cls is PipelineConfig:
         rows.extend(objective_rows())
+        rows.extend(engine_rows())
+    return rows
+
+
+def engine_rows() -> list[tuple[str, str, str]]:
+    """Every registered generation engine and its options (``<sample|train|eval>.generation.options.<name>``)."""
+    import inspect
+
+    from disa.generation.registry import engine_class, engine_names
+
+    rows = []
+    for name in engine_names():
+        cls = engine_class(name)
+        doc = (inspect.getdoc(cls) or "").split("\n")[0]
+        rows.append((f"generation.engine={name}", cls.__module__, doc))
+        for option, spec in sorted(cls.OPTIONS.items()):
+            rows.append((f"  generation.options.{option}", repr(spec.default), spec.help))
     return rows
 
 
@@ -56,6 +73,9 @@ def starting_yaml() -> str:
     _yaml_section(PipelineConfig, "", lines, textwrap)
     lines += ["", "# Objectives (train.objective) and their hyperparameters (train.objective_kwargs):"]
     for path, default, help_text in objective_rows():
+        lines.append(f"#   {path.strip()} ({default}){': ' + help_text if help_text else ''}")
+    lines += ["", "# Generation engines (sample/train/eval .generation.engine) and their options (.generation.options):"]
+    for path, default, help_text in engine_rows():
         lines.append(f"#   {path.strip()} ({default}){': ' + help_text if help_text else ''}")
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,9 @@
-"""Plugins: a user's module that registers objectives (``@register_objective``) or verifiers
-(``@register_verifier``) without editing the package. Named in the config (``plugins: [my_pkg.losses,
-./my_loss.py]``), or installed as an entry point in the group ``disa.plugins``; both are imported before the
-config is validated, so ``train.objective: my_loss`` works in ``disa train`` and shows in ``disa config``.
+"""Plugins: a user's module that registers objectives (``@register_objective``), verifiers
+(``@register_verifier``), generation engines (``@register_engine``) or benchmark loaders
+(``@register_benchmark``) without editing the package: adding one is one new file. Named in the config
+(``plugins: [my_pkg.losses, ./my_loss.py]``), or installed as an entry point in the group ``disa.plugins``; both
+are imported before the config is validated, so ``train.objective: my_loss`` or ``eval.generation.engine:
+my_engine`` works in every verb and shows in ``disa config``.
 """
 
 from __future__ import annotations

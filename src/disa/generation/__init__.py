@@ -1,15 +1,17 @@
-"""Sampling responses from a causal LM: one interface, two back-ends (``hf`` default, ``vllm`` optional).
+"""Sampling responses from a causal LM: one contract (:class:`RolloutEngine`, :mod:`disa.generation.engine`),
+engines registered by name (:mod:`disa.generation.registry`: ``hf`` default, ``vllm`` optional, ``server`` an
+OpenAI-compatible endpoint), built with :func:`make_engine`.
 
-The ``hf`` back-end decodes with a lean cached loop (:mod:`disa.generation.decode_loop`) by default, or with
+The ``hf`` engine decodes with a lean cached loop (:mod:`disa.generation.decode_loop`) by default, or with
 ``model.generate`` (``decoder="generate"``); both draw the same tokens for a fixed seed.
 
-Every back-end returns, per prompt, ``n`` :class:`Sample` objects whose ``logprob`` is the sum of the
+Every engine returns, per prompt, ``n`` :class:`Sample` objects whose ``logprob`` is the sum of the
 response tokens' log-probabilities under the model's *unprocessed* distribution (temperature 1, no top-p /
 top-k truncation): exactly the number :func:`disa.scoring.score_responses` gives when it re-scores
 ``(prompt_ids, response_ids)``. Temperature and top-p change which responses are drawn, never how their
 log-probability is defined, so Stage 1 can compare ``log q`` with ``log pi_ref`` on the same footing.
 
-Token / text conventions, shared by the back-ends (:func:`finalize_sample`):
+Token / text conventions, shared by the engines (:func:`finalize_sample`):
 
 - ``prompt_ids`` = :func:`encode_prompt` of the prompt text (the tokenizer's special tokens, without a
   second BOS when a chat template already wrote one).
@@ -17,18 +19,19 @@ Token / text conventions, shared by the back-ends (:func:`finalize_sample`):
   ``log pi(y|x)``: the model chose to stop); ``text`` never contains it.
 - Stop strings: the response is cut right *after* the first stop string to complete, and the stop string
   stays in ``text``. When it ends inside a token, the cut text is re-tokenised, so ``response_ids`` are no
-  longer the sampled ids; the back-end then re-scores them, keeping ``logprob`` = re-scoring's number.
+  longer the sampled ids; the engine then re-scores them, keeping ``logprob`` = re-scoring's number.
 - ``finish_reason`` is ``"eos"``, ``"stop"`` or ``"length"`` (hit ``max_new_tokens``).
 """
 
 from __future__ import annotations
 
-import abc
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from disa.generation.engine import RolloutEngine, pad_token_id
+from disa.generation.registry import engine_names, make_engine, register_engine
+
 FINISH_REASONS = ("eos", "stop", "length")
-BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -42,33 +45,8 @@ class Sample:
     finish_reason: str = "length"
 
 
-class Generator(abc.ABC):
-    """Draws ``n`` responses per prompt. Implementations: :class:`disa.generation.hf.HFGenerator`,
-    :class:`disa.generation.vllm.VLLMGenerator`. ``tokenizer`` is the model's tokenizer."""
-
-    tokenizer = None
-
-    @abc.abstractmethod
-    def generate(
-        self,
-        prompts: list[str],
-        n: int,
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: Optional[Sequence[str]] = None,
-        seed: Optional[int] = None,
-    ) -> list[list[Sample]]:
-        """Return ``len(prompts)`` lists of ``n`` samples, in prompt order.
-
-        ``temperature == 0`` is greedy decoding. ``seed`` makes a call reproducible on the same hardware and
-        batch layout.
-        """
-
-
 def check_generation_args(prompts, n, max_new_tokens, temperature, top_p, stop) -> list[str]:
-    """Validate the arguments shared by every back-end; returns ``stop`` as a list."""
+    """Validate the arguments shared by every engine; returns ``stop`` as a list."""
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of strings")
     if not isinstance(n, int) or n < 1:
@@ -180,21 +158,7 @@ def finalize_sample(
     return Sample(decode(tokenizer, content), prompt_ids, response_ids, logprob, finish), False
 
 
-def make_generator(backend: str, model_path, **kwargs) -> Generator:
-    """Build a generator by back-end name: ``"hf"`` (transformers; ``decoder="loop"`` or ``"generate"``) or
-    ``"vllm"``."""
-    if backend == "hf":
-        from disa.generation.hf import HFGenerator
-
-        return HFGenerator(model_path, **kwargs)
-    if backend == "vllm":
-        from disa.generation.vllm import VLLMGenerator
-
-        return VLLMGenerator(model_path, **kwargs)
-    raise ValueError(f"unknown generation backend {backend!r}; choose one of {BACKENDS}")
-
-
 __all__ = [
-    "Sample", "Generator", "make_generator", "encode_prompt", "encode_response", "decode", "finalize_sample",
-    "stop_end", "check_generation_args", "FINISH_REASONS", "BACKENDS",
+    "Sample", "RolloutEngine", "make_engine", "register_engine", "engine_names", "pad_token_id", "encode_prompt",
+    "encode_response", "decode", "finalize_sample", "stop_end", "check_generation_args", "FINISH_REASONS",
 ]

@@ -21,8 +21,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
-from disa.generation import Generator, Sample, check_generation_args, encode_prompt, finalize_sample
-from disa.generation.decode_loop import check_decoder, loop_unsupported, sample_with_cache
+from disa.generation import Sample, check_generation_args, encode_prompt, finalize_sample
+from disa.generation.decode_loop import DECODERS, check_decoder, loop_unsupported, sample_with_cache
+from disa.generation.engine import EngineOption, RolloutEngine, eos_token_ids, pad_token_id
+from disa.generation.registry import register_engine
 from disa.scoring import model_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,20 +53,6 @@ def load_model_and_tokenizer(path: str, *, device="auto", dtype="float32"):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     return model.to(resolve_device(device)).eval(), tokenizer
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a response: the tokenizer's EOS and the model's ``generation_config.eos_token_id``
-    (chat models often list several, e.g. ``<|im_end|>`` and ``<|endoftext|>``)."""
-    ids: set[int] = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos is not None:
-        ids.update(int(i) for i in gen_eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +105,12 @@ def _neutral_generation_config(model):
         model.generation_config = saved
 
 
-class HFGenerator(Generator):
-    """Sample with ``transformers``. ``model_or_path``: a loaded causal LM or a local folder.
+@register_engine("hf")
+class HFGenerator(RolloutEngine):
+    """The ``hf`` engine: sample with ``transformers``. ``model_or_path``: a loaded causal LM or a local folder.
+
+    It decodes with the module it holds, so in training it shares the policy (``shares_policy_module``):
+    ``sync_weights(policy)`` only points it at the module the trainer passes (the PEFT wrapper under LoRA).
 
     ``batch_size`` counts prompts per ``generate`` call (each expanded to ``n`` rows). Prompts are sorted by
     length before batching to keep left padding small; results come back in the caller's order.
@@ -126,6 +118,12 @@ class HFGenerator(Generator):
     log-probs as ``generate`` for a fixed seed, less overhead per step; a model whose class changes how
     ``generate`` prepares its inputs falls back to ``generate``, with a warning) or ``"generate"``.
     """
+
+    shares_policy_module = True
+    OPTIONS = {"decoder": EngineOption(
+        "loop", "hf engine's decoding: loop (a lean cached loop, the same draws as model.generate for a fixed seed, "
+        "less overhead per token) or generate (transformers' model.generate).",
+        lambda v: None if v in DECODERS else f"must be one of {list(DECODERS)}")}
 
     def __init__(
         self,
@@ -149,16 +147,40 @@ class HFGenerator(Generator):
                 raise ValueError("tokenizer is required when model_or_path is a model object")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
-        self.decoder = check_decoder(decoder)
-        if self.decoder == "loop" and (reason := loop_unsupported(model)):
-            warnings.warn(f"HFGenerator: decoding with model.generate, not the lean loop: {reason}", stacklevel=2)
-            self.decoder = "generate"
-        self.eos_ids = eos_token_ids(model, tokenizer)
-        if not self.eos_ids:
+        self.tokenizer, self.batch_size, self.progress = tokenizer, batch_size, progress
+        self.requested_decoder = check_decoder(decoder)
+        self._use(model)
+        self._eos_ids = eos_token_ids(tokenizer, model)
+        if not self._eos_ids:
             raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token")
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+        self._pad_id = pad_token_id(tokenizer, self._eos_ids)
+
+    @classmethod
+    def create(cls, model, tokenizer=None, *, batch_size, device, dtype, seed, progress, decoder="loop"):
+        if isinstance(model, str) and device is None:
+            device = "auto"
+        return cls(model, tokenizer, batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+                   decoder=decoder)
+
+    def _use(self, model) -> None:
+        """Decode with ``model`` from now on (the lean loop unless its class prepares generate's inputs itself)."""
+        self.model, self.decoder = model, self.requested_decoder
+        if self.decoder == "loop" and (reason := loop_unsupported(model)):
+            warnings.warn(f"HFGenerator: decoding with model.generate, not the lean loop: {reason}", stacklevel=3)
+            self.decoder = "generate"
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos_ids
+
+    def sync_weights(self, policy) -> None:
+        """The policy *is* the module this engine decodes with: point at it (no copy)."""
+        if policy is not self.model:
+            self._use(policy)
 
     shares_policy_module = True
 

@@ -224,19 +224,24 @@ def code_isolation(cfg: PipelineConfig, names, verb: str) -> Optional[str]:
     return level
 
 
-def generator(cfg: PipelineConfig, model, batch_size: int, *, tokenizer=None, seed: int = 0, progress: bool = True):
-    """A generator over ``model`` (a folder, or a loaded model with its ``tokenizer``) with ``sample.backend``."""
-    from disa.generation import make_generator
+CONSUMERS = ("sample", "train", "eval")  # the config sections with a ``generation:`` engine
 
-    if cfg.sample.backend == "vllm" and isinstance(model, str):
-        return make_generator("vllm", model, dtype=cfg.models.dtype, seed=seed,
-                              tensor_parallel_size=cfg.sample.tensor_parallel_size,
-                              max_model_len=cfg.sample.max_model_len or None)
-    if isinstance(model, str):
-        return make_generator("hf", model, batch_size=batch_size, device=str(device(cfg)), dtype=cfg.models.dtype,
-                              decoder=cfg.sample.hf_decoder)
-    return make_generator("hf", model, tokenizer=tokenizer, batch_size=batch_size, device=None, progress=progress,
-                          decoder=cfg.sample.hf_decoder)
+
+def generator(cfg: PipelineConfig, model, batch_size: int, *, consumer: str, tokenizer=None, seed: int = 0,
+              progress: bool = True):
+    """The rollout engine ``<consumer>.generation`` names (``consumer``: sample, train or eval) over ``model`` (a
+    local folder, or a loaded model with its ``tokenizer``), built through the engine registry."""
+    from disa.generation import make_engine
+
+    if consumer not in CONSUMERS:
+        raise ValueError(f"consumer must be one of {CONSUMERS}, got {consumer!r}")
+    section = getattr(cfg, consumer).generation
+    try:
+        return make_engine(section, model, tokenizer, batch_size=batch_size,
+                           device=str(device(cfg)) if isinstance(model, str) else None, dtype=cfg.models.dtype,
+                           seed=seed, progress=progress)
+    except ValueError as e:
+        raise ConfigError(f"{consumer}.generation (engine {section.engine!r}): {e}") from None
 
 
 def embedder(cfg: PipelineConfig):

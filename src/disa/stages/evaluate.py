@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from disa import diversity, metrics
 from disa.data import PromptRecord, render_prompt
-from disa.generation import Generator
+from disa.generation import RolloutEngine
 from disa.io import atomic_copy, atomic_write_parquet, atomic_write_text
 from disa.stages import common
 from disa.stages.common import stage
-from disa.verifiers import check_rewards, repeat_columns, resolve_verifier
+from disa.verifiers import repeat_columns, resolve_verifier, score
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
@@ -160,7 +160,7 @@ def format_markdown(summary: dict, rows: list[dict]) -> str:
 def run_evaluation(
     prompts: Sequence[PromptRecord],
     *,
-    generator: Generator,
+    generator: RolloutEngine,
     verifier: Union[str, Callable],
     out_dir: Union[str, os.PathLike],
     k: int,
@@ -197,7 +197,8 @@ def run_evaluation(
         raise ValueError(f"pass_at: every k must be an integer in [1, k={k}], got {list(pass_at)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    verifier_fn, verifier_name = resolve_verifier(verifier)
+    verifier_spec = resolve_verifier(verifier)
+    verifier_name = verifier_spec.name
     tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     texts = [render_prompt(r, tokenizer) for r in prompts]
@@ -215,11 +216,9 @@ def run_evaluation(
             if len(groups) != len(chunk) or any(len(g) != k for g in groups):
                 raise RuntimeError(f"generator returned {[len(g) for g in groups]} samples per prompt, expected {k}")
             flat = [s for g in groups for s in g]
-            values = check_rewards(
-                verifier_fn([t for t in chunk for _ in range(k)], [s.text for s in flat], **repeat_columns(records, k),
-                            **(verifier_kwargs or {})),
-                len(flat), verifier_name,
-            )
+            values = score(verifier_spec, [t for t in chunk for _ in range(k)], [s.text for s in flat],
+                           repeat_columns(records, k), ids=[r.id for r in records for _ in range(k)],
+                           verifier_kwargs=verifier_kwargs)
             for i, record in enumerate(records):
                 group, group_rewards = groups[i], values[i * k : (i + 1) * k]
                 responses.append([s.text for s in group])
@@ -341,11 +340,19 @@ SELECTION_JSON = "selection.json"
 
 
 def _generator_for(cfg, folder: Path):
+    """``eval.generation``'s engine sampling from ``folder``: an engine that loads folders itself (vLLM) gets a
+    full-weights folder; otherwise (or for a LoRA adapter) the policy is loaded here and the engine follows it
+    through ``sync_weights`` (a server engine then serves exactly the evaluated weights)."""
+    from disa.generation.registry import engine_class
+
     e = cfg.eval
-    if cfg.sample.backend == "vllm" and not (folder / "adapter_config.json").is_file():
-        return common.generator(cfg, str(folder), e.batch_size, seed=e.seed), None
+    if engine_class(e.generation.engine).loads_from_folder and not (folder / "adapter_config.json").is_file():
+        return common.generator(cfg, str(folder), e.batch_size, consumer="eval", seed=e.seed), None
     model, tokenizer = load_policy(cfg, folder)
-    return common.generator(cfg, model, e.batch_size, tokenizer=tokenizer, progress=False), model
+    engine = common.generator(cfg, model, e.batch_size, consumer="eval", tokenizer=tokenizer, seed=e.seed,
+                              progress=False)
+    engine.sync_weights(model)
+    return engine, model
 
 
 def evaluate_sets(cfg, folder: Path, sets: Sequence[tuple]) -> list[dict]:

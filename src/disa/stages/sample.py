@@ -40,12 +40,12 @@ from tqdm.auto import tqdm
 
 from disa.data import PromptRecord, render_prompt
 from disa.io import atomic_write_parquet, atomic_write_text
-from disa.generation import Generator, Sample, encode_prompt, encode_response
+from disa.generation import RolloutEngine, Sample, encode_prompt, encode_response
 from disa.scoring import pad_token_id, score_responses, score_sampled_responses
 from disa.config import ConfigError
 from disa.stages import common
 from disa.stages.common import stage
-from disa.verifiers import check_rewards, repeat_columns, resolve_verifier
+from disa.verifiers import VerifierSpec, repeat_columns, resolve_verifier, score
 
 SAMPLES_SUBDIR = "samples"
 
@@ -85,7 +85,7 @@ RESUME_KEYS = {
 # what the samples were made from; compared when the recorded meta.json has them (older runs may not)
 LINEAGE_KEYS = {
     "prompts_sha256": "data.prompts (prompt texts and verifier columns)", "reference_fingerprint": "models.reference",
-    "proposal_fingerprint": "models.proposal", "dtype": "models.dtype", "backend": "sample.backend",
+    "proposal_fingerprint": "models.proposal", "dtype": "models.dtype", "backend": "sample.generation.engine",
 }
 
 
@@ -154,10 +154,9 @@ def _same_tokenization(tok_a, tok_b) -> bool:
 def sample_shard(
     records: Sequence[PromptRecord],
     *,
-    generator: Generator,
+    generator: RolloutEngine,
     n: int,
-    verifier_fn: Callable,
-    verifier_name: str,
+    verifier: VerifierSpec,
     ref_model,
     ref_tokenizer,
     proposal_model=None,
@@ -181,10 +180,8 @@ def sample_shard(
     prompts_flat = [p for p in prompts_q for _ in range(n)]
     texts = [s.text for s in flat]
 
-    rewards = check_rewards(
-        verifier_fn(prompts_flat, texts, **repeat_columns(records, n), **(verifier_kwargs or {})),
-        len(flat), verifier_name,
-    )
+    rewards = score(verifier, prompts_flat, texts, repeat_columns(records, n),
+                    ids=[r.id for r in records for _ in range(n)], verifier_kwargs=verifier_kwargs)
 
     logp_q = proposal_logprobs(flat, gen_kwargs=gen_kwargs, proposal_model=proposal_model,
                                proposal_tokenizer=proposal_tokenizer, logprobs_are_sampled=logprobs_are_sampled,
@@ -270,8 +267,8 @@ def mixture_counts(n: int, reference_share: float) -> tuple[int, int]:
     return n_q, n_ref
 
 
-def add_reference_rows(q_table: pa.Table, records: Sequence[PromptRecord], *, reference_generator: Generator,
-                       n_ref: int, verifier_fn: Callable, verifier_name: str, ref_model, ref_tokenizer, proposal_model,
+def add_reference_rows(q_table: pa.Table, records: Sequence[PromptRecord], *, reference_generator: RolloutEngine,
+                       n_ref: int, verifier: VerifierSpec, ref_model, ref_tokenizer, proposal_model,
                        proposal_tokenizer, gen_kwargs: dict, seed: int, score_batch_size: int = 8,
                        verifier_kwargs: Optional[dict] = None) -> pa.Table:
     """``q_table`` plus ``n_ref`` rows per prompt drawn from ``pi_ref`` at temperature 1 without truncation, both
@@ -282,7 +279,7 @@ def add_reference_rows(q_table: pa.Table, records: Sequence[PromptRecord], *, re
     re-encoded with the proposal's tokenizer."""
     exact = {**gen_kwargs, "temperature": 1.0, "top_p": 1.0}
     ref_rows = sample_shard(
-        records, generator=reference_generator, n=n_ref, verifier_fn=verifier_fn, verifier_name=verifier_name,
+        records, generator=reference_generator, n=n_ref, verifier=verifier,
         ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_tokenizer=ref_tokenizer, gen_kwargs=exact,
         seed=seed, score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
     ).to_pydict()
@@ -458,7 +455,7 @@ def _load_if_path(model, tokenizer):
 def run_sampling(
     prompts: Sequence[PromptRecord],
     *,
-    generator: Generator,
+    generator: RolloutEngine,
     n: int,
     out_dir: str,
     verifier: Union[str, Callable],
@@ -478,7 +475,7 @@ def run_sampling(
     extra_meta: Optional[dict] = None,
     logprobs_are_sampled: bool = False,
     reference_share: float = 0.0,
-    reference_generator: Optional[Generator] = None,
+    reference_generator: Optional[RolloutEngine] = None,
 ) -> dict:
     """Stage 1 sampling job (see the module docstring for the files and the resume rules).
 
@@ -497,7 +494,8 @@ def run_sampling(
     if ref_tokenizer is None:
         raise ValueError("ref_tokenizer is required when ref_model is a model object")
     proposal_model, proposal_tokenizer = _load_if_path(proposal_model, proposal_tokenizer)
-    verifier_fn, verifier_name = resolve_verifier(verifier)
+    verifier_spec = resolve_verifier(verifier)
+    verifier_name = verifier_spec.name
     model_names = {
         "generator": type(generator).__name__,
         "ref_model": getattr(getattr(ref_model, "config", None), "_name_or_path", None),
@@ -515,7 +513,7 @@ def run_sampling(
     written = 0
     for k, records in tqdm(pending, desc="sample shards", unit="shard", disable=None if progress else True):
         table = sample_shard(
-            records, generator=generator, n=n_q, verifier_fn=verifier_fn, verifier_name=verifier_name,
+            records, generator=generator, n=n_q, verifier=verifier_spec,
             ref_model=ref_model, ref_tokenizer=ref_tokenizer, proposal_model=proposal_model,
             proposal_tokenizer=proposal_tokenizer, gen_kwargs=gen_kwargs, seed=seed + k,
             score_batch_size=score_batch_size, verifier_kwargs=verifier_kwargs,
@@ -523,8 +521,8 @@ def run_sampling(
         )
         if n_ref:
             table = add_reference_rows(
-                table, records, reference_generator=reference_generator, n_ref=n_ref, verifier_fn=verifier_fn,
-                verifier_name=verifier_name, ref_model=ref_model, ref_tokenizer=ref_tokenizer,
+                table, records, reference_generator=reference_generator, n_ref=n_ref, verifier=verifier_spec,
+                ref_model=ref_model, ref_tokenizer=ref_tokenizer,
                 proposal_model=proposal_model, proposal_tokenizer=proposal_tokenizer or generator.tokenizer,
                 gen_kwargs=gen_kwargs, seed=seed + k + REFERENCE_SEED_OFFSET, score_batch_size=score_batch_size,
                 verifier_kwargs=verifier_kwargs,
@@ -553,7 +551,7 @@ def sample_lineage(cfg, ref_path: str, proposal_path: str) -> dict:
     from disa.run_dir import model_fingerprint
 
     return {"reference_fingerprint": model_fingerprint(ref_path), "proposal_fingerprint": model_fingerprint(proposal_path),
-            "dtype": cfg.models.dtype, "backend": cfg.sample.backend}
+            "dtype": cfg.models.dtype, "backend": cfg.sample.generation.engine}
 
 
 def check_adaptive_settings(s, num_prompts: int) -> None:
@@ -572,13 +570,13 @@ def adaptive_budget(cfg, records, out_dir: str, generator, ref_model, ref_tokeni
     """``disa sample``'s adaptive rounds (:func:`run_adaptive_rounds`) with the config's label settings; no
     prompt gets more than 4 times the mean budget per prompt."""
     s = cfg.sample
-    verifier_fn, verifier_name = resolve_verifier(cfg.data.verifier)
+    verifier = resolve_verifier(cfg.data.verifier)
     gen_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop))
     return run_adaptive_rounds(
         records, out_dir=out_dir, target_se=s.target_se, max_total=s.max_total, rounds=s.adaptive_rounds,
         beta=cfg.target.beta, reward_transform=cfg.target.reward_transform, estimator=cfg.label.estimator,
-        cap=max(4 * s.max_total // len(records), s.n), generator=generator, verifier_fn=verifier_fn,
-        verifier_name=verifier_name, ref_model=ref_model, ref_tokenizer=ref_tokenizer, gen_kwargs=gen_kwargs,
+        cap=max(4 * s.max_total // len(records), s.n), generator=generator, verifier=verifier,
+        ref_model=ref_model, ref_tokenizer=ref_tokenizer, gen_kwargs=gen_kwargs,
         seed=s.seed, score_batch_size=s.batch_size, verifier_kwargs=cfg.data.verifier_kwargs, **log_q_source)
 
 
@@ -588,11 +586,12 @@ def reference_draws(cfg, generator, ref_model, ref_tokenizer, log_q_source: dict
     s = cfg.sample
     if not s.reference_share:
         return {}
-    if s.backend != "hf":
-        raise ConfigError("sample.reference_share needs sample.backend=hf: the pi_ref draws are scored under the "
+    if s.generation.engine != "hf":
+        raise ConfigError("sample.reference_share needs sample.generation.engine: hf: the pi_ref draws are scored under the "
                           "proposal's sampled distribution by the proposal's transformers model")
     return {"reference_share": s.reference_share,
-            "reference_generator": common.generator(cfg, ref_model, s.batch_size, tokenizer=ref_tokenizer, seed=s.seed),
+            "reference_generator": common.generator(cfg, ref_model, s.batch_size, consumer="sample",
+                                                    tokenizer=ref_tokenizer, seed=s.seed),
             "proposal_model": log_q_source.get("proposal_model", generator.model),
             "proposal_tokenizer": generator.tokenizer}
 
@@ -605,14 +604,13 @@ def proposal_generator(cfg, proposal_path: str, progress: bool = True) -> tuple:
     back-end's log-probs are the model's, so its own model re-scores the samples through the same warpers."""
     s = cfg.sample
     warped = is_warped({"temperature": s.temperature, "top_p": s.top_p})
-    if warped and s.backend == "vllm":
-        from disa.generation import make_generator
+    if warped and s.generation.engine == "vllm":
+        from disa.generation import make_engine
 
-        generator = make_generator("vllm", proposal_path, dtype=cfg.models.dtype, seed=s.seed,
-                                   tensor_parallel_size=s.tensor_parallel_size,
-                                   max_model_len=s.max_model_len or None, logprobs_mode="processed_logprobs")
+        generator = make_engine(s.generation, proposal_path, batch_size=s.batch_size, dtype=cfg.models.dtype,
+                                seed=s.seed, progress=progress, logprobs_mode="processed_logprobs")
         return generator, {"logprobs_are_sampled": True}
-    generator = common.generator(cfg, proposal_path, s.batch_size, seed=s.seed, progress=progress)
+    generator = common.generator(cfg, proposal_path, s.batch_size, consumer="sample", seed=s.seed, progress=progress)
     if warped:
         return generator, {"proposal_model": generator.model, "proposal_tokenizer": generator.tokenizer}
     return generator, {}
@@ -622,6 +620,7 @@ def proposal_generator(cfg, proposal_path: str, progress: bool = True) -> tuple:
 def run(cfg) -> dict:
     """``disa sample``: N proposal samples per prompt, verified and re-scored -> ``samples/shard-*.parquet``."""
     from disa.artifacts import prompts_digest
+    from disa.generation.hf import HFGenerator
 
     rd = common.run_dir(cfg)
     records = common.prompts(cfg)
@@ -646,7 +645,7 @@ def run(cfg) -> dict:
 
         return run_with_config(cfg, rd, records, ref_path, proposal_path)
     generator, log_q_source = proposal_generator(cfg, proposal_path)
-    if proposal_path == ref_path and s.backend == "hf":
+    if proposal_path == ref_path and isinstance(generator, HFGenerator):
         ref_model, ref_tokenizer = generator.model, generator.tokenizer  # plain Monte Carlo: one copy
     else:
         ref_model, ref_tokenizer = common.load_model(cfg, ref_path)

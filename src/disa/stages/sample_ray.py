@@ -54,9 +54,8 @@ def run_shard(job: dict, k: int, records: Sequence[PromptRecord]) -> int:
     if models is None:
         _WORKER_MODELS.clear()  # one set of models per worker: a new run's replace the last run's
         models = _WORKER_MODELS[job["models_key"]] = job["build_models"]()
-    verifier_fn, verifier_name = resolve_verifier(job["verifier"])
     table = sample_shard(
-        records, generator=models.generator, n=job["n"], verifier_fn=verifier_fn, verifier_name=verifier_name,
+        records, generator=models.generator, n=job["n"], verifier=resolve_verifier(job["verifier"]),
         ref_model=models.ref_model, ref_tokenizer=models.ref_tokenizer, proposal_model=models.proposal_model,
         proposal_tokenizer=models.proposal_tokenizer, gen_kwargs=job["gen_kwargs"], seed=job["seed"] + k,
         score_batch_size=job["score_batch_size"], verifier_kwargs=job["verifier_kwargs"],
@@ -94,7 +93,7 @@ def run_sampling_ray(
     """
     ray = _import_ray()
     check_prompt_list(prompts, shard_size, n)
-    _, verifier_name = resolve_verifier(verifier)  # an unknown name fails here, before the cluster works
+    verifier_name = resolve_verifier(verifier).name  # an unknown name fails here, before the cluster works
     gen_kwargs, num_shards, pending, skipped, rows = plan_sampling(
         prompts, out_dir=out_dir, n=n, shard_size=shard_size, seed=seed, verifier_name=verifier_name,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
@@ -141,10 +140,11 @@ class ConfigModels:
         load_plugins(cfg.plugins)  # a user's verifier or objective lives there
         s = cfg.sample
         ref_path, proposal_path = common.model_path(cfg, "reference"), common.model_path(cfg, "proposal")
+        from disa.generation.hf import HFGenerator
         from disa.stages.sample import proposal_generator
 
         generator, log_q_source = proposal_generator(cfg, proposal_path, progress=False)  # where log q comes from
-        if proposal_path == ref_path and s.backend == "hf":
+        if proposal_path == ref_path and isinstance(generator, HFGenerator):
             return ShardModels(generator, generator.model, generator.tokenizer, **log_q_source)
         ref_model, ref_tokenizer = common.load_model(cfg, ref_path)
         return ShardModels(generator, ref_model, ref_tokenizer, **log_q_source)
@@ -152,7 +152,7 @@ class ConfigModels:
 
 def run_with_config(cfg, rd, records, ref_path: str, proposal_path: str) -> dict:
     """``disa sample`` with ``sample.executor=ray``: one task per shard, one model per GPU when the cluster has
-    GPUs (``tensor_parallel_size`` of them for vLLM), each worker loading the config's models."""
+    GPUs (as many as the engine declares: ``tensor_parallel_size`` for vLLM, none for a server), each worker loading the config's models."""
     from disa.config import ConfigError
     from disa.stages import common
     from disa.stages.sample import ResumeMismatch, sample_lineage
@@ -162,7 +162,10 @@ def run_with_config(cfg, rd, records, ref_path: str, proposal_path: str) -> dict
     if not ray.is_initialized():
         ray.init(address=s.ray_address or None)
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = (s.tensor_parallel_size if s.backend == "vllm" else 1) if has_gpus else 0
+    from disa.generation.registry import check_options, engine_class
+
+    engine = s.generation.engine
+    gpus = engine_class(engine).devices_per_worker(check_options(engine, s.generation.options)) if has_gpus else 0
     fingerprints = sample_lineage(cfg, ref_path, proposal_path)
     isolation = common.code_isolation(cfg, [cfg.data.verifier], "sample")
     if isolation:  # this machine's; each worker refuses the fallback itself unless it is allowed

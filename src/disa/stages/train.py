@@ -312,7 +312,8 @@ def run(cfg: PipelineConfig) -> dict:
     needs = bind_objective(cfg.train.objective, cfg.train.objective_kwargs).needs
     if "ref_logp" in needs.inputs and not (cfg.train.lora is not None and policy_path == ref_path):
         ref_model = common.load_model(cfg, ref_path)[0]  # under LoRA from pi_ref, pi_ref = the adapter off
-    engine = common.generator(cfg, policy, cfg.train.generation_batch_size, tokenizer=tokenizer, progress=False)
+    engine = common.generator(cfg, policy, cfg.train.generation_batch_size, consumer="train", tokenizer=tokenizer,
+                             progress=False)
     prompts = [{**r.verifier_columns(), "id": r.id, "text": render_prompt(r, tokenizer)} for r in records]
     record_lineage(rd, lineage)
     policy, history = train_policy(policy, ref_model, tokenizer, prompts, reward_fn, cfg.train, cfg.target,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -53,18 +52,14 @@ def prompt_record(item: Any, row: int) -> dict:
 
 
 def score_rewards(reward_fn: Callable[..., list[float]], records: list[dict], completions: list[str]) -> Tensor:
-    """``reward_fn`` (TRL signature, the records' other fields as columns) -> float32 ``(B,)``; a missing or
-    non-finite reward is an error naming the prompt, since it would poison every loss of the step."""
-    columns: dict[str, list] = {}
-    for key in {k for r in records for k in r} - {"id", "text"}:
-        columns[key] = [r.get(key) for r in records]
-    values = reward_fn(prompts=[r["text"] for r in records], completions=completions, **columns)
-    if len(values) != len(completions):
-        raise ValueError(f"reward_fn returned {len(values)} rewards for {len(completions)} completions")
-    for i, v in enumerate(values):
-        if v is None or not math.isfinite(float(v)):
-            raise ValueError(f"reward_fn returned {v!r} for completion {i} (prompt id {records[i]['id']!r})")
-    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+    """Rewards of one rollout batch as float32 ``(B,)``, through the one verifier path
+    (:func:`disa.verifiers.score`: the records' other fields are the columns; an item whose reward is garbage
+    gets the verifier's failure reward and a warning naming its prompt id)."""
+    from disa.verifiers import score
+
+    columns = {key: [r.get(key) for r in records] for key in {k for r in records for k in r} - {"id", "text"}}
+    values = score(reward_fn, [r["text"] for r in records], completions, columns, ids=[r["id"] for r in records])
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
@@ -104,8 +99,10 @@ def _adapter_off(policy: nn.Module):
 
 
 def default_generator(policy: nn.Module, tokenizer, config):
-    """The library default: ``disa.generation.hf.HFGenerator``, the sampler Stage 1 uses (same prompt encoding,
-    same EOS set, a neutral generation config, so no checkpoint top_k / repetition_penalty tilts pi_old)."""
-    from disa.generation.hf import HFGenerator
+    """The rollout engine ``config.generation`` names (default ``hf``: the sampler Stage 1 uses, over the policy
+    module itself), built through the engine registry; the trainer calls its ``sync_weights(policy)`` before
+    every rollout batch."""
+    from disa.generation import make_engine
 
-    return HFGenerator(policy, tokenizer, batch_size=config.generation_batch_size, device=None, progress=False)
+    return make_engine(config.generation, policy, tokenizer, batch_size=config.generation_batch_size, device=None,
+                       progress=False)

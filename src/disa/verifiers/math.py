@@ -235,7 +235,7 @@ def math_reward(
         return 0.0
 
 
-@register_verifier("math")
+@register_verifier("math", columns=("answer",))
 def math_verifier(
     prompts: list,
     completions: list,

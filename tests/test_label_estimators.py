@@ -277,45 +277,8 @@ def test_a_one_sample_stratum_contributes_variance():
 
 
 # --------------------------------------------------------------------------- the batch-estimated log Z source
-def test_batch_log_z_is_the_group_mean_and_minimises_the_group_residual():
-    from disa.training.log_z import batch_log_z
-
-    policy = torch.tensor([-2.0, -3.0, -1.0, -4.0])
-    ref = torch.tensor([-2.5, -2.0, -1.5, -3.0])
-    reward = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    out = batch_log_z(policy, ref, reward, 2.0, group_size=2)
-    # log pi_ref - log pi + beta r, averaged within each group of 2
-    g1 = ((-2.5 + 2.0 + 2.0) + (-2.0 + 3.0)) / 2
-    g2 = ((-1.5 + 1.0) + (-3.0 + 4.0 + 2.0)) / 2
-    assert torch.allclose(out, torch.tensor([g1, g1, g2, g2]))
-    with pytest.raises(ValueError, match="G = 3"):
-        batch_log_z(policy, ref, reward, 2.0, group_size=3)
 
 
-def test_trainer_reads_the_batch_log_z(tiny_gpt2_path, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from disa.config import TargetConfig, TrainConfig
-    from disa.objectives import get_spec
-    from disa.training import RLTrainer, resolve_log_z_kind
-
-    assert resolve_log_z_kind("batch", get_spec("disa")) == "batch"
-    policy = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path)
-    tok = AutoTokenizer.from_pretrained(tiny_gpt2_path)
-    prompts = [{"id": f"p{i}", "text": f"What is {i} + 3?"} for i in range(2)]
-    config = TrainConfig(objective="disa", log_z="batch", group_size=4, prompts_per_step=2, num_steps=1,
-                         micro_batch_size=4, max_new_tokens=5, lr=1e-3, save_every=0, seed=1)
-    trainer = RLTrainer(policy, ref, tok, prompts, lambda prompts, completions, **kw: [float(len(c) % 2) for c in completions],
-                        config, target=TargetConfig(beta=2.0, reward_transform="raw"), output_dir=tmp_path / "run")
-    rollouts = trainer.collect_rollouts([0, 1])
-    seq = lambda t: (t * rollouts.mask).sum(dim=1)  # noqa: E731
-    expected = (seq(rollouts.ref_logp) - seq(rollouts.old_logp) + 2.0 * rollouts.rewards).view(2, 4).mean(dim=1)
-    assert torch.allclose(rollouts.log_z, expected.repeat_interleave(4), atol=1e-5)
-    assert math.isfinite(trainer.update(rollouts)["loss"])
-
-
-# --------------------------------------------------------------------------- the label stage
 def _write_samples(folder, rows, with_proposal=False):
     import os
 

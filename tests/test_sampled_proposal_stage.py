@@ -80,7 +80,7 @@ def test_vllm_proposal_reports_the_sampled_distribution_at_warped_settings(monke
     mod = types.ModuleType("vllm")
     mod.LLM, mod.__version__ = _FakeLLM, "fake"
     monkeypatch.setitem(sys.modules, "vllm", mod)
-    cfg = config_from_dict({"sample": {"backend": "vllm", "temperature": temperature, "top_p": top_p}})
+    cfg = config_from_dict({"sample": {"generation": {"engine": "vllm"}, "temperature": temperature, "top_p": top_p}})
     _, source = proposal_generator(cfg, tiny_gpt2_path)
     assert _FakeLLM.last_kwargs["logprobs_mode"] == expected
     assert source == ({"logprobs_are_sampled": True} if expected == "processed_logprobs" else {})
@@ -105,7 +105,7 @@ def test_reference_share_draws_part_of_each_group_from_pi_ref_and_label_weights_
                   temperature=0.7, seed=1, progress=False, reference_share=0.25, reference_generator=ref_gen)
     assert run_sampling(RECORDS, **kwargs) == {"shards": 2, "written": 2, "skipped": 0, "rows": 12}
     assert run_sampling(RECORDS, **kwargs)["skipped"] == 2  # resumable like the rest
-    with pytest.raises(ValueError, match="proposal_counts"):  # another share is another experiment
+    with pytest.raises(ValueError, match="sample.reference_share"):  # another share is another experiment
         run_sampling(RECORDS, **{**kwargs, "reference_share": 0.5})
     rows = pa.concat_tables([pq.read_table(p) for p in list_shards(str(tmp_path))]).to_pydict()
     tags = {(pid, j): tag for pid, j, tag in zip(rows["prompt_id"], rows["sample_idx"], rows["proposal"])}
@@ -148,6 +148,7 @@ def test_adaptive_rounds_spend_the_budget_where_the_labels_are_noisiest_and_resu
     from disa.label_estimators import allocate_samples
     from disa.stages.label import run_labelling
     from disa.stages.sample import label_state, run_adaptive_rounds
+    from disa.verifiers import resolve_verifier
 
     torch.manual_seed(0)
     gen = HFGenerator(tiny_gpt2_path, batch_size=4, device="cpu", progress=False)
@@ -161,7 +162,7 @@ def test_adaptive_rounds_spend_the_budget_where_the_labels_are_noisiest_and_resu
                                       torch.tensor([state[i][0] for i in ids]), torch.tensor([state[i][2] for i in ids]),
                                       (24 - 12) // 2, cap=torch.full((4,), 10))
     kwargs = dict(out_dir=str(tmp_path), target_se=1e-3, max_total=24, rounds=2, beta=1.0, reward_transform="raw",
-                  estimator="cv", cap=10, verifier_fn=count_e, verifier_name="count_e",
+                  estimator="cv", cap=10, verifier=resolve_verifier(count_e),
                   gen_kwargs=dict(max_new_tokens=8, temperature=1.0, top_p=1.0, stop=[]), seed=0, **common)
     out = run_adaptive_rounds(records, **kwargs)
     assert out == {"rounds": 2, "added": 12}

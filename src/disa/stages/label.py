@@ -220,7 +220,8 @@ def run_labelling(
 def check_samples_match_meta(shards: list[str], meta: dict) -> None:
     """Refuse shards that are readable but not what ``disa sample`` wrote: a shard missing rows, a prompt with
     another number of samples than ``n``, a prompt id that is not one of the sampled prompts (the ids, in order,
-    must hash to ``meta.json``'s ``prompt_ids_sha256``)."""
+    must hash to ``meta.json``'s ``prompt_ids_sha256``). The adaptive budget's extra rounds
+    (``shard-aRR-*``) add samples to some prompts: their ids must be sampled prompts."""
     import hashlib
 
     from disa.artifacts import reading
@@ -230,6 +231,8 @@ def check_samples_match_meta(shards: list[str], meta: dict) -> None:
         return
     order: list[str] = []
     counts: dict[str, int] = {}
+    extra = [p for p in shards if os.path.basename(p).startswith("shard-a")]
+    shards = [p for p in shards if p not in extra]
     for k, path in enumerate(shards):
         with reading(path, "sample"):
             ids = pq.read_table(path, columns=["prompt_id"]).column(0).to_pylist()
@@ -249,6 +252,14 @@ def check_samples_match_meta(shards: list[str], meta: dict) -> None:
     if meta.get("prompt_ids_sha256") not in (None, digest):
         raise ValueError(f"samples: the shards' prompt ids are not the {total} prompts meta.json records (a foreign "
                          "or reordered id); delete the damaged shard and run `disa sample` again")
+    known = set(order)
+    for path in extra:
+        with reading(path, "sample"):
+            ids = pq.read_table(path, columns=["prompt_id"]).column(0).to_pylist()
+        foreign = sorted(set(ids) - known)
+        if foreign:
+            raise ValueError(f"{path}: prompt id(s) {foreign[:5]} were not sampled in the first pass; the shard is "
+                             "damaged: delete it and run `disa sample` again")
 
 
 class NonFiniteLabels(ValueError):

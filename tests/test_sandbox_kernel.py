@@ -176,7 +176,7 @@ def test_millions_of_empty_tmpfs_files_stay_within_the_cgroup_cap():
     files = _last_count(result.stdout, "files")
     assert files > 0
     assert files * min_bytes_per_file <= cap_mb << 20
-    assert result.status != "ok" and result.isolation["oom_kills"] >= 1  # the kernel stopped it, in the group
+    assert result.status == "memory" and result.isolation["oom_kills"] >= 1  # the kernel stopped it, in the group
     assert result.isolation["memory_peak_bytes"] <= cap_mb << 20
 
 

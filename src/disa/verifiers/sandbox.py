@@ -168,6 +168,8 @@ class RunningSandbox:
         if self.level == "bwrap" and not any("ready" in m for m in messages) and not timed_out:
             bootstrap_error = bootstrap_error or stderr_text.strip()[:300] or "harness did not start"
         status = _classify(returncode, timed_out, overflowed, refusal, bootstrap_error)
+        if status in ("timeout", "runtime_error") and self.isolation.get("oom_kills"):
+            status = "memory"  # the cgroup's OOM killer ended it (counted by the parent, not reported by the program)
         if bootstrap_error:
             stderr_text = f"sandbox bootstrap failed: {bootstrap_error}\n" + stderr_text
         return SandboxResult(

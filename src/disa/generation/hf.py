@@ -182,12 +182,6 @@ class HFGenerator(RolloutEngine):
         if policy is not self.model:
             self._use(policy)
 
-    shares_policy_module = True
-
-    def sync_weights(self, policy) -> None:
-        """Decode with the trainer's own module from now on (``RolloutEngine`` contract)."""
-        self.model = policy
-
     @property
     def device(self) -> torch.device:
         return model_device(self.model)

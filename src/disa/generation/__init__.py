@@ -119,6 +119,15 @@ def _shortest_prefix_with_stop(tokenizer, ids: Sequence[int], stop: Sequence[str
     return lo
 
 
+def rescore_cut_samples(samples: "list[Sample]", score) -> None:
+    """Set the log-prob of samples :func:`finalize_sample` cut inside a token (``needs_rescore``) from the
+    engine's own ``score(prompt_ids, response_ids) -> list[float]`` on the re-tokenised response."""
+    if not samples:
+        return
+    for sample, logprob in zip(samples, score([s.prompt_ids for s in samples], [s.response_ids for s in samples])):
+        sample.logprob = logprob
+
+
 def finalize_sample(
     tokenizer,
     prompt_ids: list[int],
@@ -160,5 +169,6 @@ def finalize_sample(
 
 __all__ = [
     "Sample", "RolloutEngine", "make_engine", "register_engine", "engine_names", "pad_token_id", "encode_prompt",
-    "encode_response", "decode", "finalize_sample", "stop_end", "check_generation_args", "FINISH_REASONS",
+    "encode_response", "decode", "finalize_sample", "rescore_cut_samples", "stop_end", "check_generation_args",
+    "FINISH_REASONS",
 ]

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
-from disa.generation import Sample, check_generation_args, encode_prompt, finalize_sample
+from disa.generation import Sample, check_generation_args, encode_prompt, finalize_sample, rescore_cut_samples
 from disa.generation.decode_loop import DECODERS, check_decoder, loop_unsupported, sample_with_cache
 from disa.generation.engine import EngineOption, RolloutEngine, eos_token_ids, pad_token_id
 from disa.generation.registry import register_engine
@@ -265,13 +265,8 @@ class HFGenerator(RolloutEngine):
             samples.append(sample)
             if rescore:
                 to_rescore.append(sample)
-        if to_rescore:
-            from disa.scoring import score_responses
+        from disa.scoring import score_responses
 
-            scores = score_responses(
-                self.model, [s.prompt_ids for s in to_rescore], [s.response_ids for s in to_rescore],
-                pad_id=self.pad_id, batch_size=max(1, self.batch_size * n),
-            )
-            for s, lp in zip(to_rescore, scores):
-                s.logprob = lp
+        rescore_cut_samples(to_rescore, lambda prompts, responses: score_responses(
+            self.model, prompts, responses, pad_id=self.pad_id, batch_size=max(1, self.batch_size * n)))
         return samples

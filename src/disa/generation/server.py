@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
-from disa.generation import Sample, check_generation_args, encode_prompt, finalize_sample
+from disa.generation import Sample, check_generation_args, encode_prompt, finalize_sample, rescore_cut_samples
 from disa.generation.engine import EngineOption, RolloutEngine, eos_token_ids, pad_token_id, policy_weights
 from disa.generation.registry import register_engine
 
@@ -191,10 +191,7 @@ class ServerEngine(RolloutEngine):
                     if rescore:
                         to_rescore.append(sample)
                 results.append(row)
-        if to_rescore:
-            for sample, lp in zip(to_rescore, self.score([s.prompt_ids for s in to_rescore],
-                                                        [s.response_ids for s in to_rescore])):
-                sample.logprob = lp
+        rescore_cut_samples(to_rescore, self.score)
         return results
 
     def _sample(self, choice: dict, prompt_ids: list[int], stop: list[str], where: str) -> tuple[Sample, bool]:

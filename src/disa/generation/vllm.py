@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from disa.generation import Sample, check_generation_args, encode_prompt, finalize_sample
+from disa.generation import Sample, check_generation_args, encode_prompt, finalize_sample, rescore_cut_samples
 from disa.generation.engine import EngineOption, RolloutEngine, eos_token_ids, pad_token_id, policy_weights
 from disa.generation.registry import register_engine
 
@@ -200,10 +200,7 @@ class VLLMGenerator(RolloutEngine):
                 if rescore:
                     to_rescore.append(sample)
             results.append(row)
-        if to_rescore:
-            for sample, lp in zip(to_rescore, self.score([s.prompt_ids for s in to_rescore],
-                                                        [s.response_ids for s in to_rescore])):
-                sample.logprob = lp
+        rescore_cut_samples(to_rescore, self.score)
         return results
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:

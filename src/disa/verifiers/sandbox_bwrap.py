@@ -27,18 +27,8 @@ DEFAULT_ALLOWED_PACKAGES = ("numpy",)
 # Runs inside bwrap before the program. Source text: it runs under `python -I -c`.
 _HARNESS = CHILD_HEAD + r'''
 
-def limit(kind, value):
-    resource.setrlimit(kind, (value, value))
-
 try:
-    chunks = []
-    while True:
-        chunk = os.read(config["program_fd"], 1 << 20)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(config["program_fd"])
-    source = b"".join(chunks)
+    source = read_program(config["program_fd"])
     limit(resource.RLIMIT_CORE, 0)
     limit(resource.RLIMIT_CPU, config["cpu_s"])
     limit(resource.RLIMIT_FSIZE, config["max_file_bytes"])

@@ -1,5 +1,5 @@
 """Source text that both sandbox back-ends run in the child (under ``python -I -c``): the head reads the
-run's config and reports on the private status pipe; the tail runs the program as ``__main__`` and turns how it
+run's config, reports on the private status pipe, reads the program from its fd and sets rlimits; the tail runs the program as ``__main__`` and turns how it
 ended into the exit status the parent classifies (87 MemoryError, 1 any other exception; ``SystemExit``
 propagates with the program's own status)."""
 
@@ -13,6 +13,20 @@ def report(message):
         os.write(status_fd, (json.dumps(message) + "\n").encode())
     except OSError:
         pass
+
+def read_program(fd):
+    """The program's source from the unlinked temporary file the parent passed as ``fd`` (then closed)."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+def limit(kind, value):
+    resource.setrlimit(kind, (value, value))
 '''
 
 RUN_PROGRAM = r'''

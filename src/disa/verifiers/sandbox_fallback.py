@@ -55,15 +55,7 @@ _BOOTSTRAP = CHILD_HEAD + r'''
 os.set_inheritable(status_fd, False)
 
 isolation = {"netns": False, "uid": None, "audit_hook": False}
-_chunks = []
-while True:
-    _chunk = os.read(config["program_fd"], 1 << 20)
-    if not _chunk:
-        break
-    _chunks.append(_chunk)
-os.close(config["program_fd"])
-source = b"".join(_chunks)
-del _chunks, _chunk
+source = read_program(config["program_fd"])
 
 if config["netns"]:
     try:
@@ -80,9 +72,6 @@ for module in config["preimport"]:
         __import__(module)
     except Exception:
         pass
-
-def limit(kind, value):
-    resource.setrlimit(kind, (value, value))
 
 try:
     limit(resource.RLIMIT_CORE, 0)

@@ -213,6 +213,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def testbed_with_exact_log_z(quick: bool, betas):
+    """What the Stage 1 studies start from: the testbed, its tokenizer, frozen ``pi_ref`` and proposal ``q``, the
+    training prompts' exact ground truth, and their exact ``log Z`` at each ``beta`` (a numpy array per beta)."""
+    from disa.demo import prompt_truths
+    from disa.testbed import build_testbed
+
+    tb = build_testbed(None, quick=quick)
+    ref = tb.load_ref().requires_grad_(False)
+    q = tb.load_proposal().requires_grad_(False)
+    truths = prompt_truths(tb.train_prompts, ref, tb.tokenizer, "train-")
+    exact = {beta: np.array([t.log_z(beta) for t in truths]) for beta in betas}
+    return tb, tb.tokenizer, ref, q, truths, exact
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m disa.studies.label_estimators", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -223,18 +237,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="docs/label-estimators.md")
     args = parser.parse_args(argv)
 
-    from disa.demo import prompt_truths
-    from disa.testbed import build_testbed
     from disa.testbed.models import torch_threads
 
     started = time.perf_counter()
     with torch_threads(1):
-        tb = build_testbed(None, quick=args.quick)
-        tokenizer = tb.tokenizer
-        ref = tb.load_ref().requires_grad_(False)
-        q = tb.load_proposal().requires_grad_(False)
-        truths = prompt_truths(tb.train_prompts, ref, tokenizer, "train-")
-        exact = {beta: np.array([t.log_z(beta) for t in truths]) for beta in BETAS}
+        tb, tokenizer, ref, q, truths, exact = testbed_with_exact_log_z(args.quick, BETAS)
         per_seed, stage3_runs = [], []
         for seed in range(args.seeds):
             work = Path(args.work) / f"seed{seed}"

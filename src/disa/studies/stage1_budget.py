@@ -208,18 +208,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="bench/stage1-budget.md")
     args = parser.parse_args(argv)
 
-    from disa.demo import prompt_truths
-    from disa.testbed import build_testbed
+    from disa.studies.label_estimators import testbed_with_exact_log_z
     from disa.testbed.models import torch_threads
 
     started = time.perf_counter()
     with torch_threads(1):
-        tb = build_testbed(None, quick=args.quick)
-        tokenizer = tb.tokenizer
-        ref = tb.load_ref().requires_grad_(False)
-        q = tb.load_proposal().requires_grad_(False)
-        truths = prompt_truths(tb.train_prompts, ref, tokenizer, "train-")
-        exact = {beta: np.array([t.log_z(beta) for t in truths]) for beta in BETAS}
+        _, tokenizer, ref, q, truths, exact = testbed_with_exact_log_z(args.quick, BETAS)
         per_seed_settings, per_seed_budget = [], []
         for seed in range(args.seeds):
             rows, pool_t1 = [], None

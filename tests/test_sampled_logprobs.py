@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from disa.scoring import pad_token_id, sampling_warpers, score_responses, score_sampled_responses
+from disa.generation import pad_token_id
+from disa.scoring import sampling_warpers, score_responses, score_sampled_responses
 
 
 def _hand_warped_logprob(logits64: torch.Tensor, token: int, temperature: float, top_p: float, top_k: int) -> float:

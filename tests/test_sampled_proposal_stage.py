@@ -12,7 +12,8 @@ import torch
 from disa.config import ConfigError
 from disa.data import PromptRecord
 from disa.generation.hf import HFGenerator
-from disa.scoring import pad_token_id, score_responses, score_sampled_responses
+from disa.generation import pad_token_id
+from disa.scoring import score_responses, score_sampled_responses
 from disa.stages.label import check_proposal_log_q
 from disa.stages.sample import LOGP_Q_META_KEY, list_shards, run_sampling
 

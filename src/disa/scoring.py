@@ -179,13 +179,6 @@ def score_responses(
     ]
 
 
-def pad_token_id(tokenizer) -> int:
-    """The id to pad with: the tokenizer's pad token, else its EOS (padding is masked out, so any id works)."""
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
 
 
 # --------------------------------------------------------------------------- the distribution actually sampled

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from disa.data import PromptRecord, render_prompt
 from disa.io import atomic_write_parquet, atomic_write_text
-from disa.generation import RolloutEngine, Sample, encode_prompt, encode_response
-from disa.scoring import pad_token_id, score_responses, score_sampled_responses
+from disa.generation import RolloutEngine, Sample, encode_prompt, encode_response, pad_token_id
+from disa.scoring import score_responses, score_sampled_responses
 from disa.config import ConfigError
 from disa.stages import common
 from disa.stages.common import stage

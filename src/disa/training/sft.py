@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from disa.config import SFTConfig
-from disa.generation import encode_prompt
+from disa.generation import encode_prompt, pad_token_id
 from disa.objectives import bind_objective
 from disa.training.checkpointer import Checkpointer
 from disa.training.checkpoints import find_checkpoint, read_checkpoint_json
@@ -55,13 +55,6 @@ def tokenize_examples(
     return prompt_ids, response_ids
 
 
-def _pad_id(tokenizer) -> int:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an EOS token")
-    return pad_id
-
-
 def _step_rows(num_examples: int, step: int, steps_per_epoch: int, mini: int, seed: int) -> tuple[int, int, list[int]]:
     """(epoch, position in the epoch, example rows) of optimiser step ``step``: epoch ``e``'s order is a
     shuffle seeded from ``(seed, e)``, so a resume at any step sees the same rows."""
@@ -93,7 +86,7 @@ def train_sft(
     if len(examples) == 0:
         raise ValueError("examples is empty: no reward-1 proposal samples to fine-tune on")
     check_mixed_precision(config.mixed_precision, model_device(policy))
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     prompt_ids, response_ids = tokenize_examples(tokenizer, examples, config)
     batch = TokenBatch(prompt_ids=prompt_ids, response_ids=response_ids)
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn from the global RNG: same config, same start

@@ -135,6 +135,15 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _longest_first_batches(prompt_ids, response_ids, pad_id: int, batch_size: int):
+    """``(row indices, pad_batch)`` of ``batch_size`` sequences at a time, longest first: padding per batch stays
+    small, and the indices let the caller put results back in its own order."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, pad_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id)
+
+
 @torch.inference_mode()
 def score_token_logprobs(
     model,
@@ -147,12 +156,8 @@ def score_token_logprobs(
     """Per-token log-probs of each response given its prompt, as a list of 1-D float32 CPU tensors."""
     device = model_device(model)
     out: list[torch.Tensor] = []
-    # longest first keeps padding per batch small; results are put back in the caller's order
-    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
     results: dict[int, torch.Tensor] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = pad_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id)
+    for idx, batch in _longest_first_batches(prompt_ids, response_ids, pad_id, batch_size):
         mask = batch["response_mask"].bool()
         lp = token_logprobs(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask.to(device)
@@ -239,10 +244,7 @@ def score_sampled_responses(
         return score_responses(model, prompt_ids, response_ids, pad_id=pad_id, batch_size=batch_size)
     device = model_device(model)
     results: dict[int, float] = {}
-    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = pad_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id)
+    for idx, batch in _longest_first_batches(prompt_ids, response_ids, pad_id, batch_size):
         input_ids = batch["input_ids"].to(device)
         keep = batch["response_mask"][:, : input_ids.shape[1] - 1].bool().to(device)
         logits, selected = _logits_at(model, input_ids, batch["attention_mask"].to(device), keep)

@@ -402,3 +402,12 @@ def test_allocate_samples_by_hand():
     assert allocate_samples(se, n, rewarded, 100, cap=torch.tensor([6, 6, 6])).tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="extra"):
         allocate_samples(se, n, rewarded, -1)
+
+
+def test_label_study_refuses_a_sample_budget_below_its_reported_n(capsys):
+    from disa.studies.label_estimators import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--n-max", "4", "--quick"])
+    assert exit_info.value.code == 2
+    assert "--n-max must be at least 8" in capsys.readouterr().err

@@ -236,6 +236,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", default="runs/label_study", help="where the samples go (resumable)")
     parser.add_argument("--out", default="docs/label-estimators.md")
     args = parser.parse_args(argv)
+    if args.n_max < 8:
+        parser.error(f"--n-max must be at least 8 (the study reports N = 8), got {args.n_max}")
+    ns = tuple(n for n in NS if n <= args.n_max)
 
     from disa.testbed.models import torch_threads
 
@@ -247,7 +250,7 @@ def main(argv=None) -> dict:
             work = Path(args.work) / f"seed{seed}"
             from_q = sample_scored(q, q, ref, tokenizer, truths, args.n_max, work / "q", seed, 16)
             from_ref = sample_scored(ref, q, ref, tokenizer, truths, args.n_max, work / "ref", seed + 7919, 16)
-            rows = error_rows(from_q, from_ref, exact, BETAS, NS)
+            rows = error_rows(from_q, from_ref, exact, BETAS, ns)
             per_seed.append(rows)
             at = {r["estimator"]: r["rmse"] for r in rows if r["beta"] == 3.0 and r["n"] == 8}
             print(f"[label study] seed {seed} beta 3 N 8: " + "; ".join(f"{k} {v:.3f}" for k, v in at.items()), flush=True)
@@ -262,7 +265,7 @@ def main(argv=None) -> dict:
     results = {"command": "python -m disa.studies.label_estimators " + " ".join(argv if argv is not None else
                                                                                __import__("sys").argv[1:]),
                "seeds": args.seeds, "n_max": args.n_max, "n_prompts": len(truths), "betas": list(BETAS),
-               "ns": list(NS), "rows": average_over_seeds(per_seed), "per_seed": per_seed, "stage3": stage3_runs,
+               "ns": list(ns), "rows": average_over_seeds(per_seed), "per_seed": per_seed, "stage3": stage3_runs,
                "wall_s": time.perf_counter() - started}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ MARKER = "kq" + secrets.token_hex(8)
 SECRET = MARKER + "-the-answer-only-the-tests-hold"
 
 # The program's function looks for the judge's tests: every readable file under /tmp (where the old
-# fallback wrote the judge's script), then every other process's open descriptors.
+# fallback wrote the judge's script) up to 1 MB (a CI machine's /tmp holds gigabytes of caches and model
+# files, and a scan that times out proves nothing), then every other process's open descriptors.
 SCAN_FILES = '''
 import os
 def answer():
@@ -41,7 +42,10 @@ def answer():
     for root, dirs, files in os.walk("/tmp"):
         for name in files:
             try:
-                with open(os.path.join(root, name), "rb") as f:
+                path = os.path.join(root, name)
+                if os.lstat(path).st_size > 1 << 20:
+                    continue
+                with open(path, "rb") as f:
                     data = f.read()
             except OSError:
                 continue
@@ -97,7 +101,7 @@ for name, program in programs.items():
     result = run_in_sandbox(program, backend="fallback", timeout_s=10)
     out[name] = [result.status, result.returncode, result.refusal]
 for name, program in scans.items():
-    report = run_tests(program, tests, backend="fallback", timeout_s=20)
+    report = run_tests(program, tests, backend="fallback", timeout_s=60)
     out[name] = [report.all_passed, report.results[0].status, report.results[0].stdout]
 workdir = run_in_sandbox("import os\\nprint(os.getcwd())", backend="fallback").stdout.strip()
 parent = os.stat(os.path.dirname(workdir))

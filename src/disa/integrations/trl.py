@@ -19,9 +19,10 @@ model, so TRL's optimizer trains it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -39,8 +40,15 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("disa.integrations.trl needs TRL: pip install 'disa[trl]'") from e
 
 HEAD_NAME = "disa_log_z_head"
-__all__ = ["DisaGRPOTrainer", "add_log_z_column", "code_reward_isolation", "target_rewards_for_rollouts",
-           "trl_batch_to_objective_inputs"]
+# TRL's vLLM importance-sampling modes with one ratio per rollout (B, 1): applied as a trajectory weight
+SEQUENCE_IS_MODES = ("sequence_mask", "sequence_truncate")
+__all__ = ["DisaGRPOTrainer", "UnscoredCompletionWarning", "add_log_z_column", "check_grpo_args",
+           "code_reward_isolation", "prompts_dataset", "target_rewards_for_rollouts", "trl_batch_to_objective_inputs",
+           "weighted_objective"]
+
+
+class UnscoredCompletionWarning(UserWarning):
+    """Some completions were scored by no reward function (TRL's NaN): they are excluded, never given r~ = 0."""
 
 
 def code_reward_isolation(reward_funcs: Any, allow_fallback: bool) -> Optional[str]:
@@ -61,23 +69,83 @@ def code_reward_isolation(reward_funcs: Any, allow_fallback: bool) -> Optional[s
     return level
 
 
+def check_grpo_args(grpo_args: Any, num_reward_funcs: int) -> None:
+    """Refuse the ``GRPOConfig`` settings under which TRL's batch cannot give the trajectory-balance loss its
+    meaning (each error says why and what to set instead); warn on ``temperature != 1``."""
+    if grpo_args is None or float(getattr(grpo_args, "beta", 0.0)) == 0.0:
+        raise ValueError("DisaGRPOTrainer: pass a GRPOConfig with beta != 0 so that TRL computes reference "
+                         "log-probs (trajectory balance needs log pi_ref; the value is not used as a KL weight)")
+    if getattr(grpo_args, "sync_ref_model", False):
+        raise ValueError("DisaGRPOTrainer: sync_ref_model=True is refused: TRL would copy the policy into pi_ref "
+                         "every ref_model_sync_steps, but the frozen log Z(x) = log E_pi_ref[exp(beta r~)] was "
+                         "estimated under the starting pi_ref; after a sync the residual targets a pi* that this "
+                         "log Z does not normalise. Keep sync_ref_model=False")
+    if getattr(grpo_args, "use_vllm", False) and getattr(grpo_args, "vllm_importance_sampling_correction", False):
+        mode = getattr(grpo_args, "vllm_importance_sampling_mode", None)
+        if mode not in SEQUENCE_IS_MODES:
+            raise ValueError(f"DisaGRPOTrainer: vllm_importance_sampling_mode={mode!r} gives one ratio per token, "
+                             "which has no place in a trajectory-level squared residual; use one of "
+                             f"{SEQUENCE_IS_MODES} (applied as a trajectory weight) or "
+                             "vllm_importance_sampling_correction=False")
+    aggregation = getattr(grpo_args, "multi_objective_aggregation", "sum_then_normalize")
+    if num_reward_funcs > 1 and aggregation != "sum_then_normalize":
+        raise ValueError(f"DisaGRPOTrainer: multi_objective_aggregation={aggregation!r} normalises each reward "
+                         "function over the batch, which is not a fixed reward r(x, y) that log Z could have been "
+                         "estimated under; use 'sum_then_normalize' (r = sum_k reward_weights[k] * r_k)")
+    if float(getattr(grpo_args, "temperature", 1.0)) != 1.0:
+        warnings.warn("GRPOConfig.temperature != 1: TRL divides the policy's logits by it, so the residual "
+                      "is about a tempered policy, not pi_theta itself", stacklevel=3)
+
+
 def target_rewards_for_rollouts(transform: str, raw: torch.Tensor, num_generations: int,
-                                scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None):
-    """``r~`` of TRL's flat ``(B,)`` rewards with Stage 3's own transform (``disa.training.rollouts.target_rewards``):
-    ``group`` normalises each group of ``num_generations`` rows (TRL's order); ``raw`` and ``affine`` (each
-    row's frozen scale, shift) act row by row."""
-    group = num_generations if transform == "group" else 1
-    if raw.numel() % group:
-        raise ValueError(f"{raw.numel()} rewards do not split into groups of {num_generations}")
-    return target_rewards(transform, raw.view(-1, group), scale, shift).reshape(-1)
+                                scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                                scored: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``r~`` of TRL's flat ``(B,)`` rewards (``B = P * num_generations``, each prompt's rollouts adjacent, TRL's
+    order) through Stage 3's own transform (:func:`disa.training.rollouts.target_rewards` on the ``(P, G)``
+    view). ``affine``: ``scale, shift (B,)`` are the rows' dataset columns, one value per group (a group whose
+    rows disagree is an error). ``scored (B,)``: False for a completion no reward function scored; it is left
+    out of its group's statistics and gets ``r~ = 0`` (the trainer excludes it from the loss)."""
+    if raw.dim() != 1 or raw.numel() % num_generations:
+        raise ValueError(f"{tuple(raw.shape)} rewards do not split into groups of num_generations={num_generations}")
+    shape = (raw.numel() // num_generations, num_generations)
+    mask = None if scored is None else scored.bool().view(shape)
+    grouped = raw.view(shape) if mask is None else raw.view(shape).masked_fill(~mask, 0.0)
+    if transform == "affine":
+        if scale is None or shift is None:
+            raise ValueError("reward_transform='affine' needs each row's reward_scale and reward_shift")
+        scale, shift = scale.view(shape), shift.view(shape)
+        bad = ((scale != scale[:, :1]) | (shift != shift[:, :1])).any(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"group {int(torch.nonzero(bad)[0])}: its {num_generations} rows carry different "
+                             "reward_scale/reward_shift; the rows of one group must be one prompt")
+        scale, shift = scale[:, 0], shift[:, 0]
+    out = target_rewards(transform, grouped, scale, shift, mask=mask)
+    return (out if mask is None else out.masked_fill(~mask, 0.0)).reshape(-1)
+
+
+def prompts_dataset(records: Sequence[Any], tokenizer=None, id_column: str = "prompt_id"):
+    """A TRL train dataset from disa prompt records (:func:`disa.data.load_prompts`): ``prompt`` is each record
+    rendered by :func:`disa.data.render_prompt` (the chat template applied to ``messages``, or a plain
+    ``prompt``): the exact text Stage 1 sampled and scored, so the frozen log Z is about the same prompt.
+    ``id_column`` holds the record id (what ``add_log_z_column`` looks up); the verifier's columns (``answer``,
+    ``tests``, extra columns) ride along for the reward function."""
+    import datasets
+
+    from disa.data import render_prompt
+
+    columns: dict[str, list] = {"prompt": [render_prompt(r, tokenizer) for r in records],
+                                id_column: [r.id for r in records]}
+    for key in dict.fromkeys(k for r in records for k in r.verifier_columns() if k != "metadata"):
+        values = [r.verifier_columns().get(key) for r in records]
+        if any(v is not None for v in values):
+            columns[key] = values
+    return datasets.Dataset.from_dict(columns)
 
 
 def trl_batch_to_objective_inputs(per_token_logps: torch.Tensor, inputs: dict,
                                   log_z: Optional[torch.Tensor]) -> ObjectiveInputs:
     """Map a TRL micro-batch onto ``ObjectiveInputs``."""
-    mask = inputs["completion_mask"]
-    if "tool_mask" in inputs:
-        mask = mask * inputs["tool_mask"]
+    mask = loss_mask(inputs)
     if "ref_per_token_logps" not in inputs:
         raise ValueError("the TRL batch has no ref_per_token_logps: trajectory balance needs pi_ref; set "
                          "GRPOConfig.beta to a non-zero value (it is not used as a KL weight here)")
@@ -85,6 +153,40 @@ def trl_batch_to_objective_inputs(per_token_logps: torch.Tensor, inputs: dict,
     return ObjectiveInputs(logp=per_token_logps, mask=mask,
                            old_logp=per_token_logps.detach() if old is None else old,
                            ref_logp=inputs["ref_per_token_logps"], rewards=inputs["disa_rewards"], log_z=log_z)
+
+
+def loss_mask(inputs: dict) -> torch.Tensor:
+    """The tokens TRL's loss counts: ``completion_mask`` (times ``tool_mask`` in multi-turn batches)."""
+    mask = inputs["completion_mask"]
+    return mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+
+
+def kept_rollouts(inputs: dict) -> torch.Tensor:
+    """``(B,)`` bool: the rollouts that enter the loss: at least one token in the loss mask (TRL's
+    ``mask_truncated_completions`` zeroes a truncated rollout's whole row) and scored by some reward function."""
+    keep = loss_mask(inputs).sum(dim=1) > 0
+    return keep & inputs["disa_scored"].bool() if "disa_scored" in inputs else keep
+
+
+def select_rollouts(batch: ObjectiveInputs, keep: torch.Tensor) -> ObjectiveInputs:
+    """The rows ``keep`` selects of every per-rollout and per-token field."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[keep] for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def weighted_objective(objective: Any, batch: ObjectiveInputs,
+                       weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """``objective(batch)``, or with a detached per-rollout ``weight (B,)``: ``mean_b weight_b * loss_b`` where
+    ``loss_b`` is the objective on rollout ``b`` alone. Trajectory-balance losses are means over rollouts
+    (``ObjectiveNeeds.token_weighted`` False), so this multiplies each rollout's term ``w_b residual_b^2`` by
+    ``weight_b``; with ``weight = 1`` it is ``objective(batch)``. Metrics are the rollouts' means."""
+    if weight is None:
+        return objective(batch)
+    rows = [objective(select_rollouts(batch, torch.arange(batch.mask.shape[0], device=batch.mask.device) == b))
+            for b in range(batch.mask.shape[0])]
+    loss = (weight.detach().to(rows[0][0].dtype) * torch.stack([r[0] for r in rows])).mean()
+    metrics = {k: torch.stack([r[1][k] for r in rows]).mean() for k in rows[0][1]}
+    return loss, metrics
 
 
 class DisaGRPOTrainer(GRPOTrainer):
@@ -95,6 +197,7 @@ class DisaGRPOTrainer(GRPOTrainer):
     hyperparameters). The train dataset needs a ``log_z`` column for a frozen ``log Z`` and
     ``reward_scale``/``reward_shift`` for the affine transform. A reward function that runs code (the ``code``
     verifier) needs bubblewrap unless ``allow_sandbox_fallback=True`` (:func:`code_reward_isolation`).
+    What each TRL setting does here: :func:`check_grpo_args` and docs/engines.md (TRL).
     """
 
     def __init__(self, *args, target: TargetConfig, objective: str = "disa",
@@ -106,6 +209,9 @@ class DisaGRPOTrainer(GRPOTrainer):
                              "objectives (disa, tb, flowrl, flowrl_no_logz); use trl.GRPOTrainer for GRPO")
         check_hyperparameters(objective, objective_kwargs or {})
         self.disa_objective = bind_objective(objective, {**(objective_kwargs or {}), "beta": target.beta})
+        if self.disa_objective.needs.token_weighted:
+            raise ValueError(f"objective {objective!r} declares a token-weighted loss; DisaGRPOTrainer weights and "
+                             "drops whole rollouts and needs a mean over rollouts")
         self.disa_target = target
         entry = resolve_log_z_source(log_z, spec)  # train.log_z, with the errors of `disa train`
         if entry.cls.needs_old_logp:
@@ -118,14 +224,16 @@ class DisaGRPOTrainer(GRPOTrainer):
         self.disa_log_z = None if self.disa_log_z_column else entry.cls.from_run(LogZContext(
             train=TrainConfig(objective=objective, objective_kwargs=dict(objective_kwargs or {}), log_z=log_z)))
         grpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        if grpo_args is None or float(getattr(grpo_args, "beta", 0.0)) == 0.0:
-            raise ValueError("DisaGRPOTrainer: pass a GRPOConfig with beta != 0 so that TRL computes reference "
-                             "log-probs (trajectory balance needs log pi_ref; the value is not used as a KL weight)")
-        if float(getattr(grpo_args, "temperature", 1.0)) != 1.0:
-            warnings.warn("GRPOConfig.temperature != 1: TRL divides the policy's logits by it, so the residual "
-                          "is about a tempered policy, not pi_theta itself", stacklevel=2)
-        self.disa_code_isolation = code_reward_isolation(
-            kwargs.get("reward_funcs", args[1] if len(args) > 1 else None), allow_sandbox_fallback)
+        reward_funcs = kwargs.get("reward_funcs", args[1] if len(args) > 1 else None)
+        check_grpo_args(grpo_args, len(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else 1)
+        dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        names = getattr(dataset, "column_names", None) or []
+        if "messages" in names and "prompt" not in names:
+            raise ValueError("train_dataset has a 'messages' column but no 'prompt': TRL reads 'prompt'. Build it "
+                             "with disa.integrations.trl.prompts_dataset(load_prompts(path), tokenizer), which "
+                             "renders each row as Stage 1 did, or rename the column to 'prompt' (TRL's "
+                             "conversational format)")
+        self.disa_code_isolation = code_reward_isolation(reward_funcs, allow_sandbox_fallback)
         super().__init__(*args, **kwargs)
         if self.disa_log_z is not None and self.disa_log_z.trains:
             self._attach_log_z_module()
@@ -139,24 +247,31 @@ class DisaGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         device = output["completion_ids"].device
-        weights = self.reward_weights.to(device).unsqueeze(0)
-        raw_all = (self._disa_rewards_per_func.to(device) * weights).nansum(dim=1)
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        per_func = self._disa_rewards_per_func.to(device)  # (B_all, K), NaN where a function gave None
+        scored_all = ~torch.isnan(per_func).all(dim=1)
+        raw_all = (per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)  # TRL's weighted sum
         n = len(inputs)
-        start = self.accelerator.process_index * n
-        raw = raw_all[start:start + n]
-        transform = self.disa_target.reward_transform
-        if transform == "group":  # group statistics over the whole (gathered) group, then this process's rows
-            rewards = target_rewards_for_rollouts("group", raw_all, self.num_generations)[start:start + n]
-        elif transform == "affine":
+        rows = slice(self.accelerator.process_index * n, (self.accelerator.process_index + 1) * n)
+        scale = shift = None
+        if self.disa_target.reward_transform == "affine":
             missing = [c for c in AFFINE_COLUMNS if c not in inputs[0]]
             if missing:
                 raise KeyError(f"reward_transform='affine' needs dataset columns {list(AFFINE_COLUMNS)}; missing "
                                f"{missing}: fill them with add_log_z_column(..., labels_path=labels.parquet)")
-            scale, shift = (torch.tensor([float(x[c]) for x in inputs], device=device) for c in AFFINE_COLUMNS)
-            rewards = target_rewards_for_rollouts("affine", raw, self.num_generations, scale, shift)
-        else:
-            rewards = target_rewards_for_rollouts(transform, raw, self.num_generations)
-        output["disa_rewards"] = rewards.float()
+            scale, shift = (self.accelerator.gather(torch.tensor([float(x[c]) for x in inputs], device=device))
+                            for c in AFFINE_COLUMNS)
+        rewards = target_rewards_for_rollouts(self.disa_target.reward_transform, raw_all, group, scale, shift,
+                                              scored_all)
+        unscored = int((~scored_all).sum())
+        if unscored:
+            warnings.warn(UnscoredCompletionWarning(
+                f"{unscored} of {scored_all.numel()} completions were scored by no reward function (each returned "
+                "None): they are left out of their group's reward statistics and of the loss"), stacklevel=2)
+        self._metrics[mode]["disa/unscored_frac"].append(unscored / scored_all.numel())
+        output["disa_rewards"] = rewards[rows].float()
+        output["disa_scored"] = scored_all[rows]
         source = self.disa_log_z
         if self.disa_log_z_column:
             if LOG_Z_COLUMN not in inputs[0]:
@@ -170,7 +285,7 @@ class DisaGRPOTrainer(GRPOTrainer):
             output["disa_log_z"] = log_z.to(device)
         return output
 
-    # ------------------------------------------------------------------ loss
+# ------------------------------------------------------------------ loss
     def _attach_log_z_module(self) -> None:
         """Bind the learned source to the policy and attach its module, so that TRL's optimiser trains it."""
         model = self.accelerator.unwrap_model(self.model)
@@ -192,14 +307,27 @@ class DisaGRPOTrainer(GRPOTrainer):
         return logps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Our objective on the micro-batch's kept rollouts (:func:`kept_rollouts`), each weighted by TRL's
+        sequence-level vLLM importance ratio when TRL computed one; 0 (with a graph) when none is kept."""
         if return_outputs:
             raise ValueError("DisaGRPOTrainer does not return outputs")
         reads_hidden = self.disa_log_z is not None and self.disa_log_z.needs_hidden_states
         log_z = self.learned_log_z(model, inputs) if reads_hidden else inputs.get("disa_log_z")
-        loss, metrics = self.disa_objective(trl_batch_to_objective_inputs(self.policy_logps(model, inputs), inputs, log_z))
+        logp = self.policy_logps(model, inputs)
+        keep = kept_rollouts(inputs)
         mode = "train" if self.model.training else "eval"
-        for name, value in read_back(metrics).items():
-            self._metrics[mode][f"disa/{name}"].append(value)
+        self._metrics[mode]["disa/excluded_frac"].append(float((~keep).float().mean()))
+        if not bool(keep.any()):  # every rollout masked or unscored: nothing to learn, but keep the graph
+            loss = (logp * 0.0).sum() + (0.0 if log_z is None or not log_z.requires_grad else (log_z * 0.0).sum())
+        else:
+            ratio = inputs.get("importance_sampling_ratio")  # TRL's vLLM correction, (B, 1) in sequence modes
+            weight = None if ratio is None else ratio.reshape(ratio.shape[0], -1)[:, 0][keep]
+            batch = select_rollouts(trl_batch_to_objective_inputs(logp, inputs, log_z), keep)
+            loss, metrics = weighted_objective(self.disa_objective, batch, weight)
+            for name, value in read_back(metrics).items():
+                self._metrics[mode][f"disa/{name}"].append(value)
+            if weight is not None:
+                self._metrics[mode]["disa/vllm_is_weight_mean"].append(float(weight.mean()))
         if mode == "train":  # TRL turns off the Trainer's own scaling; its losses divide by the accumulation
             loss = loss / self.current_gradient_accumulation_steps
         return loss

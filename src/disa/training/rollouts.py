@@ -77,9 +77,13 @@ def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
     }
 
 
-def target_rewards(transform: str, raw: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+def target_rewards(transform: str, raw: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                   mask: Optional[Tensor] = None) -> Tensor:
     """The target's ``r~`` of raw rewards ``(P, G)`` (groups of one prompt in a row): ``affine`` reads each prompt's
-    frozen ``scale, shift (P,)``, so Stage 1 and Stage 3 see the same r~; ``group`` normalises within a row."""
+    frozen ``scale, shift (P,)``, so Stage 1 and Stage 3 see the same r~; ``group`` normalises within a row, over
+    the rollouts ``mask (P, G)`` keeps when given (the others get 0)."""
+    if transform == "group":
+        return transform_rewards("group", raw, mask=mask)
     if transform != "affine":
         return transform_rewards(transform, raw)
     return transform_rewards("affine", raw, scale=scale, shift=shift)

@@ -181,3 +181,168 @@ def test_log_z_names_a_registered_source_as_train_log_z_does(tiny_gpt2_path, tmp
     trainer.train()
     logged = [h["disa/log_z_mean"] for h in trainer.state.log_history if "disa/log_z_mean" in h]
     assert logged == [0.0]  # zero, not the dataset's log_z column (0.5, -1, 2, 0)
+
+
+# ------------------------------------------------------------------------------------- the GRPOConfig flag matrix
+# Real GRPOTrainer steps on CPU; at every micro-batch the loss DisaGRPOTrainer returns is checked against the
+# objective written out here in float64 from the batch's token ids alone: rewards recomputed from the decoded
+# completions, r~ by hand per prompt group, log pi_theta / log pi_ref from our own forwards (pi_ref loaded
+# separately from the checkpoint), truncation read off the ids, log Z and the affine map from the files.
+MATRIX_G, MATRIX_BATCH, MATRIX_LEN, MATRIX_BETA = 4, 8, 5, 0.7
+MATRIX_LOG_Z = (0.5, -1.0, 2.0, 0.25)
+AFFINE = {"p0": (2.0, -0.5), "p1": (0.5, 0.25), "p2": (1.5, 0.0), "p3": (1.0, -1.0)}
+
+
+def text_of(completion):
+    from disa.verifiers import completion_text
+
+    return completion_text(completion)
+
+
+def reward_one(completions, **kw):
+    return [float(len(text_of(c)) % 2 == 0) for c in completions]
+
+
+def reward_a(completions, **kw):  # None (TRL: "does not apply") on lengths 1 mod 3
+    return [None if len(text_of(c)) % 3 == 1 else float(len(text_of(c)) % 2 == 0) for c in completions]
+
+
+def reward_b(completions, **kw):  # None on lengths 1 mod 3 too (those are unscored) and on odd lengths
+    return [None if len(text_of(c)) % 3 == 1 or len(text_of(c)) % 2 else float(len(text_of(c)) % 5 < 2)
+            for c in completions]
+
+
+MULTI_WEIGHTS = (1.0, 0.5)
+
+
+def raw_reward(text):
+    """(reward, scored) of one completion under the 'multi' reward functions, as TRL combines them."""
+    values = [f([text])[0] for f in (reward_a, reward_b)]
+    if all(v is None for v in values):
+        return 0.0, False
+    return sum(w * v for w, v in zip(MULTI_WEIGHTS, values) if v is not None), True
+
+
+def write_affine_labels(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = sorted(AFFINE)
+    pq.write_table(pa.table({"prompt_id": ids, "reward_scale": [AFFINE[i][0] for i in ids],
+                             "reward_shift": [AFFINE[i][1] for i in ids]}), path)
+    return path
+
+
+def expected_loss(model, ref_model, tokenizer, inputs, case):
+    """DISA's eq. 10 on the micro-batch's kept rollouts, in float64, from the ids alone (w = 1: TRL generates
+    every step, so each batch is on-policy)."""
+    transform, chat, multi, mask_truncated = case
+    eos = tokenizer.eos_token_id
+    rows = []
+    for b in range(inputs["completion_ids"].shape[0]):
+        prompt = tokenizer.decode(inputs["prompt_ids"][b][inputs["prompt_mask"][b].bool()], skip_special_tokens=True)
+        [pid] = [f"p{i}" for i, p in enumerate(PROMPTS) if p in prompt]
+        ids = inputs["completion_ids"][b].tolist()
+        truncated = eos not in ids
+        length = len(ids) if truncated else ids.index(eos) + 1
+        text = tokenizer.decode(ids[:length], skip_special_tokens=True)
+        reward, scored = raw_reward(text) if multi else (reward_one([text])[0], True)
+        rows.append({"pid": pid, "length": length, "reward": reward, "scored": scored,
+                     "kept": scored and not (mask_truncated and truncated)})
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(r["pid"], []).append(r)
+    assert all(len(g) == MATRIX_G for g in by_prompt.values())  # one micro-batch holds whole groups here
+    for group in by_prompt.values():
+        scored = [r["reward"] for r in group if r["scored"]]
+        mean = sum(scored) / len(scored) if scored else 0.0
+        std = math.sqrt(sum((x - mean) ** 2 for x in scored) / max(len(scored) - 1, 1)) if scored else 0.0
+        for r in group:
+            if transform == "group":
+                r["r_tilde"] = (r["reward"] - mean) / (std + 1e-6) if std > 0 else 0.0
+            elif transform == "affine":
+                scale, shift = AFFINE[r["pid"]]
+                r["r_tilde"] = scale * r["reward"] + shift
+            else:
+                r["r_tilde"] = r["reward"]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    c = inputs["completion_ids"].shape[1]
+    logps = []
+    for m in (model, ref_model):
+        logits = m(input_ids=ids, attention_mask=attn).logits.double()[:, -c - 1:-1]
+        logps.append(torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1))
+    terms = []
+    for b, r in enumerate(rows):
+        if r["kept"]:
+            n = r["length"]
+            log_z = MATRIX_LOG_Z[int(r["pid"][1:])]
+            terms.append((log_z + logps[0][b, :n].sum() - MATRIX_BETA * r["r_tilde"] - logps[1][b, :n].sum()) ** 2)
+    return (float(sum(terms) / len(terms)) if terms else 0.0), rows
+
+
+MATRIX = {  # (reward transform, chat prompts, two reward functions with unscored completions, mask_truncated)
+    "raw-plain-one": ("raw", False, False, False),
+    "affine-plain-one-masktrunc": ("affine", False, False, True),
+    "group-chat-multi-masktrunc": ("group", True, True, True),
+    "affine-chat-multi": ("affine", True, True, False),
+    "group-plain-one": ("group", False, False, False),
+    "raw-chat-multi-masktrunc": ("raw", True, True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(MATRIX.values()), ids=list(MATRIX))
+def test_grpo_flag_matrix_loss_equals_our_objective_every_step(tiny_gpt2_path, tiny_llama_path, tmp_path, case):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+
+    from disa.integrations.trl import DisaGRPOTrainer, UnscoredCompletionWarning
+
+    transform, chat, multi, mask_truncated = case
+    path = tiny_llama_path if chat else tiny_gpt2_path  # the llama tokenizer has a chat template
+    table = write_table(tmp_path / "table.parquet", beta=MATRIX_BETA, transform=transform, values=MATRIX_LOG_Z)
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS] if chat else PROMPTS
+    dataset = datasets.Dataset.from_dict({"prompt": prompts, "prompt_id": [f"p{i}" for i in range(len(PROMPTS))]})
+    labels = write_affine_labels(tmp_path / "labels.parquet") if transform == "affine" else None
+    dataset, target = add_log_z_column(dataset, table, labels_path=labels)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=MATRIX_BATCH, num_generations=MATRIX_G,
+        max_completion_length=MATRIX_LEN, beta=0.04, learning_rate=1e-2, max_steps=2, logging_steps=1, report_to=[],
+        use_cpu=True, seed=0, save_strategy="no", bf16=False, disable_dropout=True,
+        mask_truncated_completions=mask_truncated, reward_weights=list(MULTI_WEIGHTS) if multi else None,
+        # EOS made likely so that a 5-token budget gives both finished and truncated completions
+        generation_kwargs={"sequence_bias": {(tokenizer.eos_token_id,): 2.5}},
+    )
+    torch.manual_seed(0)
+    trainer = DisaGRPOTrainer(model=path, reward_funcs=[reward_a, reward_b] if multi else reward_one, args=args,
+                              train_dataset=dataset, target=target, objective="disa")
+    ref_model = AutoModelForCausalLM.from_pretrained(path).eval()
+    seen = []
+    original = trainer.compute_loss
+
+    def checked(model, inputs, *a, **kw):
+        loss = original(model, inputs, *a, **kw)
+        with torch.no_grad():
+            expected, rows = expected_loss(model, ref_model, tokenizer, inputs, case)
+        seen.append((float(loss.detach()) * trainer.current_gradient_accumulation_steps, expected, rows))
+        return loss
+
+    trainer.compute_loss = checked
+    if multi:
+        with pytest.warns(UnscoredCompletionWarning, match="scored by no reward function"):
+            trainer.train()
+    else:
+        trainer.train()
+    assert len(seen) == 2
+    for loss, expected, _ in seen:
+        assert loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    rows = [r for _, _, step in seen for r in step]
+    assert any(r["kept"] for r in rows) and any(r["r_tilde"] != 0 for r in rows if r["kept"])
+    if mask_truncated or multi:  # the flag under test dropped some rollouts, and those are what the loss left out
+        assert not all(r["kept"] for r in rows)
+    if multi:
+        assert not all(r["scored"] for r in rows)
+    logged = [h for h in trainer.state.log_history if "disa/excluded_frac" in h]
+    assert [h["disa/excluded_frac"] for h in logged] == pytest.approx(
+        [sum(not r["kept"] for r in step) / len(step) for _, _, step in seen])

@@ -346,3 +346,97 @@ def test_grpo_flag_matrix_loss_equals_our_objective_every_step(tiny_gpt2_path, t
     logged = [h for h in trainer.state.log_history if "disa/excluded_frac" in h]
     assert [h["disa/excluded_frac"] for h in logged] == pytest.approx(
         [sum(not r["kept"] for r in step) / len(step) for _, _, step in seen])
+
+
+def small_args(tmp_path, **kw):
+    from trl import GRPOConfig
+
+    return GRPOConfig(output_dir=str(tmp_path), beta=0.04, use_cpu=True, report_to=[], num_generations=2,
+                      per_device_train_batch_size=2, **kw)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"sync_ref_model": True}, "sync_ref_model=True is refused: .* estimated under the starting pi_ref"),
+    ({"use_vllm": True, "vllm_mode": "colocate", "vllm_importance_sampling_mode": "token_truncate"},
+     "'token_truncate' gives one ratio per token"),
+    ({"use_vllm": True, "vllm_mode": "colocate", "vllm_importance_sampling_mode": "token_mask"},
+     "'token_mask' gives one ratio per token"),
+    ({"multi_objective_aggregation": "normalize_then_sum"}, "'normalize_then_sum' normalises each reward function"),
+])
+def test_settings_that_change_the_target_are_refused_with_the_reason(tiny_gpt2_path, tmp_path, settings, message):
+    from disa.integrations.trl import DisaGRPOTrainer
+
+    with pytest.raises(ValueError, match=message):
+        DisaGRPOTrainer(model=tiny_gpt2_path, reward_funcs=[length_reward, length_reward],
+                        args=small_args(tmp_path, **settings), train_dataset=make_dataset(),
+                        target=TargetConfig(beta=1.0, reward_transform="raw"))
+
+
+def test_check_grpo_args_accepts_sequence_level_vllm_correction_and_one_function_with_any_aggregation(tmp_path):
+    from disa.integrations.trl import check_grpo_args
+
+    for mode in ("sequence_mask", "sequence_truncate"):
+        check_grpo_args(small_args(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_mode=mode), 1)
+    check_grpo_args(small_args(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=False,
+                               vllm_importance_sampling_mode="token_truncate"), 2)
+    check_grpo_args(small_args(tmp_path, multi_objective_aggregation="normalize_then_sum"), 1)
+
+
+def test_a_messages_dataset_is_refused_and_prompts_dataset_renders_rows_as_stage1(tiny_gpt2_path, tiny_llama_path,
+                                                                                    tmp_path):
+    from transformers import AutoTokenizer
+
+    from disa.data import PromptRecord, render_prompt
+    from disa.integrations.trl import DisaGRPOTrainer, prompts_dataset
+
+    chat = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "a b"}]], "prompt_id": ["p0"]})
+    with pytest.raises(ValueError, match="'messages' column but no 'prompt'.*prompts_dataset"):
+        DisaGRPOTrainer(model=tiny_gpt2_path, reward_funcs=length_reward, args=small_args(tmp_path),
+                        train_dataset=chat, target=TargetConfig(beta=1.0, reward_transform="raw"))
+    records = [PromptRecord(id="a", prompt="a b c", answer="5"),
+               PromptRecord(id="b", messages=[{"role": "user", "content": "d e"}], answer="7")]
+    for path in (tiny_gpt2_path, tiny_llama_path):  # without and with a chat template
+        tok = AutoTokenizer.from_pretrained(path)
+        ds = prompts_dataset(records, tok)
+        assert ds["prompt"] == [render_prompt(r, tok) for r in records]
+        assert ds["prompt_id"] == ["a", "b"] and ds["answer"] == ["5", "7"]
+    assert ds["prompt"][1] == "<s><|user|>d e\n<|assistant|>"  # the llama template, as Stage 1 renders it
+
+
+def hand_loss(batch, logp, keep, weight, beta=1.0):
+    """mean over kept rollouts of v_b * w_b * residual_b^2, float64, w = min(exp(sum(logp - old)), 10)."""
+    mask = batch["completion_mask"].double()
+    logp, old, ref = logp.double(), batch["old_per_token_logps"].double(), batch["ref_per_token_logps"].double()
+    terms = []
+    for b in range(mask.shape[0]):
+        if keep[b]:
+            m = mask[b]
+            residual = batch["disa_log_z"][b] + (logp[b] * m).sum() - beta * batch["disa_rewards"][b] - (ref[b] * m).sum()
+            w = min(math.exp(float(((logp[b] - old[b]) * m).sum())), 10.0)
+            terms.append(weight[b] * w * residual**2)
+    return float(sum(terms) / len(terms))
+
+
+def test_fixed_batch_masked_rows_are_left_out_and_the_vllm_sequence_ratio_weights_each_rollout(tiny_gpt2_path,
+                                                                                                tmp_path):
+    trainer = make_trainer(tiny_gpt2_path, tmp_path, disable_dropout=True)
+    model = trainer.model
+    trainer.current_gradient_accumulation_steps = 1
+    batch = fixed_batch(model.config.vocab_size)
+    batch["completion_mask"][1] = 0  # mask_truncated_completions zeroes a truncated rollout's row
+    batch["disa_scored"] = torch.tensor([True, True, True, False])  # no reward function scored row 3
+    with torch.no_grad():
+        logp = reference_logps(model, batch)
+    keep = [True, False, True, False]
+    loss = trainer.compute_loss(model, batch)
+    assert float(loss) == pytest.approx(hand_loss(batch, logp, keep, [1.0] * 4), rel=1e-5)
+
+    ratio = torch.tensor([[0.5], [2.0], [0.0], [3.0]])  # TRL's (B, 1) sequence-mode ratio; 0 = masked by TRL
+    loss = trainer.compute_loss(model, {**batch, "importance_sampling_ratio": ratio})
+    assert float(loss) == pytest.approx(hand_loss(batch, logp, keep, ratio[:, 0].tolist()), rel=1e-5)
+    assert float(loss) != pytest.approx(hand_loss(batch, logp, keep, [1.0] * 4), rel=1e-3)
+
+    batch["completion_mask"][:] = 0  # nothing to learn from: zero loss, and backward still works
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    assert float(loss) == 0.0

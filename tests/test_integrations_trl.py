@@ -362,6 +362,8 @@ def small_args(tmp_path, **kw):
     ({"use_vllm": True, "vllm_mode": "colocate", "vllm_importance_sampling_mode": "token_mask"},
      "'token_mask' gives one ratio per token"),
     ({"multi_objective_aggregation": "normalize_then_sum"}, "'normalize_then_sum' normalises each reward function"),
+    ({"entropy_coef": 0.01}, "'entropy_coef': 0.01.* would be ignored"),
+    ({"top_entropy_quantile": 0.2}, "'top_entropy_quantile': 0.2.* would be ignored"),
 ])
 def test_settings_that_change_the_target_are_refused_with_the_reason(tiny_gpt2_path, tmp_path, settings, message):
     from disa.integrations.trl import DisaGRPOTrainer

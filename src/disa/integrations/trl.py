@@ -4,17 +4,21 @@ TRL keeps what users came for (its generation, vLLM colocation, accelerate / Dee
 subclass changes two documented hooks:
 
 * ``_generate_and_score_completions``: after TRL's own, each rollout also carries its target reward ``r~``
-  (the raw weighted reward through Stage 3's own transform) and its log Z from the ``disa.log_z`` source
-  that ``log_z`` names (``train.log_z``'s values): a source that reads run artefacts (table, labels,
-  regressor) arrives as the dataset's ``log_z`` column, filled by ``add_log_z_column``; zero and learned are
-  built as ``disa train`` builds them; batch is refused (TRL does not expose log pi_old at that point);
+  (TRL's weighted reward sum through Stage 3's own transform, on the ``(prompts, num_generations)`` view),
+  whether any reward function scored it, and its log Z from the ``disa.log_z`` source that ``log_z`` names
+  (``train.log_z``'s values): a source that reads run artefacts (table, labels, regressor) arrives as the
+  dataset's ``log_z`` column, filled by ``add_log_z_column``; zero and learned are built as ``disa train``
+  builds them; batch is refused (TRL does not expose log pi_old at that point);
 * ``compute_loss`` (TRL documents overriding it): our registered objective (``disa``, ``tb``, ``flowrl`` or
-  ``flowrl_no_logz``) on TRL's per-token log-probs, reference log-probs and the frozen ``log Z``.
+  ``flowrl_no_logz``) on TRL's per-token log-probs, reference log-probs and the frozen ``log Z``, over the
+  rollouts that have loss tokens and a reward (:func:`kept_rollouts`), each weighted by TRL's sequence-level
+  vLLM importance ratio when there is one.
 
 TRL computes reference log-probs only when its KL coefficient ``GRPOConfig.beta`` is non-zero; trajectory
 balance always needs them, so the trainer asks for a non-zero value and never uses it as a KL weight. DISA's
 ``beta`` is the target's, read from the log Z table. A learned source (``flowrl``) attaches its head to the
-model, so TRL's optimizer trains it.
+model, so TRL's optimizer trains it. The settings refused, and why: :func:`check_grpo_args`; every setting's
+behaviour: docs/engines.md (TRL).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("disa.integrations.trl needs TRL: pip install 'disa[trl]'") from e
 
 HEAD_NAME = "disa_log_z_head"
+# GRPOConfig fields that add a term to or mask tokens of TRL's own loss (refused when not at these defaults)
+GRPO_LOSS_TERMS = {"entropy_coef": 0.0, "use_adaptive_entropy": False, "top_entropy_quantile": 1.0,
+                   "off_policy_mask_threshold": None}
 # TRL's vLLM importance-sampling modes with one ratio per rollout (B, 1): applied as a trajectory weight
 SEQUENCE_IS_MODES = ("sequence_mask", "sequence_truncate")
 __all__ = ["DisaGRPOTrainer", "UnscoredCompletionWarning", "add_log_z_column", "check_grpo_args",
@@ -87,6 +94,12 @@ def check_grpo_args(grpo_args: Any, num_reward_funcs: int) -> None:
                              "which has no place in a trajectory-level squared residual; use one of "
                              f"{SEQUENCE_IS_MODES} (applied as a trajectory weight) or "
                              "vllm_importance_sampling_correction=False")
+    shaping = {name: getattr(grpo_args, name) for name, default in GRPO_LOSS_TERMS.items()
+               if hasattr(grpo_args, name) and getattr(grpo_args, name) != default}
+    if shaping:
+        raise ValueError(f"DisaGRPOTrainer: {shaping} add a term to or mask tokens of TRL's own GRPO loss, which "
+                         "DisaGRPOTrainer replaces by the trajectory-balance residual; they would be ignored. Leave "
+                         f"them at TRL's defaults {dict((k, GRPO_LOSS_TERMS[k]) for k in shaping)}")
     aggregation = getattr(grpo_args, "multi_objective_aggregation", "sum_then_normalize")
     if num_reward_funcs > 1 and aggregation != "sum_then_normalize":
         raise ValueError(f"DisaGRPOTrainer: multi_objective_aggregation={aggregation!r} normalises each reward "

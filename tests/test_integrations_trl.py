@@ -389,6 +389,7 @@ def test_a_messages_dataset_is_refused_and_prompts_dataset_renders_rows_as_stage
     from transformers import AutoTokenizer
 
     from disa.data import PromptRecord, render_prompt
+    from disa.generation import encode_prompt
     from disa.integrations.trl import DisaGRPOTrainer, prompts_dataset
 
     chat = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "a b"}]], "prompt_id": ["p0"]})
@@ -400,9 +401,14 @@ def test_a_messages_dataset_is_refused_and_prompts_dataset_renders_rows_as_stage
     for path in (tiny_gpt2_path, tiny_llama_path):  # without and with a chat template
         tok = AutoTokenizer.from_pretrained(path)
         ds = prompts_dataset(records, tok)
-        assert ds["prompt"] == [render_prompt(r, tok) for r in records]
+        # TRL tokenizes a plain prompt with tokenizer(text): the ids must be those Stage 1 was conditioned on
+        assert [tok(p)["input_ids"] for p in ds["prompt"]] == [encode_prompt(tok, render_prompt(r, tok))
+                                                              for r in records]
         assert ds["prompt_id"] == ["a", "b"] and ds["answer"] == ["5", "7"]
-    assert ds["prompt"][1] == "<s><|user|>d e\n<|assistant|>"  # the llama template, as Stage 1 renders it
+    # the llama template writes <s> itself and its tokenizer adds one: the string TRL gets leaves it out
+    assert render_prompt(records[1], tok) == "<s><|user|>d e\n<|assistant|>"
+    assert ds["prompt"][1] == "<|user|>d e\n<|assistant|>"
+    assert tok(ds["prompt"][1])["input_ids"].count(tok.bos_token_id) == 1
 
 
 def hand_loss(batch, logp, keep, weight, beta=1.0):

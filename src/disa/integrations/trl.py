@@ -136,18 +136,37 @@ def target_rewards_for_rollouts(transform: str, raw: torch.Tensor, num_generatio
     return (out if mask is None else out.masked_fill(~mask, 0.0)).reshape(-1)
 
 
+def trl_prompt_text(text: str, tokenizer, where: str = "prompt") -> str:
+    """The prompt string on which TRL's ``tokenizer(text)`` (special tokens added) gives the ids Stage 1 was
+    conditioned on (:func:`disa.generation.encode_prompt`): a rendered chat template that writes the BOS itself
+    loses it, since TRL's tokenizer call adds it again. Raises ``ValueError`` naming ``where`` when no string
+    does (then give TRL conversational ``prompt`` rows instead)."""
+    from disa.generation import encode_prompt
+
+    want = encode_prompt(tokenizer, text)
+    bos = getattr(tokenizer, "bos_token", None)
+    for candidate in ([text[len(bos):]] if bos and text.startswith(bos) else []) + [text]:
+        if list(tokenizer(candidate)["input_ids"]) == want:
+            return candidate
+    raise ValueError(f"{where}: TRL's tokenizer(prompt) cannot give the token ids Stage 1 used for it "
+                     f"({want[:8]}...); pass TRL conversational 'prompt' rows (lists of messages) instead")
+
+
 def prompts_dataset(records: Sequence[Any], tokenizer=None, id_column: str = "prompt_id"):
     """A TRL train dataset from disa prompt records (:func:`disa.data.load_prompts`): ``prompt`` is each record
     rendered by :func:`disa.data.render_prompt` (the chat template applied to ``messages``, or a plain
-    ``prompt``): the exact text Stage 1 sampled and scored, so the frozen log Z is about the same prompt.
-    ``id_column`` holds the record id (what ``add_log_z_column`` looks up); the verifier's columns (``answer``,
-    ``tests``, extra columns) ride along for the reward function."""
+    ``prompt``), as the string TRL tokenizes into the very ids Stage 1 sampled and scored
+    (:func:`trl_prompt_text`), so the frozen log Z is about the same prompt. ``id_column`` holds the record id
+    (what ``add_log_z_column`` looks up); the verifier's columns (``answer``, ``tests``, extra columns) ride
+    along for the reward function."""
     import datasets
 
     from disa.data import render_prompt
 
-    columns: dict[str, list] = {"prompt": [render_prompt(r, tokenizer) for r in records],
-                                id_column: [r.id for r in records]}
+    texts = [render_prompt(r, tokenizer) for r in records]
+    if tokenizer is not None:
+        texts = [trl_prompt_text(t, tokenizer, f"prompt {r.id!r}") for t, r in zip(texts, records)]
+    columns: dict[str, list] = {"prompt": texts, id_column: [r.id for r in records]}
     for key in dict.fromkeys(k for r in records for k in r.verifier_columns() if k != "metadata"):
         values = [r.verifier_columns().get(key) for r in records]
         if any(v is not None for v in values):

@@ -378,7 +378,8 @@ def test_check_grpo_args_accepts_sequence_level_vllm_correction_and_one_function
     from disa.integrations.trl import check_grpo_args
 
     for mode in ("sequence_mask", "sequence_truncate"):
-        check_grpo_args(small_args(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_mode=mode), 1)
+        check_grpo_args(small_args(tmp_path, use_vllm=True, vllm_mode="colocate",
+                                   vllm_importance_sampling_mode=mode), 1)
     check_grpo_args(small_args(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=False,
                                vllm_importance_sampling_mode="token_truncate"), 2)
     check_grpo_args(small_args(tmp_path, multi_objective_aggregation="normalize_then_sum"), 1)
@@ -419,7 +420,8 @@ def hand_loss(batch, logp, keep, weight, beta=1.0):
     for b in range(mask.shape[0]):
         if keep[b]:
             m = mask[b]
-            residual = batch["disa_log_z"][b] + (logp[b] * m).sum() - beta * batch["disa_rewards"][b] - (ref[b] * m).sum()
+            residual = (batch["disa_log_z"][b] + (logp[b] * m).sum() - beta * batch["disa_rewards"][b]
+                        - (ref[b] * m).sum())
             w = min(math.exp(float(((logp[b] - old[b]) * m).sum())), 10.0)
             terms.append(weight[b] * w * residual**2)
     return float(sum(terms) / len(terms))
@@ -437,12 +439,12 @@ def test_fixed_batch_masked_rows_are_left_out_and_the_vllm_sequence_ratio_weight
         logp = reference_logps(model, batch)
     keep = [True, False, True, False]
     loss = trainer.compute_loss(model, batch)
-    assert float(loss) == pytest.approx(hand_loss(batch, logp, keep, [1.0] * 4), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(hand_loss(batch, logp, keep, [1.0] * 4), rel=1e-5)
 
     ratio = torch.tensor([[0.5], [2.0], [0.0], [3.0]])  # TRL's (B, 1) sequence-mode ratio; 0 = masked by TRL
     loss = trainer.compute_loss(model, {**batch, "importance_sampling_ratio": ratio})
-    assert float(loss) == pytest.approx(hand_loss(batch, logp, keep, ratio[:, 0].tolist()), rel=1e-5)
-    assert float(loss) != pytest.approx(hand_loss(batch, logp, keep, [1.0] * 4), rel=1e-3)
+    assert float(loss.detach()) == pytest.approx(hand_loss(batch, logp, keep, ratio[:, 0].tolist()), rel=1e-5)
+    assert float(loss.detach()) != pytest.approx(hand_loss(batch, logp, keep, [1.0] * 4), rel=1e-3)
 
     batch["completion_mask"][:] = 0  # nothing to learn from: zero loss, and backward still works
     loss = trainer.compute_loss(model, batch)

@@ -495,3 +495,22 @@ def test_example_flags_vllm_colocated_bf16_only_on_cuda_and_a_missing_table_says
         example.grpo_kwargs(example.parse_args(["--vllm"]), cuda=False)
     with pytest.raises(SystemExit, match="disa run -c examples/tiny_math.yaml"):
         example.main(["--output-dir", str(tmp_path), "--model", "unused", "--log-z", str(tmp_path / "none.parquet")])
+
+
+def test_flat_rewards_per_group_affine_reads_one_scale_per_group_and_unscored_rows_leave_the_statistics():
+    from disa.integrations.trl import target_rewards_for_rollouts
+
+    raw = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    scale, shift = torch.tensor([2.0, 2.0, 0.5, 0.5]), torch.tensor([-1.0, -1.0, 0.25, 0.25])
+    assert target_rewards_for_rollouts("affine", raw, 2, scale, shift).tolist() == [1.0, -1.0, 0.75, 0.75]
+    with pytest.raises(ValueError, match="group 1: its 2 rows carry different reward_scale"):
+        target_rewards_for_rollouts("affine", raw, 2, scale, torch.tensor([-1.0, -1.0, 0.25, 0.0]))
+    with pytest.raises(ValueError, match="do not split into groups of num_generations=3"):
+        target_rewards_for_rollouts("raw", raw, 3)
+    # group 1 (3 rows): the unscored NaN row is left out -> (1, 0) normalised; group 2: all unscored -> 0
+    raw = torch.tensor([1.0, float("nan"), 0.0, float("nan"), float("nan"), float("nan")])
+    scored = ~torch.isnan(raw)
+    out = target_rewards_for_rollouts("group", raw, 3, scored=scored)
+    assert torch.allclose(out, torch.tensor([0.5 / math.sqrt(0.5), 0.0, -0.5 / math.sqrt(0.5), 0, 0, 0]), atol=1e-5)
+    out = target_rewards_for_rollouts("affine", raw, 3, torch.full((6,), 2.0), torch.full((6,), -1.0), scored)
+    assert out.tolist() == [1.0, 0.0, -1.0, 0.0, 0.0, 0.0]

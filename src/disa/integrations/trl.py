@@ -132,8 +132,14 @@ def target_rewards_for_rollouts(transform: str, raw: torch.Tensor, num_generatio
             raise ValueError(f"group {int(torch.nonzero(bad)[0])}: its {num_generations} rows carry different "
                              "reward_scale/reward_shift; the rows of one group must be one prompt")
         scale, shift = scale[:, 0], shift[:, 0]
-    out = target_rewards(transform, grouped, scale, shift, mask=mask)
-    return (out if mask is None else out.masked_fill(~mask, 0.0)).reshape(-1)
+    if mask is None:
+        return target_rewards(transform, grouped, scale, shift).reshape(-1)
+    some = mask.any(dim=1)  # a group nobody scored has no statistics: all its rows are excluded anyway
+    out = torch.zeros_like(grouped)
+    if bool(some.any()):
+        out[some] = target_rewards(transform, grouped[some], None if scale is None else scale[some],
+                                   None if shift is None else shift[some], mask=mask[some])
+    return out.masked_fill(~mask, 0.0).reshape(-1)
 
 
 def trl_prompt_text(text: str, tokenizer, where: str = "prompt") -> str:

@@ -493,6 +493,10 @@ def test_example_flags_vllm_colocated_bf16_only_on_cuda_and_a_missing_table_says
     assert gpu["use_vllm"] and gpu["vllm_mode"] == "colocate" and gpu["bf16"] and not gpu["use_cpu"]
     with pytest.raises(SystemExit, match="--vllm needs a CUDA GPU"):
         example.grpo_kwargs(example.parse_args(["--vllm"]), cuda=False)
+    if not torch.cuda.is_available():  # refused before any model is built or stage run
+        with pytest.raises(SystemExit, match="--vllm needs a CUDA GPU"):
+            example.main(["--vllm", "--output-dir", str(tmp_path / "vllm")])
+        assert not (tmp_path / "vllm").exists()
     with pytest.raises(SystemExit, match="disa run -c examples/tiny_math.yaml"):
         example.main(["--output-dir", str(tmp_path), "--model", "unused", "--log-z", str(tmp_path / "none.parquet")])
 

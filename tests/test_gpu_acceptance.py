@@ -89,6 +89,7 @@ def test_readers_of_the_parts_files(tmp_path):
     pq.write_table(pa.table({"logp_q": [-4.0], "logp_ref": [-4.0], "response_len": [4]}),
                    samples / "shard-00001.parquet")
     assert acc.sampled_tokens(samples) == 11
+    assert acc.sample_check(samples) == "3 rollouts, log-probs finite: yes"
     d = acc.logp_disagreement(samples)  # per token: 0.5/5, 0.2/2, 0/4
     assert d["rows"] == 3 and d["mean"] == pytest.approx(0.2 / 3) and d["max"] == pytest.approx(0.1)
     metrics = tmp_path / "metrics.csv"

@@ -4,7 +4,8 @@ Each part is a command run as a child process (what a user would type), with its
 memory it used and the tokens it produced, read back from the files it wrote:
 
 - ``pipeline/<stage>``: ``disa sample / label / fit-z / train / eval`` on ``examples/countdown.yaml`` (the
-  committed testbed models, so nothing is downloaded) on CUDA in bfloat16. Tokens: response tokens sampled
+  committed testbed models, so nothing is downloaded) on CUDA in bfloat16 (``models.dtype=bfloat16``, and
+  ``train.mixed_precision=bf16``), 20 training steps. Tokens: response tokens sampled
   (Stage 1 shards' ``response_len``), trained on (``metrics.csv``'s ``response_length_mean`` x rollouts per
   step) and evaluated (``eval_samples.parquet``).
 - ``stage1/hf`` and ``stage1/vllm``: ``disa sample`` with the proposal = the reference, so ``logp_q`` (the
@@ -205,6 +206,17 @@ def logp_disagreement(samples_dir: Path) -> dict:
     return {"rows": len(per_token), "mean": sum(per_token) / len(per_token), "max": max(per_token)}
 
 
+def sample_check(samples_dir: Path) -> str:
+    import pyarrow.parquet as pq
+
+    rows = bad = 0
+    for s in sorted(glob.glob(str(Path(samples_dir) / "shard-*.parquet"))):
+        t = pq.read_table(s, columns=["logp_q", "logp_ref"]).to_pydict()
+        rows += len(t["logp_q"])
+        bad += sum(not (math.isfinite(q) and math.isfinite(r)) for q, r in zip(t["logp_q"], t["logp_ref"]))
+    return f"{rows} rollouts, log-probs finite: {'yes' if not bad else f'no ({bad} rows)'}"
+
+
 def trained_tokens(metrics_csv: Path, rollouts_per_step: int) -> int:
     import csv
 
@@ -248,14 +260,16 @@ def plan(work: Path, device: str, python: str = sys.executable, trl_has_vllm_fla
     disa = [python, "-m", "disa.cli"]
     common = ["-c", "examples/countdown.yaml", "--set", f"models.device={device}", "--set", f"models.dtype={dtype}"]
     run = work / "pipeline"
-    sets = [a for s in [f"output_dir={run}", *PIPELINE_SETTINGS] for a in ("--set", s)]
+    bf16_train = ["train.mixed_precision=bf16"] if device == "cuda" else []  # autocast on top of bf16 weights
+    sets = [a for s in [f"output_dir={run}", *PIPELINE_SETTINGS, *bf16_train] for a in ("--set", s)]
     rollouts = 8 * 8  # countdown.yaml: train.group_size x train.prompts_per_step
     parts = []
     for stage in STAGES:
         tokens = {"sample": lambda r: sampled_tokens(run / "samples"),
                   "train": lambda r: trained_tokens(run / "checkpoints" / "metrics.csv", rollouts),
                   "eval": lambda r: sampled_tokens_eval(run)}.get(stage)
-        check = {"train": lambda r: train_check(run / "checkpoints" / "metrics.csv"),
+        check = {"sample": lambda r: sample_check(run / "samples"),
+                 "train": lambda r: train_check(run / "checkpoints" / "metrics.csv"),
                  "eval": lambda r: eval_check(run)}.get(stage)
         parts.append(Part(f"pipeline/{stage}", [*disa, stage, *common, *sets], timeout_s=150, tokens=tokens,
                           check=check))
@@ -296,7 +310,9 @@ def fmt(x, spec: str) -> str:
 def render(results: Sequence[Result], header: dict) -> str:
     lines = ["# GPU acceptance run (`bench/gpu/acceptance.sh`)", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["", "| part | status | wall s | tokens | tokens/s | peak GPU GiB | what it shows |",
+    lines += ["", "wall s is the whole command (interpreter, imports, model loading included); tokens/s = tokens / "
+              "wall s; peak GPU GiB = nvidia-smi's memory.used peak minus its value before the part.",
+              "", "| part | status | wall s | tokens | tokens/s | peak GPU GiB | what it shows |",
               "|---|---|---:|---:|---:|---:|---|"]
     for r in results:
         check = r.check.replace("|", "\\|")

@@ -282,12 +282,15 @@ def plan(work: Path, device: str, python: str = sys.executable, trl_has_vllm_fla
                           tokens=lambda r, out=out: sampled_tokens(out / "samples"),
                           check=lambda r, out=out: "per-token |logp_q - logp_ref|: mean {mean:.2e}, max {max:.2e} "
                           "nats over {rows} rollouts".format(**logp_disagreement(out / "samples"))))
+    example = (REPO / "examples" / "trl_disa.py").read_text()
     trl_cmd = [python, "examples/trl_disa.py"]
+    out_dir = lambda name: ["--output-dir", str(work / name)] if "--output-dir" in example else []  # noqa: E731
     trl_tokens = lambda r: trl_num_tokens(REPO / r.log)  # noqa: E731
-    parts.append(Part("trl/stage3", trl_cmd, needs=["trl"], timeout_s=180, tokens=trl_tokens))
+    parts.append(Part("trl/stage3", [*trl_cmd, *out_dir("trl")], needs=["trl"], timeout_s=180, tokens=trl_tokens))
     if trl_has_vllm_flag is None:
-        trl_has_vllm_flag = "--vllm" in (REPO / "examples" / "trl_disa.py").read_text()
-    parts.append(Part("trl/stage3-vllm", [*trl_cmd, "--vllm"], needs=["trl", "vllm"], timeout_s=240,
+        trl_has_vllm_flag = "--vllm" in example
+    parts.append(Part("trl/stage3-vllm", [*trl_cmd, *out_dir("trl-vllm"), "--vllm"], needs=["trl", "vllm"],
+                      timeout_s=240,
                       tokens=trl_tokens,
                       skip=None if device == "cuda" and trl_has_vllm_flag else (
                           "examples/trl_disa.py has no --vllm flag" if not trl_has_vllm_flag else "needs CUDA")))

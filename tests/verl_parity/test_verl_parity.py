@@ -148,13 +148,12 @@ def rollout_batch(model: Bigram, seed=0):
 def response_logp(model: Bigram, prompts, responses, attn) -> torch.Tensor:
     """Our own padded ``(G, R)`` response log-probs, computed row by row (not through veRL's packing)."""
     ids = torch.cat([prompts, responses], -1)
-    out = torch.zeros(responses.shape, dtype=torch.float64)
     rows = []
     for i in range(ids.shape[0]):
         valid = ids[i][attn[i].bool()]
         n_resp = int(attn[i, prompts.shape[1]:].sum())
         rows.append(torch.nn.functional.pad(model.next_logp(valid)[-n_resp:], (0, responses.shape[1] - n_resp)))
-    return torch.stack(rows) if rows else out
+    return torch.stack(rows)
 
 
 def algo_config():

@@ -10,6 +10,8 @@ python examples/verl_prepare_data.py --prompts "$PROMPTS" --run "$RUN" --out "$R
 
 # disa.integrations.verl registers adv_estimator / policy_loss "disa_tb" (the verl.plugins entry point loads it
 # too; the variable makes it explicit). The KL-in-reward settings are what carry log pi_ref to the loss: keep them.
+# disa_tb refuses actor.entropy_coeff != 0 and actor.use_kl_loss=True (they add non-TB terms) on its first call, and
+# normalises itself over the global mini-batch as veRL 0.9's engine expects (any ppo_micro_batch_size_per_gpu).
 VERL_USE_EXTERNAL_MODULES=disa.integrations.verl python -m verl.trainer.main_ppo \
   data.train_files="$RUN/verl/train.parquet" data.val_files="$RUN/verl/train.parquet" \
   data.train_batch_size=128 data.max_prompt_length=1024 data.max_response_length=4096 \

@@ -14,6 +14,16 @@ to let veRL's existing plumbing carry the constant part of the residual into ``a
 4. ``register_policy_loss("disa_tb")`` rebuilds ``delta_theta = delta_old + sum_t (log pi_theta - log pi_old)``
    and hands it to our ``trajectory_balance_loss`` (frozen ``log Z``: no gradient reaches it).
 
+Normalisation (what veRL 0.9's engine expects of a policy loss): the actor's ``ppo_loss``
+(``verl.workers.utils.losses``) calls the loss once per micro-batch, back-propagates each result as it is and
+lets FSDP/DDP average the gradients over data-parallel ranks; it puts ``dp_size`` and ``global_batch_size``
+(the mini-batch's rollout count over all ranks) into ``config.global_batch_info``. A per-rollout loss must
+then return ``sum_{micro-batch} loss_b / global_batch_size * dp_size`` (core_algos ``agg_loss``'s seq-mean
+modes), so that the micro-batches and ranks add up to the mini-batch mean, our objective. Without that
+information (veRL <= 0.7's ``dp_actor``, which scales each micro-batch *mean* by ``1 / gradient_accumulation``
+itself, or a direct call) the loss is the micro-batch mean. ``.ci/verl_check.sh`` checks both against our
+objective through veRL's own code.
+
 This is exact for trajectory-level residuals (DISA's default, ``length_normalize=False``). Importing this
 module registers both names; veRL imports it through ``VERL_USE_EXTERNAL_MODULES=disa.integrations.verl``
 or the ``verl.plugins`` entry point that ``disa[verl]`` declares. A worked config: ``examples/verl_disa.sh``.
@@ -96,6 +106,50 @@ def row_value(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def check_actor_config(config) -> None:
+    """Refuse actor settings that would add non-trajectory-balance terms to ``disa_tb``'s loss.
+
+    veRL's ``ppo_loss`` subtracts ``entropy_coeff * entropy`` and adds ``kl_loss_coef * KL(pi_theta, pi_ref)``
+    after the policy loss: either would change DISA's objective (its KL to ``pi_ref`` is already inside the
+    residual, through the rewards).
+    """
+    if config is None:
+        return
+    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (
+        lambda k, d=None: getattr(config, k, d))
+    bad = []
+    if float(get("entropy_coeff", 0.0) or 0.0) != 0.0:
+        bad.append(f"actor_rollout_ref.actor.entropy_coeff={get('entropy_coeff')} (set it to 0)")
+    if bool(get("use_kl_loss", False)):
+        bad.append("actor_rollout_ref.actor.use_kl_loss=True (set it to False: DISA's KL to pi_ref is in the "
+                   "residual, through algorithm.use_kl_in_reward)")
+    if bad:
+        raise ValueError("policy_loss.loss_mode=disa_tb is trajectory balance alone; these settings would add "
+                         "other terms to the loss: " + "; ".join(bad))
+
+
+def global_batch_scale(local_rollouts: int, config) -> float:
+    """The factor that turns a micro-batch *mean* into veRL's share of the global mini-batch mean.
+
+    ``local_rollouts * dp_size / global_batch_size`` when veRL's engine gave ``config.global_batch_info``
+    (``ppo_loss`` does); 1 without it (a caller that averages micro-batch means itself, as veRL <= 0.7's
+    ``dp_actor`` did). ``dp_size > 1`` without ``global_batch_size`` cannot be normalised and is refused.
+    """
+    info = getattr(config, "global_batch_info", None) if not isinstance(config, Mapping) else config.get(
+        "global_batch_info")
+    info = info or {}
+    dp_size = int(info.get("dp_size") or 1)
+    global_batch_size = info.get("global_batch_size")
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError(f"disa_tb: dp_size={dp_size} but config.global_batch_info has no global_batch_size "
+                             "(the mini-batch's rollout count over all ranks), so the loss cannot be normalised")
+        return 1.0
+    if not int(global_batch_size) > 0:
+        raise ValueError(f"disa_tb: global_batch_size must be > 0, got {global_batch_size}")
+    return local_rollouts * dp_size / int(global_batch_size)
+
+
 @register_policy_loss(NAME)
 def disa_tb_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                         response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
@@ -104,13 +158,23 @@ def disa_tb_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
 
     Passing ``ref_logp = old_log_prob``, ``log_z = delta_old``, ``rewards = 0``, ``beta = 1`` makes our residual
     ``delta_old + sum_t log pi_theta - sum_t log pi_old``: the same number, and the same gradient, as eq. 10
-    with the frozen ``log Z`` (``log_z`` is detached inside). ``loss_agg_mode`` does not apply (a squared
-    trajectory residual has one aggregation); ``rollout_weight_mode`` is DISA's clipped trajectory ratio.
+    with the frozen ``log Z`` (``log_z`` is detached inside). The micro-batch mean is then scaled by
+    ``global_batch_scale`` (see the module docstring). ``loss_agg_mode`` does not apply (a squared trajectory
+    residual has one aggregation, the mean over rollouts); the rollout weight is DISA's clipped trajectory
+    ratio. veRL's token-level rollout-correction weights (``algorithm.rollout_correction``) are refused: they
+    are a different correction of the same off-policy gap.
     """
-    delta_old = row_value(advantages, response_mask).detach()
+    check_actor_config(config)
+    if rollout_is_weights is not None:
+        raise ValueError("disa_tb does not take veRL's rollout-correction weights (rollout_is_weights): DISA's "
+                         "trajectory IS weight min(pi_theta/pi_old, clip) already corrects the rollout; turn "
+                         "algorithm.rollout_correction's rollout_is off")
+    mask = response_mask.to(log_prob.dtype)
+    delta_old = row_value(advantages, mask).detach()
     old = old_log_prob.detach()
     loss, metrics = compute_objective("disa", inputs={
-        "logp": log_prob, "old_logp": old, "ref_logp": old, "mask": response_mask,
+        "logp": log_prob, "old_logp": old, "ref_logp": old, "mask": mask,
         "rewards": torch.zeros_like(delta_old), "log_z": delta_old}, beta=1.0)
     metrics.pop("log_z_mean")  # here it would be delta_old's mean, not log Z's
+    loss = loss * global_batch_scale(mask.shape[0], config)
     return loss, {f"actor/disa_{k}": v for k, v in read_back(metrics).items()}

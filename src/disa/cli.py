@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 VERBS = {
@@ -117,9 +118,12 @@ def quiet_library_bars() -> None:
     """Without a terminal (a log, CI, a pipe), transformers' per-load and per-save bars print two raw lines for
     every model it reads or writes, which buries the stages' own output; ours stay (tqdm drops them itself)."""
     if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
+        # without importing transformers (a second of start-up): huggingface_hub reads this when it is imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+            hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

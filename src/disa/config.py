@@ -33,8 +33,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
-from disa.estimators import REWARD_TRANSFORMS
-from disa.label_estimators import LABEL_ESTIMATORS
+from disa.names import LABEL_ESTIMATORS, REWARD_TRANSFORMS
 
 
 class ConfigError(ValueError):

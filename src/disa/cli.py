@@ -21,7 +21,7 @@ import sys
 
 VERBS = {
     "sample": "Stage 1: draw N proposal samples per prompt, verify, re-score under pi_ref and q",
-    "label": "Stage 1: per-prompt log Z labels (eq. 8) and diagnostics",
+    "label": "Stage 1: per-prompt log Z labels and diagnostics (estimator: label.estimator, default {estimator})",
     "fit-z": "Stage 2: fit and freeze the log Z regressor",
     "train": "Stage 3: RL with the configured objective",
     "eval": "evaluate a policy: Mean@k, pass@k, distinct correct answers",
@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "the tiny testbed models on first use) and print one table.",
                           epilog="Reads: the testbed cache (--cache-dir, else $DISA_CACHE_DIR or ~/.cache/disa). "
                                  "Writes: OUT/results.json, results.md, plots/*.png (an interrupted run resumes).")
-    demo.add_argument("--quick", action="store_true", help="smaller budget (68 s from an empty cache on a shared 2-core machine, load 8; see the README)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run (the small testbed, a short budget): checks "
+                      "that every method runs end to end; its numbers are not representative (the full demo's are "
+                      "in docs/results/demo.md)")
     demo.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and spread are reported)")
     demo.add_argument("--out", default="runs/demo", help="output folder: results.json, results.md, plots/")
     demo.add_argument("--methods", default=None, help="comma-separated subset (default: all): disa, flowrl, flowrl_no_logz, "
@@ -82,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
     from disa.artifacts import STAGE_IO, run_io
+    from disa.config import LabelConfig
 
     for verb, help_text in VERBS.items():
+        help_text = help_text.format(estimator=LabelConfig().estimator)
         io = STAGE_IO[verb] if verb in STAGE_IO else run_io()  # what each verb reads and writes, declared once
         reads, writes = io.reads_text(), io.writes_text()
         p = sub.add_parser(verb, help=help_text, description=f"{help_text}. Reads: {reads}. Writes: {writes}.",
@@ -94,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="run one of the paper's studies on the exact testbed, or with -c on the "
                            "pipeline's stages (disa.studies)")
     study.add_argument("name", help="n_budget, beta_sweep, proposal or sft_vs_disa")
-    study.add_argument("--quick", action="store_true", help="the small testbed")
+    study.add_argument("--quick", action="store_true", help="a smoke run on the small testbed (numbers not "
+                       "representative)")
     study.add_argument("--out", default=None, help="output folder (default: runs/study-NAME)")
     study.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
     study.add_argument("--build-threads", type=_threads_arg, default=None, metavar="N|auto",

@@ -383,13 +383,24 @@ class EvalConfig(Section):
                              "same for every method) score every checkpoint by Mean@k; the best is evaluated "
                              "(App. D.1). 0: the last checkpoint.",
                              "non_negative")
-    judge: dict = _f({}, "LLM-judge diversity (App. D.5) on an OpenAI-compatible endpoint: {base_url, model, "
-                     "api_key_env, temperature, max_tokens, timeout_s, retries}; empty: no judge.")
+    judge: dict = _f({}, "LLM-judge diversity (App. D.5) on an OpenAI-compatible endpoint (POST "
+                     "base_url/chat/completions): {base_url, model, api_key_env (the variable holding the key), "
+                     "temperature 0, max_tokens 16, timeout_s 60, retries 2 (a reply without a score), concurrency "
+                     "8 (problems at once), http_retries 5 (429/5xx/dropped connection, exponential backoff from "
+                     "backoff_s 1 up to max_backoff_s 60)}. Judged after eval.json is written: a failing judge "
+                     "records missing scores, never loses the evaluation. Empty: no judge.")
     generation: GenerationConfig = _generation()
 
     def check(self) -> None:
         if self.judge and not {"base_url", "model"} <= set(self.judge):
             self._bad("judge", f"needs base_url and model, got {sorted(self.judge)}")
+        if self.judge:
+            from disa.judge import JudgeConfig  # the keys are its fields (api_key comes from api_key_env)
+
+            known = {f.name for f in dataclasses.fields(JudgeConfig)} - {"api_key"} | {"api_key_env"}
+            unknown = sorted(set(self.judge) - known)
+            if unknown:
+                self._bad("judge", f"unknown key(s) {unknown}; known: {sorted(known)}")
         if not self.pass_at or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k
                                    for k in self.pass_at):
             self._bad("pass_at", f"every k must be an int in [1, eval.k={self.k}], got {self.pass_at}")

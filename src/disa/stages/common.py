@@ -127,7 +127,7 @@ def _without_long_prompts(cfg: PipelineConfig, records, path: str, name: str):
     """``records`` less those too long for a model's context (``data.long_prompts: skip``); the skipped ids are
     printed and recorded in ``output_dir/skipped_prompts.json``."""
     from disa.io import atomic_write_json
-    from disa.stages.validate import long_prompts, new_tokens_budget
+    from disa.stages.validate import long_prompts, new_tokens_budget, new_tokens_field
 
     skipped = long_prompts(cfg, records, path)
     if not skipped:
@@ -135,7 +135,7 @@ def _without_long_prompts(cfg: PipelineConfig, records, path: str, name: str):
     kept = [r for r in records if r.id not in {p.id for p in skipped}]
     if not kept:
         raise ConfigError(f"{name}: every prompt of {path} is too long for the models' context with "
-                          f"max_new_tokens {new_tokens_budget(cfg)}; nothing is left to run on")
+                          f"{new_tokens_field(cfg)} {new_tokens_budget(cfg)}; nothing is left to run on")
     say("data", f"skipping {len(skipped)} of {len(records)} prompts of {name} that do not fit the context "
                 f"(data.long_prompts: skip): {', '.join(p.id for p in skipped[:20])}"
                 f"{' ...' if len(skipped) > 20 else ''}; listed in {Path(cfg.output_dir) / 'skipped_prompts.json'}")

@@ -27,7 +27,7 @@ def test_label_help_names_the_default_estimator(capsys):
 
 def test_quick_help_says_it_is_a_smoke_run_and_quotes_no_timing(capsys):
     text = _help(capsys, "demo")
-    quick = text[text.index("--quick a smoke"):text.index("--seeds SEEDS")]
+    quick = text[text.index("--quick a smoke"):text.index("--seeds SEEDS number")]
     assert "smoke run" in quick and "not representative" in quick
     assert not re.search(r"\d+ s\b", quick)
 

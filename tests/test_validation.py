@@ -60,7 +60,7 @@ def test_long_prompts_can_be_skipped_and_the_ids_are_recorded(tmp_path, capsys):
 
     config = write(tmp_path, [*ROWS, {"id": "too-long", "prompt": LONG}], data__long_prompts="skip")
     code = cli.main(["sample", "-c", config])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 0
     assert "skipping 1 of 3 prompts" in out and "too-long" in out
     record = json.loads((tmp_path / "run" / "skipped_prompts.json").read_text())

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 VERBS = {
@@ -39,6 +38,12 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         help="override one config field (repeatable; the value is YAML), e.g. --set train.objective=grpo",
     )
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more messages on stderr (debug lines, and the libraries' own warnings)")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="only warnings and errors on stderr")
 
 
 def _threads_arg(text: str):
@@ -116,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "with its hyperparameters. With -c, that config is checked first and the objectives of "
                          "the plugins it names are listed too.")
     _add_config_args(cfg, required=False)
+    for p in sub.choices.values():  # results go to stdout, messages to stderr: -v / -q choose how many
+        _add_verbosity(p)
     return parser
 
 
@@ -123,12 +130,9 @@ def quiet_library_bars() -> None:
     """Without a terminal (a log, CI, a pipe), transformers' per-load and per-save bars print two raw lines for
     every model it reads or writes, which buries the stages' own output; ours stay (tqdm drops them itself)."""
     if not sys.stderr.isatty():
-        # without importing transformers (a second of start-up): huggingface_hub reads this when it is imported
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        if "transformers" in sys.modules:
-            from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # Ctrl-C from the first instant (library imports take seconds) ends with one line, never a traceback
         args = build_parser().parse_args(argv)
         verb = args.verb
-        quiet_library_bars()
-        return _run(args)
+        from disa.log import cli_logging
+
+        with cli_logging(verb, args.verbose, args.quiet):
+            return _run(args)
     except KeyboardInterrupt:
         print(f"disa {verb}: interrupted (a re-run resumes)" if verb != "disa" else "disa: interrupted",
               file=sys.stderr)
@@ -161,6 +167,8 @@ def _run(args) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.verb in ("demo", "study"):
+        quiet_library_bars()  # here, not before: importing transformers takes a second that --help need not wait
     if args.verb == "demo":
         from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, run_demo, settings_with
 
@@ -185,6 +193,7 @@ def _dispatch(args) -> int:
     if args.verb == "config":
         print(starting_yaml(), end="")
         return 0
+    quiet_library_bars()
     from disa import stages
     from disa.stages.validate import check_inputs
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from disa.config import ConfigError, PipelineConfig
+from disa.log import stage_logger
 from disa.run_dir import RunDir
 
 
@@ -58,8 +60,10 @@ def apply_cpu_threads(verb: str, setting) -> None:
         torch.set_num_threads(setting)
 
 
-def say(verb: str, message: str) -> None:
-    print(f"disa {verb}: {message}", flush=True)
+def say(verb: str, message: str, level: int = logging.INFO) -> None:
+    """A stage's message, on its logger (``disa.stages.<verb>``); the command shows it as ``disa <verb>: ...``
+    on stderr (:mod:`disa.log`)."""
+    stage_logger(verb).log(level, message, extra={"verb": verb})
 
 
 def run_dir(cfg: PipelineConfig) -> RunDir:

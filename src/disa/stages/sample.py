@@ -30,6 +30,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 from typing import Callable, Optional, Sequence, Union
@@ -635,7 +636,7 @@ def run(cfg) -> dict:
         raise ConfigError(str(e)) from None
     s = cfg.sample
     for line in proposal_warnings(s.temperature, s.top_p):
-        common.say("sample", "warning: " + line)
+        common.say("sample", line, logging.WARNING)
     if s.executor == "ray" and (s.reference_share or s.target_se):
         raise ConfigError("sample.reference_share and sample.target_se are not wired into sample.executor=ray yet; "
                           "use executor=local")

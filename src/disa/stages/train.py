@@ -21,7 +21,7 @@ the demo calls too.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -238,7 +238,7 @@ def history_cannot_learn(history: list[dict], num_steps: int) -> list[str]:
 
 def warn(lines: list[str]) -> None:
     for line in lines:
-        print(f"disa train: WARNING: {line}", file=sys.stderr, flush=True)
+        common.say("train", line, logging.WARNING)
 
 
 def record_lineage(rd: RunDir, lineage) -> None:

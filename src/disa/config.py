@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
-from disa.names import LABEL_ESTIMATORS, REWARD_TRANSFORMS
+from disa.names import LABEL_ESTIMATORS, REPORT_TO, REWARD_TRANSFORMS
 
 
 class ConfigError(ValueError):
@@ -279,14 +279,21 @@ class OptimisationConfig(Section):
     save_every: int = _f(50, "Checkpoint every this many steps; 0 = only at the end. The last step is always saved.",
                          "non_negative")
     keep_checkpoints: int = _f(0, "Keep only the newest k checkpoints (0 = keep all).", "non_negative")
-    report_to: str = _f("auto", "Where step metrics go besides metrics.csv (always written), as transformers' "
-                        "report_to: auto (TensorBoard when the tensorboard package is installed), tensorboard (an "
-                        "error up front when it is not), none. Scalars land in <train dir>/tensorboard/.",
-                        ("auto", "tensorboard", "none"))
+    report_to: Union[str, list] = _f(
+        "auto", "Where step metrics go besides metrics.csv (always written), as transformers' report_to: one name "
+        "or a list, e.g. [csv, wandb]. auto: TensorBoard when the tensorboard package is installed; none or csv: "
+        "metrics.csv only; tensorboard (<train dir>/tensorboard/), wandb ($WANDB_PROJECT, default disa; "
+        "WANDB_MODE=offline needs no account), mlflow ($MLFLOW_TRACKING_URI, else <train dir>/mlflow.db): an error "
+        "before any model loads when the package is not installed.")
     seed: int = _f(0, "Seeds data order, sampling and initialisation (step s of RL uses (seed, s)).", "non_negative")
 
     def check(self) -> None:
         check_lora(self.lora, f"{type(self).__name__}.lora")
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        bad = [n for n in names if n not in REPORT_TO]
+        if bad or not names:
+            self._bad("report_to", f"{bad[0] if bad else self.report_to!r} is not one of {list(REPORT_TO)} "
+                                   "(or a list of them)")
 
 
 @dataclass

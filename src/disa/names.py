@@ -3,3 +3,5 @@ error never wait for torch to load. The modules that implement them re-export th
 
 REWARD_TRANSFORMS = ("raw", "affine", "group")  # disa.estimators.reward_transform
 LABEL_ESTIMATORS = ("lse", "cv", "regression_cv")  # disa.label_estimators.log_z_labels
+# train.report_to / train.sft.report_to (disa.training.logger): csv is always written; auto = tensorboard if installed
+REPORT_TO = ("auto", "none", "csv", "tensorboard", "wandb", "mlflow")

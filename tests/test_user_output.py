@@ -97,3 +97,32 @@ def test_verbosity_flags_are_accepted_by_every_verb(capsys):
         assert (args.verbose, args.quiet) == (0, 1)
         args = parser.parse_args([verb, *extra, "-vv"])
         assert args.verbose == 2
+
+
+# ------------------------------------------------------------------------------- what disa label explains
+def test_unreliable_labels_say_why_and_which_n_would_fix_them():
+    from disa.stages.label import unreliable_why
+
+    cols = {"reliable": [True, False, False, False, False],
+            "n": [8, 8, 8, 8, 8],
+            "reward_rate": [0.5, 0.0, 0.25, 0.125, 0.0],
+            "log_z_se": [0.1, 0.0, 1.0, 0.2, 0.0],
+            "ess": [6.0, 8.0, 4.0, 1.0, 8.0]}
+    lines = unreliable_why(cols, max_se=0.5, min_ess=2.0)
+    assert lines[0].startswith("why 4 of 5 labels are unreliable") and "N = 8" in lines[0]
+    assert lines[1].startswith("  2 had no rewarded sample in N") and "3/N = 0.38" in lines[1] and "sample.n = 16" in lines[1]
+    # se 1.0 at N 8 -> 8 * (1.0 / 0.5)^2 = 32; ESS 1 at N 8 -> 8 * 2 / 1 = 16
+    assert lines[2].startswith("  1 had a standard error above label.max_se = 0.5: N about 32 per prompt")
+    assert lines[3].startswith("  1 had an effective sample size below label.min_ess = 2: N about 16 per prompt")
+    assert unreliable_why({**cols, "reliable": [True] * 5}, max_se=0.5, min_ess=2.0) == []
+
+
+def test_a_regressor_that_does_not_beat_the_mean_says_why_and_what_to_use_instead():
+    from disa.stages.fit_z import FEW_PROMPTS, regressor_advice
+
+    assert regressor_advice(0.5, 1.0, 19) is None  # better than the mean: nothing to explain
+    few = regressor_advice(1.07, 1.0, 19)
+    assert "expected with 19 training prompts" in few and "--set train.log_z=labels" in few
+    many = regressor_advice(1.0, 1.0, FEW_PROMPTS)  # no better, with many prompts: another cause
+    assert "expected" not in many and "too noisy" in many
+    assert regressor_advice(float("nan"), 1.0, 19) is not None

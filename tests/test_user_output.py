@@ -110,7 +110,9 @@ def test_unreliable_labels_say_why_and_which_n_would_fix_them():
             "ess": [6.0, 8.0, 4.0, 1.0, 8.0]}
     lines = unreliable_why(cols, max_se=0.5, min_ess=2.0)
     assert lines[0].startswith("why 4 of 5 labels are unreliable") and "N = 8" in lines[0]
-    assert lines[1].startswith("  2 had no rewarded sample in N") and "3/N = 0.38" in lines[1] and "sample.n = 16" in lines[1]
+    # 0 of 8: 1 - 0.05^(1/8) = 0.3123; 0 of 32: 1 - 0.05^(1/32) = 0.0893
+    assert lines[1].startswith("  2 had no rewarded sample in N: their correct rate is below 0.31 (95% bound from 0 of 8)")
+    assert "sample.n = 32 lowers that to 0.089" in lines[1]
     # se 1.0 at N 8 -> 8 * (1.0 / 0.5)^2 = 32; ESS 1 at N 8 -> 8 * 2 / 1 = 16
     assert lines[2].startswith("  1 had a standard error above label.max_se = 0.5: N about 32 per prompt")
     assert lines[3].startswith("  1 had an effective sample size below label.min_ess = 2: N about 16 per prompt")
@@ -126,3 +128,38 @@ def test_a_regressor_that_does_not_beat_the_mean_says_why_and_what_to_use_instea
     many = regressor_advice(1.0, 1.0, FEW_PROMPTS)  # no better, with many prompts: another cause
     assert "expected" not in many and "too noisy" in many
     assert regressor_advice(float("nan"), 1.0, 19) is not None
+
+
+def test_upper_95_is_the_exact_zero_success_bound():
+    from disa.stages.label import upper_95
+
+    for n in (1, 2, 8, 100):
+        p = upper_95(n)
+        assert (1 - p) ** n == pytest.approx(0.05)  # P(0 successes | p) = 5% exactly at the bound
+    assert upper_95(100) == pytest.approx(3 / 100, rel=0.02)  # the rule of three
+
+
+def test_sampling_with_no_rewarded_sample_says_what_to_do():
+    from disa.stages.sample import no_signal_advice
+
+    text = no_signal_advice(4)
+    assert "no learning signal" in text and "data.verifier" in text and "sample.n (now 4)" in text
+
+
+def test_training_without_a_rewarded_rollout_warns_every_window_while_it_runs(caplog):
+    from disa.stages.train import LEARNING_WINDOW, LearningWatch
+    from disa.training.logger import Tracker
+
+    caplog.set_level("WARNING", logger="disa")
+    watch: Tracker = LearningWatch(num_steps=2 * LEARNING_WINDOW + 5)
+    for step in range(1, 2 * LEARNING_WINDOW + 6):
+        watch.log(step, {"train/reward_mean": 0.0, "train/grad_norm": 0.5, "train/loss": 1.0})
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and watch.last_warned == 2 * LEARNING_WINDOW
+    assert f"every step 1-{LEARNING_WINDOW} (no rewarded rollout)" in warned[0]
+    assert f"every step {LEARNING_WINDOW + 1}-{2 * LEARNING_WINDOW} (no rewarded rollout)" in warned[1]
+    caplog.clear()
+    alive = LearningWatch(num_steps=LEARNING_WINDOW)
+    for step in range(1, LEARNING_WINDOW + 1):  # one rewarded step in the window is a signal
+        alive.log(step, {"train/reward_mean": 0.25 if step == 7 else 0.0, "train/grad_norm": 0.5})
+    assert caplog.records == [] and alive.last_warned is None

@@ -358,9 +358,14 @@ def summary_lines(s: dict, lab) -> list[str]:
     return lines
 
 
+def upper_95(n: int) -> float:
+    """The one-sided 95% upper bound on a rate after 0 successes in ``n`` draws: ``1 - 0.05^(1/n)`` (about 3/n)."""
+    return 1.0 - 0.05 ** (1.0 / n)
+
+
 def unreliable_why(cols: dict, max_se: float, min_ess: float) -> list[str]:
     """Why the unreliable labels are unreliable, one line per cause, each with the N per prompt that would fix it:
-    no rewarded sample (the correct rate is then below about 3/N: doubling N halves that bound), a standard error
+    no rewarded sample (the correct rate is then below :func:`upper_95` of N), a standard error
     above ``max_se`` (``se ~ 1/sqrt(N)``: N (se / max_se)^2), an ESS below ``min_ess`` (ESS grows about as N:
     N min_ess / ESS). Each count is of the unreliable labels with that cause (a label may have several)."""
     bad = [i for i, ok in enumerate(cols["reliable"]) if not ok]
@@ -378,9 +383,10 @@ def unreliable_why(cols: dict, max_se: float, min_ess: float) -> list[str]:
     out = [f"why {len(bad)} of {len(cols['reliable'])} labels are unreliable (expected when N per prompt is small, "
            f"here N = {median(n)}):"]
     if none:
-        out.append(f"  {len(none)} had no rewarded sample in N: their correct rate is below about 3/N = "
-                   f"{3 / median(n):.2g}; sample.n = {2 * median(n)} halves that bound, or use a proposal that "
-                   "solves them (models.proposal)")
+        m = median(n)
+        out.append(f"  {len(none)} had no rewarded sample in N: their correct rate is below {upper_95(m):.2g} "
+                   f"(95% bound from 0 of {m}); sample.n = {4 * m} lowers that to {upper_95(4 * m):.2g}, or use a "
+                   "proposal that solves them (models.proposal)")
     if high_se:
         need = [math.ceil(cols["n"][i] * (cols["log_z_se"][i] / max_se) ** 2) for i in high_se]
         out.append(f"  {len(high_se)} had a standard error above label.max_se = {max_se:g}: N about {median(need)} "

@@ -277,6 +277,10 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.log(step, scalars)
 
+    def add(self, tracker: Tracker) -> None:
+        """One more tracker for the rows still to come (e.g. a watcher that warns about the run)."""
+        self.trackers.append(tracker)
+
     def _rewrite(self) -> None:
         with self.path.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.columns, restval="")

@@ -163,3 +163,13 @@ def test_training_without_a_rewarded_rollout_warns_every_window_while_it_runs(ca
     for step in range(1, LEARNING_WINDOW + 1):  # one rewarded step in the window is a signal
         alive.log(step, {"train/reward_mean": 0.25 if step == 7 else 0.0, "train/grad_norm": 0.5})
     assert caplog.records == [] and alive.last_warned is None
+
+
+def test_distinct_final_answers_are_left_out_when_no_answer_can_be_extracted():
+    from disa.diversity import diversity_table
+
+    countdown = [["3 * 6 + 7 - 1", "(7 - 1) * 6 + 3"], ["4 + 2 + 1", "4 * 2 - 1"]]  # no \boxed{} anywhere
+    table = diversity_table(countdown)
+    assert "distinct_answers" not in table and "distinct_solutions" in table
+    math_like = [["so \\boxed{4}", "\\boxed{5}"], ["no answer", "none either"]]  # one problem without: counted 0
+    assert diversity_table(math_like)["distinct_answers"] == pytest.approx(1.0)

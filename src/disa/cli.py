@@ -11,6 +11,10 @@
     disa report RUN_DIR                       one self-contained HTML page for a run, study or demo folder
     disa config  [-c CONFIG]                  every config field as a commented YAML config, and every objective
     disa --version
+
+Results go to stdout; messages to stderr as ``disa <verb>: ...`` through one logging handler (:mod:`disa.log`),
+``-v`` / ``-q`` on every verb for more or fewer. The module imports neither torch nor transformers: ``--help``
+and an input error answer at once, a verb that needs a model imports what it needs.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ def test_the_objectives_table_lists_every_registered_objective():
 def test_judge_settings_are_checked_against_the_client_fields():
     with pytest.raises(ConfigError, match=r"judge: unknown key\(s\) \['concurency'\]"):
         EvalConfig(judge={"base_url": "http://127.0.0.1:1/v1", "model": "m", "concurency": 4}).check()
+    with pytest.raises(ConfigError, match="judge concurrency must be an integer >= 1"):
+        EvalConfig(judge={"base_url": "http://127.0.0.1:1/v1", "model": "m", "concurrency": 0}).check()
     EvalConfig(judge={"base_url": "http://127.0.0.1:1/v1", "model": "m", "concurrency": 4, "http_retries": 1,
                       "api_key_env": "JUDGE_KEY"}).check()
     help_text = EvalConfig.__dataclass_fields__["judge"].metadata["help"]

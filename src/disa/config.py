@@ -408,6 +408,10 @@ class EvalConfig(Section):
             unknown = sorted(set(self.judge) - known)
             if unknown:
                 self._bad("judge", f"unknown key(s) {unknown}; known: {sorted(known)}")
+            try:  # the client's own checks (concurrency >= 1, ...) now, not after the evaluation has run
+                JudgeConfig(**{k: v for k, v in self.judge.items() if k != "api_key_env"})
+            except (TypeError, ValueError) as e:
+                self._bad("judge", str(e))
         if not self.pass_at or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k
                                    for k in self.pass_at):
             self._bad("pass_at", f"every k must be an int in [1, eval.k={self.k}], got {self.pass_at}")

@@ -85,7 +85,7 @@ def test_the_example_config_runs_on_a_fresh_copy(tmp_path, monkeypatch, capsys):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
     code = cli.main(["run", "-c", "examples/countdown.yaml", "--set", "train.num_steps=2", "--set", "sample.n=2"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the stages' messages (disa.log); stdout keeps only results
     assert code == 0, out
     assert (tmp_path / "runs" / "countdown" / "eval.json").is_file()
     assert "predicting the training mean" in out
@@ -105,7 +105,7 @@ def test_run_with_stage1_dir_runs_only_train_and_eval(stage1_run, tmp_path, monk
     code = cli.main(["run", "-c", "examples/countdown.yaml", "--set", f"output_dir={out}", "--set",
                      f"stage1_dir={stage1_run}", "--set", "train.objective=grpo", "--set", "train.num_steps=2",
                      "--set", "eval.k=2", "--set", "eval.pass_at=[1]"])
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert code == 0
     assert "disa sample" not in printed and "disa train: grpo, 2 steps" in printed and "disa eval" in printed
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["checkpoints", "eval", "eval.json",

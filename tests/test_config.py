@@ -188,7 +188,8 @@ def test_starting_yaml_is_a_commented_config_that_loads_as_the_defaults():
     assert "#   train.objective=disa" in text  # the objectives, as comments
 
 
-def test_cpu_threads_auto_takes_the_free_cores_and_says_so(monkeypatch, capsys):
+def test_cpu_threads_auto_takes_the_free_cores_and_says_so(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="disa")
     import torch
 
     import disa.threads
@@ -199,7 +200,9 @@ def test_cpu_threads_auto_takes_the_free_cores_and_says_so(monkeypatch, capsys):
         monkeypatch.setattr(disa.threads, "machine_load", lambda: (4, 2.2))
         apply_cpu_threads("sample", "auto")
         assert torch.get_num_threads() == 2
-        assert "disa sample: 2 torch thread(s) on 4 core(s), load average 2.2 (models.cpu_threads: auto)" in capsys.readouterr().out
+        said = [(r.name, r.verb, r.getMessage()) for r in caplog.records]
+        assert ("disa.stages.sample", "sample",
+                "2 torch thread(s) on 4 core(s), load average 2.2 (models.cpu_threads: auto)") in said
         apply_cpu_threads("sample", 3)
         assert torch.get_num_threads() == 3
         apply_cpu_threads("sample", None)  # torch's default is left alone

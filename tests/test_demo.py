@@ -103,15 +103,16 @@ def test_run_demo_quick_numbers_match_its_own_artefacts(tmp_path):
     assert results_markdown(on_disk) == markdown
 
 
-def test_run_demo_resumes_finished_methods_and_redoes_them_when_settings_change(tmp_path, capsys):
+def test_run_demo_resumes_finished_methods_and_redoes_them_when_settings_change(tmp_path, caplog):
+    caplog.set_level("INFO", logger="disa")
     settings = dataclasses.replace(QUICK_SETTINGS, num_steps=2, fit_epochs=5, sweep_n_max=2)
     kw = dict(out_dir=str(tmp_path / "d"), quick=True, methods=["grpo"], cache_dir=str(tmp_path / "c"))
     first = run_demo(settings=settings, **kw)
     done = tmp_path / "d" / "seed0" / "grpo" / "demo_result.json"
     stamp = done.stat().st_mtime_ns
-    capsys.readouterr()
+    caplog.clear()
     again = run_demo(settings=settings, **kw)
-    assert "grpo            reused" in capsys.readouterr().out and done.stat().st_mtime_ns == stamp
+    assert "grpo            reused" in caplog.text and done.stat().st_mtime_ns == stamp
     assert again["runs"][0]["methods"]["grpo"] == pytest.approx(first["runs"][0]["methods"]["grpo"])
     changed = run_demo(settings=dataclasses.replace(settings, num_steps=3), **kw)
     assert len(changed["runs"][0]["curves"]["grpo"]) == 3 and done.stat().st_mtime_ns != stamp
@@ -164,8 +165,8 @@ def test_progress_lines_give_the_eta_from_the_rate_so_far():
         progress.update(step, loss=1.0)
     lines = out.getvalue().splitlines()
     assert len(lines) == 10
-    assert lines[0] == "[disa testbed] testbed pi_ref: 20/200 steps (10%), 10s elapsed, ETA 1m30s, loss 1.000"
-    assert lines[-1].startswith("[disa testbed] testbed pi_ref: 200/200 steps (100%), 1m40s elapsed, ETA 0s")
+    assert lines[0] == "testbed pi_ref: 20/200 steps (10%), 10s elapsed, ETA 1m30s, loss 1.000"
+    assert lines[-1].startswith("testbed pi_ref: 200/200 steps (100%), 1m40s elapsed, ETA 0s")
 
 
 @pytest.mark.parametrize("wanted, cores, load, expected", [
@@ -189,7 +190,8 @@ def test_the_build_says_its_threads_and_why(threads, cores, load, says_variant, 
     assert ("--build-threads 1 builds faster" in note) == (busy_hint == 1)
 
 
-def test_the_build_does_not_depend_on_the_load_unless_asked(tmp_path, monkeypatch, capsys):
+def test_the_build_does_not_depend_on_the_load_unless_asked(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="disa")
     from disa.testbed import TestbedConfig
     from disa.testbed import models
 
@@ -201,11 +203,12 @@ def test_the_build_does_not_depend_on_the_load_unless_asked(tmp_path, monkeypatc
     assert json.loads((documented.root / "build.json").read_text())["build_threads"] == 1
     auto = build_testbed(tmp_path, config=tiny, num_threads="auto")  # every free core: 2, cached apart
     assert auto.root.name == tiny.fingerprint() + "-threads2"
-    assert "equally valid variant" in capsys.readouterr().err
+    assert "equally valid variant" in caplog.text
+    caplog.clear()
     monkeypatch.setattr(models, "machine_load", lambda: (2, 5.0))  # busy: the default is the same testbed
     assert build_testbed(tmp_path, config=tiny).root == documented.root
     assert build_testbed(tmp_path, config=tiny, num_threads="auto").root.name == tiny.fingerprint()  # 1 free core
-    assert "building" not in capsys.readouterr().err  # both were cached
+    assert "building" not in caplog.text  # both were cached
     build_testbed(tmp_path, config=tiny, num_threads=2)  # cached: nothing to say
     with pytest.raises(ValueError, match="num_threads"):
         build_testbed(tmp_path, config=tiny, num_threads=0)

@@ -195,9 +195,9 @@ def test_a_moved_run_folder_resumes_and_its_metrics_are_rebuilt_from_the_checkpo
     run_copy.rename(moved)
     metrics = moved / "checkpoints" / "metrics.csv"
     metrics.write_text(metrics.read_text()[:40])  # truncated mid-row, as a full disk leaves it
-    assert main("sample", moved) == 0 and "0 written, 1 already there" in capsys.readouterr().out
+    assert main("sample", moved) == 0 and "0 written, 1 already there" in capsys.readouterr().err
     assert main("train", moved, "train.num_steps=6") == 0
-    assert "resumed at step 4" in capsys.readouterr().out
+    assert "resumed at step 4" in capsys.readouterr().err
     steps = [int(line.split(",")[0]) for line in metrics.read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5, 6]
     lineage = json.loads((moved / "checkpoints" / "checkpoint-6" / "lineage.json").read_text())

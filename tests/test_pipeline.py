@@ -109,7 +109,7 @@ def test_run_end_to_end_disa_on_gpt2(tiny_gpt2_path, tmp_path, capsys):
     config = write_config(tmp_path, tiny_gpt2_path)
     assert cli.main(["run", "-c", config]) == 0
     out = tmp_path / "run"
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # each stage's messages, named by the stage (disa.log)
     for verb in ("sample", "label", "fit-z", "train", "eval"):
         assert f"disa {verb}:" in printed
 
@@ -155,7 +155,7 @@ def test_run_end_to_end_disa_on_gpt2(tiny_gpt2_path, tmp_path, capsys):
     # train resumes from the newest checkpoint: one more step, not three
     assert cli.main(["train", "-c", config, "--set", f"train.num_steps={STEPS + 1}"]) == 0
     assert [int(r["step"]) for r in metrics_rows(out)] == list(range(1, STEPS + 2))
-    assert "resumed at step 2" in capsys.readouterr().out
+    assert "resumed at step 2" in capsys.readouterr().err
     # ...but not into a checkpoint made with other settings
     assert cli.main(["train", "-c", config, "--set", "train.lr=0.5"]) == 2
     assert "lr: 0.001 -> 0.5" in capsys.readouterr().err
@@ -196,7 +196,7 @@ def test_each_verb_alone_grpo_lora_on_llama(tiny_llama_path, tmp_path, capsys):
                      "--checkpoint", tiny_llama_path]) == 0  # any model folder, e.g. the reference itself
     summary = check_eval_against_samples(out, 2, [2], name=Path(tiny_llama_path).name)
     assert summary["policy"] == tiny_llama_path and summary["k"] == 2
-    assert "Mean@2" in capsys.readouterr().out
+    assert "Mean@2" in capsys.readouterr().err
     # the first evaluation is still there, untouched: two checkpoints' numbers side by side
     assert check_eval_against_samples(out / "eval" / f"checkpoint-{STEPS}", K, [1, K]) == adapter_summary
     assert sorted(p.name for p in (out / "eval").iterdir()) == sorted([f"checkpoint-{STEPS}", Path(tiny_llama_path).name])

@@ -17,6 +17,7 @@ from disa.report import (
     markdown_to_html,
     metrics_files,
     read_metrics_csv,
+    run_label,
     training_series,
 )
 
@@ -140,31 +141,53 @@ def test_each_evaluation_is_shown_once(tmp_path):
     assert eval_files(root) == [root / "eval.md", latest, other / "eval" / "checkpoint-9" / "eval.md"]
 
 
-@pytest.mark.slow
-def test_report_renders_in_headless_chromium(tmp_path):
+def screenshot(page, tmp_path, height: int = 4000):
+    """The page as headless Chromium draws it (Debian's `chromium`), as an (H, W, 3) uint8 array."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    import numpy as np
     from PIL import Image
 
-    path = build_report(fake_demo(fake_run(tmp_path)))
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,4000", path.as_uri()], check=True, timeout=120, capture_output=True)
-    img = Image.open(shot).convert("RGB")
-    assert img.size == (1200, 4000)
-    # the page is not blank: the embedded plots and table borders put many distinct colours on it
-    colours = img.getcolors(maxcolors=1 << 20)
-    assert colours is not None and len(colours) > 50
-    # the matplotlib default blue (31, 119, 180) of the histograms and curves is drawn
-    assert any(abs(r - 31) < 12 and abs(g - 119) < 12 and abs(b - 180) < 12 for _, (r, g, b) in colours)
-    # every method's curve is drawn: each run's colour is on the page
-    drawn = {rgb for _, rgb in colours}
-    for i, method in enumerate(DEMO_METHODS):
-        rgb = tuple(int(RUN_COLOURS[i + 1][j:j + 2], 16) for j in (1, 3, 5))  # run 0: fake_run's own
-        assert any(all(abs(a - b) < 6 for a, b in zip(rgb, c)) for c in drawn), method
-    # the tables' header cells (CSS background #eef) are drawn
-    assert any((r, g, b) == (238, 238, 255) and n > 200 for n, (r, g, b) in colours)
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size=1200,{height}",
+                    page.as_uri()], check=True, timeout=120, capture_output=True)
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape == (height, 1200, 3)
+    assert not (img[-40:] < 250).any(), "the page is taller than the window: raise height"  # nothing cut off
+    return img
+
+
+def pixels_of(img, hex_colour: str, tolerance: int = 6):
+    """Mask of the pixels within ``tolerance`` of a ``#rrggbb`` colour on every channel."""
+    import numpy as np
+
+    rgb = np.array([int(hex_colour[k:k + 2], 16) for k in (1, 3, 5)])
+    return (np.abs(img.astype(int) - rgb) < tolerance).all(axis=-1)
+
+
+def test_report_renders_in_headless_chromium_with_every_methods_curve(tmp_path):
+    """On a demo-shaped folder: every method's curve is drawn (its colour covers more pixels than a legend swatch),
+    a run whose values are all NaN shows its swatch only, and the results table comes before the first curve."""
+    (tmp_path / "demo").mkdir()
+    root = fake_demo(fake_run(tmp_path / "demo"))
+    ghost = root / "seed0" / "zz_ghost"  # last in the colour order; nothing to draw
+    ghost.mkdir()
+    ghost.joinpath("metrics.csv").write_text("step,loss,reward_mean\n1,nan,nan\n2,nan,nan\n")
+    img = screenshot(build_report(root), tmp_path)
+    labels = [run_label(root, f) for f in metrics_files(root)]
+    colour = {label: RUN_COLOURS[i % len(RUN_COLOURS)] for i, label in enumerate(labels)}
+    assert len(labels) == len(DEMO_METHODS) + 2 and len(set(colour.values())) == len(labels)
+    counts = {label: int(pixels_of(img, colour[label]).sum()) for label in labels}
+    swatch = counts["seed0/zz_ghost"]
+    assert 0 < swatch < 150, counts  # the legend's short line on each plot
+    for method in DEMO_METHODS:
+        assert counts[f"seed0/{method}"] > swatch + 200, (method, counts)  # a line across its plot
+    # tables first: the header cells (CSS #eef) start above the first drawn curve
+    header_rows = pixels_of(img, "#eeeeff", 1).any(axis=1).nonzero()[0]
+    curve_rows = pixels_of(img, colour["seed0/disa"]).any(axis=1).nonzero()[0]
+    assert header_rows.size and curve_rows.size and header_rows[0] < curve_rows[0]
 
 
 def test_quick_demo_says_its_numbers_are_a_smoke_run_and_where_the_real_ones_are():

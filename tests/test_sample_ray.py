@@ -164,7 +164,7 @@ def test_disa_sample_with_executor_ray_writes_the_local_runs_shards(local_ray, t
         assert len(shards) == 3
         tables[executor] = [pq.read_table(f).to_pydict() for f in shards]
         assert json.loads((tmp_path / executor / "meta.json").read_text())["top_p"] == 0.9
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the stage's messages (disa.log)
     assert "on Ray" in printed and "absolute-continuity" in printed
     for local, remote in zip(tables["local"], tables["ray"]):
         assert local["response"] == remote["response"] and local["prompt_id"] == remote["prompt_id"]

@@ -70,7 +70,7 @@ def test_none_writes_only_metrics_csv(tmp_path):
 
 
 def test_without_tensorboard_auto_skips_and_tensorboard_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(logger_module, "tensorboard_installed", lambda: False)
+    monkeypatch.setattr(logger_module.TrackerSpec, "installed", lambda self: self.name != "tensorboard")
     log = MetricsLogger(tmp_path / "auto", "auto")
     log.log({"step": 1, "loss": 0.5})
     log.close()
@@ -84,12 +84,12 @@ def test_without_tensorboard_auto_skips_and_tensorboard_is_an_error(tmp_path, mo
 def test_report_to_is_validated_by_the_config():
     assert TrainConfig().report_to == "auto" and SFTConfig().report_to == "auto"
     with pytest.raises(ValueError, match="report_to"):
-        TrainConfig(report_to="wandb")
+        TrainConfig(report_to="comet")
 
 
 def test_the_cli_refuses_report_to_tensorboard_without_the_package_before_any_model_loads(tmp_path, monkeypatch,
                                                                                          capsys):
-    monkeypatch.setattr(logger_module, "tensorboard_installed", lambda: False)
+    monkeypatch.setattr(logger_module.TrackerSpec, "installed", lambda self: self.name != "tensorboard")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "a", "prompt": "3 6 7 1 -> 60 =", "numbers": [3, 6, 7, 1], "target": 60}) + "\n")
     config = {"output_dir": str(tmp_path / "run"), "data": {"prompts": str(prompts), "verifier": "countdown"},

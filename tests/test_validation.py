@@ -60,7 +60,7 @@ def test_long_prompts_can_be_skipped_and_the_ids_are_recorded(tmp_path, capsys):
 
     config = write(tmp_path, [*ROWS, {"id": "too-long", "prompt": LONG}], data__long_prompts="skip")
     code = cli.main(["sample", "-c", config])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 0
     assert "skipping 1 of 3 prompts" in out and "too-long" in out
     record = json.loads((tmp_path / "run" / "skipped_prompts.json").read_text())
@@ -188,3 +188,11 @@ def test_what_train_reads_follows_its_log_z_source(tmp_path, capsys):
     assert say("train.objective=sft")[0].startswith(f"{run_dir / 'samples' / 'shard-*.parquet'}: not found")
     code, err = run(capsys, "train", "-c", config, "--set", "train.log_z=regressor")
     assert code == 2 and "model.safetensors: not found" in err
+
+
+def test_the_context_error_names_the_stage_whose_max_new_tokens_is_the_budget(tmp_path, capsys):
+    config = write(tmp_path, [*ROWS, {"id": "too-long", "prompt": LONG}])
+    code, err = run(capsys, "sample", "-c", config, "--set", "train.max_new_tokens=20")
+    assert code == 2
+    assert "+ 20 new tokens (train.max_new_tokens, the longest of any stage)" in err
+    assert "lower train.max_new_tokens" in err and "sample.max_new_tokens" not in err

@@ -11,6 +11,10 @@
     disa report RUN_DIR                       one self-contained HTML page for a run, study or demo folder
     disa config  [-c CONFIG]                  every config field as a commented YAML config, and every objective
     disa --version
+
+Results go to stdout; messages to stderr as ``disa <verb>: ...`` through one logging handler (:mod:`disa.log`),
+``-v`` / ``-q`` on every verb for more or fewer. The module imports neither torch nor transformers: ``--help``
+and an input error answer at once, a verb that needs a model imports what it needs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 
 VERBS = {
     "sample": "Stage 1: draw N proposal samples per prompt, verify, re-score under pi_ref and q",
-    "label": "Stage 1: per-prompt log Z labels (eq. 8) and diagnostics",
+    "label": "Stage 1: per-prompt log Z labels and diagnostics (estimator: label.estimator, default {estimator})",
     "fit-z": "Stage 2: fit and freeze the log Z regressor",
     "train": "Stage 3: RL with the configured objective",
     "eval": "evaluate a policy: Mean@k, pass@k, distinct correct answers",
@@ -38,6 +42,12 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         help="override one config field (repeatable; the value is YAML), e.g. --set train.objective=grpo",
     )
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more messages on stderr (debug lines, and the libraries' own warnings)")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="only warnings and errors on stderr")
 
 
 def _threads_arg(text: str):
@@ -64,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "the tiny testbed models on first use) and print one table.",
                           epilog="Reads: the testbed cache (--cache-dir, else $DISA_CACHE_DIR or ~/.cache/disa). "
                                  "Writes: OUT/results.json, results.md, plots/*.png (an interrupted run resumes).")
-    demo.add_argument("--quick", action="store_true", help="smaller budget (68 s from an empty cache on a shared 2-core machine, load 8; see the README)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run (the small testbed, a short budget): checks "
+                      "that every method runs end to end; its numbers are not representative (the full demo's are "
+                      "in docs/results/demo.md)")
     demo.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and spread are reported)")
     demo.add_argument("--out", default="runs/demo", help="output folder: results.json, results.md, plots/")
     demo.add_argument("--methods", default=None, help="comma-separated subset (default: all): disa, flowrl, flowrl_no_logz, "
@@ -81,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
     from disa.artifacts import STAGE_IO, run_io
+    from disa.config import LabelConfig
 
     for verb, help_text in VERBS.items():
+        help_text = help_text.format(estimator=LabelConfig().estimator)
         io = STAGE_IO[verb] if verb in STAGE_IO else run_io()  # what each verb reads and writes, declared once
         reads, writes = io.reads_text(), io.writes_text()
         p = sub.add_parser(verb, help=help_text, description=f"{help_text}. Reads: {reads}. Writes: {writes}.",
@@ -93,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="run one of the paper's studies on the exact testbed, or with -c on the "
                            "pipeline's stages (disa.studies)")
     study.add_argument("name", help="n_budget, beta_sweep, proposal or sft_vs_disa")
-    study.add_argument("--quick", action="store_true", help="the small testbed")
+    study.add_argument("--quick", action="store_true", help="a smoke run on the small testbed (numbers not "
+                       "representative)")
     study.add_argument("--out", default=None, help="output folder (default: runs/study-NAME)")
     study.add_argument("--cache-dir", default=None, help="where the testbed models are cached")
     study.add_argument("--build-threads", type=_threads_arg, default=None, metavar="N|auto",
@@ -110,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "with its hyperparameters. With -c, that config is checked first and the objectives of "
                          "the plugins it names are listed too.")
     _add_config_args(cfg, required=False)
+    for p in sub.choices.values():  # results go to stdout, messages to stderr: -v / -q choose how many
+        _add_verbosity(p)
     return parser
 
 
@@ -127,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # Ctrl-C from the first instant (library imports take seconds) ends with one line, never a traceback
         args = build_parser().parse_args(argv)
         verb = args.verb
-        quiet_library_bars()
-        return _run(args)
+        from disa.log import cli_logging
+
+        with cli_logging(verb, args.verbose, args.quiet):
+            return _run(args)
     except KeyboardInterrupt:
         print(f"disa {verb}: interrupted (a re-run resumes)" if verb != "disa" else "disa: interrupted",
               file=sys.stderr)
@@ -152,6 +171,8 @@ def _run(args) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.verb in ("demo", "study"):
+        quiet_library_bars()  # here, not before: importing transformers takes a second that --help need not wait
     if args.verb == "demo":
         from disa.demo import FULL_SETTINGS, QUICK_SETTINGS, run_demo, settings_with
 
@@ -176,6 +197,7 @@ def _dispatch(args) -> int:
     if args.verb == "config":
         print(starting_yaml(), end="")
         return 0
+    quiet_library_bars()
     from disa import stages
     from disa.stages.validate import check_inputs
 

@@ -33,8 +33,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
-from disa.estimators import REWARD_TRANSFORMS
-from disa.label_estimators import LABEL_ESTIMATORS
+from disa.names import LABEL_ESTIMATORS, REPORT_TO, REWARD_TRANSFORMS
 
 
 class ConfigError(ValueError):
@@ -280,14 +279,21 @@ class OptimisationConfig(Section):
     save_every: int = _f(50, "Checkpoint every this many steps; 0 = only at the end. The last step is always saved.",
                          "non_negative")
     keep_checkpoints: int = _f(0, "Keep only the newest k checkpoints (0 = keep all).", "non_negative")
-    report_to: str = _f("auto", "Where step metrics go besides metrics.csv (always written), as transformers' "
-                        "report_to: auto (TensorBoard when the tensorboard package is installed), tensorboard (an "
-                        "error up front when it is not), none. Scalars land in <train dir>/tensorboard/.",
-                        ("auto", "tensorboard", "none"))
+    report_to: Union[str, list] = _f(
+        "auto", "Where step metrics go besides metrics.csv (always written), as transformers' report_to: one name "
+        "or a list, e.g. [csv, wandb]. auto: TensorBoard when the tensorboard package is installed; none or csv: "
+        "metrics.csv only; tensorboard (<train dir>/tensorboard/), wandb ($WANDB_PROJECT, default disa; "
+        "WANDB_MODE=offline needs no account), mlflow ($MLFLOW_TRACKING_URI, else <train dir>/mlflow.db): an error "
+        "before any model loads when the package is not installed.")
     seed: int = _f(0, "Seeds data order, sampling and initialisation (step s of RL uses (seed, s)).", "non_negative")
 
     def check(self) -> None:
         check_lora(self.lora, f"{type(self).__name__}.lora")
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        bad = [n for n in names if n not in REPORT_TO]
+        if bad or not names:
+            self._bad("report_to", f"{bad[0] if bad else self.report_to!r} is not one of {list(REPORT_TO)} "
+                                   "(or a list of them)")
 
 
 @dataclass
@@ -384,13 +390,28 @@ class EvalConfig(Section):
                              "same for every method) score every checkpoint by Mean@k; the best is evaluated "
                              "(App. D.1). 0: the last checkpoint.",
                              "non_negative")
-    judge: dict = _f({}, "LLM-judge diversity (App. D.5) on an OpenAI-compatible endpoint: {base_url, model, "
-                     "api_key_env, temperature, max_tokens, timeout_s, retries}; empty: no judge.")
+    judge: dict = _f({}, "LLM-judge diversity (App. D.5) on an OpenAI-compatible endpoint (POST "
+                     "base_url/chat/completions): {base_url, model, api_key_env (the variable holding the key), "
+                     "temperature 0, max_tokens 16, timeout_s 60, retries 2 (a reply without a score), concurrency "
+                     "8 (problems at once), http_retries 5 (429/5xx/dropped connection, exponential backoff from "
+                     "backoff_s 1 up to max_backoff_s 60)}. Judged after eval.json is written: a failing judge "
+                     "records missing scores, never loses the evaluation. Empty: no judge.")
     generation: GenerationConfig = _generation()
 
     def check(self) -> None:
         if self.judge and not {"base_url", "model"} <= set(self.judge):
             self._bad("judge", f"needs base_url and model, got {sorted(self.judge)}")
+        if self.judge:
+            from disa.judge import JudgeConfig  # the keys are its fields (api_key comes from api_key_env)
+
+            known = {f.name for f in dataclasses.fields(JudgeConfig)} - {"api_key"} | {"api_key_env"}
+            unknown = sorted(set(self.judge) - known)
+            if unknown:
+                self._bad("judge", f"unknown key(s) {unknown}; known: {sorted(known)}")
+            try:  # the client's own checks (concurrency >= 1, ...) now, not after the evaluation has run
+                JudgeConfig(**{k: v for k, v in self.judge.items() if k != "api_key_env"})
+            except (TypeError, ValueError) as e:
+                self._bad("judge", str(e))
         if not self.pass_at or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k
                                    for k in self.pass_at):
             self._bad("pass_at", f"every k must be an int in [1, eval.k={self.k}], got {self.pass_at}")

@@ -26,6 +26,7 @@ every finished method (``<out_dir>/seed<k>/<method>/demo_result.json``) are reus
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import math
@@ -55,6 +56,8 @@ from disa.demo_report import QUICK_NOTICE, TRANSFORM_STUDY, results_markdown, su
 from disa.stages.fit_z import regressor_verdict
 from disa.testbed import build_testbed, correct_logprobs, exact_metrics, log_z_from_logprobs, strategies
 from disa.verifiers import get_verifier
+
+log = logging.getLogger(__name__)
 
 METHODS = ("disa", "flowrl", "flowrl_no_logz", "grpo", "gspo", "aspo", "sft")
 # DISA with its log Z read from elsewhere, to tell Stage 1's error from Stage 2's: the Stage 1 labels
@@ -453,4 +456,4 @@ def _run_demo(out_dir, quick, seeds, methods, cache_dir, settings, build_threads
 
 
 def _say(message: str) -> None:
-    print(f"[disa demo] {message}", flush=True)
+    log.info(message)

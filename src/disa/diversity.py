@@ -162,7 +162,9 @@ def problem_diversity(responses: Sequence[str], extract=None, embed: Optional[Ca
 
 
 def diversity_table(responses_per_problem: Sequence[Sequence[str]], extract=None, embed=None) -> dict[str, float]:
-    """:func:`problem_diversity` averaged over problems (a measure missing for a problem is left out of its mean)."""
+    """:func:`problem_diversity` averaged over problems (a measure missing for a problem is left out of its mean).
+    ``distinct_answers`` is left out when no answer could be extracted from any response: the extraction does not
+    fit this task, and a 0 would read as no diversity."""
     if not responses_per_problem:
         raise ValueError("no problems to measure")
     rows = []
@@ -172,7 +174,10 @@ def diversity_table(responses_per_problem: Sequence[Sequence[str]], extract=None
         except ValueError as err:
             raise ValueError(f"problem {i}: {err}") from None
     keys = sorted({k for r in rows for k in r})
-    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+    table = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+    if table.get("distinct_answers") == 0.0:  # no response of any problem had an answer to extract (e.g. countdown's
+        del table["distinct_answers"]         # expressions have no \boxed{}): 0 would read as "no diversity"
+    return table
 
 
 def sentence_embed_fn(path=None) -> Callable[[Sequence[str]], np.ndarray]:

@@ -14,7 +14,7 @@ import torch
 
 Tensor = torch.Tensor
 
-REWARD_TRANSFORMS = ("raw", "affine", "group")
+from disa.names import REWARD_TRANSFORMS  # noqa: E402  (declared torch-free for the config)
 
 
 # --------------------------------------------------------------------------- validation helpers

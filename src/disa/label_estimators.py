@@ -52,7 +52,7 @@ import torch
 from disa.estimators import _prepare_mask, check_beta, check_finite, effective_sample_size
 
 Tensor = torch.Tensor
-LABEL_ESTIMATORS = ("lse", "cv", "regression_cv")
+from disa.names import LABEL_ESTIMATORS  # noqa: E402  (declared torch-free for the config)
 AUTO = "auto"  # choose between AUTO_CANDIDATES on the run's own evidence (:func:`choose_estimator`)
 AUTO_CANDIDATES = ("lse", "cv")
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from disa.config import ConfigError, PipelineConfig
+from disa.log import stage_logger
 from disa.run_dir import RunDir
 
 
@@ -58,8 +60,10 @@ def apply_cpu_threads(verb: str, setting) -> None:
         torch.set_num_threads(setting)
 
 
-def say(verb: str, message: str) -> None:
-    print(f"disa {verb}: {message}", flush=True)
+def say(verb: str, message: str, level: int = logging.INFO) -> None:
+    """A stage's message, on its logger (``disa.stages.<verb>``); the command shows it as ``disa <verb>: ...``
+    on stderr (:mod:`disa.log`)."""
+    stage_logger(verb).log(level, message, extra={"verb": verb})
 
 
 def run_dir(cfg: PipelineConfig) -> RunDir:
@@ -127,7 +131,7 @@ def _without_long_prompts(cfg: PipelineConfig, records, path: str, name: str):
     """``records`` less those too long for a model's context (``data.long_prompts: skip``); the skipped ids are
     printed and recorded in ``output_dir/skipped_prompts.json``."""
     from disa.io import atomic_write_json
-    from disa.stages.validate import long_prompts, new_tokens_budget
+    from disa.stages.validate import long_prompts, new_tokens_budget, new_tokens_field
 
     skipped = long_prompts(cfg, records, path)
     if not skipped:
@@ -135,7 +139,7 @@ def _without_long_prompts(cfg: PipelineConfig, records, path: str, name: str):
     kept = [r for r in records if r.id not in {p.id for p in skipped}]
     if not kept:
         raise ConfigError(f"{name}: every prompt of {path} is too long for the models' context with "
-                          f"max_new_tokens {new_tokens_budget(cfg)}; nothing is left to run on")
+                          f"{new_tokens_field(cfg)} {new_tokens_budget(cfg)}; nothing is left to run on")
     say("data", f"skipping {len(skipped)} of {len(records)} prompts of {name} that do not fit the context "
                 f"(data.long_prompts: skip): {', '.join(p.id for p in skipped[:20])}"
                 f"{' ...' if len(skipped) > 20 else ''}; listed in {Path(cfg.output_dir) / 'skipped_prompts.json'}")

@@ -231,6 +231,22 @@ def regressor_verdict(val_mse: float, baseline_mse: float) -> str:
     return f"held-out MSE {val_mse:.4g}: {verdict} predicting the training mean (MSE {baseline_mse:.4g})"
 
 
+FEW_PROMPTS = 200  # below this many training prompts a regressor on embeddings seldom beats the labels' mean
+
+
+def regressor_advice(val_mse: float, baseline_mse: float, n_train: int) -> Optional[str]:
+    """What to make of a regressor that does not beat the training mean on held-out prompts, or None when it does.
+    Stage 3's default (``train.log_z: table``) uses the regressor's values, so the user is told the alternatives."""
+    if math.isfinite(val_mse) and math.isfinite(baseline_mse) and val_mse < baseline_mse * (1 - 1e-3):
+        return None
+    why = (f"expected with {n_train} training prompts (a regressor on prompt embeddings needs a few hundred to "
+           "generalise)" if n_train < FEW_PROMPTS else
+           "the labels may be too noisy to predict (see `disa label`'s unreliable labels) or fit_z.hidden / "
+           "fit_z.lr need tuning")
+    return (f"the regressor does not generalise here: {why}. Training still runs; with these prompts only, "
+            "`--set train.log_z=labels` uses each prompt's own Stage 1 label instead of the regressor's value")
+
+
 @stage("fit-z")
 def run(cfg) -> dict:
     """``disa fit-z``: the 2-layer MLP on frozen prompt embeddings -> ``log_z/`` (regressor, report, table)."""
@@ -270,5 +286,8 @@ def run(cfg) -> dict:
     common.say("fit-z", f"{report.n_train + report.n_val} prompts ({report.n_train} train / {report.n_val} held out) "
                f"-> {rd.log_z}, {report.epochs} epochs; {regressor_verdict(report.val_mse, report.baseline_val_mse)}; "
                f"held-out R^2 {r2} (against the held-out prompts' own mean)")
+    advice = regressor_advice(report.val_mse, report.baseline_val_mse, report.n_train)
+    if advice:
+        common.say("fit-z", advice)
     return {"val_mse": report.val_mse, "val_r2": report.val_r2, "baseline_val_mse": report.baseline_val_mse,
             "n_train": report.n_train, "n_val": report.n_val, "path": str(rd.log_z)}

@@ -306,7 +306,9 @@ def run(cfg) -> dict:
                               min_ess=lab.min_ess, target_se=lab.target_se)
     except ValueError as e:  # a damaged shard, or labels that cannot be trusted: named, nothing written
         raise ConfigError(str(e)) from None
-    result = label_summary(table.to_pydict())
+    cols = table.to_pydict()
+    result = label_summary(cols)
+    result["unreliable_why"] = unreliable_why(cols, lab.max_se, lab.min_ess)
     result["path"] = str(rd.labels)
     common.say("label", f"{table.num_rows} prompts -> {rd.labels}; estimator {lab.estimator} (beta {cfg.target.beta}, "
                f"r~ {cfg.target.reward_transform})")
@@ -349,7 +351,48 @@ def summary_lines(s: dict, lab) -> list[str]:
              f"standard error (nats): mean {s['mean_se']:.4f}, median {s['median_se']:.4f}, max {s['max_se']:.4f}",
              f"{s['unreliable']} of {s['rows']} labels flagged unreliable (ESS < {lab.min_ess:g}, or SE 0 or "
              f"> {lab.max_se:g})" + (f", e.g. {s['unreliable_ids'][:5]}" if s["unreliable"] else "")]
+    lines += s.get("unreliable_why", [])
     if "n_recommended_median" in s:
         lines.append(f"N per prompt for a standard error of {lab.target_se:g}: median {s['n_recommended_median']}, "
                      f"90th percentile {s['n_recommended_p90']}, max {s['n_recommended_max']} (se ~ 1/sqrt(N))")
     return lines
+
+
+def upper_95(n: int) -> float:
+    """The one-sided 95% upper bound on a rate after 0 successes in ``n`` draws: ``1 - 0.05^(1/n)`` (about 3/n)."""
+    return 1.0 - 0.05 ** (1.0 / n)
+
+
+def unreliable_why(cols: dict, max_se: float, min_ess: float) -> list[str]:
+    """Why the unreliable labels are unreliable, one line per cause, each with the N per prompt that would fix it:
+    no rewarded sample (the correct rate is then below :func:`upper_95` of N), a standard error
+    above ``max_se`` (``se ~ 1/sqrt(N)``: N (se / max_se)^2), an ESS below ``min_ess`` (ESS grows about as N:
+    N min_ess / ESS). Each count is of the unreliable labels with that cause (a label may have several)."""
+    bad = [i for i, ok in enumerate(cols["reliable"]) if not ok]
+    if not bad:
+        return []
+    n = [int(cols["n"][i]) for i in bad]
+    none = [i for i in bad if cols["reward_rate"][i] <= 0]
+    high_se = [i for i in bad if cols["reward_rate"][i] > 0 and cols["log_z_se"][i] > max_se]
+    low_ess = [i for i in bad if cols["reward_rate"][i] > 0 and cols["ess"][i] < min_ess]
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    out = [f"why {len(bad)} of {len(cols['reliable'])} labels are unreliable (expected when N per prompt is small, "
+           f"here N = {median(n)}):"]
+    if none:
+        m = median(n)
+        out.append(f"  {len(none)} had no rewarded sample in N: their correct rate is below {upper_95(m):.2g} "
+                   f"(95% bound from 0 of {m}); sample.n = {4 * m} lowers that to {upper_95(4 * m):.2g}, or use a "
+                   "proposal that solves them (models.proposal)")
+    if high_se:
+        need = [math.ceil(cols["n"][i] * (cols["log_z_se"][i] / max_se) ** 2) for i in high_se]
+        out.append(f"  {len(high_se)} had a standard error above label.max_se = {max_se:g}: N about {median(need)} "
+                   f"per prompt (median; max {max(need)}) brings it to {max_se:g} (se ~ 1/sqrt(N))")
+    if low_ess:
+        need = [math.ceil(cols["n"][i] * min_ess / max(cols["ess"][i], 1e-9)) for i in low_ess]
+        out.append(f"  {len(low_ess)} had an effective sample size below label.min_ess = {min_ess:g}: N about "
+                   f"{median(need)} per prompt (median; max {max(need)}), or a proposal closer to pi_ref")
+    return out

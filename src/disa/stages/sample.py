@@ -30,6 +30,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 from typing import Callable, Optional, Sequence, Union
@@ -635,7 +636,7 @@ def run(cfg) -> dict:
         raise ConfigError(str(e)) from None
     s = cfg.sample
     for line in proposal_warnings(s.temperature, s.top_p):
-        common.say("sample", "warning: " + line)
+        common.say("sample", line, logging.WARNING)
     if s.executor == "ray" and (s.reference_share or s.target_se):
         raise ConfigError("sample.reference_share and sample.target_se are not wired into sample.executor=ray yet; "
                           "use executor=local")
@@ -672,4 +673,12 @@ def run(cfg) -> dict:
     common.say("sample", f"{result['rows']} rows ({len(records)} prompts x n={s.n}) in {result['shards']} shard(s) "
                f"({result['written']} written, {result['skipped']} already there) -> {rd.samples}; "
                f"mean reward {result['mean_reward']:.4f}")
+    if not any(r > min(rewards) for r in rewards):  # every sample got the same (lowest) reward
+        common.say("sample", no_signal_advice(s.n), logging.WARNING)
     return result
+
+
+def no_signal_advice(n: int) -> str:
+    """What to do when no sample of Stage 1 was rewarded above the others."""
+    return (f"no sample was rewarded above the others: no learning signal about correct answers. Check data.verifier "
+            f"on a few responses (samples/*.parquet), raise sample.n (now {n}), or use a stronger models.proposal")

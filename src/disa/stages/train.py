@@ -21,7 +21,7 @@ the demo calls too.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -238,7 +238,7 @@ def history_cannot_learn(history: list[dict], num_steps: int) -> list[str]:
 
 def warn(lines: list[str]) -> None:
     for line in lines:
-        print(f"disa train: WARNING: {line}", file=sys.stderr, flush=True)
+        common.say("train", line, logging.WARNING)
 
 
 def record_lineage(rd: RunDir, lineage) -> None:
@@ -259,8 +259,32 @@ def train_policy(policy, ref_model, tokenizer, prompts, reward_fn, train: TrainC
 
     trainer = RLTrainer(policy, ref_model, tokenizer, prompts, reward_fn, train, output_dir=output_dir, target=target,
                         affine=affine, log_z=log_z, engine=engine, resume_from=resume_from)
+    watch = LearningWatch(train.num_steps)
+    trainer.logger.add(watch)  # warns while the run goes on, not only at its end
     history = trainer.train()
+    if watch.last_warned != (int(history[-1]["step"]) if history else None):
+        warn(history_cannot_learn(history, train.num_steps))
     return trainer.policy, history
+
+
+class LearningWatch:
+    """A :class:`disa.training.logger.Tracker` that reads the run as it goes: every ``LEARNING_WINDOW`` steps it
+    warns (:func:`history_cannot_learn`) when no rollout of the window was rewarded or the gradient was 0."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps, self.rows, self.last_warned = num_steps, [], None
+
+    def log(self, step: int, scalars) -> None:
+        self.rows = [*self.rows[-(LEARNING_WINDOW - 1):], {"step": step, **{
+            k: scalars[f"train/{k}"] for k in ("reward_mean", "grad_norm") if f"train/{k}" in scalars}}]
+        if step % LEARNING_WINDOW == 0:
+            lines = history_cannot_learn(self.rows, self.num_steps)
+            if lines:
+                warn(lines)
+                self.last_warned = step
+
+    def close(self) -> None:
+        pass
 
 
 @stage("train")
@@ -320,8 +344,6 @@ def run(cfg: PipelineConfig) -> dict:
                                    output_dir=str(rd.checkpoints), log_z=log_z, affine=affine, engine=engine,
                                    resume_from=ckpt)
     final = common.existing_checkpoint(rd.checkpoints)
-    if not supervised:
-        warn(history_cannot_learn(history, cfg.train.num_steps))
     del policy, ref_model, engine
     common.free()
     return _report(cfg, rd, history, ckpt, final, log_z, None)

@@ -226,6 +226,14 @@ def new_tokens_budget(cfg: PipelineConfig) -> int:
     return max(cfg.sample.max_new_tokens, cfg.train.max_new_tokens, cfg.eval.max_new_tokens)
 
 
+def new_tokens_field(cfg: PipelineConfig) -> str:
+    """The setting that :func:`new_tokens_budget` comes from (the first stage in pipeline order on a tie), so that
+    an error names the one a user has to lower: ``train.max_new_tokens``."""
+    budget = new_tokens_budget(cfg)
+    return next(f"{stage}.max_new_tokens" for stage in ("sample", "train", "eval")
+                if getattr(cfg, stage).max_new_tokens == budget)
+
+
 def long_prompts(cfg: PipelineConfig, records, path: str, model_names=("reference", "proposal", "policy")) -> list[LongPrompt]:
     """Every prompt whose tokens plus :func:`new_tokens_budget` exceed the context of one of the models."""
     from disa.data import render_prompt
@@ -352,8 +360,9 @@ def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -
             names = [n for n in _models_of(cfg, verb) if n in ("reference", "proposal", "policy")]
             too_long = long_prompts(cfg, records, path, names)
             out += _capped([f"{field}: {p.where} (id {p.id!r}): {p.tokens} prompt tokens + {new_tokens_budget(cfg)} "
-                            f"new tokens exceed the context of {p.setting} ({p.limit}); shorten it, lower "
-                            "max_new_tokens, or set data.long_prompts: skip" for p in too_long])
+                            f"new tokens ({new_tokens_field(cfg)}, the longest of any stage) exceed the context of "
+                            f"{p.setting} ({p.limit}); shorten it, lower {new_tokens_field(cfg)}, or set "
+                            "data.long_prompts: skip" for p in too_long])
     out += [p for p in [writable_problem("output_dir", cfg.output_dir)] if p]
     return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 from disa.label_estimators import AUTO, choose_estimator, label_prompts_with, mixture_log_ratio, split_budget
+
+log = logging.getLogger(__name__)
 
 # (name, (share of q, share of pi_ref), estimator, add se^2 / 2: the delta method's Jensen-gap correction)
 ESTIMATORS = (
@@ -134,8 +137,8 @@ def stage3(tb, ref, tokenizer, truths, labels_by_name: dict, seed: int, out_dir:
         metrics = exact_policy_metrics(policy, tokenizer, truths, settings.beta, settings.k)
         results[name] = {"p_correct": metrics["p_correct"], "kl_target_policy": metrics["kl_target_policy"],
                          "tv": metrics["tv"], "wall_s": time.perf_counter() - t0}
-        print(f"[label study] seed {seed} stage 3 {name}: acc {metrics['p_correct']:.3f} "
-              f"KL {metrics['kl_target_policy']:.3f}", flush=True)
+        log.info(f"label study: seed {seed} stage 3 {name}: acc {metrics['p_correct']:.3f} "
+                 f"KL {metrics['kl_target_policy']:.3f}")
     return results
 
 
@@ -253,7 +256,7 @@ def main(argv=None) -> dict:
             rows = error_rows(from_q, from_ref, exact, BETAS, ns)
             per_seed.append(rows)
             at = {r["estimator"]: r["rmse"] for r in rows if r["beta"] == 3.0 and r["n"] == 8}
-            print(f"[label study] seed {seed} beta 3 N 8: " + "; ".join(f"{k} {v:.3f}" for k, v in at.items()), flush=True)
+            log.info(f"label study: seed {seed} beta 3 N 8: " + "; ".join(f"{k} {v:.3f}" for k, v in at.items()))
             if args.stage3:
                 best = min((e for e in ESTIMATORS if e[0] != ESTIMATORS[0][0]), key=lambda e: at[e[0]])
                 labels = {name: batch_labels(from_q, from_ref, e[1], e[2], 3.0, 8, 0, e[3])["log_z"]

@@ -22,6 +22,7 @@ Writes ``<out>`` (Markdown) and ``<out>.json`` (every number).
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import math
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 
 from disa.label_estimators import allocate_samples, label_with_se, rewarded_count
+
+log = logging.getLogger(__name__)
 
 SETTINGS = ((1.0, 1.0), (0.6, 1.0), (1.0, 0.95), (0.6, 0.95))
 BETAS = (1.0, 3.0)
@@ -225,7 +228,7 @@ def main(argv=None) -> dict:
                     pool_t1 = pool
             per_seed_settings.append(rows)
             per_seed_budget.append(budget_rows(pool_t1, exact, (2, 3, 4, 6, 8, 16), (2.5, 3, 4, 5, 6, 8)))
-            print(f"[stage1 budget] seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
+            log.info(f"stage1 budget: seed {seed} done ({time.perf_counter() - started:.0f} s)")
     budget = average(per_seed_budget, ("samples_per_prompt", "rmse", "bias"))
     res = {"command": "python -m disa.studies.stage1_budget " + " ".join(argv if argv is not None else
                                                                        __import__("sys").argv[1:]),

@@ -19,6 +19,7 @@ probability, which is the absolute continuity the importance weights need.
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import dataclasses
 import hashlib
@@ -27,7 +28,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,8 @@ from disa.testbed.task import (
     random_expression,
     strategies,
 )
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
 # Every character a prompt or a canonical response can contain. Prompts use digits, spaces, "->" and "=".
@@ -469,8 +471,8 @@ def build_testbed(
     if (root / _COMPLETE_MARKER).exists():
         return _read_testbed(root, cfg)
 
-    print(f"[disa testbed] building {root} ({cfg.ref_steps} + {cfg.proposal_steps} training steps) with "
-          f"{thread_note(threads, documented, cores, load)}", file=sys.stderr, flush=True)
+    log.info(f"testbed: building {root} ({cfg.ref_steps} + {cfg.proposal_steps} training steps) with "
+             f"{thread_note(threads, documented, cores, load)}")
     root_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root_parent))
     try:

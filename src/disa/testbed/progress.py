@@ -3,10 +3,12 @@ and the thread count it uses against the machine's cores and load."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 from disa.threads import choose_threads, describe
+
+log = logging.getLogger(__name__)
 
 
 class ProgressLines:
@@ -24,9 +26,12 @@ class ProgressLines:
         elapsed = self.clock() - self.started
         eta = elapsed / done * (self.total - done)
         loss_text = f", loss {loss:.3f}" if loss is not None else ""
-        print(f"[disa testbed] {self.desc}: {done}/{self.total} steps ({100 * done / self.total:.0f}%), "
-              f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}{loss_text}",
-              file=self.out or sys.stderr, flush=True)
+        text = (f"{self.desc}: {done}/{self.total} steps ({100 * done / self.total:.0f}%), "
+                f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}{loss_text}")
+        if self.out is not None:
+            print(text, file=self.out, flush=True)
+        else:
+            log.info(text)
 
 
 def format_seconds(seconds: float) -> str:

@@ -165,7 +165,8 @@ class RLTrainer:
         self.history: list[dict] = []
         self._perm_cache: dict[int, list[int]] = {}
         resume_step = self._load_checkpoint(find_checkpoint(resume_from)) if resume_from is not None else None
-        self.logger = MetricsLogger(self.output_dir, config.report_to, resume_step=resume_step)
+        self.logger = MetricsLogger(self.output_dir, config.report_to, resume_step=resume_step,
+                                    hparams={"train": config.to_dict(), "target": target.to_dict()})
 
     @property
     def policy(self) -> nn.Module:

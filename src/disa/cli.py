@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 VERBS = {
@@ -122,6 +124,11 @@ def quiet_library_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _interrupted_again(signum, frame) -> None:  # a second Ctrl-C while the first unwinds: out now, one line
+    os.write(2, b"disa: interrupted\n")
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
     verb = "disa"
     try:  # Ctrl-C from the first instant (library imports take seconds) ends with one line, never a traceback
@@ -130,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet_library_bars()
         return _run(args)
     except KeyboardInterrupt:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _interrupted_again)
         print(f"disa {verb}: interrupted (a re-run resumes)" if verb != "disa" else "disa: interrupted",
               file=sys.stderr)
         return 130

@@ -138,7 +138,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
                 return
             line_no += 1
             if len(raw) > MAX_LINE_BYTES:
-                raise DataError(f"{path}, line {line_no}: longer than {MAX_LINE_BYTES >> 20} MiB (one prompt row); "
+                raise DataError(f"{path}, line {line_no}: longer than {MAX_LINE_BYTES} bytes (one prompt row); "
                                 "is it a JSONL file, one object per line?")
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")

@@ -21,7 +21,6 @@ the demo calls too.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +30,7 @@ from disa.run_dir import RunDir, check_target
 from disa.stages import common
 from disa.artifacts import reads_labels
 from disa.stages.common import stage
+from disa.training.rl import LEARNING_WINDOW, history_cannot_learn  # noqa: F401  (the trainer warns as it goes)
 
 # Fields that may change between a run and its resume (the run's length and bookkeeping, not its maths).
 RESUMABLE_CHANGES = {"num_steps", "num_epochs", "save_every", "keep_checkpoints", "report_to", "eval_every"}
@@ -208,37 +208,15 @@ def preflight(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records, ckpt: Op
     return lineage
 
 
-LEARNING_WINDOW = 20  # steps without a single rewarded rollout before a run is called one that cannot learn
-
-
 def settings_cannot_learn(cfg: PipelineConfig) -> list[str]:
-    """Settings under which the policy can learn nothing: a group statistic over groups of one."""
+    """Settings under which the policy can learn nothing (refused by :mod:`disa.stages.validate` before any model
+    loads): a group statistic over groups of one."""
     spec = get_spec(cfg.train.objective)
     if cfg.train.group_size == 1 and (spec.family == "policy_gradient" or cfg.target.reward_transform == "group"):
-        return [f"train.group_size is 1 and {cfg.train.objective} with r~ {cfg.target.reward_transform} uses a group "
-                "statistic (a reward minus its group's mean): every advantage is 0 and the policy cannot move; use "
+        return [f"train.group_size: 1, but {cfg.train.objective} with r~ {cfg.target.reward_transform} uses a group "
+                "statistic (a reward minus its group's mean): every advantage is 0 and the policy cannot learn; use "
                 "group_size >= 2"]
     return []
-
-
-def history_cannot_learn(history: list[dict], num_steps: int) -> list[str]:
-    """What the last ``LEARNING_WINDOW`` steps say: no rewarded rollout at all, or a gradient of exactly zero."""
-    window = history[-LEARNING_WINDOW:]
-    if not window or len(window) < min(LEARNING_WINDOW, num_steps):
-        return []
-    first, last, out = int(window[0]["step"]), int(window[-1]["step"]), []
-    if all(float(r.get("reward_mean", 1.0)) <= 0.0 for r in window):
-        out.append(f"the mean reward was 0 or less in every step {first}-{last} (no rewarded rollout): the objective "
-                   "has nothing to move towards; check data.verifier on a few responses, or start from a stronger "
-                   "models.policy")
-    if all(float(r.get("grad_norm", 1.0)) == 0.0 for r in window):
-        out.append(f"the gradient was exactly 0 in every step {first}-{last}: nothing is being learned")
-    return out
-
-
-def warn(lines: list[str]) -> None:
-    for line in lines:
-        print(f"disa train: WARNING: {line}", file=sys.stderr, flush=True)
 
 
 def record_lineage(rd: RunDir, lineage) -> None:
@@ -293,8 +271,6 @@ def run(cfg: PipelineConfig) -> dict:
         check_resume(ckpt, cfg.train, None if supervised else cfg.target)
     rd.ensure_writable()
     lineage = preflight(cfg, rd, stage1, records, ckpt, supervised)
-    if not supervised:
-        warn(settings_cannot_learn(cfg))
 
     policy_path, ref_path = common.model_path(cfg, "policy"), common.model_path(cfg, "reference")
     policy, tokenizer = common.load_model(cfg, policy_path)
@@ -320,8 +296,6 @@ def run(cfg: PipelineConfig) -> dict:
                                    output_dir=str(rd.checkpoints), log_z=log_z, affine=affine, engine=engine,
                                    resume_from=ckpt)
     final = common.existing_checkpoint(rd.checkpoints)
-    if not supervised:
-        warn(history_cannot_learn(history, cfg.train.num_steps))
     del policy, ref_model, engine
     common.free()
     return _report(cfg, rd, history, ckpt, final, log_z, None)

@@ -345,6 +345,10 @@ def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -
 
         field = "train.sft.report_to" if supervised else "train.report_to"
         out += [p for p in [report_to_problem((cfg.train.sft if supervised else cfg.train).report_to, field)] if p]
+        if not supervised:
+            from disa.stages.train import settings_cannot_learn
+
+            out += settings_cannot_learn(cfg)  # a run that cannot learn is refused, not run for hours
     if generates and not (verb == "train" and supervised):
         verifier = _verifier_problem(cfg)
         out += [verifier] if verifier else []

@@ -102,7 +102,8 @@ def train_sft(
     if resume_from is not None:
         state = checkpointer.load(find_checkpoint(resume_from), learner)
         step, history = int(state["step"]), list(state["history"])
-    logger = MetricsLogger(output_dir, config.report_to, resume_step=step if resume_from is not None else None)
+    logger = MetricsLogger(output_dir, config.report_to, resume_step=step if resume_from is not None else None,
+                           history=history if resume_from is not None else None)
 
     mini = config.micro_batch_size * config.gradient_accumulation
     steps_per_epoch = math.ceil(len(examples) / mini)

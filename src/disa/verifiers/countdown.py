@@ -30,6 +30,9 @@ def _row_prompt(prompts: Sequence, numbers, target, row: int) -> Prompt:
         raise ValueError(f"row {row}: no numbers/target columns and {err}") from None
 
 
+MAX_PROMPT_CHARS = 1000  # "n1 n2 ... -> target =" is a few dozen characters
+
+
 def countdown_row_problem(prompt, columns) -> str | None:
     """Why a prompt row cannot be scored (checked before any model loads): one of ``numbers`` / ``target`` without
     the other, values that are not integers, or neither and a prompt that does not read ``n1 n2 ... -> target =``."""
@@ -44,6 +47,8 @@ def countdown_row_problem(prompt, columns) -> str | None:
             return f"fields 'numbers' / 'target' must be a list of integers and an integer, got {numbers!r} / {target!r}"
         return None
     try:
+        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:  # no regex over a 10 MB line
+            raise ValueError("not a countdown prompt")
         parse_prompt(prompt)
     except ValueError:
         return "no fields 'numbers' / 'target', and field 'prompt' is not of the form 'n1 n2 ... -> target ='"

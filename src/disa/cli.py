@@ -124,6 +124,16 @@ def quiet_library_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+_INTERRUPTED: list[bool] = [False]
+
+
+def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C: a KeyboardInterrupt, remembered: a library import it lands in may swallow it and fail later (an
+    ImportError of a partially initialised module), and that failure is still the user's Ctrl-C."""
+    _INTERRUPTED[0] = True
+    raise KeyboardInterrupt
+
+
 def _interrupted_again(signum, frame) -> None:  # a second Ctrl-C while the first unwinds: out now, one line
     os.write(2, b"disa: interrupted\n")
     os._exit(130)
@@ -131,6 +141,12 @@ def _interrupted_again(signum, frame) -> None:  # a second Ctrl-C while the firs
 
 def main(argv: list[str] | None = None) -> int:
     verb = "disa"
+    _INTERRUPTED[0] = False
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # first, before any heavy import
+        try:
+            signal.signal(signal.SIGINT, _on_interrupt)
+        except ValueError:  # not the main thread: Python's own handler stays
+            pass
     try:  # Ctrl-C from the first instant (library imports take seconds) ends with one line, never a traceback
         args = build_parser().parse_args(argv)
         verb = args.verb
@@ -144,12 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disa {verb}: interrupted (a re-run resumes)" if verb != "disa" else "disa: interrupted",
               file=sys.stderr)
         return 130
+    finally:
+        if signal.getsignal(signal.SIGINT) is _on_interrupt:  # not interrupted: an in-process caller gets Python's back
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run(args) -> int:
     try:
         return _dispatch(args)
     except Exception as e:  # one line for the user; the traceback only with --debug
+        if _INTERRUPTED[0]:
+            raise KeyboardInterrupt from None
         if getattr(args, "debug", False):
             raise
         from disa.config import ConfigError

@@ -377,16 +377,18 @@ def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -
         except (DataError, ImportError) as e:
             out.append(f"{field}: {e}")
             continue
-        if verb in ("sample", "eval", "run") or (verb == "train" and not supervised):
-            missing = _missing_columns(cfg, records, path, field)
-            out += _capped(missing)
-        if generates and cfg.data.long_prompts == "refuse":
+        too_long = []
+        if generates:
             names = [n for n in _models_of(cfg, verb) if n in ("reference", "proposal", "policy")]
             too_long = long_prompts(cfg, records, path, names)
+        if verb in ("sample", "eval", "run") or (verb == "train" and not supervised):
+            skipped = {p.id for p in too_long}  # left out (skip), or already named (refuse): one line per row
+            out += _capped(_missing_columns(cfg, [r for r in records if r.id not in skipped], path, field))
+        if cfg.data.long_prompts == "refuse":
             out += _capped([f"{field}: {p.where} (id {p.id!r}): {'at least ' if p.at_least else ''}{p.tokens} prompt "
-                            f"tokens + {new_tokens_budget(cfg)} "
-                            f"new tokens exceed the context of {p.setting} ({p.limit}); shorten it, lower "
-                            "max_new_tokens, or set data.long_prompts: skip" for p in too_long])
+                            f"tokens + {new_tokens_budget(cfg)} new tokens exceed the context of {p.setting} "
+                            f"({p.limit}); shorten it, lower max_new_tokens, or set data.long_prompts: skip"
+                            for p in too_long])
     out += [p for p in [writable_problem("output_dir", cfg.output_dir)] if p]
     return out
 

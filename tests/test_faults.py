@@ -195,11 +195,14 @@ def test_a_moved_run_folder_resumes_and_its_metrics_are_rebuilt_from_the_checkpo
     run_copy.rename(moved)
     metrics = moved / "checkpoints" / "metrics.csv"
     metrics.write_text(metrics.read_text()[:40])  # truncated mid-row, as a full disk leaves it
+    half = moved / "checkpoints" / ".tmp-checkpoint-5"  # a killed run's half-written checkpoint
+    (half / "policy").mkdir(parents=True)
     assert main("sample", moved) == 0 and "0 written, 1 already there" in capsys.readouterr().out
     assert main("train", moved, "train.num_steps=6") == 0
     assert "resumed at step 4" in capsys.readouterr().out
     steps = [int(line.split(",")[0]) for line in metrics.read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5, 6]
+    assert not half.exists()  # swept when training started
     lineage = json.loads((moved / "checkpoints" / "checkpoint-6" / "lineage.json").read_text())
     assert lineage["fields"]["log_z/table.parquet"]["path"] == "log_z/table.parquet"  # relative to the run folder
 

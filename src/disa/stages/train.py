@@ -208,6 +208,19 @@ def preflight(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records, ckpt: Op
     return lineage
 
 
+def sweep_checkpoint_temporaries(rd: RunDir) -> list[Path]:
+    """Delete the half-written ``checkpoints/.tmp-checkpoint-<step>/`` folders a killed run left (every one is
+    stale: only the holder of this folder's `disa train` lock writes checkpoints here)."""
+    import shutil
+
+    from disa.training.checkpoints import CHECKPOINT_PREFIX
+
+    stale = sorted(rd.checkpoints.glob(f".tmp-{CHECKPOINT_PREFIX}*")) if rd.checkpoints.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
 def settings_cannot_learn(cfg: PipelineConfig) -> list[str]:
     """Settings under which the policy can learn nothing (refused by :mod:`disa.stages.validate` before any model
     loads): a group statistic over groups of one."""
@@ -271,6 +284,7 @@ def run(cfg: PipelineConfig) -> dict:
         check_resume(ckpt, cfg.train, None if supervised else cfg.target)
     rd.ensure_writable()
     lineage = preflight(cfg, rd, stage1, records, ckpt, supervised)
+    sweep_checkpoint_temporaries(rd)
 
     policy_path, ref_path = common.model_path(cfg, "policy"), common.model_path(cfg, "reference")
     policy, tokenizer = common.load_model(cfg, policy_path)

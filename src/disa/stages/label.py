@@ -251,6 +251,7 @@ def check_samples_match_meta(shards: list[str], meta: dict) -> None:
         return
     order: list[str] = []
     counts: dict[str, int] = {}
+    where: dict[str, str] = {}  # prompt id -> the shard it first appears in
     extra = [p for p in shards if os.path.basename(p).startswith("shard-a")]
     shards = [p for p in shards if p not in extra]
     for k, path in enumerate(shards):
@@ -263,11 +264,13 @@ def check_samples_match_meta(shards: list[str], meta: dict) -> None:
         for pid in ids:
             if pid not in counts:
                 order.append(pid)
+                where[pid] = path
             counts[pid] = counts.get(pid, 0) + 1
     short = [p for p in order if counts[p] != n]
     if short:
-        raise ValueError(f"samples: prompt id(s) {short[:5]} have {[counts[p] for p in short[:5]]} samples, not "
-                         f"n = {n}; a shard is damaged: delete it and run `disa sample` again")
+        shards_named = sorted({where[p] for p in short[:5]})
+        raise ValueError(f"{', '.join(shards_named)}: prompt id(s) {short[:5]} have {[counts[p] for p in short[:5]]} "
+                         f"samples, not n = {n}; the shard is damaged: delete it and run `disa sample` again")
     digest = hashlib.sha256("\n".join(order).encode("utf-8")).hexdigest()
     if meta.get("prompt_ids_sha256") not in (None, digest):
         raise ValueError(f"samples: the shards' prompt ids are not the {total} prompts meta.json records (a foreign "

@@ -286,18 +286,19 @@ def bad_prompts(line_no: int, raw: bytes, needle: str):
 
 
 def case_huge_line(out, tmp):
-    import resource
-
     path = prompts_with(tmp, 3, (json.dumps({"id": "huge", "prompt": "7 " * 5_000_000, "numbers": [7], "target": 7})
                                  + "\n").encode())
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    probe = ("import resource, subprocess, sys\n"  # the peak RSS of this one `disa sample` process
+             "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+             "sys.stderr.write(r.stderr)\n"
+             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     start = time.time()
-    done = disa("sample", tmp / "fresh", f"data.prompts={path}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run = subprocess.run([sys.executable, "-c", probe, *command("sample", tmp / "fresh", f"data.prompts={path}")],
+                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
+    code, peak_kb = (int(v) for v in run.stdout.split())
+    done = subprocess.CompletedProcess(run.args, code, "", run.stderr)
     outcome, line = refused(done, f"{path}, line 3 (id 'huge'): at least")
-    note = f" [{time.time() - start:.1f} s; peak RSS of the children so far {peak / 1e6:.2f} GB" + \
-           (" (an earlier child's)" if peak == before else "") + "]"
-    return outcome, line[:100] + " ..." + note
+    return outcome, line + f" [{time.time() - start:.1f} s, peak RSS {peak_kb / 1e6:.2f} GB]"
 
 
 def case_wrong_weights(out, tmp):
@@ -395,7 +396,8 @@ def main() -> int:
     print("| group | case | outcome | what it said |\n|---|---|---|---|")
     for r in results:
         said = r["said"].replace(tmpdir, "…").replace("|", "\\|")
-        print(f"| {r['group']} | {r['case']} | {r['outcome']} | {said[:150]}{'…' if len(said) > 150 else ''} |")
+        said = said if len(said) <= 170 else said[:120] + " … " + said[-47:]  # the head and the measured tail
+        print(f"| {r['group']} | {r['case']} | {r['outcome']} | {said} |")
     counts = {o: sum(r["outcome"] == o for r in results) for o in ("named", "recovered", "130", *FAILURES)}
     print("\n" + ", ".join(f"{n} {o}" for o, n in counts.items()) + f" ({len(results)} cases)")
     if args.json:

@@ -50,8 +50,10 @@ def count_prompt_tokens(tokenizer, text: str, limit: int) -> tuple[int, bool]:
     tokenization, not the gigabytes a tokenizer's offsets over the whole text take."""
     cut = CHARS_PER_TOKEN_BOUND * (limit + 1)
     if len(text) > cut:
-        # the prefix's last token may be cut in two: one token less is a sure lower bound for the whole text
-        n = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) - 1
+        # ended at a whitespace where there is one (pre-tokenizers split there), less the one token that may still be
+        # cut in two: the whole text's tokens cover the prefix with at least this many
+        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+        n = len(tokenizer(text[:space if space > cut // 2 else cut], add_special_tokens=False)["input_ids"]) - 1
         if n > limit:
             return n, True
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]), False

@@ -395,7 +395,7 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print("| group | case | outcome | what it said |\n|---|---|---|---|")
     for r in results:
-        said = r["said"].replace(tmpdir, "…").replace("|", "\\|")
+        said = r["said"].replace(tmpdir, "…").replace(str(ROOT), ".").replace("|", "\\|")
         said = said if len(said) <= 170 else said[:120] + " … " + said[-47:]  # the head and the measured tail
         print(f"| {r['group']} | {r['case']} | {r['outcome']} | {said} |")
     counts = {o: sum(r["outcome"] == o for r in results) for o in ("named", "recovered", "130", *FAILURES)}

@@ -195,11 +195,14 @@ def test_a_moved_run_folder_resumes_and_its_metrics_are_rebuilt_from_the_checkpo
     run_copy.rename(moved)
     metrics = moved / "checkpoints" / "metrics.csv"
     metrics.write_text(metrics.read_text()[:40])  # truncated mid-row, as a full disk leaves it
+    half = moved / "checkpoints" / ".tmp-checkpoint-5"  # a killed run's half-written checkpoint
+    (half / "policy").mkdir(parents=True)
     assert main("sample", moved) == 0 and "0 written, 1 already there" in capsys.readouterr().err
     assert main("train", moved, "train.num_steps=6") == 0
     assert "resumed at step 4" in capsys.readouterr().err
     steps = [int(line.split(",")[0]) for line in metrics.read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5, 6]
+    assert not half.exists()  # swept when training started
     lineage = json.loads((moved / "checkpoints" / "checkpoint-6" / "lineage.json").read_text())
     assert lineage["fields"]["log_z/table.parquet"]["path"] == "log_z/table.parquet"  # relative to the run folder
 
@@ -428,3 +431,228 @@ def test_a_run_that_cannot_learn_says_so():
     alive = dead[:-1] + [{"step": 30, "reward_mean": 0.125, "grad_norm": 0.3}]
     assert history_cannot_learn(alive, 30) == []
     assert history_cannot_learn(dead[:5], 30) == []  # too few steps to say
+
+
+# ----------------------------------------------------------------------------------------------- rewards in range
+def test_a_reward_outside_the_verifiers_declared_range_fails_that_item_naming_the_verifier():
+    """The one scoring path (Stage 1 sampling, Stage 3 rollouts, eval) checks each reward against the range the
+    verifier registered: 7 from a [0, 1] verifier gets its failure reward and a warning naming verifier and row."""
+    from disa.training.rollouts import score_rewards
+    from disa.verifiers import VerifierItemWarning, register_verifier, score, verifier_spec
+
+    @register_verifier("test_faults_seven", reward_range=(0.0, 1.0))
+    def seven(prompts, completions, **_):
+        return [7.0 if c == "bad" else 0.5 for c in completions]
+
+    with pytest.warns(VerifierItemWarning, match=r"verifier 'test_faults_seven', row 1 \(prompt id 'p1'\): returned "
+                                                 r"7\.0, outside its declared reward range \[0, 1\]"):
+        assert score("test_faults_seven", ["a", "b"], ["ok", "bad"], ids=["p0", "p1"]) == [0.5, 0.0]
+    with pytest.warns(VerifierItemWarning, match="outside its declared reward range"):  # Stage 3's rollouts
+        rewards = score_rewards(seven, [{"id": "p", "text": "a"}, {"id": "q", "text": "b"}], ["bad", "ok"])
+    assert rewards.tolist() == [0.0, 0.5]
+    with pytest.raises(RuntimeError, match="verifier 'test_faults_seven' failed on every one of the 2 items"):
+        score("test_faults_seven", ["a", "b"], ["bad", "bad"])
+    assert verifier_spec("countdown").reward_range == verifier_spec("math").reward_range == (0.0, 1.0)
+    with pytest.raises(ValueError, match="failure_reward -1.0 is outside its reward_range"):
+        register_verifier("test_faults_bad_range", reward_range=(0.0, 1.0), failure_reward=-1.0)
+    with pytest.raises(ValueError, match="reward_range must be two finite numbers"):
+        register_verifier("test_faults_bad_range", reward_range=(1.0, 0.0))
+
+
+def test_a_shard_with_a_reward_outside_the_verifiers_range_is_refused_naming_file_and_row(run_copy, capsys):
+    shard = next((run_copy / "samples").glob("shard-*.parquet"))
+    table = pq.read_table(shard)
+    rewards = table.column("reward").to_pylist()
+    rewards[4] = 7.0
+    pq.write_table(table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards)), shard)
+    labels_before = file_digest(LABELS.path(run_copy))
+    assert main("label", run_copy) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{shard}, row 5: column 'reward' is 7.0, outside the reward range [0, 1] verifier 'countdown' declares" in err
+    assert file_digest(LABELS.path(run_copy)) == labels_before
+
+
+# ----------------------------------------------------------------------------------------------- prompt files
+def _prompt_rows() -> list[str]:
+    return (ROOT / "examples/countdown/prompts.jsonl").read_text().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda lines: lines[:2] + [b'{"id": "x", "prompt": "caf\xe9 -> 1 ="}\n'] + lines[3:],
+     "line 3: not UTF-8 (byte 0xe9 at byte 27 of the line); save the file as UTF-8"),
+    (lambda lines: lines[:1] + [b'{"id": "x", "prompt": "  ", "numbers": [1], "target": 1}\n'] + lines[2:],
+     "line 2: field 'prompt' is empty"),
+    (lambda lines: lines[:3] + [b'{"id": "x", "prompt": "1 2 -> 3 =", "numbers": [1, 2]}\n'] + lines[4:],
+     "line 4 (id 'x'): field 'target' is missing (give both 'numbers' and 'target'"),
+    (lambda lines: lines[:4] + [b'{"id": "x", "prompt": "what is 2 + 2?"}\n'] + lines[5:],
+     "line 5 (id 'x'): no fields 'numbers' / 'target', and field 'prompt' is not of the form"),
+    (lambda lines: lines[:5] + [b'{"id": "x", "prompt": "' + b"7 " * 600 + b'"}\n'] + lines[6:],
+     "line 6: longer than 1000 bytes (one prompt row)"),
+])
+def test_a_bad_prompt_file_is_one_line_naming_file_line_and_field_before_any_model_loads(
+        tmp_path, monkeypatch, capsys, damage, said):
+    import disa.data
+    from disa.stages import common
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(disa.data, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b"".join(damage([line.encode() for line in _prompt_rows()])))
+    assert main("sample", tmp_path / "run", f"data.prompts={prompts}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{prompts}, {said}" in err, err
+    assert main("train", tmp_path / "run", f"data.prompts={prompts}") == 2  # listed with train's missing artefacts
+    assert f"{prompts}, {said}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_10_mb_prompt_line_is_refused_quickly_and_without_gigabytes(tmp_path):
+    """A real `disa sample` on a prompt file whose line 3 is a 10 MB prompt: exit 2 naming the line and the id, in
+    a few seconds and far below the 4.3 GB the whole-text tokenization took (the child's peak RSS is measured)."""
+    import resource
+
+    rows = _prompt_rows()
+    huge = json.dumps({"id": "huge", "prompt": "7 " * 5_000_000, "numbers": [7], "target": 7}) + "\n"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(rows[:2]) + huge + "".join(rows[3:]))
+    probe = ("import resource, subprocess, sys\n"
+             "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+             "sys.stderr.write(r.stderr)")
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "disa.cli", "sample", "-c", CONFIG,
+                           "--set", f"output_dir={tmp_path / 'run'}", "--set", f"data.prompts={prompts}"],
+                          capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300)
+    seconds = time.time() - start
+    code, peak_kb = (int(v) for v in done.stdout.split())
+    assert code == 2, done.stderr
+    assert f"{prompts}, line 3 (id 'huge'): at least" in done.stderr and "exceed the context of models." in done.stderr
+    assert peak_kb < 1_500_000, f"peak RSS {peak_kb / 1e6:.2f} GB"
+    assert seconds < 120
+    del resource
+
+
+# ----------------------------------------------------------------------------------------------- stale temporaries
+def test_a_stage_sweeps_the_temporaries_of_dead_writers_when_it_starts_on_a_folder(run_copy, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [run_copy / f"labels.parquet.tmp-{dead.pid}", run_copy / "samples" / f"shard-00000.parquet.tmp-{dead.pid}"]
+    live = run_copy / f"meta.json.tmp-{os.getppid()}"  # pytest's parent shell: alive, not ours
+    for p in (*stale, live):
+        p.write_bytes(b"half a file")
+    assert main("label", run_copy) == 0
+    assert not any(p.exists() for p in stale) and live.exists()
+
+
+# ----------------------------------------------------------------------------------------------- runs that cannot learn
+def test_group_size_1_with_a_group_statistic_is_refused_before_any_model_loads(run_copy, capsys):
+    shutil.rmtree(run_copy / "checkpoints")
+    assert main("train", run_copy, "train.objective=grpo", "train.group_size=1") == 2
+    err = capsys.readouterr().err
+    assert "train.group_size: 1, but grpo with r~ raw uses a group statistic" in err
+    assert not (run_copy / "checkpoints").exists()
+
+
+def test_a_training_with_no_rewarded_rollout_in_a_window_says_so_as_it_happens(run_copy, monkeypatch, caplog):
+    """A verifier that never rewards: the trainer warns at the end of each window (here 3 steps), while training."""
+    import logging
+
+    import disa.training.rl as rl
+    from disa.verifiers import register_verifier
+
+    register_verifier("test_faults_never", reward_range=(0.0, 1.0))(lambda prompts, completions, **_: [0.0] * len(completions))
+    monkeypatch.setattr(rl, "LEARNING_WINDOW", 3)
+    shutil.rmtree(run_copy / "checkpoints")
+    with caplog.at_level(logging.WARNING, logger="disa.training.rl"):
+        assert main("train", run_copy, "data.verifier=test_faults_never", "train.num_steps=6") == 0
+    said = [r.getMessage() for r in caplog.records if "no rewarded rollout" in r.getMessage()]
+    assert [s.split("every step ")[1].split(" ")[0] for s in said] == ["1-3", "4-6"]
+
+
+# ----------------------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_at_any_instant_of_the_first_seconds_is_one_line_and_exit_130(run_copy):
+    """Real processes interrupted 0.05-3 s after `disa train` starts (imports, config, checks, model loading,
+    training): exit 130 and one line, never a traceback; a second Ctrl-C while the first unwinds exits at once."""
+    shutil.rmtree(run_copy / "checkpoints")
+    start = "import sys; from disa.cli import main; print('up', flush=True); sys.exit(main())"
+    said = ("disa: interrupted", "disa train: interrupted (a re-run resumes)")
+    for delays in ([0.05], [1.5], [3.0], [0.4, 0.41]):
+        p = subprocess.Popen([sys.executable, "-c", start, "train", "-c", CONFIG, "--set", f"output_dir={run_copy}",
+                              "--set", "train.num_steps=500"], cwd=ROOT, env=subprocess_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "up"
+        t0 = time.time()
+        for d in delays:
+            time.sleep(max(0.0, t0 + d - time.time()))
+            p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert "Traceback" not in err and p.returncode == 130, (delays, p.returncode, err)
+        assert err.strip().splitlines()[-1] in said, (delays, err)
+
+
+# ----------------------------------------------------------------------------------------------- weights and metrics
+def test_weights_the_header_check_cannot_read_are_checked_when_they_load(tmp_path):
+    """*.bin weights are left to the loader: 2-layer weights under `n_layer: 4` are refused there, naming the
+    missing tensors, instead of loading two random layers; the committed model loads."""
+    from disa.config import ConfigError
+    from disa.generation.hf import load_model_and_tokenizer
+    from disa.stages.validate import weights_problem
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin"
+    shutil.copytree(ROOT / "examples/countdown/ref", folder)
+    weights = folder / "model.safetensors"
+    torch.save(load_file(str(weights)), folder / "pytorch_model.bin")
+    weights.unlink()
+    load_model_and_tokenizer(str(folder), device="cpu")  # fits: tied lm_head is not reported missing
+    config = json.loads((folder / "config.json").read_text())
+    config["n_layer"] = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    assert weights_problem(folder) is None  # no safetensors header to read
+    with pytest.raises(ConfigError, match=r"bin: weights missing \['transformer\.h\.2\..*\(24\); the weights do not "
+                                          r"belong to its config\.json"):
+        load_model_and_tokenizer(str(folder), device="cpu")
+
+
+def test_the_metrics_logger_rebuilds_metrics_csv_from_the_checkpoint_history(tmp_path):
+    from disa.training.logger import MetricsLogger
+
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,0.5\n2,\x00garbled\n3,0.2\n4,0.1\n")
+    history = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}, {"step": 3, "loss": 0.3, "extra": 1.0}]
+    logger = MetricsLogger(tmp_path, "none", resume_step=2, history=history)
+    logger.log({"step": 3, "loss": 0.25})
+    logger.close()
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["step,loss", "1,0.5", "2,0.4", "3,0.25"]
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_every_float_setting_must_be_finite():
+    """The config check refuses NaN and infinity in every float field of every section, nested ones included (a
+    YAML `.inf`), naming the field."""
+    import dataclasses
+
+    from disa.config import ConfigError, PipelineConfig, config_from_dict
+
+    def float_fields(obj, path=()):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from float_fields(value, (*path, f.name))
+            elif isinstance(value, float) or "float" in str(f.type):
+                yield (*path, f.name)
+
+    checked = []
+    for path in float_fields(PipelineConfig()):
+        for bad in (math.inf, math.nan):
+            data: dict = {}
+            node = data
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = bad
+            with pytest.raises(ConfigError, match=rf"\b{path[-1]}: "):
+                config_from_dict(data)
+        checked.append(".".join(path))
+    assert len(checked) >= 20 and "train.weight_decay" in checked and "train.sft.weight_decay" in checked, checked

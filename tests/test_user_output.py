@@ -148,25 +148,6 @@ def test_sampling_with_no_rewarded_sample_says_what_to_do():
     assert "no learning signal" in text and "data.verifier" in text and "sample.n (now 4)" in text
 
 
-def test_training_without_a_rewarded_rollout_warns_every_window_while_it_runs(caplog):
-    from disa.stages.train import LEARNING_WINDOW, LearningWatch
-    from disa.training.logger import Tracker
-
-    caplog.set_level("WARNING", logger="disa")
-    watch: Tracker = LearningWatch(num_steps=2 * LEARNING_WINDOW + 5)
-    for step in range(1, 2 * LEARNING_WINDOW + 6):
-        watch.log(step, {"train/reward_mean": 0.0, "train/grad_norm": 0.5, "train/loss": 1.0})
-    warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 2 and watch.last_warned == 2 * LEARNING_WINDOW
-    assert f"every step 1-{LEARNING_WINDOW} (no rewarded rollout)" in warned[0]
-    assert f"every step {LEARNING_WINDOW + 1}-{2 * LEARNING_WINDOW} (no rewarded rollout)" in warned[1]
-    caplog.clear()
-    alive = LearningWatch(num_steps=LEARNING_WINDOW)
-    for step in range(1, LEARNING_WINDOW + 1):  # one rewarded step in the window is a signal
-        alive.log(step, {"train/reward_mean": 0.25 if step == 7 else 0.0, "train/grad_norm": 0.5})
-    assert caplog.records == [] and alive.last_warned is None
-
-
 def test_distinct_final_answers_are_left_out_when_no_answer_can_be_extracted():
     from disa.diversity import diversity_table
 

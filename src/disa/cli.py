@@ -20,6 +20,8 @@ and an input error answer at once, a verb that needs a model imports what it nee
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 VERBS = {
@@ -139,8 +141,46 @@ def quiet_library_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+_INTERRUPTED = {"by_user": False, "again": False}
+
+
+def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C: a KeyboardInterrupt, remembered: an import it lands in may swallow it and fail later (an ImportError of
+    a partially initialised module), and that failure is still the user's Ctrl-C. A second Ctrl-C exits at once."""
+    if _INTERRUPTED["by_user"] and not _INTERRUPTED["again"]:
+        _interrupted_again(signum, frame)
+    _INTERRUPTED.update(by_user=True, again=False)
+    raise KeyboardInterrupt
+
+
+def _unraisable(hook_args) -> None:
+    """A KeyboardInterrupt raised where Python can only ignore it (a weakref or GC callback, e.g. importlib's module
+    locks) would be printed as 'Exception ignored ... Traceback' and the run would go on: deliver it again instead."""
+    if _INTERRUPTED["by_user"] and issubclass(hook_args.exc_type, KeyboardInterrupt):
+        import _thread
+
+        _INTERRUPTED["again"] = True
+        _thread.interrupt_main(signal.SIGINT)
+        return
+    sys.__unraisablehook__(hook_args)
+
+
+def _interrupted_again(signum, frame) -> None:  # a second Ctrl-C while the first unwinds: out now, one line
+    os.write(2, b"disa: interrupted\n")
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
-    verb = "disa"
+    first = (sys.argv[1:] if argv is None else list(argv))[:1]
+    verb = first[0] if first and first[0] in (*VERBS, "demo", "study", "report", "config") else "disa"  # for Ctrl-C
+    _INTERRUPTED.update(by_user=False, again=False)
+    hooked = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if hooked:  # first, before any heavy import
+        try:
+            signal.signal(signal.SIGINT, _on_interrupt)
+            sys.unraisablehook = _unraisable
+        except ValueError:  # not the main thread: Python's own handler stays
+            hooked = False
     try:  # Ctrl-C from the first instant (library imports take seconds) ends with one line, never a traceback
         args = build_parser().parse_args(argv)
         verb = args.verb
@@ -149,15 +189,23 @@ def main(argv: list[str] | None = None) -> int:
         with cli_logging(verb, args.verbose, args.quiet):
             return _run(args)
     except KeyboardInterrupt:
+        if hooked:
+            signal.signal(signal.SIGINT, _interrupted_again)
         print(f"disa {verb}: interrupted (a re-run resumes)" if verb != "disa" else "disa: interrupted",
               file=sys.stderr)
         return 130
+    finally:
+        if hooked and not _INTERRUPTED["by_user"]:  # an in-process caller gets Python's handlers back
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.unraisablehook = sys.__unraisablehook__
 
 
 def _run(args) -> int:
     try:
         return _dispatch(args)
     except Exception as e:  # one line for the user; the traceback only with --debug
+        if _INTERRUPTED["by_user"]:
+            raise KeyboardInterrupt from None
         if getattr(args, "debug", False):
             raise
         from disa.config import ConfigError

@@ -13,8 +13,8 @@ Schema (one record per row)
 Any other column is kept in ``PromptRecord.extra`` and handed to verifiers as a keyword column
 (TRL's reward-function convention), e.g. ``numbers`` / ``target`` for countdown.
 
-Formats: ``.jsonl`` (one JSON object per line; blank lines are skipped but still counted, so line numbers
-match an editor's), ``.parquet``, or a folder written by ``datasets.Dataset.save_to_disk``. A missing
+Formats: ``.jsonl`` (one UTF-8 JSON object per line, at most ``MAX_LINE_BYTES``: a longer line is refused
+before it is read whole; blank lines are skipped but still counted, so line numbers match an editor's), ``.parquet``, or a folder written by ``datasets.Dataset.save_to_disk``. A missing
 value (JSON ``null``, Parquet null) counts as absent.
 """
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 REQUIRED_FIELDS = ("id",)
+MAX_LINE_BYTES = 16 << 20  # one JSONL row; read in bounded pieces, so a huge line costs this much, not the line
 KNOWN_FIELDS = ("id", "prompt", "messages", "answer", "tests", "metadata")
 
 
@@ -78,8 +79,12 @@ def record_from_row(row: Any, *, path: str, line: int, unit: str = "line") -> Pr
         raise DataError(f"{where}: give either field 'prompt' or field 'messages', not both")
     if prompt is not None and not isinstance(prompt, str):
         raise DataError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}")
+    if prompt is not None and not prompt.strip():
+        raise DataError(f"{where}: field 'prompt' is empty; a model conditioned on nothing learns nothing from it")
     if messages is not None:
         messages = _validate_messages(messages, where)
+        if not any(m["content"].strip() for m in messages):
+            raise DataError(f"{where}: field 'messages' has no message with any content")
 
     metadata = row.get("metadata", {})
     if not isinstance(metadata, dict):
@@ -125,8 +130,21 @@ def records_from_rows(rows: Iterable[tuple[int, Any]], *, path: str, unit: str =
 
 # --------------------------------------------------------------------------- readers
 def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for line_no, text in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        line_no = 0
+        while True:
+            raw = fh.readline(MAX_LINE_BYTES + 1)  # bounded: a 4 GB file without a newline reads 16 MiB, not 4 GB
+            if not raw:
+                return
+            line_no += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}, line {line_no}: longer than {MAX_LINE_BYTES} bytes (one prompt row); "
+                                "is it a JSONL file, one object per line?")
+            try:
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}, line {line_no}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte "
+                                f"{exc.start + 1} of the line); save the file as UTF-8") from None
             if not text.strip():
                 continue
             try:

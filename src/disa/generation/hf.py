@@ -51,8 +51,34 @@ def load_model_and_tokenizer(path: str, *, device="auto", dtype="float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
+    model = checked_from_pretrained(AutoModelForCausalLM, path, dtype=resolve_dtype(dtype), local_files_only=True)
     return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def checked_from_pretrained(auto_class, path: str, **kwargs):
+    """``auto_class.from_pretrained(path, ...)`` that refuses weights that do not fit the folder's ``config.json``:
+    tensors missing (transformers would initialise them at random; tied weights are not reported missing), unexpected
+    or of another shape, named in one ``ConfigError`` (a ``ValueError``; exit 2 in the CLI) instead of a model that silently carries random layers or a
+    multi-line load report. The stages check the same up front from the file headers
+    (:func:`disa.stages.validate.weights_problem`); this catches what that cannot read (``*.bin`` weights)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report is ours to write, in one line
+    try:
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    parts = []
+    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mis-shaped")):
+        items = sorted(str(k if not isinstance(k, tuple) else k[0]) for k in info.get(key) or ())
+        if items:
+            parts.append(f"{label} {items[:3]}{' ...' if len(items) > 3 else ''} ({len(items)})")
+    if parts:
+        from disa.config import ConfigError
+
+        raise ConfigError(f"{path}: weights {'; '.join(parts)}; the weights do not belong to its config.json")
+    return model
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,11 +50,12 @@ LABEL_COLUMNS = (
 )
 
 
-def read_shard(path: str) -> dict[str, list]:
+def read_shard(path: str, verifier=None) -> dict[str, list]:
     """Read the label-relevant columns of one shard, validating them row by row.
 
-    Raises ``ValueError`` naming the file, the 1-based row and the column for a missing column, a null, or
-    a NaN/inf number.
+    Raises ``ValueError`` naming the file, the 1-based row and the column for a missing column, a null, a
+    NaN/inf number, a log-probability above 0, or (given the ``VerifierSpec`` that scored the shard) a reward
+    outside the verifier's declared range.
     """
     from disa.artifacts import reading
 
@@ -72,6 +73,10 @@ def read_shard(path: str) -> dict[str, list]:
             if col in ("reward", "logp_ref", "logp_q") and not math.isfinite(value) \
                     and not _outside_truncated_q(col, value, data, row - 1):
                 raise ValueError(f"{path}, row {row}: column {col!r} is {value} (must be finite)")
+            if col == "reward" and verifier is not None and verifier.out_of_range(value):
+                raise ValueError(f"{path}, row {row}: column 'reward' is {value}, outside the reward range "
+                                 f"{verifier.range_text()} verifier {verifier.name!r} declares; the shard is damaged: "
+                                 "delete it and run `disa sample` again (it redoes that shard)")
             if col in ("logp_ref", "logp_q") and value > LOGP_TOLERANCE:
                 raise ValueError(f"{path}, row {row}: column {col!r} is {value}, but a log-probability is <= 0; the "
                                  "shard is damaged: delete it and run `disa sample` again (it redoes that shard)")
@@ -91,11 +96,12 @@ def collect_groups(samples_dir: str) -> tuple[list[str], dict[str, dict[str, lis
     shards = list_shards(samples_dir)
     if not shards:
         raise FileNotFoundError(f"no shard-*.parquet files in {samples_dir}")
+    verifier = shards_verifier(samples_dir)
     order: list[str] = []
     groups: dict[str, dict[str, list]] = {}
     seen: dict[tuple[str, int], str] = {}
     for path in shards:
-        data = read_shard(path)
+        data = read_shard(path, verifier)
         for row, pid in enumerate(data["prompt_id"]):
             key = (pid, int(data["sample_idx"][row]))
             where = f"{os.path.basename(path)} row {row + 1}"
@@ -110,6 +116,20 @@ def collect_groups(samples_dir: str) -> tuple[list[str], dict[str, dict[str, lis
             tag = data[PROPOSAL_COLUMN][row] if PROPOSAL_COLUMN in data else None
             groups[pid]["from_reference"].append(1.0 if tag == REFERENCE_PROPOSAL else 0.0)
     return order, groups
+
+
+def shards_verifier(samples_dir: str):
+    """The registered ``VerifierSpec`` that scored the shards (``meta.json`` beside ``samples/`` records its name),
+    or None when it records none or the name is not registered here (its reward range cannot be checked)."""
+    from disa.verifiers import verifier_spec
+
+    meta_path = os.path.join(os.path.dirname(os.path.normpath(samples_dir)), "meta.json")
+    try:
+        with open(meta_path) as fh:
+            name = json.load(fh).get("verifier")
+        return verifier_spec(name) if isinstance(name, str) else None
+    except (OSError, ValueError, AttributeError, KeyError, ImportError):
+        return None  # meta.json itself is checked (and named) by the stage that reads it
 
 
 def _to_padded(order: list[str], groups: dict, col: str, width: int) -> torch.Tensor:
@@ -231,6 +251,7 @@ def check_samples_match_meta(shards: list[str], meta: dict) -> None:
         return
     order: list[str] = []
     counts: dict[str, int] = {}
+    where: dict[str, str] = {}  # prompt id -> the shard it first appears in
     extra = [p for p in shards if os.path.basename(p).startswith("shard-a")]
     shards = [p for p in shards if p not in extra]
     for k, path in enumerate(shards):
@@ -243,11 +264,13 @@ def check_samples_match_meta(shards: list[str], meta: dict) -> None:
         for pid in ids:
             if pid not in counts:
                 order.append(pid)
+                where[pid] = path
             counts[pid] = counts.get(pid, 0) + 1
     short = [p for p in order if counts[p] != n]
     if short:
-        raise ValueError(f"samples: prompt id(s) {short[:5]} have {[counts[p] for p in short[:5]]} samples, not "
-                         f"n = {n}; a shard is damaged: delete it and run `disa sample` again")
+        shards_named = sorted({where[p] for p in short[:5]})
+        raise ValueError(f"{', '.join(shards_named)}: prompt id(s) {short[:5]} have {[counts[p] for p in short[:5]]} "
+                         f"samples, not n = {n}; the shard is damaged: delete it and run `disa sample` again")
     digest = hashlib.sha256("\n".join(order).encode("utf-8")).hexdigest()
     if meta.get("prompt_ids_sha256") not in (None, digest):
         raise ValueError(f"samples: the shards' prompt ids are not the {total} prompts meta.json records (a foreign "

@@ -21,7 +21,6 @@ the demo calls too.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +30,7 @@ from disa.run_dir import RunDir, check_target
 from disa.stages import common
 from disa.artifacts import reads_labels
 from disa.stages.common import stage
+from disa.training.rl import LEARNING_WINDOW, history_cannot_learn  # noqa: F401  (the trainer warns as it goes)
 
 # Fields that may change between a run and its resume (the run's length and bookkeeping, not its maths).
 RESUMABLE_CHANGES = {"num_steps", "num_epochs", "save_every", "keep_checkpoints", "report_to", "eval_every"}
@@ -208,37 +208,28 @@ def preflight(cfg: PipelineConfig, rd: RunDir, stage1: RunDir, records, ckpt: Op
     return lineage
 
 
-LEARNING_WINDOW = 20  # steps without a single rewarded rollout before a run is called one that cannot learn
+def sweep_checkpoint_temporaries(rd: RunDir) -> list[Path]:
+    """Delete the half-written ``checkpoints/.tmp-checkpoint-<step>/`` folders a killed run left (every one is
+    stale: only the holder of this folder's `disa train` lock writes checkpoints here)."""
+    import shutil
+
+    from disa.training.checkpoints import CHECKPOINT_PREFIX
+
+    stale = sorted(rd.checkpoints.glob(f".tmp-{CHECKPOINT_PREFIX}*")) if rd.checkpoints.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def settings_cannot_learn(cfg: PipelineConfig) -> list[str]:
-    """Settings under which the policy can learn nothing: a group statistic over groups of one."""
+    """Settings under which the policy can learn nothing (refused by :mod:`disa.stages.validate` before any model
+    loads): a group statistic over groups of one."""
     spec = get_spec(cfg.train.objective)
     if cfg.train.group_size == 1 and (spec.family == "policy_gradient" or cfg.target.reward_transform == "group"):
-        return [f"train.group_size is 1 and {cfg.train.objective} with r~ {cfg.target.reward_transform} uses a group "
-                "statistic (a reward minus its group's mean): every advantage is 0 and the policy cannot move; use "
+        return [f"train.group_size: 1, but {cfg.train.objective} with r~ {cfg.target.reward_transform} uses a group "
+                "statistic (a reward minus its group's mean): every advantage is 0 and the policy cannot learn; use "
                 "group_size >= 2"]
     return []
-
-
-def history_cannot_learn(history: list[dict], num_steps: int) -> list[str]:
-    """What the last ``LEARNING_WINDOW`` steps say: no rewarded rollout at all, or a gradient of exactly zero."""
-    window = history[-LEARNING_WINDOW:]
-    if not window or len(window) < min(LEARNING_WINDOW, num_steps):
-        return []
-    first, last, out = int(window[0]["step"]), int(window[-1]["step"]), []
-    if all(float(r.get("reward_mean", 1.0)) <= 0.0 for r in window):
-        out.append(f"the mean reward was 0 or less in every step {first}-{last} (no rewarded rollout): the objective "
-                   "has nothing to move towards; check data.verifier on a few responses, or start from a stronger "
-                   "models.policy")
-    if all(float(r.get("grad_norm", 1.0)) == 0.0 for r in window):
-        out.append(f"the gradient was exactly 0 in every step {first}-{last}: nothing is being learned")
-    return out
-
-
-def warn(lines: list[str]) -> None:
-    for line in lines:
-        common.say("train", line, logging.WARNING)
 
 
 def record_lineage(rd: RunDir, lineage) -> None:
@@ -259,32 +250,8 @@ def train_policy(policy, ref_model, tokenizer, prompts, reward_fn, train: TrainC
 
     trainer = RLTrainer(policy, ref_model, tokenizer, prompts, reward_fn, train, output_dir=output_dir, target=target,
                         affine=affine, log_z=log_z, engine=engine, resume_from=resume_from)
-    watch = LearningWatch(train.num_steps)
-    trainer.logger.add(watch)  # warns while the run goes on, not only at its end
-    history = trainer.train()
-    if watch.last_warned != (int(history[-1]["step"]) if history else None):
-        warn(history_cannot_learn(history, train.num_steps))
+    history = trainer.train()  # warns as it goes when a window of steps cannot learn (history_cannot_learn)
     return trainer.policy, history
-
-
-class LearningWatch:
-    """A :class:`disa.training.logger.Tracker` that reads the run as it goes: every ``LEARNING_WINDOW`` steps it
-    warns (:func:`history_cannot_learn`) when no rollout of the window was rewarded or the gradient was 0."""
-
-    def __init__(self, num_steps: int):
-        self.num_steps, self.rows, self.last_warned = num_steps, [], None
-
-    def log(self, step: int, scalars) -> None:
-        self.rows = [*self.rows[-(LEARNING_WINDOW - 1):], {"step": step, **{
-            k: scalars[f"train/{k}"] for k in ("reward_mean", "grad_norm") if f"train/{k}" in scalars}}]
-        if step % LEARNING_WINDOW == 0:
-            lines = history_cannot_learn(self.rows, self.num_steps)
-            if lines:
-                warn(lines)
-                self.last_warned = step
-
-    def close(self) -> None:
-        pass
 
 
 @stage("train")
@@ -317,8 +284,7 @@ def run(cfg: PipelineConfig) -> dict:
         check_resume(ckpt, cfg.train, None if supervised else cfg.target)
     rd.ensure_writable()
     lineage = preflight(cfg, rd, stage1, records, ckpt, supervised)
-    if not supervised:
-        warn(settings_cannot_learn(cfg))
+    sweep_checkpoint_temporaries(rd)
 
     policy_path, ref_path = common.model_path(cfg, "policy"), common.model_path(cfg, "reference")
     policy, tokenizer = common.load_model(cfg, policy_path)

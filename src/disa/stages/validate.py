@@ -26,8 +26,6 @@ from typing import Optional
 
 from disa.config import ConfigError, PipelineConfig
 
-# Columns a built-in verifier reads from each prompt row; a plugin verifier declares none here.
-REQUIRED_COLUMNS = {"math": ("answer",), "code": ("tests",), "countdown": ()}
 # config.json keys that hold a model's context length, in the order transformers' configs use them.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len")
 MAX_LISTED = 10  # problems of one kind listed before "... and N more"
@@ -40,6 +38,25 @@ class LongPrompt:
     tokens: int
     limit: int
     setting: str  # models.<name>
+    at_least: bool = False  # counted on a prefix only: the prompt has at least ``tokens`` tokens
+
+
+CHARS_PER_TOKEN_BOUND = 32  # a prompt is tokenized on a prefix of this many characters per context token first
+
+
+def count_prompt_tokens(tokenizer, text: str, limit: int) -> tuple[int, bool]:
+    """``(tokens, at_least)``: the prompt's token count, or when a prefix of ``CHARS_PER_TOKEN_BOUND * (limit + 1)``
+    characters alone exceeds ``limit`` tokens, that lower bound (``at_least``). A 10 MB prompt costs a prefix's
+    tokenization, not the gigabytes a tokenizer's offsets over the whole text take."""
+    cut = CHARS_PER_TOKEN_BOUND * (limit + 1)
+    if len(text) > cut:
+        # ended at a whitespace where there is one (pre-tokenizers split there), less the one token that may still be
+        # cut in two: the whole text's tokens cover the prefix with at least this many
+        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+        n = len(tokenizer(text[:space if space > cut // 2 else cut], add_special_tokens=False)["input_ids"]) - 1
+        if n > limit:
+            return n, True
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]), False
 
 
 def _models_of(cfg: PipelineConfig, verb: str) -> list[str]:
@@ -214,8 +231,8 @@ def row_locations(path: str) -> dict[str, str]:
     if str(path).lower().endswith(".jsonl"):
         try:
             for line, row in _iter_jsonl(str(path)):
-                if isinstance(row, dict) and isinstance(row.get("id"), str):
-                    out.setdefault(row["id"], f"{path}, line {line}")
+                if isinstance(row, dict) and isinstance(row.get("id"), (str, int)):
+                    out.setdefault(str(row["id"]), f"{path}, line {line}")
         except Exception:  # the loader reports a malformed file itself
             pass
     return out
@@ -256,22 +273,35 @@ def long_prompts(cfg: PipelineConfig, records, path: str, model_names=("referenc
         for r in records:
             if r.id in found:
                 continue
-            n = len(tokenizer(render_prompt(r, tokenizer), add_special_tokens=False)["input_ids"])
+            n, at_least = count_prompt_tokens(tokenizer, render_prompt(r, tokenizer), limit)
             if n + budget > limit:
-                found[r.id] = LongPrompt(r.id, where.get(r.id, f"{path}, id {r.id!r}"), n, limit, field)
+                found[r.id] = LongPrompt(r.id, where.get(r.id, f"{path}, id {r.id!r}"), n, limit, field, at_least)
     return [found[r.id] for r in records if r.id in found]
 
 
 def _missing_columns(cfg: PipelineConfig, records, path: str, field: str) -> list[str]:
-    needed = REQUIRED_COLUMNS.get(cfg.data.verifier, ())
+    """Rows the verifier cannot score, from what it declares (:class:`disa.verifiers.VerifierSpec`): a required
+    column absent, or a row its ``check_row`` refuses (countdown: ``numbers`` without ``target``)."""
+    from disa.verifiers import verifier_spec
+
+    try:
+        spec = verifier_spec(cfg.data.verifier)
+    except (KeyError, ImportError):
+        return []  # reported by _verifier_problem
     where = row_locations(path)
     out = []
     for r in records:
         columns = r.verifier_columns()
-        for column in needed:
+        for column in spec.columns:
             if columns.get(column) is None:
                 out.append(f"{field}: {where.get(r.id, path)} (id {r.id!r}): no {column!r}, which verifier "
                            f"{cfg.data.verifier!r} needs; add it or set data.verifier")
+        if spec.check_row is not None and not any(columns.get(c) is None for c in spec.columns):
+            prompt = r.prompt if r.prompt is not None else r.messages[-1]["content"]
+            problem = spec.check_row(prompt, columns)
+            if problem:
+                out.append(f"{field}: {where.get(r.id, path)} (id {r.id!r}): {problem} (verifier "
+                           f"{cfg.data.verifier!r})")
     return out
 
 
@@ -325,6 +355,10 @@ def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -
 
         field = "train.sft.report_to" if supervised else "train.report_to"
         out += [p for p in [report_to_problem((cfg.train.sft if supervised else cfg.train).report_to, field)] if p]
+        if not supervised:
+            from disa.stages.train import settings_cannot_learn
+
+            out += settings_cannot_learn(cfg)  # a run that cannot learn is refused, not run for hours
     if generates and not (verb == "train" and supervised):
         verifier = _verifier_problem(cfg)
         out += [verifier] if verifier else []
@@ -353,16 +387,18 @@ def problems(cfg: PipelineConfig, verb: str, checkpoint: Optional[str] = None) -
         except (DataError, ImportError) as e:
             out.append(f"{field}: {e}")
             continue
-        if verb in ("sample", "eval", "run") or (verb == "train" and not supervised):
-            missing = _missing_columns(cfg, records, path, field)
-            out += _capped(missing)
-        if generates and cfg.data.long_prompts == "refuse":
+        too_long = []
+        if generates:
             names = [n for n in _models_of(cfg, verb) if n in ("reference", "proposal", "policy")]
             too_long = long_prompts(cfg, records, path, names)
-            out += _capped([f"{field}: {p.where} (id {p.id!r}): {p.tokens} prompt tokens + {new_tokens_budget(cfg)} "
-                            f"new tokens ({new_tokens_field(cfg)}, the longest of any stage) exceed the context of "
-                            f"{p.setting} ({p.limit}); shorten it, lower {new_tokens_field(cfg)}, or set "
-                            "data.long_prompts: skip" for p in too_long])
+        if verb in ("sample", "eval", "run") or (verb == "train" and not supervised):
+            skipped = {p.id for p in too_long}  # left out (skip), or already named (refuse): one line per row
+            out += _capped(_missing_columns(cfg, [r for r in records if r.id not in skipped], path, field))
+        if cfg.data.long_prompts == "refuse":
+            out += _capped([f"{field}: {p.where} (id {p.id!r}): {'at least ' if p.at_least else ''}{p.tokens} prompt "
+                            f"tokens + {new_tokens_budget(cfg)} new tokens ({new_tokens_field(cfg)}, the longest of any "
+                            f"stage) exceed the context of {p.setting} ({p.limit}); shorten it, lower "
+                            f"{new_tokens_field(cfg)}, or set data.long_prompts: skip" for p in too_long])
     out += [p for p in [writable_problem("output_dir", cfg.output_dir)] if p]
     return out
 

@@ -242,11 +242,13 @@ class MetricsLogger:
     as scalars to every tracker of ``report_to`` (see the module docstring).
 
     ``resume_step``: rows after it are dropped (they belong to a run that crashed before its next checkpoint).
+    ``history``: the resumed checkpoint's rows, the source of truth: ``metrics.csv`` is rebuilt from them (a
+    truncated or garbled file loses nothing) instead of from itself. Every rewrite is atomic.
     ``close()`` may be called more than once.
     """
 
     def __init__(self, output_dir: str | Path, report_to: Union[str, Sequence[str]] = "auto",
-                 resume_step: Optional[int] = None, run_name: Optional[str] = None,
+                 resume_step: Optional[int] = None, history: Optional[list] = None, run_name: Optional[str] = None,
                  hparams: Optional[Mapping[str, Any]] = None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +257,11 @@ class MetricsLogger:
         self.path = self.output_dir / "metrics.csv"
         self.rows: list[dict] = []
         self.columns: list[str] = []
-        if resume_step is not None and self.path.exists():
+        if history is not None:
+            self.rows = [dict(r) for r in history if resume_step is None or int(r["step"]) <= resume_step]
+            for row in self.rows:
+                self.columns += [k for k in row if k not in self.columns]
+        elif resume_step is not None and self.path.exists():
             with self.path.open(newline="") as fh:
                 reader = csv.DictReader(fh)
                 self.columns = list(reader.fieldnames or [])
@@ -277,15 +283,16 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.log(step, scalars)
 
-    def add(self, tracker: Tracker) -> None:
-        """One more tracker for the rows still to come (e.g. a watcher that warns about the run)."""
-        self.trackers.append(tracker)
-
     def _rewrite(self) -> None:
-        with self.path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.columns, restval="")
-            writer.writeheader()
-            writer.writerows(self.rows)
+        import io
+
+        from disa.io import atomic_write_text
+
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())  # a crash mid-rewrite leaves the old file, never half
 
     def close(self) -> None:
         for tracker in self.trackers:

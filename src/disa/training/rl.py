@@ -21,6 +21,7 @@ which is what makes ``train 2 + resume 2 == train 4`` exact.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -50,6 +51,25 @@ from disa.training.rollouts import Rollouts, default_generator, prompt_record, r
 
 TRAIN_CONFIG_FILE = "train_config.json"
 TARGET_FILE = "target.json"
+
+
+_log = logging.getLogger(__name__)
+LEARNING_WINDOW = 20  # steps without a single rewarded rollout (or with a zero gradient) before the trainer says so
+
+
+def history_cannot_learn(history: list[dict], num_steps: int) -> list[str]:
+    """What the last ``LEARNING_WINDOW`` steps say: no rewarded rollout at all, or a gradient of exactly zero."""
+    window = history[-LEARNING_WINDOW:]
+    if not window or len(window) < min(LEARNING_WINDOW, num_steps):
+        return []
+    first, last, out = int(window[0]["step"]), int(window[-1]["step"]), []
+    if all(float(r.get("reward_mean", 1.0)) <= 0.0 for r in window):
+        out.append(f"the mean reward was 0 or less in every step {first}-{last} (no rewarded rollout): the objective "
+                   "has nothing to move towards; check data.verifier on a few responses, or start from a stronger "
+                   "models.policy")
+    if all(float(r.get("grad_norm", 1.0)) == 0.0 for r in window):
+        out.append(f"the gradient was exactly 0 in every step {first}-{last}: nothing is being learned")
+    return out
 
 
 def build_log_z_source(config: TrainConfig, spec, given: Optional[LogZSource]) -> Optional[LogZSource]:
@@ -166,6 +186,7 @@ class RLTrainer:
         self._perm_cache: dict[int, list[int]] = {}
         resume_step = self._load_checkpoint(find_checkpoint(resume_from)) if resume_from is not None else None
         self.logger = MetricsLogger(self.output_dir, config.report_to, resume_step=resume_step,
+                                    history=self.history if resume_step is not None else None,
                                     hparams={"train": config.to_dict(), "target": target.to_dict()})
 
     @property
@@ -255,6 +276,9 @@ class RLTrainer:
         row["time_step_s"] = time.perf_counter() - t0
         self.history.append(row)
         self.logger.log(row)
+        if self.global_step % LEARNING_WINDOW == 0 or self.global_step == cfg.num_steps:  # said as it happens
+            for line in history_cannot_learn(self.history, cfg.num_steps):
+                _log.warning("%s", line)
         if cfg.save_every and self.global_step % cfg.save_every == 0:
             self.save_checkpoint()
         return row

@@ -103,6 +103,7 @@ def train_sft(
         state = checkpointer.load(find_checkpoint(resume_from), learner)
         step, history = int(state["step"]), list(state["history"])
     logger = MetricsLogger(output_dir, config.report_to, resume_step=step if resume_from is not None else None,
+                           history=history if resume_from is not None else None,
                            hparams={"sft": config.to_dict()})
 
     mini = config.micro_batch_size * config.gradient_accumulation

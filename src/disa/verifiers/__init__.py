@@ -14,8 +14,8 @@ name a row that lacks one. Built-in modules register on first use (``math`` need
 user's verifier is one plugin file (:mod:`disa.plugins`).
 
 :func:`score` is the only place a verifier is called: it checks the columns, calls the verifier on the batch and
-checks what comes back. A reward that is not a finite number (None, NaN, a string), or a completion that makes
-the verifier raise, fails *that item*: it gets the verifier's declared ``failure_reward`` (0.0: counted wrong)
+checks what comes back. A reward that is not a finite number (None, NaN, a string) or lies outside the verifier's
+declared ``reward_range``, or a completion that makes the verifier raise, fails *that item*: it gets the verifier's declared ``failure_reward`` (0.0: counted wrong)
 and a :class:`VerifierItemWarning` names the verifier, the row, the prompt id and why; the rest of the batch keeps
 its rewards. A wrong number of rewards, a missing required column, a missing dependency, or every item of a batch
 failing is the verifier's or the data's fault, not an item's, and stops the batch with an error that says which.
@@ -41,6 +41,17 @@ class VerifierSpec:
     columns: tuple[str, ...] = ()
     failure_reward: float = 0.0
     runs_code: bool = False  # executes the completion: the stages check which sandbox it gets
+    reward_range: Optional[tuple[float, float]] = None  # [low, high] every reward lies in; None: not declared
+    # check_row(prompt, columns) -> None or why the row cannot be scored: run on every prompt row before any model
+    # loads (``prompt``: the row's prompt text, or its last message's content; ``columns``: its verifier columns)
+    check_row: Optional[Callable[[Any, Mapping[str, Any]], Optional[str]]] = None
+
+    def out_of_range(self, reward: float) -> bool:
+        """Whether ``reward`` lies outside the declared ``reward_range`` (never, when none is declared)."""
+        return self.reward_range is not None and not (self.reward_range[0] <= reward <= self.reward_range[1])
+
+    def range_text(self) -> str:
+        return f"[{self.reward_range[0]:g}, {self.reward_range[1]:g}]" if self.reward_range is not None else "any"
 
 
 class VerifierItemWarning(UserWarning):
@@ -53,18 +64,32 @@ _LAZY = {"math": "disa.verifiers.math", "code": "disa.verifiers.code", "countdow
 
 
 def register_verifier(name: str, *, columns: Sequence[str] = (), failure_reward: float = 0.0,
-                      runs_code: bool = False):
+                      runs_code: bool = False, reward_range: Optional[tuple[float, float]] = None,
+                      check_row: Optional[Callable[[Any, Mapping[str, Any]], Optional[str]]] = None):
     """Decorator: register ``fn`` (TRL's signature) under ``name``, with the prompt columns it requires;
     ``runs_code=True`` declares that it executes the completion, so the stages check which sandbox it will get
-    (``verifier.allow_fallback``)."""
+    (``verifier.allow_fallback``); ``reward_range=(low, high)`` declares the rewards it can return: a reward
+    outside it fails that item (:func:`score`) and a Stage 1 shard holding one is refused (``disa label``);
+    ``check_row(prompt, columns)`` returns why a prompt row cannot be scored (None when it can): the stages run it
+    on every row before any model loads."""
     columns = tuple(columns)
     if not all(isinstance(c, str) and c for c in columns):
         raise ValueError(f"register_verifier({name!r}): columns must be non-empty strings, got {columns!r}")
     if not isfinite(float(failure_reward)):
         raise ValueError(f"register_verifier({name!r}): failure_reward must be finite, got {failure_reward!r}")
+    if reward_range is not None:
+        low, high = (float(v) for v in reward_range)
+        if not (isfinite(low) and isfinite(high) and low <= high):
+            raise ValueError(f"register_verifier({name!r}): reward_range must be two finite numbers low <= high, "
+                             f"got {reward_range!r}")
+        if not low <= float(failure_reward) <= high:
+            raise ValueError(f"register_verifier({name!r}): failure_reward {failure_reward!r} is outside its "
+                             f"reward_range {reward_range!r}")
+        reward_range = (low, high)
 
     def deco(fn: RewardFn) -> RewardFn:
-        _REGISTRY[name] = VerifierSpec(name, fn, columns, float(failure_reward), bool(runs_code))
+        _REGISTRY[name] = VerifierSpec(name, fn, columns, float(failure_reward), bool(runs_code), reward_range,
+                                       check_row)
         return fn
 
     return deco
@@ -198,6 +223,8 @@ def score(
         raise ValueError(f"verifier {spec.name!r} returned {len(values)} rewards for {n} completions")
     bad = {i: failures.get(i) or f"returned {values[i]!r}, not a finite number" for i in range(n)
            if i in failures or _as_reward(values[i]) is None}
+    bad.update({i: f"returned {values[i]!r}, outside its declared reward range {spec.range_text()}" for i in range(n)
+                if i not in bad and spec.out_of_range(_as_reward(values[i]))})
     if n > 1 and len(bad) == n:  # not one completion's fault: the verifier or the data is broken
         raise RuntimeError(f"verifier {spec.name!r} failed on every one of the {n} items; {where(0)}: {bad[0]}")
     rewards = []

@@ -277,7 +277,7 @@ def run_tests_batch(
         return list(tqdm(iterator, total=len(programs), desc="code tests", disable=disable))
 
 
-@register_verifier("code", columns=("tests",), runs_code=True)
+@register_verifier("code", columns=("tests",), runs_code=True, reward_range=(0.0, 1.0))
 def code_verifier(
     prompts: list,
     completions: list,

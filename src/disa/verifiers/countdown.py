@@ -30,7 +30,32 @@ def _row_prompt(prompts: Sequence, numbers, target, row: int) -> Prompt:
         raise ValueError(f"row {row}: no numbers/target columns and {err}") from None
 
 
-@register_verifier("countdown")
+MAX_PROMPT_CHARS = 1000  # "n1 n2 ... -> target =" is a few dozen characters
+
+
+def countdown_row_problem(prompt, columns) -> str | None:
+    """Why a prompt row cannot be scored (checked before any model loads): one of ``numbers`` / ``target`` without
+    the other, values that are not integers, or neither and a prompt that does not read ``n1 n2 ... -> target =``."""
+    numbers, target = columns.get("numbers"), columns.get("target")
+    if (numbers is None) != (target is None):
+        return f"field {'target' if target is None else 'numbers'!r} is missing (give both 'numbers' and 'target', " \
+               "or neither and a prompt 'n1 n2 ... -> target =')"
+    if numbers is not None:
+        try:
+            Prompt(tuple(int(v) for v in numbers), int(target))
+        except (TypeError, ValueError):
+            return f"fields 'numbers' / 'target' must be a list of integers and an integer, got {numbers!r} / {target!r}"
+        return None
+    try:
+        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:  # no regex over a 10 MB line
+            raise ValueError("not a countdown prompt")
+        parse_prompt(prompt)
+    except ValueError:
+        return "no fields 'numbers' / 'target', and field 'prompt' is not of the form 'n1 n2 ... -> target ='"
+    return None
+
+
+@register_verifier("countdown", reward_range=(0.0, 1.0), check_row=countdown_row_problem)
 def countdown_reward(prompts, completions, numbers=None, target=None, **_columns) -> list[float]:
     """1.0 for a correct canonical expression (see :func:`disa.testbed.task.is_correct`), else 0.0."""
     n = len(completions)

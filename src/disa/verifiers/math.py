@@ -235,7 +235,7 @@ def math_reward(
         return 0.0
 
 
-@register_verifier("math", columns=("answer",))
+@register_verifier("math", columns=("answer",), reward_range=(0.0, 1.0))
 def math_verifier(
     prompts: list,
     completions: list,

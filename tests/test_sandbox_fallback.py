@@ -222,8 +222,8 @@ def test_stage_refuses_the_fallback_without_allow_fallback_and_runs_with_it(tmp_
     assert not (tmp_path / "run" / "samples").exists()
 
     assert cli.main(["sample", "-c", _code_config(tmp_path, tiny_gpt2_path, allow_fallback=True)]) == 0
-    out = capsys.readouterr().out
-    assert out.count("code sandbox: FALLBACK") == 1
+    err = capsys.readouterr().err
+    assert err.count("code sandbox: FALLBACK") == 1
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["code_isolation"] == "fallback"
 

@@ -10,8 +10,8 @@ exactly against ``pi*`` (the testbed lists every correct answer):
               offline; the replayed rows weighted by the known q (clipped pi_theta / q) or not at all (w = 1,
               the form Prop. 3(i) is about)
     stale     rollouts drawn from the policy k versions old (asynchronous training), w = 1
-    visits    all train + held-out prompts, a budget that visits each about 1.5 times
-    beta      sharp and flat targets (beta 1 and 15; 3 is the baseline)
+    visits    all train + held-out prompts (128) with the same budget, so each is visited once
+    beta      a sharp target (beta 15; 3 is the baseline)
     residual  FlowRL's length-normalised residual (token-mean log-probs) instead of the trajectory one
     dial      the exact log Z plus an injected prompt-level error (bias, noise) on-policy and fully offline:
               the trained policy's KL, its residual, and Prop. 4's envelope from the injected MSE
@@ -65,7 +65,8 @@ def exact_pass_at_k(p_correct: Sequence[float], ks: Sequence[int] = PASS_KS) -> 
     ks = np.asarray(ks)
     if ks.ndim != 1 or ks.size == 0 or np.any(ks < 1) or np.any(ks != np.round(ks)):
         raise ValueError(f"ks must be positive integers, got {ks!r}")
-    log_miss = np.log1p(-np.clip(p, 0.0, 1.0))  # -inf where p == 1: pass@k = 1
+    with np.errstate(divide="ignore"):
+        log_miss = np.log1p(-np.clip(p, 0.0, 1.0))  # -inf where p == 1: pass@k = 1
     return np.array([float(np.mean(-np.expm1(k * log_miss))) for k in ks])
 
 
@@ -115,14 +116,14 @@ class Regime:
         return "clipped_is" if self.replay_per_group and self.replay_weighted else "on_policy"
 
 
-DIAL_ERRORS = ((0.0, 0.0), (1.0, 0.0), (-1.0, 0.0), (0.0, 1.5))  # (bias, noise sd) in nats
+# (offline?, bias, noise sd in nats); b = 0 is the exact source's run of the baseline / fully offline replay
+DIAL_ERRORS = ((False, 1.0, 0.0), (True, 1.0, 0.0), (True, -1.0, 0.0), (True, 0.0, 1.5))
 
 
 def dial_regimes(errors=DIAL_ERRORS, replay_per_group: int = 8) -> list[Regime]:
     out = []
-    for offline in (False, True):
-        for bias, sd in errors:
-            out.append(Regime("dial", f"{'offline' if offline else 'on-policy'} b={bias:+g} sd={sd:g}",
+    for offline, bias, sd in errors:
+        out.append(Regime("dial", f"{'offline' if offline else 'on-policy'} b={bias:+g} sd={sd:g}",
                               replay_per_group=replay_per_group if offline else 0, replay_weighted=False,
                               log_z_error=(bias, sd), sources=("injected",)))
     return out
@@ -133,12 +134,9 @@ def full_regimes(group_size: int = 8) -> list[Regime]:
     return [
         Regime("baseline", "on-policy"),
         Regime("replay", f"{half}/{group_size} stored, IS-weighted", replay_per_group=half),
-        Regime("replay", f"{group_size}/{group_size} stored, IS-weighted", replay_per_group=group_size),
         Regime("replay", f"{group_size}/{group_size} stored, w=1", replay_per_group=group_size, replay_weighted=False),
-        Regime("stale", "k=2", staleness=2),
         Regime("stale", "k=8", staleness=8),
-        Regime("visits", "128 prompts, 1.5 visits", all_prompts=True, visits=1.5),
-        Regime("beta", "beta=1", beta=1.0),
+        Regime("visits", "128 prompts, 1 visit", all_prompts=True, visits=1.0),
         Regime("beta", "beta=15", beta=15.0),
         Regime("residual", "length-normalised", length_normalize=True),
         *dial_regimes(),
@@ -149,7 +147,8 @@ def full_regimes(group_size: int = 8) -> list[Regime]:
 class RegimeSettings:
     """The study's budget (the same for every regime and source)."""
 
-    num_steps: int = 30  # sized so the full study (~190 runs) fits about an hour on a shared 2-core CPU
+    num_steps: int = 16  # sized so the full study (138 runs) fits about an hour on a busy shared 2-core CPU
+    train_prompts: int = 32  # the first 32 training prompts: 4 visits each in 16 steps
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 3e-4
@@ -163,17 +162,20 @@ class RegimeSettings:
 
 
 FULL_SETTINGS = RegimeSettings()
-QUICK_SETTINGS = RegimeSettings(num_steps=4, prompts_per_step=4, group_size=4, n_samples=4, fit_epochs=30,
+QUICK_SETTINGS = RegimeSettings(num_steps=4, train_prompts=24, prompts_per_step=4, group_size=4, n_samples=4, fit_epochs=30,
                                 residual_samples=4)
 
 
 def quick_regimes(group_size: int = 4) -> list[Regime]:
-    """The default-suite form: the baseline with every source, fully offline replay, and the dial at growing
-    positive bias (where the residual must grow)."""
+    """The default-suite form: the baseline with every source, fully offline and IS-weighted mixed replay, stale
+    rollouts, and the dial at growing positive bias (where the residual must grow)."""
     return [Regime("baseline", "on-policy"),
             Regime("replay", f"{group_size}/{group_size} stored, w=1", replay_per_group=group_size,
                    replay_weighted=False, sources=("exact", "zero")),
-            *dial_regimes(((0.0, 0.0), (1.0, 0.0), (3.0, 0.0)), replay_per_group=group_size)[:3]]
+            Regime("replay", f"{group_size // 2}/{group_size} stored, IS-weighted", replay_per_group=group_size // 2,
+                   sources=("batch", "learned")),
+            Regime("stale", "k=1", staleness=1, sources=("batch",)),
+            *dial_regimes(((False, 0.0, 0.0), (False, 1.0, 0.0), (False, 3.0, 0.0)), replay_per_group=group_size)]
 
 
 # ==================================================================================================
@@ -323,7 +325,7 @@ def train_one(regime: Regime, source: str, seed: int, setup: dict, offline: Offl
     from disa.log_z import LogZTable
     from disa.verifiers import get_verifier
 
-    truths = offline.truths if regime.all_prompts else setup["truths"]
+    truths = offline.truths if regime.all_prompts else setup["truths"][:settings.train_prompts]
     st2 = offline.stage2(regime.beta)
     index = {t.id: i for i, t in enumerate(offline.truths)}
     rows = [index[t.id] for t in truths]
@@ -522,6 +524,23 @@ def _order(regimes, row) -> tuple:
     return (len(regimes), 0)
 
 
+def dial_rows(rows: Sequence[dict]) -> list[dict]:
+    """The dial's rows, with its zero-error points: where no ``b=+0 sd=0`` run exists, the ``exact`` source's run of
+    the baseline (on-policy) and of fully offline ``w = 1`` replay (offline) are the same training."""
+    dial = [dict(r) for r in rows if r["regime"] == "dial"]
+    for mode, (regime, marker) in (("on-policy", ("baseline", "")), ("offline", ("replay", "w=1"))):
+        if any(r["setting"].startswith(f"{mode} b=+0 sd=0") for r in dial):
+            continue
+        for r in rows:
+            if r["regime"] == regime and marker in r["setting"] and r["source"] == "exact":
+                zero = {**r, "regime": "dial", "setting": f"{mode} b=+0 sd=0 (= {regime} exact)", "source": "injected",
+                        "injected_mse": 0.0, "injected_mse_std": 0.0, "residual_sq_injected": r["residual_sq"],
+                        "residual_sq_injected_std": r.get("residual_sq_std", 0.0), "prop4_envelope": r["residual_sq"],
+                        "prop4_envelope_std": r.get("residual_sq_std", 0.0)}
+                dial.insert(0, zero)
+    return sorted(dial, key=lambda r: (not r["setting"].startswith("on-policy"), r["injected_mse"]))
+
+
 def write_outputs(out: Path, results: dict) -> None:
     from disa.studies.common import write_results
     from disa.studies.pipeline import display_rows, seeds_note
@@ -532,7 +551,7 @@ def write_outputs(out: Path, results: dict) -> None:
     except Exception as e:  # plots are a convenience: never lose the numbers over them
         _say(f"plots skipped: {e}")
     main = [r for r in rows if r["regime"] != "dial"]
-    dial = [r for r in rows if r["regime"] == "dial"]
+    dial = dial_rows(rows)
     cols = ["regime", "setting", "source", "kl_target_policy", "kl_gap_vs_exact", "tv_correct", "p_correct",
             "pass@1", "pass@16", "pass@256", "residual_sq", "stage2_val_mse", "regressor_rmse_vs_exact"]
     dcols = ["setting", "injected_mse", "kl_target_policy", "p_correct", "pass@256", "residual_sq",
@@ -586,7 +605,7 @@ def plot_map(out: Path, results: dict) -> None:
         ax.set(ylabel="pass@256 - pass@1 (exact)", title="what large k adds, per regime and source")
         ax.legend(fontsize=7, ncol=3, frameon=False)
         save_figure(plt, fig, out / "regimes_passk.png")
-    dial = [r for r in rows if r["regime"] == "dial"]
+    dial = dial_rows(rows)
     if dial:
         plt, fig, (a0, a1) = new_figure(2, height=3.6)
         for mode, marker in (("on-policy", "o"), ("offline", "s")):

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", default=None, help="policy folder (default: the last training checkpoint)")
     study = sub.add_parser("study", help="run one of the paper's studies on the exact testbed, or with -c on the "
                            "pipeline's stages (disa.studies)")
-    study.add_argument("name", help="n_budget, beta_sweep, proposal or sft_vs_disa")
+    study.add_argument("name", help="n_budget, beta_sweep, proposal, sft_vs_disa or regimes")
     study.add_argument("--quick", action="store_true", help="a smoke run on the small testbed (numbers not "
                        "representative)")
     study.add_argument("--out", default=None, help="output folder (default: runs/study-NAME)")

@@ -8,6 +8,8 @@ and measurements that back a default (``python -m disa.studies.label_estimators`
     proposal      weak (pi_ref) vs strong proposal: label error, ESS, Stage 2 held-out MSE, and a DISA policy
                   trained from each proposal's labels (downstream exact metrics)
     sft_vs_disa   SFT and DISA trained from the same proposal samples (the demo's runner, two methods)
+    regimes       where the source of log Z changes the trained policy: off-policy replay, stale rollouts, few
+                  visits, beta, the residual's form and an injected log Z error, every source, exact metrics
 
 All run on the exact Countdown testbed (``quick`` selects its small version), and on a pipeline config
 (``disa study NAME -c CONFIG``, :mod:`disa.studies.pipeline`): sub-runs of the real stages, scored by ``disa eval``.
@@ -15,7 +17,7 @@ All run on the exact Countdown testbed (``quick`` selects its small version), an
 
 from __future__ import annotations
 
-STUDIES = ("n_budget", "beta_sweep", "proposal", "sft_vs_disa")
+STUDIES = ("n_budget", "beta_sweep", "proposal", "sft_vs_disa", "regimes")
 
 
 def _study_module(name: str, seeds: int):

@@ -33,6 +33,7 @@ import collections
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -43,6 +44,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("regressor", "exact", "labels", "learned", "zero", "batch")
 # source -> (train.objective, train.log_z): every frozen/zero/batch source runs DISA's objective (log Z detached),
@@ -640,4 +643,4 @@ def run_from_config(cfg, out_dir: str, seeds: int = 1) -> dict:
 
 
 def _say(message: str) -> None:
-    print(f"[regimes] {message}", flush=True)
+    log.info("regimes: %s", message)

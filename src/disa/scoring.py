@@ -5,6 +5,11 @@ Layout of a batch: each row is ``prompt + response`` right-padded to a common le
 of the shifted log-prob tensor ``(B, L-1)`` holds ``log p(input_ids[t+1] | input_ids[:t+1])``, and
 ``response_mask`` marks the positions whose predicted token belongs to the response. Right padding keeps
 position ids equal to the unpadded ones, so the numbers do not depend on what else is in the batch.
+
+The batch scorers (:func:`score_token_logprobs`, :func:`score_sampled_responses`) and the training forward
+(``disa.training.models.response_logprobs``) go padding-free where the model allows: sequences packed into
+rows with positions restarting per sequence (:mod:`disa.packing`, :func:`batch_logprobs`), a token budget per
+forward instead of a row count; the same log-probs as the padded layout (``tests/test_packing.py``).
 """
 
 from __future__ import annotations

@@ -113,21 +113,42 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def clocks() -> tuple[float, float]:
+    """(wall, this process's CPU time) in seconds. On a shared machine the CPU time of a one-thread process is
+    what an idle machine's wall time would be, give or take cache effects; its wall time is mostly the queue."""
+    return time.perf_counter(), time.process_time()
+
+
 class PhaseTimer:
-    """Wraps bound methods of a trainer and adds their wall time into named buckets."""
+    """Wraps bound methods of a trainer and adds their wall time (``bucket``) and CPU time (``cpu_bucket``)
+    into named buckets."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
+
+    def step_row(self, wall: float, cpu: float) -> dict:
+        """A step's phases: rollout, scoring (rollout+scoring minus rollout), update, step; wall and CPU."""
+        row = {}
+        for prefix in ("", "cpu_"):
+            t = self.totals
+            gs = t.get(prefix + "rollout+scoring", 0.0)
+            row[prefix + "rollout"] = t.get(prefix + "rollout", 0.0)
+            row[prefix + "scoring"] = gs - t.get(prefix + "rollout", 0.0)
+            row[prefix + "step"] = wall if prefix == "" else cpu
+            row[prefix + "update"] = t[prefix + "update"] if prefix + "update" in t else row[prefix + "step"] - gs
+        return row
 
     def wrap(self, obj, name: str, bucket: str):
         inner = getattr(obj, name)
 
         def timed(*args, **kwargs):
-            t = time.perf_counter()
+            wall, cpu = clocks()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.totals[bucket] = self.totals.get(bucket, 0.0) + time.perf_counter() - t
+                wall2, cpu2 = clocks()
+                self.totals[bucket] = self.totals.get(bucket, 0.0) + wall2 - wall
+                self.totals["cpu_" + bucket] = self.totals.get("cpu_" + bucket, 0.0) + cpu2 - cpu
 
         setattr(obj, name, timed)
 
@@ -167,12 +188,10 @@ def run_trl(shape: dict, steps: int, out_dir: str, beta: float = 0.0) -> tuple[l
 
     def step(model, inputs, *a, **k):
         timer.totals.clear()
-        t = time.perf_counter()
+        wall, cpu = clocks()
         loss = inner_step(model, inputs, *a, **k)
-        total = time.perf_counter() - t
-        gs = timer.totals.get("rollout+scoring", 0.0)
-        steps_out.append({"rollout": timer.totals.get("rollout", 0.0), "scoring": gs - timer.totals.get("rollout", 0.0),
-                          "update": total - gs, "step": total})
+        wall2, cpu2 = clocks()
+        steps_out.append(timer.step_row(wall2 - wall, cpu2 - cpu))
         return loss
 
     trainer.training_step = step
@@ -226,12 +245,10 @@ def run_disa(shape: dict, steps: int, out_dir: str, objective: str) -> tuple[lis
     rss0 = rss_mb()
     for _ in range(steps):
         timer.totals.clear()
-        t = time.perf_counter()
+        wall, cpu = clocks()
         trainer.step()
-        total = time.perf_counter() - t
-        gs = timer.totals["rollout+scoring"]
-        steps_out.append({"rollout": timer.totals["rollout"], "scoring": gs - timer.totals["rollout"],
-                          "update": timer.totals["update"], "step": total})
+        wall2, cpu2 = clocks()
+        steps_out.append(timer.step_row(wall2 - wall, cpu2 - cpu))
     lengths = LENGTH_LOG[:]
     return steps_out, {"rss_before_train_mb": rss0, "lengths": lengths,
                        "real_over_computed": tally["real"] / max(1, tally["computed"])}
@@ -289,36 +306,38 @@ def run_round(contender: str, shape: str, steps: int) -> dict:
 
 
 def summarise(shape: str, results: dict[str, list[dict]], loads: list[float]) -> str:
-    """Median per-phase seconds per step over every counted step of every round; the ratio to each TRL contender
-    present (per round, median [min, max]; > 1: faster than that TRL run); completion lengths over every rollout
-    (mean, median, [min, max]); real / computed positions in the scoring and training forwards; peak RSS (max
-    over rounds)."""
+    """Per clock (the process's CPU time, then wall time): median per-phase seconds per step over every counted
+    step of every round and the ratio to each TRL contender present (per round, median [min, max]; > 1: faster
+    than that TRL run); then completion lengths over every rollout (mean, median, [min, max]), real / computed
+    positions in the scoring and training forwards, peak RSS (max over rounds)."""
     baselines = [b for b in ("trl", "trl-kl") if b in results]
     out = [f"shape {shape}: {SHAPES[shape]}, lengths {LENGTHS}, {PRECISION}, gradient checkpointing {GRAD_CKPT}, "
            f"{PROMPTS} prompts x G={GROUP}, rounds {len(next(iter(results.values())))}, 1-min load average "
-           f"{min(loads):.1f}-{max(loads):.1f}",
-           f"{'contender':<10} {'rollout':>8} {'scoring':>8} {'update':>8} {'step':>8}"
-           + "".join(f" {b.upper() + '/this':>20}" for b in baselines)
-           + f" {'length mean/med [min,max]':>26} {'real/computed':>13} {'peak MB':>8}"]
+           f"{min(loads):.1f}-{max(loads):.1f}"]
 
     def med(runs, key):
         return statistics.median(s[key] for r in runs for s in r["steps"])
 
-    def per_round(runs):
-        return [statistics.median(s["step"] for s in r["steps"]) for r in runs]
+    def per_round(runs, key):
+        return [statistics.median(s[key] for s in r["steps"]) for r in runs]
 
+    for clock, prefix in (("CPU s", "cpu_"), ("wall s", "")):
+        out.append(f"{clock:<10} {'rollout':>8} {'scoring':>8} {'update':>8} {'step':>8}"
+                   + "".join(f" {b.upper() + '/this':>21}" for b in baselines))
+        for name, runs in results.items():
+            mine = per_round(runs, prefix + "step")
+            ratios = ""
+            for b in baselines:
+                rs = [t / m for t, m in zip(per_round(results[b], prefix + "step"), mine)]
+                ratios += f" {statistics.median(rs):6.2f} [{min(rs):.2f}, {max(rs):.2f}]".rjust(22)
+            out.append(f"{name:<10} " + " ".join(f"{med(runs, prefix + k):8.3f}" for k in
+                                                 ("rollout", "scoring", "update", "step")) + ratios)
+    out.append(f"{'':<10} {'length mean/median [min,max]':>30} {'real/computed':>13} {'peak MB':>8}")
     for name, runs in results.items():
-        mine = per_round(runs)
-        ratios = ""
-        for b in baselines:
-            rs = [t / m for t, m in zip(per_round(results[b]), mine)]
-            ratios += f" {statistics.median(rs):6.2f} [{min(rs):.2f}, {max(rs):.2f}]".rjust(21)
         lengths = [n for r in runs for n in r["lengths"]]
         length = f"{statistics.mean(lengths):.1f}/{statistics.median(lengths):.0f} [{min(lengths)},{max(lengths)}]"
         real = statistics.median(r["real_over_computed"] for r in runs)
-        out.append(f"{name:<10} {med(runs, 'rollout'):8.3f} {med(runs, 'scoring'):8.3f} {med(runs, 'update'):8.3f} "
-                   f"{med(runs, 'step'):8.3f}{ratios} {length:>26} {real:13.2f} "
-                   f"{max(r['peak_rss_mb'] for r in runs):8.0f}")
+        out.append(f"{name:<10} {length:>30} {real:13.2f} {max(r['peak_rss_mb'] for r in runs):8.0f}")
     return "\n".join(out)
 
 

@@ -39,7 +39,7 @@ from worker import run_worker
 # eos_weight: the --lengths variable model's EOS logit scale (see build_model), set so that the mean completion
 # is about a third of the cap (measured: both sides' lengths are in each run's output)
 SHAPES = {"tiny": dict(n_layer=4, n_embd=128, n_head=4, tokens=24, eos_weight=0.42),
-          "medium": dict(n_layer=6, n_embd=512, n_head=8, tokens=64, eos_weight=0.36)}
+          "medium": dict(n_layer=6, n_embd=512, n_head=8, tokens=64, eos_weight=0.30)}
 CONTENDERS = ("trl", "trl-kl", "disa-grpo", "disa-disa")
 KL_BETA = 0.04  # trl-kl: GRPOConfig(beta=KL_BETA), so TRL builds a frozen reference model and scores it every step
 PROMPTS, GROUP, VOCAB = 8, 8, 512

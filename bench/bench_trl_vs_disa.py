@@ -10,9 +10,12 @@ twice: ``trl`` with ``beta=0`` (no KL: TRL builds no reference model) and ``trl-
 term: a frozen reference loaded from the same weights, scored with one no-grad forward per step), the
 like-for-like contender of ``disa-disa``.
 
-Forced length: the tokenizer's EOS id is one past the model's vocabulary, so neither sampler can ever draw it
-and every rollout is exactly ``--tokens`` long (checked after each run). Both trainers see the same model
-weights (seeded), the same prompts and the same reward function.
+``--lengths forced`` (default): the tokenizer's EOS id is one past the model's vocabulary, so neither sampler can
+ever draw it and every rollout is exactly ``--tokens`` long (checked after each run). ``--lengths variable``: EOS is
+in the vocabulary with its logit lifted by real weights, mean completion about a third of the cap; each side's
+completion lengths and its real / computed positions in the scoring and training forwards are reported. Both
+trainers see the same model weights (seeded), the same prompts and the same reward function. Each phase is timed
+on the wall clock and on the process's CPU clock (one thread: an idle machine's wall time, whatever the load).
 
 Each (round, contender) runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own; rounds
 interleave the contenders (order rotating), so load from other jobs on the machine hits all of them alike.
@@ -21,6 +24,8 @@ rewards, the no-grad log-prob passes), *update* (forward + backward + optimiser 
 run is a warm-up and is not counted.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_trl_vs_disa.py --shape tiny --rounds 3 --steps 4
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_trl_vs_disa.py --contenders trl-kl,disa-disa \
+        --grad-ckpt off --lengths variable --precision fp32
 """
 
 from __future__ import annotations

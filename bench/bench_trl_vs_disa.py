@@ -10,9 +10,12 @@ twice: ``trl`` with ``beta=0`` (no KL: TRL builds no reference model) and ``trl-
 term: a frozen reference loaded from the same weights, scored with one no-grad forward per step), the
 like-for-like contender of ``disa-disa``.
 
-Forced length: the tokenizer's EOS id is one past the model's vocabulary, so neither sampler can ever draw it
-and every rollout is exactly ``--tokens`` long (checked after each run). Both trainers see the same model
-weights (seeded), the same prompts and the same reward function.
+``--lengths forced`` (default): the tokenizer's EOS id is one past the model's vocabulary, so neither sampler can
+ever draw it and every rollout is exactly ``--tokens`` long (checked after each run). ``--lengths variable``: EOS is
+in the vocabulary with its logit lifted by real weights, mean completion about a third of the cap; each side's
+completion lengths and its real / computed positions in the scoring and training forwards are reported. Both
+trainers see the same model weights (seeded), the same prompts and the same reward function. Each phase is timed
+on the wall clock and on the process's CPU clock (one thread: an idle machine's wall time, whatever the load).
 
 Each (round, contender) runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own; rounds
 interleave the contenders (order rotating), so load from other jobs on the machine hits all of them alike.
@@ -21,6 +24,8 @@ rewards, the no-grad log-prob passes), *update* (forward + backward + optimiser 
 run is a warm-up and is not counted.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_trl_vs_disa.py --shape tiny --rounds 3 --steps 4
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_trl_vs_disa.py --contenders trl-kl,disa-disa \
+        --grad-ckpt off --lengths variable --precision fp32
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ import time
 
 from worker import run_worker
 
-SHAPES = {"tiny": dict(n_layer=4, n_embd=128, n_head=4, tokens=24),
-          "medium": dict(n_layer=6, n_embd=512, n_head=8, tokens=64)}
+# eos_weight: the --lengths variable model's EOS logit scale (see build_model), set so that the mean completion
+# is about a third of the cap (measured: both sides' lengths are in each run's output)
+SHAPES = {"tiny": dict(n_layer=4, n_embd=128, n_head=4, tokens=24, eos_weight=0.42),
+          "medium": dict(n_layer=6, n_embd=512, n_head=8, tokens=64, eos_weight=0.30)}
 CONTENDERS = ("trl", "trl-kl", "disa-grpo", "disa-disa")
 KL_BETA = 0.04  # trl-kl: GRPOConfig(beta=KL_BETA), so TRL builds a frozen reference model and scores it every step
 PROMPTS, GROUP, VOCAB = 8, 8, 512
@@ -46,6 +53,7 @@ PRECISION = "fp32"  # --precision; TRL's GRPOConfig defaults to bf16 autocast, s
 # --grad-ckpt: TRL's GRPOConfig defaults to gradient checkpointing (recompute activations in backward), disa's
 # TrainConfig does not; "defaults" keeps each side's default, "on" / "off" sets both alike
 GRAD_CKPT = "defaults"
+LENGTHS = "forced"  # --lengths: forced (EOS unreachable, every completion --tokens long) or variable (EOS reachable)
 
 
 def grad_ckpt(side: str) -> bool:
@@ -73,15 +81,25 @@ def build_tokenizer():
 
 
 def build_model(tok, shape: dict):
+    """The seeded GPT-2. ``forced``: its vocabulary stops before the EOS id, so no sampler can draw it.
+    ``variable``: EOS is in the vocabulary and its logit is lifted by real weights (the final layer norm's bias
+    on coordinate 0 and EOS's tied embedding on that coordinate alone), so completions end at a rate that puts
+    their mean near a third of the cap, with a geometric-like spread, the same for every sampler."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     eos = tok.eos_token_id
-    config = GPT2Config(vocab_size=eos, n_positions=256, n_embd=shape["n_embd"], n_layer=shape["n_layer"],
+    vocab = eos + 1 if LENGTHS == "variable" else eos
+    config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=shape["n_embd"], n_layer=shape["n_layer"],
                         n_head=shape["n_head"], bos_token_id=tok.pad_token_id, eos_token_id=eos,
                         pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
+    if LENGTHS == "variable":
+        with torch.no_grad():
+            model.transformer.ln_f.bias[0] = 10.0
+            model.transformer.wte.weight[eos] = 0.0
+            model.transformer.wte.weight[eos, 0] = shape["eos_weight"]
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
@@ -100,21 +118,42 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def clocks() -> tuple[float, float]:
+    """(wall, this process's CPU time) in seconds. On a shared machine the CPU time of a one-thread process is
+    what an idle machine's wall time would be, give or take cache effects; its wall time is mostly the queue."""
+    return time.perf_counter(), time.process_time()
+
+
 class PhaseTimer:
-    """Wraps bound methods of a trainer and adds their wall time into named buckets."""
+    """Wraps bound methods of a trainer and adds their wall time (``bucket``) and CPU time (``cpu_bucket``)
+    into named buckets."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
+
+    def step_row(self, wall: float, cpu: float) -> dict:
+        """A step's phases: rollout, scoring (rollout+scoring minus rollout), update, step; wall and CPU."""
+        row = {}
+        for prefix in ("", "cpu_"):
+            t = self.totals
+            gs = t.get(prefix + "rollout+scoring", 0.0)
+            row[prefix + "rollout"] = t.get(prefix + "rollout", 0.0)
+            row[prefix + "scoring"] = gs - t.get(prefix + "rollout", 0.0)
+            row[prefix + "step"] = wall if prefix == "" else cpu
+            row[prefix + "update"] = t[prefix + "update"] if prefix + "update" in t else row[prefix + "step"] - gs
+        return row
 
     def wrap(self, obj, name: str, bucket: str):
         inner = getattr(obj, name)
 
         def timed(*args, **kwargs):
-            t = time.perf_counter()
+            wall, cpu = clocks()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.totals[bucket] = self.totals.get(bucket, 0.0) + time.perf_counter() - t
+                wall2, cpu2 = clocks()
+                self.totals[bucket] = self.totals.get(bucket, 0.0) + wall2 - wall
+                self.totals["cpu_" + bucket] = self.totals.get("cpu_" + bucket, 0.0) + cpu2 - cpu
 
         setattr(obj, name, timed)
 
@@ -122,6 +161,7 @@ class PhaseTimer:
 def run_trl(shape: dict, steps: int, out_dir: str, beta: float = 0.0) -> tuple[list[dict], dict]:
     """TRL's ``GRPOTrainer``; ``beta > 0`` adds its KL term, so every step also scores ``log pi_ref`` (one no-grad
     forward of a frozen reference model over prompt + completion, LM head at completion positions only)."""
+    import torch
     from datasets import Dataset
     from transformers import GPT2LMHeadModel
     from trl import GRPOConfig, GRPOTrainer
@@ -153,26 +193,32 @@ def run_trl(shape: dict, steps: int, out_dir: str, beta: float = 0.0) -> tuple[l
 
     def step(model, inputs, *a, **k):
         timer.totals.clear()
-        t = time.perf_counter()
+        wall, cpu = clocks()
         loss = inner_step(model, inputs, *a, **k)
-        total = time.perf_counter() - t
-        gs = timer.totals.get("rollout+scoring", 0.0)
-        steps_out.append({"rollout": timer.totals.get("rollout", 0.0), "scoring": gs - timer.totals.get("rollout", 0.0),
-                          "update": total - gs, "step": total})
+        wall2, cpu2 = clocks()
+        steps_out.append(timer.step_row(wall2 - wall, cpu2 - cpu))
         return loss
 
     trainer.training_step = step
     original = trainer._generate_and_score_completions
 
+    tally = {"real": 0, "computed": 0}
+
     def record_lengths(*a, **k):
         out = original(*a, **k)
         lengths.extend(out["completion_mask"].sum(dim=1).tolist())
+        # TRL's forwards (reference scoring, policy forward) run over prompt + completion, both padded to the
+        # batch's longest
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        tally["real"] += int(mask.sum())
+        tally["computed"] += mask.numel()
         return out
 
     trainer._generate_and_score_completions = record_lengths
     rss0 = rss_mb()
     trainer.train()
-    return steps_out, {"rss_before_train_mb": rss0, "lengths": sorted(set(int(x) for x in lengths))}
+    return steps_out, {"rss_before_train_mb": rss0, "lengths": [int(x) for x in lengths],
+                       "real_over_computed": tally["real"] / tally["computed"]}
 
 
 def run_disa(shape: dict, steps: int, out_dir: str, objective: str) -> tuple[list[dict], dict]:
@@ -195,22 +241,53 @@ def run_disa(shape: dict, steps: int, out_dir: str, objective: str) -> tuple[lis
                          generation_batch_size=PROMPTS, updates_per_batch=1, save_every=0, seed=0,
                          gradient_checkpointing=grad_ckpt("disa"))
     trainer = RLTrainer(model, ref, tok, prompts, reward_fn, config, output_dir=out_dir,
-                        target=TargetConfig(beta=1.0, reward_transform="raw"), log_z_fn=log_z)
-    timer, steps_out, lengths = PhaseTimer(), [], set()
-    timer.wrap(trainer, "_generate", "rollout")
+                        target=TargetConfig(beta=1.0, reward_transform="raw"), log_z=log_z)
+    timer, steps_out, lengths = PhaseTimer(), [], []
+    timer.wrap(trainer.collector, "_generate", "rollout")
     timer.wrap(trainer, "collect_rollouts", "rollout+scoring")
     timer.wrap(trainer, "update", "update")
+    tally = count_packed_tokens()
     rss0 = rss_mb()
     for _ in range(steps):
         timer.totals.clear()
-        t = time.perf_counter()
-        row = trainer.step()
-        total = time.perf_counter() - t
-        lengths.update({int(row["response_length_max"]), int(row["response_length_mean"])})
-        gs = timer.totals["rollout+scoring"]
-        steps_out.append({"rollout": timer.totals["rollout"], "scoring": gs - timer.totals["rollout"],
-                          "update": timer.totals["update"], "step": total})
-    return steps_out, {"rss_before_train_mb": rss0, "lengths": sorted(lengths)}
+        wall, cpu = clocks()
+        trainer.step()
+        wall2, cpu2 = clocks()
+        steps_out.append(timer.step_row(wall2 - wall, cpu2 - cpu))
+    lengths = LENGTH_LOG[:]
+    return steps_out, {"rss_before_train_mb": rss0, "lengths": lengths,
+                       "real_over_computed": tally["real"] / max(1, tally["computed"])}
+
+
+LENGTH_LOG: list[int] = []
+
+
+def count_packed_tokens() -> dict:
+    """Tally real and computed positions of every scoring / training forward of ``disa`` (``batch_logprobs``
+    sees each micro-batch, packed or padded) and log each rollout batch's completion lengths."""
+    import disa.scoring
+    import disa.training.collector
+    import disa.training.models
+
+    tally = {"real": 0, "computed": 0}
+    inner = disa.scoring.batch_logprobs
+
+    def counted(model, batch, *a, **k):
+        tally["real"] += batch.real_tokens
+        tally["computed"] += batch.input_ids.numel()
+        return inner(model, batch, *a, **k)
+
+    disa.scoring.batch_logprobs = counted
+    disa.training.models.batch_logprobs = counted
+    collect = disa.training.collector.RolloutCollector.collect
+
+    def logged(self, *a, **k):
+        out = collect(self, *a, **k)
+        LENGTH_LOG.extend(len(r) for r in out.response_ids)
+        return out
+
+    disa.training.collector.RolloutCollector.collect = logged
+    return tally
 
 
 def worker(contender: str, shape_name: str, steps: int) -> None:
@@ -223,38 +300,49 @@ def worker(contender: str, shape_name: str, steps: int) -> None:
             rows, info = run_trl(shape, steps, out_dir, beta=KL_BETA if contender == "trl-kl" else 0.0)
         else:
             rows, info = run_disa(shape, steps, out_dir, contender.split("-", 1)[1])
-    if info["lengths"] != [shape["tokens"]]:
-        raise SystemExit(f"{contender}: response lengths {info['lengths']}, expected all {shape['tokens']}")
+    if LENGTHS == "forced" and set(info["lengths"]) != {shape["tokens"]}:
+        raise SystemExit(f"{contender}: response lengths {sorted(set(info['lengths']))}, expected all {shape['tokens']}")
     print("RESULT " + json.dumps({"steps": rows[1:], "peak_rss_mb": rss_mb(), **info}))
 
 
 def run_round(contender: str, shape: str, steps: int) -> dict:
     return run_worker(__file__, ["--worker", contender, "--shape", shape, "--steps", str(steps),
-                                 "--precision", PRECISION, "--grad-ckpt", GRAD_CKPT], contender)
+                                 "--precision", PRECISION, "--grad-ckpt", GRAD_CKPT, "--lengths", LENGTHS], contender)
 
 
-def summarise(shape: str, results: dict[str, list[dict]]) -> str:
-    """Median per-phase seconds per step over every counted step of every round, the ratio to each TRL contender
-    present per round (median; > 1: faster than that TRL run), and the peak RSS (max over rounds)."""
+def summarise(shape: str, results: dict[str, list[dict]], loads: list[float]) -> str:
+    """Per clock (the process's CPU time, then wall time): median per-phase seconds per step over every counted
+    step of every round and the ratio to each TRL contender present (per round, median [min, max]; > 1: faster
+    than that TRL run); then completion lengths over every rollout (mean, median, [min, max]), real / computed
+    positions in the scoring and training forwards, peak RSS (max over rounds)."""
     baselines = [b for b in ("trl", "trl-kl") if b in results]
-    out = [f"shape {shape}: {SHAPES[shape]}, {PRECISION}, gradient checkpointing {GRAD_CKPT}, {PROMPTS} prompts x "
-           f"G={GROUP}, rounds {len(next(iter(results.values())))}",
-           f"{'contender':<10} {'rollout':>8} {'scoring':>8} {'update':>8} {'step':>8}"
-           + "".join(f" {b.upper() + '/this':>12}" for b in baselines) + f" {'peak MB':>8} {'MB before':>9}"]
+    out = [f"shape {shape}: {SHAPES[shape]}, lengths {LENGTHS}, {PRECISION}, gradient checkpointing {GRAD_CKPT}, "
+           f"{PROMPTS} prompts x G={GROUP}, rounds {len(next(iter(results.values())))}, 1-min load average "
+           f"{min(loads):.1f}-{max(loads):.1f}"]
 
     def med(runs, key):
         return statistics.median(s[key] for r in runs for s in r["steps"])
 
-    def per_round(runs):
-        return [statistics.median(s["step"] for s in r["steps"]) for r in runs]
+    def per_round(runs, key):
+        return [statistics.median(s[key] for s in r["steps"]) for r in runs]
 
+    for clock, prefix in (("CPU s", "cpu_"), ("wall s", "")):
+        out.append(f"{clock:<10} {'rollout':>8} {'scoring':>8} {'update':>8} {'step':>8}"
+                   + "".join(f" {b.upper() + '/this':>21}" for b in baselines))
+        for name, runs in results.items():
+            mine = per_round(runs, prefix + "step")
+            ratios = ""
+            for b in baselines:
+                rs = [t / m for t, m in zip(per_round(results[b], prefix + "step"), mine)]
+                ratios += f" {statistics.median(rs):6.2f} [{min(rs):.2f}, {max(rs):.2f}]".rjust(22)
+            out.append(f"{name:<10} " + " ".join(f"{med(runs, prefix + k):8.3f}" for k in
+                                                 ("rollout", "scoring", "update", "step")) + ratios)
+    out.append(f"{'':<10} {'length mean/median [min,max]':>30} {'real/computed':>13} {'peak MB':>8}")
     for name, runs in results.items():
-        mine = per_round(runs)
-        ratios = "".join(f" {statistics.median(t / m for t, m in zip(per_round(results[b]), mine)):12.2f}"
-                         for b in baselines)
-        out.append(f"{name:<10} {med(runs, 'rollout'):8.3f} {med(runs, 'scoring'):8.3f} {med(runs, 'update'):8.3f} "
-                   f"{med(runs, 'step'):8.3f}{ratios} {max(r['peak_rss_mb'] for r in runs):8.0f} "
-                   f"{max(r['rss_before_train_mb'] for r in runs):9.0f}")
+        lengths = [n for r in runs for n in r["lengths"]]
+        length = f"{statistics.mean(lengths):.1f}/{statistics.median(lengths):.0f} [{min(lengths)},{max(lengths)}]"
+        real = statistics.median(r["real_over_computed"] for r in runs)
+        out.append(f"{name:<10} {length:>30} {real:13.2f} {max(r['peak_rss_mb'] for r in runs):8.0f}")
     return "\n".join(out)
 
 
@@ -268,27 +356,32 @@ def main() -> None:
                     help="fp32 for both, or bf16 autocast for both (TRL's default is bf16)")
     ap.add_argument("--grad-ckpt", choices=["defaults", "on", "off"], default="defaults",
                     help="gradient checkpointing: each side's default (TRL on, disa off), or on / off in both")
+    ap.add_argument("--lengths", choices=["forced", "variable"], default="forced",
+                    help="forced: every completion --tokens long (EOS unreachable); variable: EOS reachable, mean "
+                         "length about a third of the cap")
     ap.add_argument("--json", help="also write every raw number here")
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 2:
         raise SystemExit("--steps must be >= 2 (the first step is a warm-up)")
-    global PRECISION, GRAD_CKPT
-    PRECISION, GRAD_CKPT = args.precision, args.grad_ckpt
+    global PRECISION, GRAD_CKPT, LENGTHS
+    PRECISION, GRAD_CKPT, LENGTHS = args.precision, args.grad_ckpt, args.lengths
     if args.worker:
         return worker(args.worker, args.shape, args.steps)
     contenders = args.contenders.split(",")
     raw = {}
     for shape in (list(SHAPES) if args.shape == "both" else [args.shape]):
         results: dict[str, list[dict]] = {c: [] for c in contenders}
+        loads = [os.getloadavg()[0]]
         for r in range(args.rounds):
             order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
             for c in order:
                 results[c].append(run_round(c, shape, args.steps))
-                print(f"  round {r + 1} {c}: {statistics.median(s['step'] for s in results[c][-1]['steps']):.3f} s/step",
-                      file=sys.stderr, flush=True)
-        print(summarise(shape, results), flush=True)
-        raw[shape] = results
+                loads.append(os.getloadavg()[0])
+                print(f"  round {r + 1} {c}: {statistics.median(s['step'] for s in results[c][-1]['steps']):.3f} s/step"
+                      f" (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
+        print(summarise(shape, results, loads), flush=True)
+        raw[shape] = {"results": results, "load_average_1min": loads}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1)

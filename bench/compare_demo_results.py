@@ -35,6 +35,17 @@ def differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
+def relative_difference(line: str):
+    """``(|a - b| / max(|a|, |b|), path)`` of a ``path: a vs b`` line of two numbers, else None."""
+    path, _, values = line.partition(": ")
+    try:
+        a, b = (float(v) for v in values.split(" vs "))
+    except ValueError:
+        return None
+    scale = max(abs(a), abs(b))
+    return (abs(a - b) / scale if scale else 0.0), path
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         raise SystemExit(__doc__)
@@ -43,6 +54,10 @@ def main(argv: list[str]) -> int:
     for d in diffs:
         print(d)
     print(f"{len(diffs)} differences (ignoring keys {sorted(IGNORED_KEYS)} and paths {sorted(IGNORED_PATHS)})")
+    numeric = [largest for d in diffs if (largest := relative_difference(d)) is not None]
+    if numeric:
+        rel, path = max(numeric)
+        print(f"largest relative difference {rel:.2e} at {path} (|a - b| / max(|a|, |b|))")
     return 1 if diffs else 0
 
 

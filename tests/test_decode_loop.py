@@ -35,6 +35,13 @@ def raw_draws(gen: HFGenerator, temperature: float, top_p: float, n: int = 3, ma
     return sample(ids, mask, max_new, temperature, top_p, [])
 
 
+def live(tokens: torch.Tensor, eos_ids) -> torch.Tensor:
+    """``(B, T)`` bool: positions up to and including each row's first EOS (the loop drops a row after it, so
+    what ``generate`` records past that point, the log-prob of a pad token, the loop leaves at 0)."""
+    ended = torch.isin(tokens, torch.tensor(sorted(eos_ids))).long().cumsum(dim=1)
+    return (ended - torch.isin(tokens, torch.tensor(sorted(eos_ids))).long()) == 0
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("temperature,top_p", SETTINGS)
 def test_loop_draws_the_tokens_and_logprobs_of_generate(generators, arch, temperature, top_p):
@@ -43,7 +50,9 @@ def test_loop_draws_the_tokens_and_logprobs_of_generate(generators, arch, temper
     tokens_gen, lp_gen = raw_draws(gen, temperature, top_p)
     assert torch.equal(tokens_loop, tokens_gen)
     assert lp_loop.dtype == torch.float32 and lp_loop.shape == lp_gen.shape
-    assert torch.allclose(lp_loop, lp_gen, atol=1e-6, rtol=0)
+    alive = live(tokens_loop, loop.eos_ids)
+    assert torch.allclose(lp_loop[alive], lp_gen[alive], atol=1e-6, rtol=0)
+    assert bool((lp_loop[~alive] == 0).all())
     # the case this must cover: prompts of different lengths (left padding) and a row that ended mid-batch
     assert len({len(p) for p in PROMPTS}) > 1
     ended = (tokens_loop[:, :-1] == min(loop.eos_ids)).any(dim=1)
@@ -58,7 +67,8 @@ def test_loop_matches_generate_without_padding(generators, arch):
     a = raw_draws(loop, 0.8, 0.9, n=6, prompts=PROMPTS[:1])
     b = raw_draws(gen, 0.8, 0.9, n=6, prompts=PROMPTS[:1])
     assert torch.equal(a[0], b[0])
-    assert torch.allclose(a[1], b[1], atol=1e-6, rtol=0)
+    alive = live(a[0], loop.eos_ids)
+    assert torch.allclose(a[1][alive], b[1][alive], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -125,7 +135,8 @@ def test_loop_through_a_peft_wrapper_matches_generate(tiny_llama_path):
     gen = HFGenerator(policy, base.tokenizer, batch_size=2, device="cpu", progress=False, decoder="generate")
     a, b = raw_draws(loop, 0.9, 0.95), raw_draws(gen, 0.9, 0.95)
     assert torch.equal(a[0], b[0])
-    assert torch.allclose(a[1], b[1], atol=1e-6, rtol=0)
+    alive = live(a[0], loop.eos_ids)
+    assert torch.allclose(a[1][alive], b[1][alive], atol=1e-6, rtol=0)
 
 
 def test_loop_refuses_a_model_that_skips_its_cache(generators):
@@ -220,3 +231,36 @@ def test_prefill_applies_the_lm_head_at_the_last_position_only(generators):
     finally:
         handle.remove()
     assert widths and widths == [1] * len(widths)
+
+
+def test_finished_rows_leave_the_batch_and_the_draws_stay_those_of_the_full_batch(generators):
+    """Each step's forward sees only the rows still going (and the cache holds only theirs); the tokens are those
+    of ``torch.multinomial`` over the whole batch, row for row (what the loop drew before rows left)."""
+    from disa.generation.decode_loop import draw
+
+    loop, gen = generators["gpt2"]
+    seen: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        seen.append((kwargs["input_ids"].shape[0], cache.layers[0].keys.shape[0] if cache.get_seq_length() else -1))
+
+    handle = loop.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        tokens, _ = raw_draws(loop, 1.0, 1.0)
+    finally:
+        handle.remove()
+    rows = tokens.shape[0]
+    ended_by = torch.isin(tokens, torch.tensor(sorted(loop.eos_ids))).long().cumsum(dim=1) > 0  # (rows, T)
+    going_after = (~ended_by[:, :-1]).sum(dim=0)  # rows that had not ended by step t, t < T-1
+    # after the prefill (all rows), the forward that follows step t takes the rows still going after it
+    assert [s[0] for s in seen] == [rows] + going_after.tolist()
+    assert all(c in (-1, r) for r, c in seen[1:])
+    assert seen[-1][0] < rows
+    # draw() on a subset of rows gives multinomial's choice for those rows of the full batch
+    probs = torch.softmax(torch.randn(6, 11, generator=torch.Generator().manual_seed(0)), dim=-1)
+    torch.manual_seed(3)
+    full = torch.multinomial(probs, 1).squeeze(1)
+    torch.manual_seed(3)
+    active = torch.tensor([1, 4, 5])
+    assert torch.equal(draw(probs[active], 6, active), full[active])

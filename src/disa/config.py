@@ -270,6 +270,10 @@ class OptimisationConfig(Section):
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this; 0 turns clipping off (the norm is still "
                               "logged). A step whose gradient is not finite is skipped and counted.", "non_negative")
     micro_batch_size: int = _f(8, "Sequences per forward/backward: bounds activation memory.", "positive")
+    micro_batch_tokens: Optional[int] = _f(None, "Token budget per forward/backward instead of a sequence count "
+                                           "(veRL's dynamic batch size): sequences packed into rows as wide as the "
+                                           "longest, rows x width <= this; null = micro_batch_size sequences.",
+                                           "at_least_one")
     gradient_accumulation: int = _f(1, "Micro-batches per optimiser step.", "positive")
     lora: Optional[dict] = _f(None, "LoRA via PEFT, e.g. {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}; "
                               "null trains every weight. Checkpoints then hold only the adapter.")

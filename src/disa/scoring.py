@@ -5,13 +5,20 @@ Layout of a batch: each row is ``prompt + response`` right-padded to a common le
 of the shifted log-prob tensor ``(B, L-1)`` holds ``log p(input_ids[t+1] | input_ids[:t+1])``, and
 ``response_mask`` marks the positions whose predicted token belongs to the response. Right padding keeps
 position ids equal to the unpadded ones, so the numbers do not depend on what else is in the batch.
+
+The batch scorers (:func:`score_token_logprobs`, :func:`score_sampled_responses`) and the training forward
+(``disa.training.models.response_logprobs``) go padding-free where the model allows: sequences packed into
+rows with positions restarting per sequence (:mod:`disa.packing`, :func:`batch_logprobs`), a token budget per
+forward instead of a row count; the same log-probs as the padded layout (``tests/test_packing.py``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from disa.packing import PackedBatch, build_batch, plan_micro_batches
 
 
 def pad_batch(
@@ -85,9 +92,8 @@ def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def _logits_at(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
-) -> tuple[torch.Tensor, bool]:
+def _logits_at(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], keep: torch.Tensor,
+               **inputs) -> tuple[torch.Tensor, bool]:
     """One forward pass whose LM head sees only the hidden states at the ``keep`` positions ``(B, L-1)``.
 
     A forward pre-hook on ``model.get_output_embeddings()`` (the LM head, also found through PEFT/LoRA
@@ -95,13 +101,16 @@ def _logits_at(
     model does after its head (logit scaling, soft-capping, a cast to float32) is applied as usual.
     Returns ``(logits (N, V), True)``; or ``(logits (B, L, V), False)`` for a model whose head could not be
     restricted (no ``get_output_embeddings``, a head called on other shapes or more than once), whose
-    logits are then exactly those of the plain call.
+    logits are then exactly those of the plain call. ``inputs``: further forward keywords (``position_ids``
+    of packed rows, with ``attention_mask=None``).
     """
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     extra = no_cache_kwargs(model)
     if not isinstance(head, torch.nn.Module):
-        return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits, False
+        return model(input_ids=input_ids, **inputs, **extra).logits, False
     calls = {"seen": 0, "selected": 0}
 
     def select(module, args):
@@ -115,7 +124,7 @@ def _logits_at(
 
     handle = head.register_forward_pre_hook(select)
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        logits = model(input_ids=input_ids, **inputs, **extra).logits
     finally:
         handle.remove()
     if calls["selected"] == 0:
@@ -124,7 +133,44 @@ def _logits_at(
     if calls["seen"] == 1 and logits.dim() == 3 and logits.shape[:2] == (1, n):
         return logits[0], True
     # the head was restricted but the output is not the (1, N, V) it should then be: redo the plain call
-    return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits, False
+    return model(input_ids=input_ids, **inputs, **extra).logits, False
+
+
+def batch_logprobs(model, batch: PackedBatch, warpers: Sequence = ()) -> torch.Tensor:
+    """Log-probs ``(N,)`` float32 of the ``N`` response tokens of a :class:`disa.packing.PackedBatch` (packed or
+    padded), in its row-major order (``batch.sequence`` / ``batch.token`` say whose), gradient kept if enabled.
+    The LM head runs at those positions only (:func:`_logits_at`); ``warpers`` as :func:`sampling_warpers`."""
+    device = model_device(model)
+    inputs = batch.model_inputs(device)
+    input_ids = inputs.pop("input_ids")
+    keep = batch.keep.to(device)
+    logits, selected = _logits_at(model, input_ids, inputs.pop("attention_mask", None), keep, **inputs)
+    if not selected:
+        logits = logits[:, :-1, :][keep]
+    targets = input_ids[:, 1:][keep]
+    return _warped_logprobs(logits, targets, list(warpers)) if warpers else _gather_logprobs(logits, targets)
+
+
+def default_token_budget(prompt_ids, response_ids, batch_size: int) -> int:
+    """Positions per scoring forward when the caller gives none: ``batch_size`` rows as wide as the longest
+    sequence (the memory of the padded batch of ``batch_size`` rows it replaces)."""
+    return batch_size * max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+
+
+def _scored_batches(model, prompt_ids, response_ids, pad_id: int, batch_size: int, max_tokens: Optional[int],
+                    warpers: Sequence = ()):
+    """``(batch, log-probs (N,) on CPU)`` per micro-batch of :func:`disa.packing.plan_micro_batches`."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(
+            f"prompt_ids and response_ids must have the same length, got {len(prompt_ids)} and {len(response_ids)}"
+        )
+    if not prompt_ids:
+        return
+    budget = max_tokens if max_tokens is not None else default_token_budget(prompt_ids, response_ids, batch_size)
+    packed, plan = plan_micro_batches(model, prompt_ids, response_ids, max_tokens=budget)
+    for rows in plan:
+        batch = build_batch(prompt_ids, response_ids, rows, pad_id, packed)
+        yield batch, batch_logprobs(model, batch, warpers).cpu()
 
 
 def model_device(model) -> torch.device:
@@ -135,15 +181,6 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _longest_first_batches(prompt_ids, response_ids, pad_id: int, batch_size: int):
-    """``(row indices, pad_batch)`` of ``batch_size`` sequences at a time, longest first: padding per batch stays
-    small, and the indices let the caller put results back in its own order."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield idx, pad_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id)
-
-
 @torch.inference_mode()
 def score_token_logprobs(
     model,
@@ -152,21 +189,18 @@ def score_token_logprobs(
     *,
     pad_id: int,
     batch_size: int = 8,
+    max_tokens: Optional[int] = None,
 ) -> list[torch.Tensor]:
-    """Per-token log-probs of each response given its prompt, as a list of 1-D float32 CPU tensors."""
-    device = model_device(model)
-    out: list[torch.Tensor] = []
-    results: dict[int, torch.Tensor] = {}
-    for idx, batch in _longest_first_batches(prompt_ids, response_ids, pad_id, batch_size):
-        mask = batch["response_mask"].bool()
-        lp = token_logprobs(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask.to(device)
-        ).cpu()
-        for row, i in enumerate(idx):
-            results[i] = lp[row][mask[row]]
-    for i in range(len(prompt_ids)):
-        out.append(results[i])
-    return out
+    """Per-token log-probs of each response given its prompt, as a list of 1-D float32 CPU tensors.
+
+    Padding-free where the model allows (:mod:`disa.packing`): sequences packed into rows, ``max_tokens``
+    positions per forward (default: ``batch_size`` rows of the longest sequence's width)."""
+    lengths = [len(r) for r in response_ids]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
+    for batch, lp in _scored_batches(model, prompt_ids, response_ids, pad_id, batch_size, max_tokens):
+        flat[offsets[batch.sequence] + batch.token] = lp
+    return list(torch.split(flat, lengths))
 
 
 def score_responses(
@@ -176,11 +210,13 @@ def score_responses(
     *,
     pad_id: int,
     batch_size: int = 8,
+    max_tokens: Optional[int] = None,
 ) -> list[float]:
     """Exact sequence log-probability ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` of each response."""
     return [
         float(t.double().sum())
-        for t in score_token_logprobs(model, prompt_ids, response_ids, pad_id=pad_id, batch_size=batch_size)
+        for t in score_token_logprobs(model, prompt_ids, response_ids, pad_id=pad_id, batch_size=batch_size,
+                                      max_tokens=max_tokens)
     ]
 
 
@@ -229,6 +265,7 @@ def score_sampled_responses(
     top_p: float = 1.0,
     top_k: int = 0,
     batch_size: int = 8,
+    max_tokens: Optional[int] = None,
 ) -> list[float]:
     """``log q(y|x)`` of each response under the distribution a sampler with these settings draws from:
     at every step the model's float32 logits go through transformers' temperature, top-k and top-p warpers
@@ -241,17 +278,11 @@ def score_sampled_responses(
     """
     warpers = sampling_warpers(temperature, top_p, top_k)
     if not warpers:
-        return score_responses(model, prompt_ids, response_ids, pad_id=pad_id, batch_size=batch_size)
-    device = model_device(model)
-    results: dict[int, float] = {}
-    for idx, batch in _longest_first_batches(prompt_ids, response_ids, pad_id, batch_size):
-        input_ids = batch["input_ids"].to(device)
-        keep = batch["response_mask"][:, : input_ids.shape[1] - 1].bool().to(device)
-        logits, selected = _logits_at(model, input_ids, batch["attention_mask"].to(device), keep)
-        if not selected:
-            logits = logits[:, :-1, :][keep]
-        lp = _warped_logprobs(logits, input_ids[:, 1:][keep], warpers).double().cpu()
-        per_row = keep.sum(dim=1).cpu().tolist()
-        for i, chunk in zip(idx, torch.split(lp, per_row)):
-            results[i] = float(chunk.sum())
-    return [results[i] for i in range(len(prompt_ids))]
+        return score_responses(model, prompt_ids, response_ids, pad_id=pad_id, batch_size=batch_size,
+                               max_tokens=max_tokens)
+    lengths = [len(r) for r in response_ids]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    flat = torch.zeros(int(offsets[-1]), dtype=torch.float64)
+    for batch, lp in _scored_batches(model, prompt_ids, response_ids, pad_id, batch_size, max_tokens, warpers):
+        flat[offsets[batch.sequence] + batch.token] = lp.double()
+    return [float(chunk.sum()) for chunk in torch.split(flat, lengths)]

@@ -10,6 +10,10 @@ The log-prob recorded per step is ``log_softmax(raw logits)[chosen token]``, exa
 What it leaves out, on purpose: ``generate``'s input preparation and keyword bookkeeping per step, its
 processor/criteria lists and its growing ``torch.cat`` of the sequence (tokens go into a preallocated
 buffer). Rows that have ended get the pad id, as in ``generate``, and the loop ends when every row has.
+
+Unlike ``generate``, a row that has ended leaves the batch: its keys and values leave the cache
+(``Cache.batch_select_indices``), so later steps compute only the rows still going. The draws stay those of
+the full batch (see :func:`draw`), so the tokens do not change.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ def sample_with_cache(
     eos = torch.tensor(sorted(eos_ids), device=device)
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
-    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    active = torch.arange(rows, device=device)  # the rows still in the batch (and its cache), in batch order
     cache = new_cache(model)
     params = forward_params(model)
     fixed = {"use_cache": True, "return_dict": True, cache_keyword(params): cache}
@@ -147,20 +151,41 @@ def sample_with_cache(
         if greedy:
             chosen = torch.argmax(scores, dim=-1)
         else:
-            chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        chosen = torch.where(unfinished, chosen, pad_id)
-        tokens[:, t] = chosen
-        logps[:, t] = raw_logp.gather(-1, chosen[:, None]).squeeze(1)
+            chosen = draw(torch.softmax(scores, dim=-1), rows, active)
+        tokens[active, t] = chosen
+        logps[active, t] = raw_logp.gather(-1, chosen[:, None]).squeeze(1)
         steps = t + 1
-        unfinished &= ~torch.isin(chosen, eos)
+        going = ~torch.isin(chosen, eos)
         if stop_criterion is not None:
-            unfinished &= ~stop_criterion(torch.cat([input_ids, tokens[:, :steps]], dim=1), None)
-        if steps == max_new_tokens or not bool(unfinished.any()):
+            going &= ~stop_criterion(torch.cat([input_ids[active], tokens[active, :steps]], dim=1), None)
+        if steps == max_new_tokens or not bool(going.any()):
             break
+        if not bool(going.all()):  # finished rows leave the batch, their keys and values the cache
+            keep = going.nonzero().squeeze(1)
+            active, chosen = active[keep], chosen[keep]
+            cache.batch_select_indices(keep)
+            if mask is not None:
+                mask = mask[keep]
+            if position_ids is not None:
+                position_ids = position_ids[keep]
         if position_ids is not None:
             position_ids = position_ids[:, -1:] + 1
         logits = next_logits(chosen[:, None], prompt_len + steps)
     return tokens[:, :steps].cpu(), logps[:, :steps].cpu()
+
+
+def draw(probs: Tensor, rows: int, active: Tensor) -> Tensor:
+    """One token per row of ``probs (len(active), V)``, the rows ``active`` of a batch of ``rows``, drawn as
+    ``torch.multinomial(full_probs, 1)`` would draw them for those rows.
+
+    ``multinomial`` with one sample is ``argmax(p / q)`` with ``q ~ Exp(1)`` drawn for the whole ``(rows, V)``
+    batch (the exponential race: the same draws as sampling from ``p``). Drawing ``q`` for every row of the
+    batch the loop started with, finished rows included, keeps the random stream, and so each row's tokens,
+    those of the loop that keeps finished rows in the batch (and of ``generate``); tested in
+    ``tests/test_decode_loop.py``.
+    """
+    q = torch.empty((rows, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1)
+    return torch.argmax(probs / q[active], dim=-1)
 
 
 def check_decoder(decoder: str) -> str:

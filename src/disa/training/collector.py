@@ -56,18 +56,21 @@ class RewardTransform:
 
 class ReferenceScorer:
     """Token log-probs of rollouts under pi_ref: ``ref_model``, or (None, under LoRA) the policy with its
-    adapter switched off."""
+    adapter switched off. Padding-free where the model allows (:func:`disa.scoring.score_token_logprobs`),
+    ``micro_batch_tokens`` positions per forward (None: ``micro_batch_size`` rows of the longest width)."""
 
-    def __init__(self, ref_model: Optional[nn.Module], *, pad_id: int, micro_batch_size: int, mixed_precision: str):
+    def __init__(self, ref_model: Optional[nn.Module], *, pad_id: int, micro_batch_size: int, mixed_precision: str,
+                 micro_batch_tokens: Optional[int] = None):
         self.ref_model, self.pad_id = ref_model, pad_id
         self.micro_batch_size, self.mixed_precision = micro_batch_size, mixed_precision
+        self.micro_batch_tokens = micro_batch_tokens
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
 
     def score(self, model: nn.Module, prompt_ids, response_ids) -> list[Tensor]:
         with autocast(self.mixed_precision, model_device(model)):
             return score_token_logprobs(model, prompt_ids, response_ids, pad_id=self.pad_id,
-                                        batch_size=self.micro_batch_size)
+                                        batch_size=self.micro_batch_size, max_tokens=self.micro_batch_tokens)
 
     def reference(self, policy: nn.Module, prompt_ids, response_ids) -> list[Tensor]:
         with reference_context(self.ref_model, policy) as ref_model:

@@ -17,6 +17,7 @@ from torch import nn
 from disa.config import OptimisationConfig
 from disa.log_z import LogZSource
 from disa.objectives import BoundObjective, ObjectiveInputs
+from disa.packing import padded_micro_batches, plan_micro_batches
 from disa.training.models import autocast, model_device, response_logprobs
 from disa.training.step import (
     build_optimizer,
@@ -121,10 +122,25 @@ class Learner:
         aggregation = "token_mean" if objective.needs.token_weighted else None
         return micro_batch_weights(micro_batches, [len(r) for r in batch.response_ids], aggregation)
 
+    def micro_batches(self, batch: TokenBatch, rows: Sequence[int]) -> list[list[int]]:
+        """``rows`` split into micro-batches: ``config.micro_batch_size`` rows each, or with
+        ``config.micro_batch_tokens`` as many as fit that token budget (packed rows as wide as the longest
+        sequence, or sorted padded rows for a model that cannot take packed ones; :mod:`disa.packing`). The
+        weights of :meth:`_weights` make any split give the same mini-batch loss."""
+        budget = self.config.micro_batch_tokens
+        if budget is None:
+            return split_micro_batches(rows, self.config.micro_batch_size)
+        rows = list(rows)
+        prompts, responses = [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows]
+        if self.hidden_log_z:  # the log Z head reads padded hidden states: padded micro-batches
+            return [[rows[i] for i in g] for g in padded_micro_batches(prompts, responses, max_tokens=budget)]
+        _, plan = plan_micro_batches(self.policy, prompts, responses, max_tokens=budget)
+        return [[rows[i] for row in micro for i in row] for micro in plan]
+
     # ------------------------------------------------------------------ one optimiser step
     def optimizer_step(self, batch: TokenBatch, rows: Sequence[int]) -> StepMetrics:
         """One optimiser step on ``rows``, accumulated over micro-batches of ``config.micro_batch_size``."""
-        micro_batches = split_micro_batches(rows, self.config.micro_batch_size)
+        micro_batches = self.micro_batches(batch, rows)
         self.optimizer.zero_grad(set_to_none=True)
         step = StepMetrics()
         for rows_m, weight in zip(micro_batches, self._weights(batch, micro_batches, self.objective)):
@@ -166,7 +182,7 @@ class Learner:
         """``objective`` (default: the learner's) over the whole batch under the current policy, no update."""
         objective = objective or self.objective
         self.policy.eval()
-        micro = split_micro_batches(list(range(len(batch))), self.config.micro_batch_size)
+        micro = self.micro_batches(batch, list(range(len(batch))))
         weights = self._weights(batch, micro, objective)
         return sum(w * float(self.micro_loss(batch, m, objective)[0]) for m, w in zip(micro, weights))
 

@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from disa.scoring import model_device, pad_batch, token_logprobs  # noqa: F401  (model_device re-exported)
+from disa.packing import first_fit_decreasing, pack_sequences, packing_unsupported
+from disa.scoring import batch_logprobs, model_device, pad_batch, token_logprobs  # noqa: F401  (model_device re-exported)
 
 Tensor = torch.Tensor
 
@@ -113,8 +114,21 @@ def response_logprobs(
 
     Returns ``logp (B, T)`` response-token log-probs and ``mask (B, T)`` (``T`` = longest response), and with
     ``keep_hidden`` also ``hidden (B, L, H)`` (last layer) and ``prompt_mask (B, L)`` for the log Z head.
+    Padding-free (sequences packed into rows, :mod:`disa.packing`) where the model allows and no hidden states
+    are kept; otherwise right-padded rows.
     """
     device = model_device(model)
+    resp_len = torch.tensor([len(r) for r in response_ids], device=device)
+    width = int(resp_len.max())
+    offsets = torch.arange(width, device=device)
+    mask = offsets[None, :] < resp_len[:, None]
+    if not keep_hidden and packing_unsupported(model) is None:
+        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+        rows = first_fit_decreasing(lengths, max(lengths))
+        packed = pack_sequences(prompt_ids, response_ids, rows, pad_id, max(lengths))
+        flat = batch_logprobs(model, packed)  # (N,), gradient kept
+        logp = flat.new_zeros(mask.shape).index_put((packed.sequence.to(device), packed.token.to(device)), flat)
+        return {"logp": logp, "mask": mask}
     batch = pad_batch(prompt_ids, response_ids, pad_id)
     caller = KeepLastHidden(model) if keep_hidden else model
     # (B, L-1), computed (LM head included) at response positions only, 0 elsewhere
@@ -122,12 +136,8 @@ def response_logprobs(
         caller, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["response_mask"].to(device)
     )
     prompt_len = torch.tensor([len(p) for p in prompt_ids], device=device)
-    resp_len = torch.tensor([len(r) for r in response_ids], device=device)
-    width = int(resp_len.max())
-    offsets = torch.arange(width, device=device)
     # response token j of row i is predicted at shifted position prompt_len_i - 1 + j (see disa.scoring)
     index = (prompt_len[:, None] - 1 + offsets[None, :]).clamp(max=full.shape[1] - 1)
-    mask = offsets[None, :] < resp_len[:, None]
     logp = torch.gather(full, 1, index) * mask
     out = {"logp": logp, "mask": mask}
     if keep_hidden:

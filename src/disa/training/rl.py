@@ -172,7 +172,8 @@ class RLTrainer:
         self.collector = RolloutCollector(
             self.engine, reward_fn, self.prompts,
             reference=ReferenceScorer(ref_model, pad_id=self.pad_id, micro_batch_size=config.micro_batch_size,
-                                      mixed_precision=config.mixed_precision),
+                                      mixed_precision=config.mixed_precision,
+                                      micro_batch_tokens=config.micro_batch_tokens),
             log_z=self.log_z, transform=transform, needs=self.objective.needs, old_logp_pass=self.needs_old_logp_pass(),
             beta=target.beta, config=config)
         self.output_dir = Path(output_dir)

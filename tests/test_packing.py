@@ -180,3 +180,17 @@ def test_learner_token_budget_covers_each_row_once_within_budget():
         width = max(len(prompts[i]) + len(responses[i]) for i in order)
         packed = first_fit_decreasing([len(prompts[i]) + len(responses[i]) for i in m], width)
         assert len(packed) * width <= budget or len(packed) == 1
+
+
+def test_only_transformers_no_mask_advice_is_dropped(caplog):
+    # packed rows have no 2-D mask on purpose; transformers' "pass an attention_mask" advice is noise for them,
+    # every other transformers message still reaches the user
+    import logging
+
+    from disa.packing import NO_MASK_ADVICE
+
+    caplog.set_level(logging.WARNING, logger="transformers")
+    log = logging.getLogger("transformers.modeling_utils")
+    log.warning(NO_MASK_ADVICE + " since your input_ids may be padded.")
+    log.warning("Some weights of the model checkpoint were not used")
+    assert [r.getMessage() for r in caplog.records] == ["Some weights of the model checkpoint were not used"]

@@ -17,12 +17,27 @@ path with sequences sorted by length and bucketed by the same token budget.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 Tensor = torch.Tensor
+# transformers warns once that input_ids "may be padded" when a forward gets no attention_mask and a row starts
+# or ends with the pad id; packed rows have no 2-D mask on purpose (positions keep sequences apart) and their
+# filler is the pad id, so that one message is dropped (only it, only from transformers.modeling_utils).
+NO_MASK_ADVICE = "We strongly recommend passing in an `attention_mask`"
+
+
+class _DropNoMaskAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NO_MASK_ADVICE)
+
+
+_transformers_log = logging.getLogger("transformers.modeling_utils")
+if not any(isinstance(f, _DropNoMaskAdvice) for f in _transformers_log.filters):
+    _transformers_log.addFilter(_DropNoMaskAdvice())
 
 # model types whose forward builds its causal mask with transformers' create_causal_mask from position_ids
 # (packed detection) and whose packed log-probs are tested against the padded ones (tests/test_packing.py)

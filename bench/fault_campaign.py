@@ -117,6 +117,18 @@ def case_two_trainings(out, tmp):
         list(range(1, 9)) else ("rows", f"steps {steps_of(out)}")
 
 
+def kill_when_written(argv, path, timeout_s: float = 300.0) -> bool:
+    """Start ``argv``, SIGKILL it as soon as ``path`` appears (or after ``timeout_s``); whether it was still alive."""
+    victim = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=ENV)
+    deadline = time.time() + timeout_s
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    alive = victim.poll() is None
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    return alive
+
+
 def case_kill_training(out, tmp):
     straight = tmp / "straight"
     shutil.copytree(out, straight)
@@ -124,14 +136,7 @@ def case_kill_training(out, tmp):
         shutil.rmtree(o / "checkpoints")
     sets = ("train.num_steps=12", "train.save_every=2")
     disa("train", straight, *sets)
-    victim = subprocess.Popen(command("train", out, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              cwd=ROOT, env=ENV)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "checkpoint-6").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    alive = victim.poll() is None
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    alive = kill_when_written(command("train", out, *sets), out / "checkpoints" / "checkpoint-6")
     at = max(int(p.name.split("-")[-1]) for p in (out / "checkpoints").glob("checkpoint-*"))
     done = disa("train", out, *sets)
     final = "checkpoints/checkpoint-12/policy"
@@ -145,14 +150,7 @@ def case_kill_sampling(out, tmp):
     fresh, straight = tmp / "fresh", tmp / "straight-sample"
     sets = ("sample.shard_size=4",)
     disa("sample", straight, *sets)
-    victim = subprocess.Popen(command("sample", fresh, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              cwd=ROOT, env=ENV)
-    deadline = time.time() + 300
-    while not (fresh / "samples" / "shard-00002.parquet").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    alive = victim.poll() is None
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    alive = kill_when_written(command("sample", fresh, *sets), fresh / "samples" / "shard-00002.parquet")
     written = len(list((fresh / "samples").glob("shard-*.parquet")))
     done = disa("sample", fresh, *sets)
     names = sorted(p.name for p in (straight / "samples").iterdir())

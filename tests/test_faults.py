@@ -259,12 +259,18 @@ def test_nan_or_huge_frozen_log_z_is_refused_before_step_one_naming_the_prompt(r
     assert not (run_copy / "checkpoints").exists() or not any((run_copy / "checkpoints").glob("checkpoint-*"))
 
 
-def test_a_positive_log_prob_in_a_shard_is_refused_naming_the_row(run_copy, capsys):
-    shard = next((run_copy / "samples").glob("shard-*.parquet"))
+def set_in_first_shard(run: Path, column: str, row: int, value) -> Path:
+    """Overwrite one cell of the run's first Stage 1 shard (a damaged-but-readable file); returns the shard."""
+    shard = next((run / "samples").glob("shard-*.parquet"))
     table = pq.read_table(shard)
-    logp = table.column("logp_ref").to_pylist()
-    logp[6] = 1e6
-    pq.write_table(table.set_column(table.schema.get_field_index("logp_ref"), "logp_ref", pa.array(logp)), shard)
+    values = table.column(column).to_pylist()
+    values[row] = value
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values)), shard)
+    return shard
+
+
+def test_a_positive_log_prob_in_a_shard_is_refused_naming_the_row(run_copy, capsys):
+    shard = set_in_first_shard(run_copy, "logp_ref", 6, 1e6)
     labels_before = file_digest(LABELS.path(run_copy))
     assert main("label", run_copy) == 2
     err = capsys.readouterr().err
@@ -460,11 +466,7 @@ def test_a_reward_outside_the_verifiers_declared_range_fails_that_item_naming_th
 
 
 def test_a_shard_with_a_reward_outside_the_verifiers_range_is_refused_naming_file_and_row(run_copy, capsys):
-    shard = next((run_copy / "samples").glob("shard-*.parquet"))
-    table = pq.read_table(shard)
-    rewards = table.column("reward").to_pylist()
-    rewards[4] = 7.0
-    pq.write_table(table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards)), shard)
+    shard = set_in_first_shard(run_copy, "reward", 4, 7.0)
     labels_before = file_digest(LABELS.path(run_copy))
     assert main("label", run_copy) == 2
     err = capsys.readouterr().err.strip()

@@ -425,7 +425,8 @@ def test_weights_that_do_not_fit_config_json_are_refused_before_loading(tmp_path
 
 def test_a_run_that_cannot_learn_says_so():
     from disa.config import config_from_dict
-    from disa.stages.train import LEARNING_WINDOW, history_cannot_learn, settings_cannot_learn
+    from disa.stages.train import settings_cannot_learn
+    from disa.training.rl import LEARNING_WINDOW, history_cannot_learn
 
     grpo_one = config_from_dict({"train": {"objective": "grpo", "group_size": 1}})
     assert "every advantage is 0" in settings_cannot_learn(grpo_one)[0]

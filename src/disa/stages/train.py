@@ -30,7 +30,6 @@ from disa.run_dir import RunDir, check_target
 from disa.stages import common
 from disa.artifacts import reads_labels
 from disa.stages.common import stage
-from disa.training.rl import LEARNING_WINDOW, history_cannot_learn  # noqa: F401  (the trainer warns as it goes)
 
 # Fields that may change between a run and its resume (the run's length and bookkeeping, not its maths).
 RESUMABLE_CHANGES = {"num_steps", "num_epochs", "save_every", "keep_checkpoints", "report_to", "eval_every"}
@@ -250,7 +249,7 @@ def train_policy(policy, ref_model, tokenizer, prompts, reward_fn, train: TrainC
 
     trainer = RLTrainer(policy, ref_model, tokenizer, prompts, reward_fn, train, output_dir=output_dir, target=target,
                         affine=affine, log_z=log_z, engine=engine, resume_from=resume_from)
-    history = trainer.train()  # warns as it goes when a window of steps cannot learn (history_cannot_learn)
+    history = trainer.train()  # warns as it goes when a window of steps cannot learn (training.rl)
     return trainer.policy, history
 
 

@@ -144,7 +144,9 @@ def main(argv=None):
                              "models.reference=<model folder>` (Stages 1-2 write <output_dir>/log_z/table.parquet), "
                              "or leave --log-z out to make a tiny one here")
     labels = Path(a.labels) if a.labels else table.parent.parent / "labels.parquet"
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    if a.model and not Path(a.model).is_dir():  # a hub id would make TRL download at run time: folders only
+        raise SystemExit(f"--model {a.model}: not a folder; give a local model folder (README: Your own model)")
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     dataset, target = add_log_z_column(prompts_dataset(records, tokenizer), table,
                                        labels_path=labels if labels.is_file() else None)
     print(f"target: beta={target.beta}, reward_transform={target.reward_transform}; {len(dataset)} prompts")

@@ -499,6 +499,10 @@ def test_example_flags_vllm_colocated_bf16_only_on_cuda_and_a_missing_table_says
         assert not (tmp_path / "vllm").exists()
     with pytest.raises(SystemExit, match="disa run -c examples/tiny_math.yaml"):
         example.main(["--output-dir", str(tmp_path), "--model", "unused", "--log-z", str(tmp_path / "none.parquet")])
+    (tmp_path / "table.parquet").touch()
+    with pytest.raises(SystemExit, match="--model Qwen/Qwen2.5-0.5B: not a folder"):  # never a hub download
+        example.main(["--output-dir", str(tmp_path), "--model", "Qwen/Qwen2.5-0.5B", "--log-z",
+                      str(tmp_path / "table.parquet")])
 
 
 def test_flat_rewards_per_group_affine_reads_one_scale_per_group_and_unscored_rows_leave_the_statistics():
